@@ -1,0 +1,87 @@
+"""MLXBackend: pools, KV writes and path dispatch for MLX on Metal, CUDA or the CPU."""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from paged_attention.interface import KVPool, PagedAttention
+from paged_attention.validation import DecodeArgs, PoolSpec
+
+from .gather import gather_decode
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def gpu_kind() -> str | None:
+    """'metal', 'cuda' or None: which custom-kernel API the default device supports."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+class MLXPool(KVPool):
+    def __init__(self, spec: PoolSpec):
+        super().__init__(spec, "mlx")
+        self.k = mx.zeros(spec.shape, dtype=DTYPES[spec.dtype])
+        self.v = mx.zeros(spec.shape, dtype=DTYPES[spec.dtype])
+        mx.eval(self.k, self.v)
+
+    def to_numpy(self):
+        cast = (lambda a: a.astype(mx.float32)) if self.dtype == "bfloat16" else (lambda a: a)
+        return np.array(cast(self.k)), np.array(cast(self.v))
+
+
+class MLXBackend(PagedAttention):
+    name = "mlx"
+    pool_dtypes = ("float16", "bfloat16", "float32")
+
+    def __init__(self):
+        self.kernel_api = gpu_kind()
+        self.paths = ("gather", "fused") if self.kernel_api else ("gather",)
+
+    @property
+    def device(self) -> str:
+        kind = self.kernel_api or "cpu"
+        try:
+            return f"{mx.device_info().get('device_name', kind)} ({kind})"
+        except Exception:  # noqa: BLE001 - device_info is informational only
+            return kind
+
+    def _create_pool(self, spec):
+        return MLXPool(spec)
+
+    def _write_kv(self, pool, slots, k, v):
+        # Index assignment lowers to a scatter whose input is the pool itself; with no other
+        # reference alive MLX donates the buffer, so only the touched slots are written.
+        blocks, offsets = mx.array(slots // pool.block_size), mx.array(slots % pool.block_size)
+        dtype = DTYPES[pool.dtype]
+        pool.k[blocks, offsets] = mx.array(k).astype(dtype)
+        pool.v[blocks, offsets] = mx.array(v).astype(dtype)
+
+    def _copy_blocks(self, pool, src, dst):
+        src, dst = mx.array(src), mx.array(dst)
+        k_src, v_src = pool.k[src], pool.v[src]
+        # Materialise the sources first so the pools have a single reference when scattered.
+        mx.eval(k_src, v_src)
+        pool.k[dst] = k_src
+        pool.v[dst] = v_src
+
+    known_paths = ("gather", "fused")
+
+    def path_unavailable_reason(self, path):
+        if path == "fused" and not self.kernel_api:
+            return (f"no Metal or CUDA device for MLX custom kernels (MLX device: {self.device}); "
+                    "the fused path needs one, use path='gather'")
+        return super().path_unavailable_reason(path)
+
+    def _decode(self, path, q, pool, args: DecodeArgs):
+        q = q if isinstance(q, mx.array) else mx.array(np.asarray(q))
+        if path == "fused":
+            from .fused import fused_decode
+            return fused_decode(q, pool.k, pool.v, args, api=self.kernel_api)
+        return gather_decode(q, pool.k, pool.v, args.block_tables, args.context_lens,
+                             args.scale, args.window)

@@ -1,0 +1,37 @@
+"""Gather path: take the sequence's blocks into a contiguous [B, Hkv, T, D] copy, then fused SDPA.
+
+Simple and always available, but it re-materialises the whole context every step: the cost the
+fused kernel removes (see adr/0001-layout-a.md).
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+
+def gather_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: np.ndarray,
+                  context_lens: np.ndarray, scale: float, window: int | None) -> mx.array:
+    """q [B, Hq, D]; pools [NB, BS, Hkv, D]; block_tables int32 [B, max_blocks] (unused entries
+    already 0); context_lens int32 [B]. Returns [B, Hq, D] in q's dtype."""
+    batch, hq, d = q.shape
+    _, block_size, hkv, _ = k_pool.shape
+    n_blocks = -(-int(context_lens.max(initial=0)) // block_size)
+    if batch == 0 or n_blocks == 0:
+        return mx.zeros(q.shape, dtype=q.dtype)
+    table = mx.array(block_tables[:, :n_blocks])
+    span = n_blocks * block_size
+
+    def contiguous(pool):
+        blocks = mx.take(pool, table, axis=0)  # [B, n_blocks, BS, Hkv, D]
+        return blocks.reshape(batch, span, hkv, d).transpose(0, 2, 1, 3)
+
+    lens = mx.array(context_lens)[:, None]
+    pos = mx.arange(span)[None, :]
+    valid = pos < lens
+    if window is not None:
+        valid = valid & (pos >= lens - window)
+    out = mx.fast.scaled_dot_product_attention(
+        q.astype(k_pool.dtype)[:, :, None, :], contiguous(k_pool), contiguous(v_pool),
+        scale=scale, mask=valid[:, None, None, :])[:, :, 0, :]
+    # A sequence with nothing to attend to gets zeros (SDPA would produce NaN from 0/0).
+    return mx.where(lens[:, :, None] > 0, out, 0).astype(q.dtype)

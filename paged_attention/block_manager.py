@@ -1,0 +1,223 @@
+"""Backend-neutral allocation of KV-cache blocks: free list, reference counts, block tables,
+fork (prefix sharing) and copy-on-write.
+
+The manager only does bookkeeping; it never touches a pool. Operations that need data moved
+return what to move: `append_slots` returns the slots to write (`write_kv`) and the block
+copies to perform first (`copy_blocks`). Every operation is all-or-nothing: on `PoolExhausted`
+or bad input the state is exactly as before the call.
+"""
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import InvalidInput, PoolExhausted
+
+
+@dataclass
+class CacheStats:
+    """A snapshot of the pool's occupancy."""
+
+    num_blocks: int
+    free: int                 # blocks on the free list
+    used: int                 # blocks referenced by at least one sequence
+    shared: int               # blocks referenced by two or more sequences
+    blocks_per_seq: dict = field(default_factory=dict)  # seq_id -> blocks in its table
+    tokens_per_seq: dict = field(default_factory=dict)  # seq_id -> context length
+
+
+@dataclass
+class _Sequence:
+    blocks: list[int]
+    num_tokens: int
+
+
+class BlockManager:
+    """Allocates fixed-size blocks of a pool of `num_blocks` blocks to sequences.
+
+    fragmented=True hands out free blocks in random order (seeded), so block tables look like
+    those of a long-running server; otherwise the lowest free id is taken first.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, *, fragmented: bool = False,
+                 seed: int | None = 0):
+        if num_blocks < 1 or block_size < 1:
+            raise InvalidInput(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = int(num_blocks)
+        self.block_size = int(block_size)
+        self.fragmented = fragmented
+        self._rng = random.Random(seed)
+        self._free: list[int] = list(range(self.num_blocks))  # a heap when not fragmented
+        self._ref = np.zeros(self.num_blocks, dtype=np.int64)
+        self._seqs: dict[Hashable, _Sequence] = {}
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._seqs
+
+    def sequences(self) -> list:
+        return list(self._seqs)
+
+    def block_table(self, seq_id) -> list[int]:
+        return list(self._seq(seq_id).blocks)
+
+    def context_len(self, seq_id) -> int:
+        return self._seq(seq_id).num_tokens
+
+    def ref_count(self, block: int) -> int:
+        return int(self._ref[block])
+
+    def block_tables(self, seq_ids: Sequence, max_blocks: int | None = None, pad: int = 0) -> np.ndarray:
+        """int32 [B, max_blocks] of the sequences' tables, padded with `pad`."""
+        tables = [self._seq(s).blocks for s in seq_ids]
+        width = max((len(t) for t in tables), default=0)
+        if max_blocks is None:
+            max_blocks = max(width, 1)
+        elif max_blocks < width:
+            raise InvalidInput(f"max_blocks: {max_blocks} is smaller than the longest table ({width})")
+        out = np.full((len(tables), max_blocks), pad, dtype=np.int32)
+        for i, t in enumerate(tables):
+            out[i, :len(t)] = t
+        return out
+
+    def context_lens(self, seq_ids: Sequence) -> np.ndarray:
+        return np.array([self._seq(s).num_tokens for s in seq_ids], dtype=np.int32)
+
+    def slots(self, seq_id, start: int, stop: int) -> np.ndarray:
+        """Slots (block_id * block_size + offset) of token positions [start, stop) of a sequence."""
+        seq = self._seq(seq_id)
+        if not 0 <= start <= stop <= seq.num_tokens:
+            raise InvalidInput(f"positions [{start}, {stop}) outside sequence of {seq.num_tokens} tokens")
+        pos = np.arange(start, stop)
+        blocks = np.asarray(seq.blocks, dtype=np.int64)
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size if pos.size \
+            else np.zeros(0, dtype=np.int64)
+
+    def stats(self) -> CacheStats:
+        return CacheStats(
+            num_blocks=self.num_blocks,
+            free=len(self._free),
+            used=int((self._ref > 0).sum()),
+            shared=int((self._ref > 1).sum()),
+            blocks_per_seq={s: len(q.blocks) for s, q in self._seqs.items()},
+            tokens_per_seq={s: q.num_tokens for s, q in self._seqs.items()},
+        )
+
+    # -- mutations -----------------------------------------------------------------------------
+    def add_sequence(self, seq_id, num_tokens: int = 0) -> np.ndarray:
+        """Register a sequence holding `num_tokens` tokens; returns their slots (for a prefill write)."""
+        if seq_id in self._seqs:
+            raise InvalidInput(f"seq_id {seq_id!r} already exists")
+        if num_tokens < 0:
+            raise InvalidInput(f"num_tokens: expected >= 0, got {num_tokens}")
+        blocks = self._allocate(self._blocks_for(num_tokens))
+        self._seqs[seq_id] = _Sequence(blocks, int(num_tokens))
+        return self.slots(seq_id, 0, num_tokens)
+
+    def fork(self, parent, child) -> None:
+        """`child` shares every block of `parent` (reference counts +1); nothing is copied now."""
+        src = self._seq(parent)
+        if child in self._seqs:
+            raise InvalidInput(f"seq_id {child!r} already exists")
+        self._ref[src.blocks] += 1
+        self._seqs[child] = _Sequence(list(src.blocks), src.num_tokens)
+
+    def append_slots(self, seq_id, num_tokens: int = 1) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Reserve room for `num_tokens` more tokens of one sequence.
+
+        Returns (slots int64 [num_tokens], copies [(src, dst)]). A shared, partially filled tail
+        block is copied on write: perform `copies` with `copy_blocks` before writing the slots.
+        """
+        slots, copies = self.append_batch([seq_id], num_tokens)
+        return slots, copies
+
+    def append_batch(self, seq_ids: Sequence, num_tokens: int = 1) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """append_slots for several distinct sequences at once, all-or-nothing.
+
+        Returns the concatenated slots (sequence-major) and every copy pair.
+        """
+        if num_tokens < 0:
+            raise InvalidInput(f"num_tokens: expected >= 0, got {num_tokens}")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise InvalidInput("seq_ids: each sequence may appear once per append")
+        seqs = [self._seq(s) for s in seq_ids]
+        need = sum(self._blocks_for(q.num_tokens + num_tokens) - len(q.blocks) for q in seqs)
+        if num_tokens:
+            # A shared partial tail is copied by each appender but the last holder, who keeps it.
+            tails: dict[int, int] = {}
+            for q in seqs:
+                if self._tail_is_shared_partial(q):
+                    tails[q.blocks[-1]] = tails.get(q.blocks[-1], 0) + 1
+            need += sum(min(n, int(self._ref[b]) - 1) for b, n in tails.items())
+        if need > len(self._free):
+            raise PoolExhausted(f"need {need} free blocks, {len(self._free)} available")
+        copies, out = [], []
+        for s, seq in zip(seq_ids, seqs):
+            if num_tokens and self._tail_is_shared_partial(seq):
+                old = seq.blocks[-1]
+                (new,) = self._allocate(1)
+                self._release(old)
+                seq.blocks[-1] = new
+                copies.append((old, new))
+            seq.blocks.extend(self._allocate(self._blocks_for(seq.num_tokens + num_tokens)
+                                             - len(seq.blocks)))
+            start = seq.num_tokens
+            seq.num_tokens += num_tokens
+            out.append(self.slots(s, start, seq.num_tokens))
+        return (np.concatenate(out) if out else np.zeros(0, dtype=np.int64)), copies
+
+    def free(self, seq_id) -> None:
+        """Drop a sequence; blocks no other sequence references return to the free list."""
+        seq = self._seqs.pop(self._key(seq_id))
+        for b in seq.blocks:
+            self._release(b)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-int(num_tokens) // self.block_size)
+
+    def _tail_is_shared_partial(self, seq: _Sequence) -> bool:
+        return bool(seq.blocks) and seq.num_tokens % self.block_size != 0 \
+            and self._ref[seq.blocks[-1]] > 1
+
+    def _allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise PoolExhausted(f"need {n} free blocks, {len(self._free)} available")
+        out = []
+        for _ in range(n):
+            if self.fragmented:
+                i = self._rng.randrange(len(self._free))
+                self._free[i], self._free[-1] = self._free[-1], self._free[i]
+                out.append(self._free.pop())
+            else:
+                out.append(heapq.heappop(self._free))
+        self._ref[out] += 1
+        return out
+
+    def _release(self, block: int) -> None:
+        self._ref[block] -= 1
+        if self._ref[block] == 0:
+            if self.fragmented:
+                self._free.append(block)
+            else:
+                heapq.heappush(self._free, block)
+
+    def _key(self, seq_id):
+        if seq_id not in self._seqs:
+            raise InvalidInput(f"unknown seq_id {seq_id!r}")
+        return seq_id
+
+    def _seq(self, seq_id) -> _Sequence:
+        return self._seqs[self._key(seq_id)]
+
+    def release_all(self, seq_ids: Iterable | None = None) -> None:
+        for s in list(self._seqs if seq_ids is None else seq_ids):
+            self.free(s)

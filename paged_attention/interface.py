@@ -1,0 +1,191 @@
+"""The backend-neutral contract: `KVPool` and `PagedAttention`.
+
+A backend subclasses both and implements the underscored hooks. The public methods here own
+validation and path resolution, so every backend rejects bad input identically and before
+any of its kernels run.
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import InvalidInput, UnsupportedPath
+from .validation import (FLOAT_DTYPES, DecodeArgs, PoolSpec, check_copy_pairs, check_decode,
+                         check_pool_spec, check_write)
+
+PATH_ENV = "PAGED_ATTENTION_PATH"
+
+
+class KVPool(ABC):
+    """One layer's K and V block pools, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, spec: PoolSpec, backend_name: str):
+        self.spec = spec
+        self.backend_name = backend_name
+
+    num_blocks = property(lambda self: self.spec.num_blocks)
+    block_size = property(lambda self: self.spec.block_size)
+    num_kv_heads = property(lambda self: self.spec.num_kv_heads)
+    head_dim = property(lambda self: self.spec.head_dim)
+    dtype = property(lambda self: self.spec.dtype)
+    nbytes = property(lambda self: self.spec.nbytes)
+
+    @abstractmethod
+    def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies (k, v), each [num_blocks, block_size, Hkv, D] in the pool's dtype
+        (bfloat16 pools come back as float32)."""
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"{type(self).__name__}(num_blocks={s.num_blocks}, block_size={s.block_size}, "
+                f"num_kv_heads={s.num_kv_heads}, head_dim={s.head_dim}, dtype={s.dtype!r})")
+
+
+@dataclass
+class LayerStep:
+    """One layer's share of a decode step: its query, its pool and the new tokens' K/V [N, Hkv, D]."""
+
+    q: Any
+    pool: KVPool
+    k: Any
+    v: Any
+
+
+class PagedAttention(ABC):
+    """Paged decode attention on one backend.
+
+    Data-oriented like vLLM/FlashInfer kernels: plain arrays in, array out. Allocation and
+    sharing of blocks live in `BlockManager`, never here.
+    """
+
+    name: str = "abstract"
+    paths: tuple[str, ...] = ()
+    pool_dtypes: tuple[str, ...] = ("float16", "float32")
+    q_dtypes: tuple[str, ...] = FLOAT_DTYPES
+
+    @property
+    @abstractmethod
+    def device(self) -> str:
+        """Human-readable device, e.g. 'cpu', 'NVIDIA H100 80GB HBM3', 'llvmpipe (LLVM 15.0.6, 256 bits)'."""
+
+    # -- pools ---------------------------------------------------------------------------------
+    def create_pool(self, num_blocks, block_size, num_kv_heads, head_dim, dtype="float16") -> KVPool:
+        """A zero-filled pool pair for one layer."""
+        spec = check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, self.pool_dtypes)
+        return self._create_pool(spec)
+
+    def write_kv(self, pool: KVPool, slot_mapping, k, v) -> None:
+        """Store k, v [N, Hkv, D] at slots (slot = block_id * block_size + offset), as vLLM's
+        reshape_and_cache. Slots must be distinct and inside the pool."""
+        self._check_pool(pool)
+        slots = check_write(pool.spec, slot_mapping, k, v)
+        if slots.size:
+            self._write_kv(pool, slots, k, v)
+
+    def copy_blocks(self, pool: KVPool, pairs) -> None:
+        """Copy whole blocks (K and V) src -> dst for each (src, dst) pair: the copy-on-write step."""
+        self._check_pool(pool)
+        src, dst = check_copy_pairs(pool.spec, pairs)
+        if src.size:
+            self._copy_blocks(pool, src, dst)
+
+    # -- attention -----------------------------------------------------------------------------
+    def decode(self, q, pool: KVPool, block_tables, context_lens, *, scale=None, window=None,
+               path: str = "auto"):
+        """Decode attention for one new token per sequence.
+
+        q: [B, Hq, D] (Hq a multiple of the pool's Hkv); block_tables: int32 [B, max_blocks];
+        context_lens: int32 [B], each <= max_blocks * block_size; window: attend to the last
+        `window` positions only. Returns [B, Hq, D] in q's dtype, accepted by np.asarray.
+        """
+        self._check_pool(pool)
+        args = check_decode(q, pool.spec, block_tables, context_lens, scale, window, self.q_dtypes)
+        return self._decode(self.resolve_path(path, args, pool.spec), q, pool, args)
+
+    def decode_step(self, layers: Sequence[LayerStep], slot_mapping, block_tables, context_lens, *,
+                    scale=None, window=None, path: str = "auto") -> list:
+        """One decode step across layers: append each layer's new K/V at `slot_mapping`, then
+        attend. context_lens already count the appended tokens. Every layer is validated before
+        any is written. Backends that can batch a whole step into one submission override
+        `_decode_step`."""
+        if not layers:
+            raise InvalidInput("layers: expected at least one LayerStep")
+        checked = []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, LayerStep):
+                raise InvalidInput(f"layers[{i}]: expected a LayerStep, got {type(layer).__name__}")
+            self._check_pool(layer.pool)
+            slots = check_write(layer.pool.spec, slot_mapping, layer.k, layer.v)
+            args = check_decode(layer.q, layer.pool.spec, block_tables, context_lens, scale, window,
+                                self.q_dtypes)
+            checked.append((slots, args))
+        chosen = self.resolve_path(path, checked[0][1], layers[0].pool.spec)
+        return self._decode_step(list(layers), [c[0] for c in checked], [c[1] for c in checked], chosen)
+
+    @property
+    def known_paths(self) -> tuple[str, ...]:
+        """Every path this backend has on some device; `paths` is the subset usable here."""
+        return self.paths
+
+    def path_unavailable_reason(self, path: str) -> str | None:
+        """None when `path` runs here, else why not (used for errors and test skips)."""
+        if path in self.paths:
+            return None
+        return f"path {path!r} is not available on backend {self.name!r} (device {self.device})"
+
+    def resolve_path(self, path: str, args: DecodeArgs, spec: PoolSpec) -> str:
+        """'auto' -> $PAGED_ATTENTION_PATH if set, else the selector's choice; explicit paths are checked."""
+        if path == "auto":
+            path = os.environ.get(PATH_ENV) or self._auto_path(args, spec)
+        if path not in self.paths:
+            why = self.path_unavailable_reason(path) if path in self.known_paths else \
+                f"unknown path {path!r} for backend {self.name!r}"
+            raise UnsupportedPath(f"{why}; available paths: {self.paths}")
+        return path
+
+    def close(self) -> None:
+        """Release device resources. The backend is unusable afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- hooks for backends --------------------------------------------------------------------
+    @abstractmethod
+    def _create_pool(self, spec: PoolSpec) -> KVPool: ...
+
+    @abstractmethod
+    def _write_kv(self, pool: KVPool, slots: np.ndarray, k, v) -> None: ...
+
+    @abstractmethod
+    def _copy_blocks(self, pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def _decode(self, path: str, q, pool: KVPool, args: DecodeArgs): ...
+
+    def _decode_step(self, layers: list[LayerStep], slots: list[np.ndarray],
+                     args: list[DecodeArgs], path: str) -> list:
+        outs = []
+        for layer, s, a in zip(layers, slots, args):
+            if s.size:
+                self._write_kv(layer.pool, s, layer.k, layer.v)
+            outs.append(self._decode(path, layer.q, layer.pool, a))
+        return outs
+
+    def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
+        from .selector import choose_path
+        return choose_path(self, args, spec)
+
+    def _check_pool(self, pool) -> None:
+        if not isinstance(pool, KVPool) or getattr(pool, "backend_name", None) != self.name:
+            raise InvalidInput(f"pool: expected a KVPool created by backend {self.name!r}, "
+                               f"got {type(pool).__name__}")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r} device={self.device!r} paths={self.paths}>"

@@ -1,0 +1,64 @@
+"""Numpy reference for paged decode attention, computed in float64.
+
+This is the ground truth every backend is checked against. It is written for clarity,
+not speed: one sequence at a time, the blocks of each sequence gathered explicitly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .validation import PoolSpec, check_decode
+
+
+def gather_sequence(pool: np.ndarray, block_table, context_len: int) -> np.ndarray:
+    """Contiguous [context_len, Hkv, D] copy of one sequence's cached keys or values."""
+    block_size = pool.shape[1]
+    n_blocks = -(-int(context_len) // block_size)
+    ids = np.asarray(block_table[:n_blocks], dtype=np.int64)
+    return pool[ids].reshape(-1, *pool.shape[2:])[:context_len]
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    """Softmax attention of q [Hq, D] over k, v [T, Hkv, D] with GQA; float64 [Hq, D].
+
+    T == 0 gives zeros: an empty context contributes nothing.
+    """
+    hq, d = q.shape
+    t, hkv, _ = k.shape
+    if t == 0:
+        return np.zeros((hq, d))
+    qg = q.astype(np.float64).reshape(hkv, hq // hkv, d)
+    s = np.einsum("hgd,thd->hgt", qg, k.astype(np.float64)) * scale
+    s -= s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("hgt,thd->hgd", p, v.astype(np.float64)).reshape(hq, d)
+
+
+def decode(q, k_pool, v_pool, block_tables, context_lens, scale=None, window=None) -> np.ndarray:
+    """Reference decode attention.
+
+    q: [B, Hq, D]; k_pool, v_pool: [num_blocks, block_size, Hkv, D]; block_tables: int [B, max_blocks];
+    context_lens: int [B]; window: attend to the last `window` positions only.
+    Returns float64 [B, Hq, D]. Inputs are validated like any backend's.
+    """
+    k_pool = np.asarray(k_pool)
+    v_pool = np.asarray(v_pool)
+    spec = PoolSpec(*k_pool.shape, dtype=str(k_pool.dtype))
+    args = check_decode(q, spec, block_tables, context_lens, scale, window,
+                        q_dtypes=("float16", "float32", "float64", "bfloat16"))
+    q = np.asarray(q, dtype=np.float64)
+    out = np.zeros(q.shape, dtype=np.float64)
+    for b in range(args.batch):
+        length = int(args.context_lens[b])
+        start = 0 if args.window is None else max(0, length - args.window)
+        k = gather_sequence(k_pool, args.block_tables[b], length)[start:]
+        v = gather_sequence(v_pool, args.block_tables[b], length)[start:]
+        out[b] = attend(q[b], k, v, args.scale)
+    return out
+
+
+def rms(a, b) -> float:
+    """Root-mean-square difference, the error metric of every parity test."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(np.sqrt(np.mean(d * d))) if d.size else 0.0

@@ -1,0 +1,53 @@
+"""Backend discovery: which backends this machine can run, and how to get one.
+
+Each backend module exposes `probe() -> str | None` (None when usable, else what is missing
+and how to install it) and `Backend` (a PagedAttention subclass). Probing is cached per
+process because some probes are expensive (Vulkan probes in a subprocess).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+from .errors import BackendUnavailable
+from .interface import PagedAttention
+
+BACKENDS: dict[str, str] = {
+    "numpy": "backends.numpy_backend",
+    "mlx": "backends.mlx",
+    "vulkan": "backends.vulkan",
+}
+
+
+def register_backend(name: str, module: str) -> None:
+    """Make an out-of-tree backend module (with `probe` and `Backend`) visible to the registry."""
+    BACKENDS[name] = module
+    unavailable_reason.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(name: str) -> str | None:
+    """None when backend `name` can run here, else a sentence saying what is missing."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; known backends: {sorted(BACKENDS)}"
+    try:
+        module = importlib.import_module(BACKENDS[name])
+    except ImportError as exc:
+        return f"cannot import {BACKENDS[name]} ({exc}); install the '{name}' extra: pip install -e '.[{name}]'"
+    probe = getattr(module, "probe", None)
+    if probe is None:
+        return f"{BACKENDS[name]} defines no probe(); it is not a complete backend module"
+    return probe()
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable on this machine, in registry order."""
+    return [name for name in BACKENDS if unavailable_reason(name) is None]
+
+
+def get_backend(name: str) -> PagedAttention:
+    """A new instance of backend `name`; raises BackendUnavailable saying what is missing."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} is unavailable: {reason}")
+    return importlib.import_module(BACKENDS[name]).Backend()

@@ -1,0 +1,192 @@
+"""Host-side argument checks shared by every backend.
+
+All checks run before any kernel is dispatched or any pool is touched, so a rejected call
+leaves pools and tables exactly as they were. Only the small integer inputs (block tables,
+context lengths, slot mappings) are read on the host; q, k and v are checked by shape and
+dtype alone so no device array is copied back.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidInput
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def dtype_name(x) -> str:
+    """'float16' for numpy, MLX ('mlx.core.float16') and plain strings alike."""
+    dt = getattr(x, "dtype", x)
+    return str(dt).rsplit(".", 1)[-1]
+
+
+def shape_of(x, name: str) -> tuple[int, ...]:
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        try:
+            shape = np.asarray(x).shape
+        except Exception as exc:  # noqa: BLE001 - anything not array-like is bad input
+            raise InvalidInput(f"{name}: expected an array, got {type(x).__name__}") from exc
+    return tuple(int(s) for s in shape)
+
+
+def host_ints(x, name: str, ndim: int) -> np.ndarray:
+    """Copy a small integer array to the host as int64, checking rank and integrality."""
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidInput(f"{name}: expected an integer array, got {type(x).__name__}") from exc
+    if arr.ndim != ndim:
+        raise InvalidInput(f"{name}: expected {ndim}-D integer array, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidInput(f"{name}: expected an integer dtype, got {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Geometry of one layer's K and V pools: each is [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float16"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of K plus V."""
+        return 2 * math.prod(self.shape) * self.itemsize
+
+
+def check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, supported) -> PoolSpec:
+    for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
+                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InvalidInput(f"{name}: expected a positive int, got {value!r}")
+    dt = dtype_name(dtype)
+    if dt not in supported:
+        raise InvalidInput(f"dtype: expected one of {supported}, got {dt!r}")
+    return PoolSpec(int(num_blocks), int(block_size), int(num_kv_heads), int(head_dim), dt)
+
+
+@dataclass(frozen=True)
+class DecodeArgs:
+    """Validated decode inputs. block_tables has every unused entry replaced by 0."""
+
+    batch: int
+    num_q_heads: int
+    block_tables: np.ndarray  # int32 [B, max_blocks]
+    context_lens: np.ndarray  # int32 [B]
+    scale: float
+    window: int | None
+
+    @property
+    def max_context(self) -> int:
+        return int(self.context_lens.max()) if self.batch else 0
+
+    def attended_tokens(self) -> np.ndarray:
+        """Per-sequence number of positions attended to (window applied)."""
+        if self.window is None:
+            return self.context_lens.astype(np.int64)
+        return np.minimum(self.context_lens, self.window).astype(np.int64)
+
+
+def check_decode(q, spec: PoolSpec, block_tables, context_lens, scale, window,
+                 q_dtypes=FLOAT_DTYPES) -> DecodeArgs:
+    q_shape = shape_of(q, "q")
+    if len(q_shape) != 3:
+        raise InvalidInput(f"q: expected [B, Hq, D], got shape {q_shape}")
+    batch, hq, d = q_shape
+    if d != spec.head_dim:
+        raise InvalidInput(f"q: head_dim {d} does not match the pool's head_dim {spec.head_dim}")
+    if hq < 1 or hq % spec.num_kv_heads:
+        raise InvalidInput(
+            f"q: Hq={hq} must be a positive multiple of the pool's num_kv_heads={spec.num_kv_heads}")
+    qd = dtype_name(q)
+    if qd not in q_dtypes:
+        raise InvalidInput(f"q: expected dtype in {q_dtypes}, got {qd}")
+
+    tables = host_ints(block_tables, "block_tables", 2)
+    lens = host_ints(context_lens, "context_lens", 1)
+    if tables.shape[0] != batch:
+        raise InvalidInput(f"block_tables: expected [B={batch}, max_blocks], got shape {tables.shape}")
+    if lens.shape[0] != batch:
+        raise InvalidInput(f"context_lens: expected [B={batch}], got shape {lens.shape}")
+    capacity = tables.shape[1] * spec.block_size
+    if batch and (lens.min() < 0 or lens.max() > capacity):
+        raise InvalidInput(
+            f"context_lens: expected values in [0, {capacity}] (max_blocks {tables.shape[1]} x "
+            f"block_size {spec.block_size}), got range [{lens.min()}, {lens.max()}]")
+    used = np.arange(tables.shape[1])[None, :] < -(-lens[:, None] // spec.block_size)
+    bad = used & ((tables < 0) | (tables >= spec.num_blocks))
+    if bad.any():
+        b, j = map(int, np.argwhere(bad)[0])
+        raise InvalidInput(
+            f"block_tables: entry [{b}, {j}] = {tables[b, j]} is outside [0, {spec.num_blocks})")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
+                               or window < 1):
+        raise InvalidInput(f"window: expected None or an int >= 1, got {window!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(spec.head_dim)
+    elif not (isinstance(scale, (int, float, np.floating)) and math.isfinite(scale) and scale > 0):
+        raise InvalidInput(f"scale: expected a finite float > 0, got {scale!r}")
+    return DecodeArgs(
+        batch=batch,
+        num_q_heads=hq,
+        block_tables=np.where(used, tables, 0).astype(np.int32),
+        context_lens=lens.astype(np.int32),
+        scale=float(scale),
+        window=None if window is None else int(window),
+    )
+
+
+def check_write(spec: PoolSpec, slot_mapping, k, v) -> np.ndarray:
+    """Validate a write_kv call; returns the slots as int64 [N]."""
+    slots = host_ints(slot_mapping, "slot_mapping", 1)
+    n = slots.shape[0]
+    want = (n, spec.num_kv_heads, spec.head_dim)
+    for name, x in (("k", k), ("v", v)):
+        got = shape_of(x, name)
+        if got != want:
+            raise InvalidInput(f"{name}: expected shape [N={n}, Hkv={want[1]}, D={want[2]}], got {got}")
+        if dtype_name(x) not in FLOAT_DTYPES:
+            raise InvalidInput(f"{name}: expected a float dtype, got {dtype_name(x)}")
+    if n and (slots.min() < 0 or slots.max() >= spec.num_slots):
+        raise InvalidInput(
+            f"slot_mapping: expected values in [0, {spec.num_slots}), got range "
+            f"[{slots.min()}, {slots.max()}]")
+    if np.unique(slots).size != n:
+        raise InvalidInput("slot_mapping: slots must be distinct within one call")
+    return slots
+
+
+def check_copy_pairs(spec: PoolSpec, pairs) -> tuple[np.ndarray, np.ndarray]:
+    """Validate copy_blocks pairs [(src, dst), ...]; returns (src, dst) int64 arrays."""
+    arr = np.asarray(pairs if len(pairs) else np.zeros((0, 2)), dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2 or not np.all(arr == np.round(arr)):
+        raise InvalidInput(f"pairs: expected integer (src, dst) pairs of shape [P, 2], got {arr.shape}")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= spec.num_blocks):
+        raise InvalidInput(f"pairs: block ids must lie in [0, {spec.num_blocks})")
+    src, dst = arr[:, 0], arr[:, 1]
+    if np.unique(dst).size != dst.size:
+        raise InvalidInput("pairs: each destination block may appear once")
+    if np.intersect1d(src, dst).size:
+        raise InvalidInput("pairs: a block cannot be both a source and a destination")
+    return src, dst

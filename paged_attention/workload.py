@@ -1,0 +1,155 @@
+"""A decode workload that drives any backend like a serving loop, with a host mirror.
+
+Sequences join, grow one token per step, fork (sharing blocks, so appends copy on write) and
+finish, over a fragmented pool. Every K/V write and block copy is applied both to the
+backend's pool and to a numpy mirror, so the reference answer is computed from independent
+host state. Tests, the soak and experiments all use this one loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import reference
+from .block_manager import BlockManager
+from .interface import PagedAttention
+
+NP_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}
+
+
+def representable(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x rounded to values `dtype` holds exactly, stored in the mirror's numpy dtype.
+
+    numpy has no bfloat16: round float32 to nearest-even on the top 16 bits instead, so the
+    mirror holds exactly what a bfloat16 pool holds.
+    """
+    if dtype != "bfloat16":
+        return x.astype(NP_DTYPES[dtype])
+    u = x.astype(np.float32).view(np.uint32)
+    u = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return u.view(np.float32)
+
+
+@dataclass
+class WorkloadConfig:
+    batch: int = 4
+    num_kv_heads: int = 2
+    group_size: int = 4          # Hq / Hkv
+    head_dim: int = 64
+    block_size: int = 16
+    dtype: str = "float16"
+    window: int | None = None
+    max_prompt: int = 48         # initial context lengths are drawn from [0, max_prompt]
+    max_context: int = 304       # a sequence that reaches this length finishes
+    fork_every: int = 37         # every n-th step one sequence forks (shares its blocks)
+    finish_every: int = 53       # every n-th step one sequence finishes and a new one joins
+    num_blocks: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class StepResult:
+    step: int
+    out: np.ndarray
+    ref: np.ndarray
+    rms: float
+
+
+@dataclass
+class DecodeWorkload:
+    backend: PagedAttention
+    cfg: WorkloadConfig
+    path: str = "auto"
+    steps_done: int = 0
+    history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        c = self.cfg
+        self.rng = np.random.default_rng(c.seed)
+        self.np_dtype = NP_DTYPES[c.dtype]
+        # Room for every sequence at max_context, twice over for copy-on-write of forks.
+        per_seq = -(-(c.max_context + 1) // c.block_size)
+        self.num_blocks = c.num_blocks or 2 * c.batch * per_seq + 16
+        self.manager = BlockManager(self.num_blocks, c.block_size, fragmented=True, seed=c.seed)
+        self.pool = self.backend.create_pool(self.num_blocks, c.block_size, c.num_kv_heads,
+                                             c.head_dim, c.dtype)
+        shape = (self.num_blocks, c.block_size, c.num_kv_heads, c.head_dim)
+        self.mirror_k = np.zeros(shape, self.np_dtype)
+        self.mirror_v = np.zeros(shape, self.np_dtype)
+        self.seqs: list[int] = []
+        self._next_id = 0
+        for _ in range(c.batch):
+            self._join()
+
+    # -- pool writes, applied to backend and mirror --------------------------------------------
+    def _random_kv(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        c = self.cfg
+        shape = (n, c.num_kv_heads, c.head_dim)
+        return (representable(self.rng.standard_normal(shape), c.dtype),
+                representable(self.rng.standard_normal(shape), c.dtype))
+
+    def _write(self, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        self.backend.write_kv(self.pool, slots, k, v)
+        b, off = np.divmod(slots, self.cfg.block_size)
+        self.mirror_k[b, off] = k
+        self.mirror_v[b, off] = v
+
+    def _copy(self, copies) -> None:
+        if copies:
+            self.backend.copy_blocks(self.pool, copies)
+            src, dst = np.array(copies).T
+            self.mirror_k[dst] = self.mirror_k[src]
+            self.mirror_v[dst] = self.mirror_v[src]
+
+    # -- sequence life cycle -------------------------------------------------------------------
+    def _join(self, position: int | None = None) -> None:
+        sid, self._next_id = self._next_id, self._next_id + 1
+        n = int(self.rng.integers(0, self.cfg.max_prompt + 1))
+        slots = self.manager.add_sequence(sid, n)
+        if n:
+            self._write(slots, *self._random_kv(n))
+        if position is None:
+            self.seqs.append(sid)
+        else:
+            self.seqs[position] = sid
+
+    def _fork(self) -> None:
+        i = int(self.rng.integers(len(self.seqs)))
+        j = (i + 1) % len(self.seqs)
+        if i == j:
+            return
+        child, self._next_id = self._next_id, self._next_id + 1
+        self.manager.free(self.seqs[j])
+        self.manager.fork(self.seqs[i], child)
+        self.seqs[j] = child
+
+    def _finish(self, i: int) -> None:
+        self.manager.free(self.seqs[i])
+        self._join(position=i)
+
+    # -- one decode step -----------------------------------------------------------------------
+    def step(self) -> StepResult:
+        c = self.cfg
+        self.steps_done += 1
+        if c.fork_every and self.steps_done % c.fork_every == 0:
+            self._fork()
+        if c.finish_every and self.steps_done % c.finish_every == 0:
+            self._finish(int(self.rng.integers(len(self.seqs))))
+        for i, sid in enumerate(self.seqs):
+            if self.manager.context_len(sid) >= c.max_context:
+                self._finish(i)
+        slots, copies = self.manager.append_batch(self.seqs, 1)
+        self._copy(copies)
+        self._write(slots, *self._random_kv(len(self.seqs)))
+        q = self.rng.standard_normal((len(self.seqs), c.num_kv_heads * c.group_size, c.head_dim))
+        q = representable(q, c.dtype)
+        tables = self.manager.block_tables(self.seqs)
+        lens = self.manager.context_lens(self.seqs)
+        out = np.asarray(self.backend.decode(q, self.pool, tables, lens, window=c.window,
+                                             path=self.path), dtype=np.float64)
+        ref = reference.decode(q, self.mirror_k, self.mirror_v, tables, lens, window=c.window)
+        return StepResult(self.steps_done, out, ref, reference.rms(out, ref))
+
+    def close(self) -> None:
+        self.manager.release_all()

@@ -1,0 +1,47 @@
+"""One fixture, `impl`, yields (backend, path) for every registered backend and every path it
+knows. Unavailable combinations are collected as skips that say exactly why, so a new backend
+gets the whole matrix by registering itself."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+import paged_attention as pa
+from paged_attention.registry import BACKENDS, unavailable_reason
+
+
+@functools.cache
+def backend_instance(name: str) -> pa.PagedAttention:
+    return pa.get_backend(name)
+
+
+def impl_params() -> list:
+    params = []
+    for name in BACKENDS:
+        reason = unavailable_reason(name)
+        if reason is not None:
+            params.append(pytest.param((name, None), id=name, marks=pytest.mark.skip(reason=reason)))
+            continue
+        backend = backend_instance(name)
+        for path in backend.known_paths:
+            why = backend.path_unavailable_reason(path)
+            marks = [pytest.mark.skip(reason=why)] if why else []
+            params.append(pytest.param((name, path), id=f"{name}-{path}", marks=marks))
+    return params
+
+
+@pytest.fixture(params=impl_params())
+def impl(request):
+    """(backend instance, path) for one available backend x path."""
+    name, path = request.param
+    return backend_instance(name), path
+
+
+@pytest.fixture(params=[n for n in BACKENDS], ids=lambda n: n)
+def backend(request):
+    """Each registered backend (skipped with the reason when unavailable)."""
+    reason = unavailable_reason(request.param)
+    if reason is not None:
+        pytest.skip(reason)
+    return backend_instance(request.param)
