@@ -1,15 +1,22 @@
 """Backend-neutral allocation of KV-cache blocks: free list, reference counts, block tables,
-fork (prefix sharing) and copy-on-write.
+fork (prefix sharing), copy-on-write and automatic prefix caching.
 
 The manager only does bookkeeping; it never touches a pool. Operations that need data moved
 return what to move: `append_slots` returns the slots to write (`write_kv`) and the block
 copies to perform first (`copy_blocks`). Every operation is all-or-nothing: on `PoolExhausted`
 or bad input the state is exactly as before the call.
+
+Prefix caching works as vLLM's: every full block of a sequence whose token ids are known gets a
+hash chained over all tokens up to its end, so equal hashes mean equal K/V contents. A new
+sequence whose prompt starts with cached blocks references them instead of allocating. A
+cached block nobody references is kept, still reusable, until the pool needs room; then the
+least recently released one is evicted.
 """
 from __future__ import annotations
 
 import heapq
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Sequence
 
@@ -23,9 +30,11 @@ class CacheStats:
     """A snapshot of the pool's occupancy."""
 
     num_blocks: int
-    free: int                 # blocks on the free list
+    free: int                 # blocks available for allocation (cached ones included)
     used: int                 # blocks referenced by at least one sequence
     shared: int               # blocks referenced by two or more sequences
+    cached: int = 0           # unreferenced blocks that still hold a reusable prefix
+    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache, since creation
     blocks_per_seq: dict = field(default_factory=dict)  # seq_id -> blocks in its table
     tokens_per_seq: dict = field(default_factory=dict)  # seq_id -> context length
 
@@ -34,6 +43,9 @@ class CacheStats:
 class _Sequence:
     blocks: list[int]
     num_tokens: int
+    token_ids: list | None = None   # known token ids (enables prefix caching of its full blocks)
+    hashed: int = 0                 # leading full blocks already registered in the cache
+    hit_tokens: int = 0             # prompt tokens that were served from the cache
 
 
 class BlockManager:
@@ -54,11 +66,16 @@ class BlockManager:
         self._free: list[int] = list(range(self.num_blocks))  # a heap when not fragmented
         self._ref = np.zeros(self.num_blocks, dtype=np.int64)
         self._seqs: dict[Hashable, _Sequence] = {}
+        self._cache: dict[int, int] = {}            # prefix hash -> block holding it
+        self._hash_of: dict[int, int] = {}          # block -> its prefix hash
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced, LRU first
+        self._prefix_hit_tokens = 0
 
     # -- queries -------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks available for allocation, cached-but-unreferenced ones included."""
+        return len(self._free) + len(self._evictable)
 
     def __contains__(self, seq_id) -> bool:
         return seq_id in self._seqs
@@ -104,23 +121,53 @@ class BlockManager:
     def stats(self) -> CacheStats:
         return CacheStats(
             num_blocks=self.num_blocks,
-            free=len(self._free),
+            free=self.num_free,
             used=int((self._ref > 0).sum()),
             shared=int((self._ref > 1).sum()),
+            cached=len(self._evictable),
+            prefix_hit_tokens=self._prefix_hit_tokens,
             blocks_per_seq={s: len(q.blocks) for s, q in self._seqs.items()},
             tokens_per_seq={s: q.num_tokens for s, q in self._seqs.items()},
         )
 
     # -- mutations -----------------------------------------------------------------------------
-    def add_sequence(self, seq_id, num_tokens: int = 0) -> np.ndarray:
-        """Register a sequence holding `num_tokens` tokens; returns their slots (for a prefill write)."""
+    def add_sequence(self, seq_id, num_tokens: int = 0, token_ids: Sequence[int] | None = None
+                     ) -> np.ndarray:
+        """Register a sequence holding `num_tokens` tokens (or the prompt `token_ids`).
+
+        With token_ids, leading full blocks found in the prefix cache are shared instead of
+        allocated. Returns the slots of the tokens the caller must write: positions
+        [cached_tokens(seq_id), num_tokens), i.e. every position when nothing was cached.
+        """
         if seq_id in self._seqs:
             raise InvalidInput(f"seq_id {seq_id!r} already exists")
+        if token_ids is not None:
+            token_ids = list(token_ids)
+            if num_tokens not in (0, len(token_ids)):
+                raise InvalidInput(f"num_tokens={num_tokens} disagrees with len(token_ids)={len(token_ids)}")
+            num_tokens = len(token_ids)
         if num_tokens < 0:
             raise InvalidInput(f"num_tokens: expected >= 0, got {num_tokens}")
-        blocks = self._allocate(self._blocks_for(num_tokens))
-        self._seqs[seq_id] = _Sequence(blocks, int(num_tokens))
-        return self.slots(seq_id, 0, num_tokens)
+        hits = self._lookup(token_ids) if token_ids is not None else []
+        need = self._blocks_for(num_tokens) - len(hits)
+        # Cached blocks about to be reused cannot also be evicted to make room.
+        reusable = sum(1 for b in hits if b in self._evictable)
+        if need > self.num_free - reusable:
+            raise PoolExhausted(f"need {need} free blocks, {self.num_free - reusable} available")
+        for b in hits:
+            self._evictable.pop(b, None)
+            self._ref[b] += 1
+        blocks = hits + self._allocate(need)
+        seq = _Sequence(blocks, int(num_tokens), token_ids, hashed=len(hits),
+                        hit_tokens=len(hits) * self.block_size)
+        self._seqs[seq_id] = seq
+        self._prefix_hit_tokens += len(hits) * self.block_size
+        self._register_full_blocks(seq)
+        return self.slots(seq_id, len(hits) * self.block_size, num_tokens)
+
+    def cached_tokens(self, seq_id) -> int:
+        """Prompt tokens of the sequence that were found in the prefix cache when it was added."""
+        return self._seq(seq_id).hit_tokens
 
     def fork(self, parent, child) -> None:
         """`child` shares every block of `parent` (reference counts +1); nothing is copied now."""
@@ -128,26 +175,36 @@ class BlockManager:
         if child in self._seqs:
             raise InvalidInput(f"seq_id {child!r} already exists")
         self._ref[src.blocks] += 1
-        self._seqs[child] = _Sequence(list(src.blocks), src.num_tokens)
+        self._seqs[child] = _Sequence(list(src.blocks), src.num_tokens,
+                                      None if src.token_ids is None else list(src.token_ids),
+                                      src.hashed)
 
-    def append_slots(self, seq_id, num_tokens: int = 1) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    def append_slots(self, seq_id, num_tokens: int = 1, token_ids: Sequence[int] | None = None
+                     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Reserve room for `num_tokens` more tokens of one sequence.
 
         Returns (slots int64 [num_tokens], copies [(src, dst)]). A shared, partially filled tail
         block is copied on write: perform `copies` with `copy_blocks` before writing the slots.
+        token_ids (length num_tokens) keep the sequence's blocks eligible for prefix caching.
         """
-        slots, copies = self.append_batch([seq_id], num_tokens)
-        return slots, copies
+        return self.append_batch([seq_id], num_tokens,
+                                 None if token_ids is None else [token_ids])
 
-    def append_batch(self, seq_ids: Sequence, num_tokens: int = 1) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    def append_batch(self, seq_ids: Sequence, num_tokens: int = 1,
+                     token_ids: Sequence[Sequence[int]] | None = None
+                     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """append_slots for several distinct sequences at once, all-or-nothing.
 
-        Returns the concatenated slots (sequence-major) and every copy pair.
+        Returns the concatenated slots (sequence-major) and every copy pair. token_ids, if
+        given, holds num_tokens ids per sequence.
         """
         if num_tokens < 0:
             raise InvalidInput(f"num_tokens: expected >= 0, got {num_tokens}")
         if len(set(seq_ids)) != len(seq_ids):
             raise InvalidInput("seq_ids: each sequence may appear once per append")
+        if token_ids is not None and (len(token_ids) != len(seq_ids)
+                                      or any(len(t) != num_tokens for t in token_ids)):
+            raise InvalidInput(f"token_ids: expected {len(seq_ids)} lists of {num_tokens} ids")
         seqs = [self._seq(s) for s in seq_ids]
         need = sum(self._blocks_for(q.num_tokens + num_tokens) - len(q.blocks) for q in seqs)
         if num_tokens:
@@ -157,10 +214,10 @@ class BlockManager:
                 if self._tail_is_shared_partial(q):
                     tails[q.blocks[-1]] = tails.get(q.blocks[-1], 0) + 1
             need += sum(min(n, int(self._ref[b]) - 1) for b, n in tails.items())
-        if need > len(self._free):
-            raise PoolExhausted(f"need {need} free blocks, {len(self._free)} available")
+        if need > self.num_free:
+            raise PoolExhausted(f"need {need} free blocks, {self.num_free} available")
         copies, out = [], []
-        for s, seq in zip(seq_ids, seqs):
+        for i, (s, seq) in enumerate(zip(seq_ids, seqs)):
             if num_tokens and self._tail_is_shared_partial(seq):
                 old = seq.blocks[-1]
                 (new,) = self._allocate(1)
@@ -171,6 +228,12 @@ class BlockManager:
                                              - len(seq.blocks)))
             start = seq.num_tokens
             seq.num_tokens += num_tokens
+            if seq.token_ids is not None:
+                if token_ids is None:   # ids unknown from here on: stop caching this sequence
+                    seq.token_ids = None
+                else:
+                    seq.token_ids.extend(token_ids[i])
+                    self._register_full_blocks(seq)
             out.append(self.slots(s, start, seq.num_tokens))
         return (np.concatenate(out) if out else np.zeros(0, dtype=np.int64)), copies
 
@@ -189,11 +252,15 @@ class BlockManager:
             and self._ref[seq.blocks[-1]] > 1
 
     def _allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise PoolExhausted(f"need {n} free blocks, {len(self._free)} available")
+        if n > self.num_free:
+            raise PoolExhausted(f"need {n} free blocks, {self.num_free} available")
         out = []
         for _ in range(n):
-            if self.fragmented:
+            if not self._free:                       # evict the least recently released prefix
+                victim, _ = self._evictable.popitem(last=False)
+                del self._cache[self._hash_of.pop(victim)]
+                out.append(victim)
+            elif self.fragmented:
                 i = self._rng.randrange(len(self._free))
                 self._free[i], self._free[-1] = self._free[-1], self._free[i]
                 out.append(self._free.pop())
@@ -204,11 +271,48 @@ class BlockManager:
 
     def _release(self, block: int) -> None:
         self._ref[block] -= 1
-        if self._ref[block] == 0:
-            if self.fragmented:
-                self._free.append(block)
-            else:
-                heapq.heappush(self._free, block)
+        if self._ref[block] > 0:
+            return
+        if block in self._hash_of:
+            self._evictable[block] = None            # keep the prefix until room is needed
+        elif self.fragmented:
+            self._free.append(block)
+        else:
+            heapq.heappush(self._free, block)
+
+    # -- prefix cache --------------------------------------------------------------------------
+    def _block_hashes(self, token_ids: list, count: int, start: int = 0, prev: int = 0) -> list[int]:
+        """Chained hashes of full blocks start..count-1; each covers every token up to its end."""
+        out = []
+        for i in range(start, count):
+            prev = hash((prev, tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])))
+            out.append(prev)
+        return out
+
+    def _lookup(self, token_ids: list) -> list[int]:
+        hits = []
+        for h in self._block_hashes(token_ids, len(token_ids) // self.block_size):
+            block = self._cache.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def _register_full_blocks(self, seq: _Sequence) -> None:
+        full = seq.num_tokens // self.block_size
+        if seq.token_ids is None or full <= seq.hashed:
+            return
+        prev = self._hash_of.get(seq.blocks[seq.hashed - 1], 0) if seq.hashed else 0
+        for i, h in enumerate(self._block_hashes(seq.token_ids, full, seq.hashed, prev), seq.hashed):
+            block = seq.blocks[i]
+            if h not in self._cache and block not in self._hash_of:
+                self._cache[h] = block
+                self._hash_of[block] = h
+            elif self._cache.get(h) != block:
+                # Another block already holds this prefix: stop here, since later hashes chain
+                # through blocks this sequence does not share.
+                break
+            seq.hashed = i + 1
 
     def _key(self, seq_id):
         if seq_id not in self._seqs:

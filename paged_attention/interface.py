@@ -6,7 +6,9 @@ any of its kernels run.
 """
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -15,9 +17,19 @@ import numpy as np
 
 from .errors import InvalidInput, UnsupportedPath
 from .validation import (FLOAT_DTYPES, DecodeArgs, PoolSpec, check_copy_pairs, check_decode,
-                         check_pool_spec, check_write)
+                         check_pool_spec, check_prefill, check_write)
 
 PATH_ENV = "PAGED_ATTENTION_PATH"
+
+
+def _serialized(method):
+    """Run a public method under the instance's lock: backends keep per-instance staging buffers
+    and device queues that are not thread-safe, so threads sharing a backend take turns."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._call_lock:
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class KVPool(ABC):
@@ -72,12 +84,19 @@ class PagedAttention(ABC):
     def device(self) -> str:
         """Human-readable device, e.g. 'cpu', 'NVIDIA H100 80GB HBM3', 'llvmpipe (LLVM 15.0.6, 256 bits)'."""
 
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        self._call_lock = threading.RLock()  # see _serialized: public calls are thread-safe
+        return self
+
     # -- pools ---------------------------------------------------------------------------------
+    @_serialized
     def create_pool(self, num_blocks, block_size, num_kv_heads, head_dim, dtype="float16") -> KVPool:
         """A zero-filled pool pair for one layer."""
         spec = check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, self.pool_dtypes)
         return self._create_pool(spec)
 
+    @_serialized
     def write_kv(self, pool: KVPool, slot_mapping, k, v) -> None:
         """Store k, v [N, Hkv, D] at slots (slot = block_id * block_size + offset), as vLLM's
         reshape_and_cache. Slots must be distinct and inside the pool."""
@@ -86,6 +105,7 @@ class PagedAttention(ABC):
         if slots.size:
             self._write_kv(pool, slots, k, v)
 
+    @_serialized
     def copy_blocks(self, pool: KVPool, pairs) -> None:
         """Copy whole blocks (K and V) src -> dst for each (src, dst) pair: the copy-on-write step."""
         self._check_pool(pool)
@@ -94,6 +114,7 @@ class PagedAttention(ABC):
             self._copy_blocks(pool, src, dst)
 
     # -- attention -----------------------------------------------------------------------------
+    @_serialized
     def decode(self, q, pool: KVPool, block_tables, context_lens, *, scale=None, window=None,
                path: str = "auto"):
         """Decode attention for one new token per sequence.
@@ -106,6 +127,20 @@ class PagedAttention(ABC):
         args = check_decode(q, pool.spec, block_tables, context_lens, scale, window, self.q_dtypes)
         return self._decode(self.resolve_path(path, args, pool.spec), q, pool, args)
 
+    @_serialized
+    def prefill(self, q, pool: KVPool, block_table, start_pos: int = 0, *, scale=None, window=None,
+                path: str = "auto"):
+        """Causal attention for a prompt chunk of one sequence, over its own (possibly shared) blocks.
+
+        q: [T, Hq, D], the queries of positions [start_pos, start_pos + T), whose K/V must already
+        be written (`write_kv`); positions < start_pos may sit in prefix-cached blocks. block_table:
+        int [max_blocks]. Returns [T, Hq, D] in q's dtype.
+        """
+        self._check_pool(pool)
+        args = check_prefill(q, pool.spec, block_table, start_pos, scale, window, self.q_dtypes)
+        return self._prefill(self.resolve_path(path, args, pool.spec), q, pool, args)
+
+    @_serialized
     def decode_step(self, layers: Sequence[LayerStep], slot_mapping, block_tables, context_lens, *,
                     scale=None, window=None, path: str = "auto") -> list:
         """One decode step across layers: append each layer's new K/V at `slot_mapping`, then
@@ -168,6 +203,13 @@ class PagedAttention(ABC):
 
     @abstractmethod
     def _decode(self, path: str, q, pool: KVPool, args: DecodeArgs): ...
+
+    def _prefill(self, path: str, q, pool: KVPool, args: DecodeArgs):
+        # Query i of the chunk is a decode query with context start_pos + i + 1 over the same
+        # table, so every decode kernel (and its bounds checks) serves prefill unchanged. It
+        # re-reads the prefix once per query: fine for correctness and short prompts; backends
+        # with a better kernel override this.
+        return self._decode(path, q, pool, args)
 
     def _decode_step(self, layers: list[LayerStep], slots: list[np.ndarray],
                      args: list[DecodeArgs], path: str) -> list:

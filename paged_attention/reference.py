@@ -58,6 +58,37 @@ def decode(q, k_pool, v_pool, block_tables, context_lens, scale=None, window=Non
     return out
 
 
+def prefill(q, k_pool, v_pool, block_table, start_pos=0, scale=None, window=None) -> np.ndarray:
+    """Reference causal prefill over one sequence's blocks.
+
+    q: [T, Hq, D], the queries of positions [start_pos, start_pos + T) whose K/V are already in
+    the pools; block_table: int [max_blocks]. Position p attends to [max(0, p+1-window), p].
+    Returns float64 [T, Hq, D].
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k_pool, v_pool = np.asarray(k_pool), np.asarray(v_pool)
+    t, _, d = q.shape
+    length = int(start_pos) + t
+    k = gather_sequence(k_pool, block_table, length)
+    v = gather_sequence(v_pool, block_table, length)
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    out = np.zeros(q.shape)
+    for i in range(t):
+        end = int(start_pos) + i + 1
+        begin = 0 if window is None else max(0, end - window)
+        out[i] = attend(q[i], k[begin:end], v[begin:end], scale)
+    return out
+
+
+def dense_causal(q, k, v, scale=None) -> np.ndarray:
+    """Causal attention of q [T, Hq, D] over contiguous k, v [T, Hkv, D] (no pool, no paging):
+    the dense path that paged prefill must agree with. float64 [T, Hq, D]."""
+    d = q.shape[-1]
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    return np.stack([attend(q[i], k[:i + 1], v[:i + 1], scale) for i in range(q.shape[0])]) \
+        if q.shape[0] else np.zeros(q.shape)
+
+
 def rms(a, b) -> float:
     """Root-mean-square difference, the error metric of every parity test."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)

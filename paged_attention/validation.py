@@ -156,6 +156,22 @@ def check_decode(q, spec: PoolSpec, block_tables, context_lens, scale, window,
     )
 
 
+def check_prefill(q, spec: PoolSpec, block_table, start_pos, scale, window,
+                  q_dtypes=FLOAT_DTYPES) -> DecodeArgs:
+    """Validate a prefill call and express it as T decode queries sharing one block table:
+    query i sees context start_pos + i + 1, which is exactly the causal mask."""
+    q_shape = shape_of(q, "q")
+    if len(q_shape) != 3:
+        raise InvalidInput(f"q: expected [T, Hq, D], got shape {q_shape}")
+    table = host_ints(block_table, "block_table", 1)
+    if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
+        raise InvalidInput(f"start_pos: expected an int >= 0, got {start_pos!r}")
+    t = q_shape[0]
+    tables = np.broadcast_to(table, (t, table.shape[0]))
+    lens = np.arange(start_pos + 1, start_pos + t + 1)
+    return check_decode(q, spec, tables, lens, scale, window, q_dtypes)
+
+
 def check_write(spec: PoolSpec, slot_mapping, k, v) -> np.ndarray:
     """Validate a write_kv call; returns the slots as int64 [N]."""
     slots = host_ints(slot_mapping, "slot_mapping", 1)

@@ -83,6 +83,43 @@ def test_block_tables_pad_and_errors():
         bm.fork(0, 1)
 
 
+def test_prefix_cache_shares_full_blocks_and_survives_free():
+    bm = BlockManager(8, 4)
+    prompt = list(range(10))                      # 2 full blocks + 2 tokens
+    assert len(bm.add_sequence("a", token_ids=prompt)) == 10
+    slots = bm.add_sequence("b", token_ids=prompt[:8] + [99, 98, 97])
+    assert bm.cached_tokens("b") == 8 and len(slots) == 3      # only the suffix is written
+    assert bm.block_table("b")[:2] == bm.block_table("a")[:2]
+    assert bm.stats().prefix_hit_tokens == 8 and bm.stats().shared == 2
+    bm.free("a")
+    bm.free("b")
+    assert bm.stats().cached == 2 and bm.num_free == 8         # kept, yet allocatable
+    bm.add_sequence("c", token_ids=prompt[:4] + [5, 5, 5, 5])
+    assert bm.cached_tokens("c") == 4 and bm.stats().prefix_hit_tokens == 12
+
+
+def test_prefix_cache_evicts_least_recently_released():
+    bm = BlockManager(3, 2)
+    bm.add_sequence("x", token_ids=[1, 2])
+    bm.add_sequence("y", token_ids=[3, 4])
+    bm.free("x")
+    bm.free("y")                                  # both cached; x released first
+    bm.add_sequence("z", 4)                       # takes the free block, then evicts x's
+    assert bm.stats().cached == 1
+    assert len(bm.add_sequence("y2", token_ids=[3, 4])) == 0   # y's prefix survived
+    bm.free("z")
+    assert len(bm.add_sequence("x2", token_ids=[1, 2])) == 2   # x's prefix was evicted
+
+
+def test_appended_tokens_become_cacheable():
+    bm = BlockManager(8, 4)
+    bm.add_sequence("a", token_ids=[1, 2, 3])
+    bm.append_slots("a", 1, token_ids=[4])
+    bm.append_slots("a", 2, token_ids=[5, 6])
+    bm.add_sequence("b", token_ids=[1, 2, 3, 4, 7])
+    assert bm.cached_tokens("b") == 4
+
+
 def test_fragmented_mode_scatters_blocks():
     bm = BlockManager(64, 4, fragmented=True, seed=1)
     bm.add_sequence("a", 64)
@@ -90,35 +127,49 @@ def test_fragmented_mode_scatters_blocks():
     assert sorted(table) != table and len(set(table)) == 16
 
 
-class BlockManagerMachine(RuleBasedStateMachine):
-    """Random add/fork/append/free against a shadow model of which tokens each sequence owns.
+PROMPTS = st.lists(st.sampled_from([7, 8]), min_size=0, max_size=14)  # tiny vocab: many hits
 
-    Each token slot is tagged with the (sequence, position) that wrote it, so a write into a block
-    that another live sequence still reads is caught as a changed tag.
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Random add/fork/append/free, with and without prefix caching, against a shadow model.
+
+    A slot's content is tagged with what a model would have written there: the whole token prefix
+    up to that position (or a unique tag for sequences without token ids). Reading a wrong tag
+    means a block was written while another live sequence still read it, or shared wrongly.
     """
 
     def __init__(self):
         super().__init__()
         self.bm = BlockManager(24, 4, fragmented=True, seed=0)
         self.next_id = 0
+        self.next_token = 100
         self.content: dict[int, object] = {}     # slot -> tag last written there
         self.expected: dict[int, list] = {}      # seq -> tags of its tokens, in order
+        self.tokens: dict[int, list | None] = {}  # seq -> its token ids, None if anonymous
+
+    def _tag(self, seq, pos):
+        toks = self.tokens[seq]
+        return ("anon", seq, pos) if toks is None else tuple(toks[:pos + 1])
 
     def _write(self, seq, slots, start):
         for i, slot in enumerate(slots):
-            self.content[int(slot)] = (seq, start + i)
-            self.expected[seq].append((seq, start + i))
+            self.content[int(slot)] = self._tag(seq, start + i)
 
-    @rule(n=st.integers(0, 9))
-    def add(self, n):
+    @rule(n=st.integers(0, 9), prompt=PROMPTS, cached=st.booleans())
+    def add(self, n, prompt, cached):
         sid, self.next_id = self.next_id, self.next_id + 1
+        before = self.bm.stats()
         try:
-            slots = self.bm.add_sequence(sid, n)
+            slots = self.bm.add_sequence(sid, token_ids=prompt) if cached else self.bm.add_sequence(sid, n)
         except PoolExhausted:
-            assert sid not in self.bm
+            assert sid not in self.bm and self.bm.stats() == before
             return
-        self.expected[sid] = []
-        self._write(sid, slots, 0)
+        self.tokens[sid] = list(prompt) if cached else None
+        length = len(prompt) if cached else n
+        self.expected[sid] = [self._tag(sid, p) for p in range(length)]
+        hit = self.bm.cached_tokens(sid) if cached else 0
+        assert len(slots) == length - min(hit, length) or hit == 0 and len(slots) == length
+        self._write(sid, slots, length - len(slots))
 
     @precondition(lambda self: self.expected)
     @rule(data=st.data())
@@ -127,23 +178,29 @@ class BlockManagerMachine(RuleBasedStateMachine):
         child, self.next_id = self.next_id, self.next_id + 1
         self.bm.fork(parent, child)
         self.expected[child] = list(self.expected[parent])
+        self.tokens[child] = None if self.tokens[parent] is None else list(self.tokens[parent])
 
     @precondition(lambda self: self.expected)
     @rule(data=st.data(), n=st.integers(1, 6))
     def append(self, data, n):
         seqs = data.draw(st.lists(st.sampled_from(sorted(self.expected)), min_size=1, unique=True))
+        ids = [[self.next_token + i * n + j for j in range(n)] for i in range(len(seqs))]
         before = self.bm.stats()
         try:
-            slots, copies = self.bm.append_batch(seqs, n)
+            slots, copies = self.bm.append_batch(seqs, n, token_ids=ids)
         except PoolExhausted:
             assert self.bm.stats() == before
             return
+        self.next_token += len(seqs) * n
         for src, dst in copies:                    # copy_blocks, on the shadow
             for off in range(4):
                 if src * 4 + off in self.content:
                     self.content[dst * 4 + off] = self.content[src * 4 + off]
         for i, s in enumerate(seqs):
             start = len(self.expected[s])
+            if self.tokens[s] is not None:
+                self.tokens[s].extend(ids[i])
+            self.expected[s] += [self._tag(s, start + j) for j in range(n)]
             self._write(s, slots[i * n:(i + 1) * n], start)
 
     @precondition(lambda self: self.expected)
@@ -152,6 +209,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         sid = data.draw(st.sampled_from(sorted(self.expected)))
         self.bm.free(sid)
         del self.expected[sid]
+        del self.tokens[sid]
 
     @invariant()
     def every_sequence_reads_its_own_tokens(self):
@@ -179,4 +237,4 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase
-TestBlockManagerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestBlockManagerMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)

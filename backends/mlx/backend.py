@@ -7,7 +7,7 @@ import numpy as np
 from paged_attention.interface import KVPool, PagedAttention
 from paged_attention.validation import DecodeArgs, PoolSpec
 
-from .gather import gather_decode
+from .gather import gather_decode, gather_prefill
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -77,6 +77,14 @@ class MLXBackend(PagedAttention):
             return (f"no Metal or CUDA device for MLX custom kernels (MLX device: {self.device}); "
                     "the fused path needs one, use path='gather'")
         return super().path_unavailable_reason(path)
+
+    def _prefill(self, path, q, pool, args: DecodeArgs):
+        if path != "gather":
+            return super()._prefill(path, q, pool, args)
+        q = q if isinstance(q, mx.array) else mx.array(np.asarray(q))
+        # The last query sees the longest context, so its table row has every block in use.
+        return gather_prefill(q, pool.k, pool.v, args.block_tables[-1] if args.batch else
+                              np.zeros(1, np.int32), args.context_lens, args.scale, args.window)
 
     def _decode(self, path, q, pool, args: DecodeArgs):
         q = q if isinstance(q, mx.array) else mx.array(np.asarray(q))

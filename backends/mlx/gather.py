@@ -35,3 +35,29 @@ def gather_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables:
         scale=scale, mask=valid[:, None, None, :])[:, :, 0, :]
     # A sequence with nothing to attend to gets zeros (SDPA would produce NaN from 0/0).
     return mx.where(lens[:, :, None] > 0, out, 0).astype(q.dtype)
+
+
+def gather_prefill(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_table: np.ndarray,
+                   query_lens: np.ndarray, scale: float, window: int | None) -> mx.array:
+    """Causal prefill of one sequence: q [T, Hq, D] at positions query_lens - 1 (consecutive);
+    gathers the sequence's blocks once and runs one masked SDPA. Returns [T, Hq, D]."""
+    t, hq, d = q.shape
+    if t == 0:
+        return mx.zeros(q.shape, dtype=q.dtype)
+    _, block_size, hkv, _ = k_pool.shape
+    n_blocks = -(-int(query_lens[-1]) // block_size)
+    table = mx.array(block_table[:n_blocks])
+    span = n_blocks * block_size
+
+    def contiguous(pool):
+        return mx.take(pool, table, axis=0).reshape(1, span, hkv, d).transpose(0, 2, 1, 3)
+
+    ends = mx.array(query_lens)[:, None]          # query i sees positions < ends[i]
+    pos = mx.arange(span)[None, :]
+    valid = pos < ends
+    if window is not None:
+        valid = valid & (pos >= ends - window)
+    out = mx.fast.scaled_dot_product_attention(
+        q.astype(k_pool.dtype).transpose(1, 0, 2)[None], contiguous(k_pool), contiguous(v_pool),
+        scale=scale, mask=valid[None, None])
+    return out[0].transpose(1, 0, 2).astype(q.dtype)
