@@ -52,5 +52,5 @@ if [ ! -f "$stamp" ]; then
   rm -f "$VENV"/.installed-* && touch "$stamp"
 fi
 
-if [ -f scripts/build_kompute.sh ]; then bash scripts/build_kompute.sh "$VENV/bin/python"; fi
+bash scripts/build_kompute.sh "$VENV/bin/python"
 log "ready: $("$VENV/bin/python" -c 'import paged_attention as p; print("backends", p.available_backends())')"

@@ -1,0 +1,250 @@
+"""Vulkan decode benchmark (not a test).
+
+    python -m backends.vulkan.bench [--batch 1 8] [--context 1024 4096] [--layers 32] ...
+    python -m backends.vulkan.bench --preset h100
+
+Per (batch, context) and path: kernel time from Vulkan timestamp queries (median over --iters;
+ticks converted with the device's timestampPeriod, which Kompute 0.9 does not expose: 1 ns/tick is
+assumed, the value NVIDIA and lavapipe report, and cross-checked against wall-clock time), the
+effective bandwidth (K+V bytes the attention must read / kernel time), the fraction of the device's
+peak when known, the wall time of a whole decode call (upload + submit + wait + download), the
+parity against the float64 numpy reference and its time. Then one decode step over --layers layers
+(KV append + attention for every layer), reporting the submissions it took and its time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+PEAK_GBS = {"h100 80gb hbm3": 3350.0, "h100 pcie": 2000.0, "h100 nvl": 3900.0, "h200": 4800.0,
+            "a100-sxm4-80gb": 2039.0, "a100": 1555.0}
+NS_PER_TICK = 1.0
+
+
+def peak_gbs(device: str) -> float | None:
+    name = device.lower()
+    for key, val in PEAK_GBS.items():
+        if key in name:
+            return val
+    return None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m backends.vulkan.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["small", "h100"], default="small",
+                   help="h100: B in {1,8,32} x ctx in {4k,16k,32k}, Hq=32, Hkv=8, D=128, fp16, block 16, "
+                        "32 layers")
+    p.add_argument("--batch", type=int, nargs="+")
+    p.add_argument("--context", type=int, nargs="+")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--step-context", type=int, help="context of the multi-layer step (default: max --context)")
+    p.add_argument("--step-batch", type=int, help="batch of the multi-layer step (default: max --batch)")
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--paths", nargs="+", default=["fused", "splitk"])
+    p.add_argument("--iters", type=int)
+    p.add_argument("--reference-max-tokens", type=int, default=131072,
+                   help="skip the numpy reference above this many B*ctx tokens")
+    p.add_argument("--warmup", type=float, default=0.5, help="seconds of GPU warm-up before each timing")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args(argv)
+    if a.preset == "h100":
+        a.batch = a.batch or [1, 8, 32]
+        a.context = a.context or [4096, 16384, 32768]
+        a.layers = a.layers or 32
+        a.iters = a.iters or 20
+        a.step_context = a.step_context or 16384
+        a.step_batch = a.step_batch or 8
+    else:
+        a.batch = a.batch or [1, 4]
+        a.context = a.context or [512, 2048]
+        a.layers = a.layers or 4
+        a.iters = a.iters or 3
+    a.step_context = a.step_context or max(a.context)
+    a.step_batch = a.step_batch or max(a.batch)
+    return a
+
+
+def fill_pool(be, pool, n_tokens, rng, dtype):
+    """Random K/V into the first n_tokens slots, in chunks of a repeated random tile."""
+    hkv, d = pool.num_kv_heads, pool.head_dim
+    tile = min(n_tokens, 16384)
+    kt = rng.standard_normal((tile, hkv, d)).astype(dtype)
+    vt = rng.standard_normal((tile, hkv, d)).astype(dtype)
+    for s0 in range(0, n_tokens, tile):
+        n = min(tile, n_tokens - s0)
+        be.write_kv(pool, np.arange(s0, s0 + n), kt[:n], vt[:n])
+
+
+def make_tables(batch, ctx, block_size, rng):
+    nbps = -(-ctx // block_size)
+    perm = rng.permutation(batch * nbps).astype(np.int32)  # fragmented: blocks scattered over the pool
+    return perm.reshape(batch, nbps), np.full(batch, ctx, dtype=np.int32)
+
+
+def warm_up(fn, seconds):
+    """Keep the GPU busy for `seconds` so it leaves its idle clocks before anything is timed (an
+    idle H100 measured up to 5x slower for the first tens of ms)."""
+    t0 = time.perf_counter()
+    while True:
+        fn()
+        if time.perf_counter() - t0 >= seconds:
+            return
+
+
+def rep_kernel_ns(be) -> list[float]:
+    """Per-repetition GPU time of the attention (+ split-K reduce) ops of the last timestamped
+    submission recorded by `_decode_repeated`."""
+    ts = be.last_timestamps
+    reps: dict[int, list[int]] = {}
+    for i, (name, _) in enumerate(ts):
+        if name.startswith(("attn", "reduce")):
+            reps.setdefault(int(name.rsplit(".", 1)[1]), []).append(i)
+    return [(ts[idx[-1]][1] - ts[idx[0] - 1][1]) * NS_PER_TICK for _, idx in sorted(reps.items())]
+
+
+def bench_point(be, a, batch, ctx, rng, reference):
+    from paged_attention import reference as ref
+    dt = np.dtype(a.dtype)
+    tables, lens = make_tables(batch, ctx, a.block_size, rng)
+    pool = be.create_pool(tables.size, a.block_size, a.kv_heads, a.head_dim, a.dtype)
+    fill_pool(be, pool, tables.size * a.block_size, rng, dt)
+    q = rng.standard_normal((batch, a.q_heads, a.head_dim)).astype(dt)
+    nbytes = 2 * batch * ctx * a.kv_heads * a.head_dim * dt.itemsize
+    args = _args(be, q, pool, tables, lens)
+    auto = be.resolve_path("auto", args, pool.spec)
+    rows, outs = [], {}
+    for path in a.paths:
+        outs[path] = be.decode(q, pool, tables, lens, path=path)  # compile, record, first submit
+        be.record_timestamps = True
+        warm_up(lambda: be._decode_repeated(q, pool, args, path, a.iters), a.warmup)
+        be._decode_repeated(q, pool, args, path, a.iters)
+        be.record_timestamps = False
+        ks = rep_kernel_ns(be)
+        walls = []
+        for _ in range(a.iters):
+            t0 = time.perf_counter()
+            be.decode(q, pool, tables, lens, path=path)
+            walls.append(time.perf_counter() - t0)
+        k_ns = float(np.median(ks))
+        gbs = nbytes / k_ns  # bytes/ns == GB/s
+        peak = peak_gbs(be.device)
+        geo = be.split_geometry(args, pool.spec) if path == "splitk" else (1, 0)
+        rows.append(dict(batch=batch, context=ctx, path=path, auto=(path == auto), kernel_us=k_ns / 1e3,
+                         kernel_min_us=min(ks) / 1e3, wall_us=float(np.median(walls)) * 1e6,
+                         gbs=gbs, peak_frac=(gbs / peak if peak else None), rms=None, ref_ms=None,
+                         nsplit=geo[0], mbytes=nbytes / 1e6))
+    if reference and batch * ctx <= a.reference_max_tokens:
+        k, v = pool.to_numpy()
+        t0 = time.perf_counter()
+        want = ref.decode(q, k, v, tables, lens)
+        ref_ms = (time.perf_counter() - t0) * 1e3
+        for r in rows:
+            r["rms"], r["ref_ms"] = ref.rms(outs[r["path"]], want), ref_ms
+    del pool
+    return rows
+
+
+def _args(be, q, pool, tables, lens):
+    from paged_attention.validation import check_decode
+    return check_decode(q, pool.spec, tables, lens, None, None, be.q_dtypes)
+
+
+def bench_step(be, a, rng):
+    """One decode step over a.layers layers: KV append + attention per layer, one submission."""
+    from paged_attention.interface import LayerStep
+    dt = np.dtype(a.dtype)
+    batch, ctx = a.step_batch, a.step_context
+    tables, lens = make_tables(batch, ctx, a.block_size, rng)
+    pools = [be.create_pool(tables.size, a.block_size, a.kv_heads, a.head_dim, a.dtype)
+             for _ in range(a.layers)]  # zero-filled: contents do not change the traffic
+    slots = (tables[np.arange(batch), (lens - 1) // a.block_size].astype(np.int64) * a.block_size
+             + (lens - 1) % a.block_size)
+    layers = [LayerStep(rng.standard_normal((batch, a.q_heads, a.head_dim)).astype(dt), p,
+                        rng.standard_normal((batch, a.kv_heads, a.head_dim)).astype(dt),
+                        rng.standard_normal((batch, a.kv_heads, a.head_dim)).astype(dt)) for p in pools]
+    res = {}
+    warm_up(lambda: be.decode_step(layers, slots, tables, lens), a.warmup)
+    s0 = be.submissions
+    walls, hosts = [], []
+    for _ in range(a.iters):
+        t0 = time.perf_counter()
+        be.decode_step(layers, slots, tables, lens)
+        walls.append(time.perf_counter() - t0)
+        hosts.append(be.last_host_s)
+    res["submissions_per_step"] = (be.submissions - s0) / a.iters
+    res["host_ms"] = {k: float(np.median([h[k] for h in hosts])) * 1e3 for k in hosts[0]}
+    be.record_timestamps = True
+    gpu = []
+    for _ in range(max(3, a.iters // 4)):
+        be.decode_step(layers, slots, tables, lens)
+        gpu.append((be.last_timestamps[-1][1] - be.last_timestamps[0][1]) * NS_PER_TICK)
+    be.record_timestamps = False
+    nbytes = a.layers * 2 * batch * ctx * a.kv_heads * a.head_dim * dt.itemsize
+    res.update(layers=a.layers, batch=batch, context=ctx, path=be.resolve_path(
+        "auto", _args(be, layers[0].q, pools[0], tables, lens), pools[0].spec),
+        wall_ms=float(np.median(walls)) * 1e3, gpu_ms=float(np.median(gpu)) / 1e6,
+        gbs=nbytes / float(np.median(gpu)))
+    del pools, layers
+    return res
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    from paged_attention.registry import get_backend, unavailable_reason
+    reason = unavailable_reason("vulkan")
+    if reason:
+        print(f"vulkan backend unavailable: {reason}", file=sys.stderr)
+        return 2
+    be = get_backend("vulkan")
+    rng = np.random.default_rng(0)
+    peak = peak_gbs(be.device)
+    print(f"device: {be.device} (subgroup {be.subgroup_size}, ~{be.compute_units} compute units, "
+          f"peak {fmt(peak, '.0f')} GB/s); timestamps assume {NS_PER_TICK} ns/tick")
+    print(f"Hq={a.q_heads} Hkv={a.kv_heads} D={a.head_dim} block={a.block_size} dtype={a.dtype} "
+          f"iters={a.iters}")
+    print("| B | ctx | path | auto | kernel us | GB/s | % peak | call wall us | nsplit | rms vs ref | numpy ref ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for batch in a.batch:
+        for ctx in a.context:
+            for r in bench_point(be, a, batch, ctx, rng, reference=True):
+                rows.append(r)
+                print(f"| {r['batch']} | {r['context']} | {r['path']} | {'*' if r['auto'] else ''} | "
+                      f"{r['kernel_us']:.1f} | {r['gbs']:.4g} | {fmt(r['peak_frac'] and 100 * r['peak_frac'], '.1f')} | "
+                      f"{r['wall_us']:.0f} | {r['nsplit']} | {fmt(r['rms'], '.2e')} | {fmt(r['ref_ms'], '.0f')} |",
+                      flush=True)
+    step = None
+    if a.layers:
+        step = bench_step(be, a, rng)
+        print(f"decode step: {step['layers']} layers, B={step['batch']}, ctx={step['context']}, "
+              f"path={step['path']}: {step['submissions_per_step']:.0f} submission(s)/step, "
+              f"GPU {step['gpu_ms']:.2f} ms ({step['gbs']:.0f} GB/s), wall {step['wall_ms']:.2f} ms "
+              f"(backend host breakdown ms: " + ", ".join(f"{k} {v:.2f}" for k, v in step["host_ms"].items()) + ")")
+    # Cross-check of the assumed tick period: the GPU time of a submission cannot exceed its wall time.
+    if rows:
+        r = max(rows, key=lambda r: r["kernel_us"])
+        print(f"tick check: largest point kernel {r['kernel_us']:.0f} us vs its whole call's wall time "
+              f"{r['wall_us']:.0f} us (ratio {r['kernel_us'] / r['wall_us']:.2f}, must be <= 1)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": be.device, "args": vars(a), "points": rows, "step": step}, f, indent=1)
+    be.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+#version 450
+// Split-K reduction: merges the NSPLIT partial (m, l, unnormalised o) of each (b, query head) row
+// written by decode.comp (SPLITK=1) into the normalised output. One workgroup per row, threads
+// over the head dim. Defines: DP (padded head dim), WG.
+layout(local_size_x = WG) in;
+
+layout(std430, binding = 0) readonly buffer PartO { float part_o[]; };
+layout(std430, binding = 1) readonly buffer PartML { float part_ml[]; };
+layout(std430, binding = 2) writeonly buffer Out { float outbuf[]; };
+
+layout(push_constant) uniform Params {
+    uint part_off;  // partial row offset of this layer
+    uint out_off;   // float offset of this layer's output [B, HQ, DP]
+    uint nsplit;
+    uint rows;      // B * HQ
+} pc;
+
+void main() {
+    const uint row = gl_WorkGroupID.x;
+    if (row >= pc.rows) return;
+    const uint p0 = pc.part_off + row * pc.nsplit;
+    float M = -1.0e30;
+    for (uint s = 0u; s < pc.nsplit; ++s) M = max(M, part_ml[(p0 + s) * 2u]);
+    float L = 0.0;
+    for (uint s = 0u; s < pc.nsplit; ++s) L += part_ml[(p0 + s) * 2u + 1u] * exp(part_ml[(p0 + s) * 2u] - M);
+    for (uint d = gl_LocalInvocationID.x; d < DP; d += WG) {
+        float o = 0.0;
+        for (uint s = 0u; s < pc.nsplit; ++s) o += part_o[(p0 + s) * DP + d] * exp(part_ml[(p0 + s) * 2u] - M);
+        outbuf[pc.out_off + row * DP + d] = L == 0.0 ? 0.0 : o / L;  // NaN (from a NaN q) stays NaN
+    }
+}
