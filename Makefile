@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m paged_attention.cli demo
+	$(PY) -m paged_attention.cli run experiments/smoke.yaml
 
 test: setup
 	$(PY) -m pytest -n 2 -q -rs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -41,6 +42,94 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _experiment_error(exc) -> int:
+    print(f"paged-attn: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def cmd_run(args) -> int:
+    """Run an experiment file; print its summary table and where the artefacts are."""
+    from .experiments import config as xconfig
+    try:
+        exp = xconfig.load(args.experiment, quick=args.quick)
+        for name in args.backend or []:
+            if name not in registry.BACKENDS:
+                raise xconfig.ConfigError(f"--backend: expected one of {sorted(registry.BACKENDS)}, "
+                                          f"got {name!r}")
+    except xconfig.ConfigError as exc:
+        return _experiment_error(exc)
+    from .experiments.results import fixed_line
+    from .experiments.runner import run
+    command = " ".join(["paged-attn", args.command, args.experiment]
+                       + (["--quick"] if args.quick else [])
+                       + [f"--backend {b}" for b in args.backend or []])
+    res = run(exp, backends=args.backend, out_dir=args.out, progress=not args.no_progress,
+              command=command)
+    print(f"\n{exp.name}: {fixed_line(res.rows)}")
+    print(res.table)
+    for c in res.calibration:
+        for label, s in c["regret"].items():
+            worst = "-" if s["max"] is None else f"{s['max']:.3f}"
+            print(f"selector regret [{c['backend']}] {label}: max {worst} over {s['points']} "
+                  f"point(s), {s['over_5pct']} over 5%")
+        print(f"selector table written: {c['table_path']}")
+    for note in res.notes:
+        print(f"note: {note}")
+    for p in res.plots:
+        print(f"plot: {p}")
+    print(f"run directory: {res.run_dir} (summary.md, results.jsonl, results.csv, env.json, config.yaml)")
+    ok = [r for r in res.rows if r.get("status") == "ok"]
+    bad = [r for r in ok if r.get("rms_ok") is False]
+    errors = [r for r in res.rows if r.get("status") == "error"]
+    if errors:
+        print(f"paged-attn: {len(errors)} measurement(s) failed; first: {errors[0]['note']}",
+              file=sys.stderr)
+        return 1
+    if bad:
+        print(f"paged-attn: {len(bad)} point(s) exceed the RMS tolerance", file=sys.stderr)
+        return 1
+    return 0 if ok or exp.kind == "prefix_sharing" else 1
+
+
+def cmd_calibrate(args) -> int:
+    """Run the selector calibration experiment (writes the per-device selector table)."""
+    if args.experiment is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        args.experiment = os.path.join(root, "experiments", "selector_calibration.yaml")
+    return cmd_run(args)
+
+
+def cmd_compare(args) -> int:
+    """Per-point ratios (B / A) of two runs, matching points by backend, path and parameters."""
+    from .experiments.results import compare
+    for run_dir in (args.run_a, args.run_b):
+        if not os.path.isfile(os.path.join(run_dir, "results.jsonl")) and not run_dir.endswith(".jsonl"):
+            return _experiment_error(f"{run_dir}: not a run directory (no results.jsonl)")
+    text, matched = compare(args.run_a, args.run_b)
+    print(text)
+    return 0 if matched else 1
+
+
+def _add_experiment_commands(sub) -> None:
+    for name, func, doc in (("run", cmd_run, "run an experiment file (YAML)"),
+                            ("calibrate", cmd_calibrate, "calibrate the path selector on this machine")):
+        r = sub.add_parser(name, help=doc)
+        if name == "run":
+            r.add_argument("experiment", help="experiments/<name>.yaml")
+        else:
+            r.add_argument("--experiment", default=None,
+                           help="calibration experiment (default experiments/selector_calibration.yaml)")
+        r.add_argument("--backend", action="append", help="run only this backend (repeatable)")
+        r.add_argument("--quick", action="store_true", help="the experiment's small grid and iterations")
+        r.add_argument("--out", default=None, help="run directory (default runs/<timestamp>-<name>/)")
+        r.add_argument("--no-progress", action="store_true", help="no progress bar")
+        r.set_defaults(func=func)
+    c = sub.add_parser("compare", help="per-point ratios between two runs")
+    c.add_argument("run_a")
+    c.add_argument("run_b")
+    c.set_defaults(func=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paged-attn", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -48,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="short decode parity run on every backend")
     d.add_argument("--steps", type=int, default=50)
     d.set_defaults(func=cmd_demo)
+    _add_experiment_commands(sub)
+    from . import soak
+    s = sub.add_parser("soak", help="long decode run checking flat memory and no leaked blocks")
+    soak.add_arguments(s).set_defaults(func=soak.run)
     return p
 
 

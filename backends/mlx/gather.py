@@ -9,6 +9,14 @@ import mlx.core as mx
 import numpy as np
 
 
+def compute_dtype(pool_dtype):
+    """dtype the attention runs in. MLX's CPU SDPA materialises the scores in its inputs' dtype:
+    in fp16/bf16 large logits lose precision (ulp 32 at 4e4) or overflow (q.k > 65504 -> inf
+    -> NaN), so on the CPU half-precision pools are attended in float32. GPU SDPA kernels keep
+    the scores in float32 and run in the pool's dtype."""
+    return mx.float32 if mx.default_device() == mx.cpu else pool_dtype
+
+
 def gather_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: np.ndarray,
                   context_lens: np.ndarray, scale: float, window: int | None) -> mx.array:
     """q [B, Hq, D]; pools [NB, BS, Hkv, D]; block_tables int32 [B, max_blocks] (unused entries
@@ -21,9 +29,11 @@ def gather_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables:
     table = mx.array(block_tables[:, :n_blocks])
     span = n_blocks * block_size
 
+    dtype = compute_dtype(k_pool.dtype)
+
     def contiguous(pool):
         blocks = mx.take(pool, table, axis=0)  # [B, n_blocks, BS, Hkv, D]
-        return blocks.reshape(batch, span, hkv, d).transpose(0, 2, 1, 3)
+        return blocks.reshape(batch, span, hkv, d).transpose(0, 2, 1, 3).astype(dtype)
 
     lens = mx.array(context_lens)[:, None]
     pos = mx.arange(span)[None, :]
@@ -31,7 +41,7 @@ def gather_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables:
     if window is not None:
         valid = valid & (pos >= lens - window)
     out = mx.fast.scaled_dot_product_attention(
-        q.astype(k_pool.dtype)[:, :, None, :], contiguous(k_pool), contiguous(v_pool),
+        q.astype(dtype)[:, :, None, :], contiguous(k_pool), contiguous(v_pool),
         scale=scale, mask=valid[:, None, None, :])[:, :, 0, :]
     # A sequence with nothing to attend to gets zeros (SDPA would produce NaN from 0/0).
     return mx.where(lens[:, :, None] > 0, out, 0).astype(q.dtype)
@@ -49,8 +59,11 @@ def gather_prefill(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_table:
     table = mx.array(block_table[:n_blocks])
     span = n_blocks * block_size
 
+    dtype = compute_dtype(k_pool.dtype)
+
     def contiguous(pool):
-        return mx.take(pool, table, axis=0).reshape(1, span, hkv, d).transpose(0, 2, 1, 3)
+        return mx.take(pool, table, axis=0).reshape(1, span, hkv, d).transpose(0, 2, 1, 3) \
+            .astype(dtype)
 
     ends = mx.array(query_lens)[:, None]          # query i sees positions < ends[i]
     pos = mx.arange(span)[None, :]
@@ -58,6 +71,6 @@ def gather_prefill(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_table:
     if window is not None:
         valid = valid & (pos >= ends - window)
     out = mx.fast.scaled_dot_product_attention(
-        q.astype(k_pool.dtype).transpose(1, 0, 2)[None], contiguous(k_pool), contiguous(v_pool),
+        q.astype(dtype).transpose(1, 0, 2)[None], contiguous(k_pool), contiguous(v_pool),
         scale=scale, mask=valid[None, None])
     return out[0].transpose(1, 0, 2).astype(q.dtype)

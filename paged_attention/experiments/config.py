@@ -1,0 +1,278 @@
+"""Experiment files: loading, schema validation and expansion of the sweep grid.
+
+An experiment is a YAML mapping (read with `yaml.safe_load` only)::
+
+    name: smoke                      # optional, defaults to the file's stem
+    description: free text
+    kind: decode                     # decode | prefix_sharing
+    backends: [numpy, mlx, vulkan]   # or "all"; unavailable ones are skipped with the reason
+    paths: all                       # or a list: gather, fused, splitk, reference, dense, auto
+    grid:                            # every axis a scalar or a list; the sweep is their product
+      batch: [1, 4]
+      context: [256, 1024]           # tokens per sequence (every sequence the same length)
+      num_q_heads: 8
+      num_kv_heads: 2
+      head_dim: 64
+      block_size: 16
+      dtype: float16                 # float16 | bfloat16 | float32
+      window: null                   # null (full context) or a sliding window in tokens
+      fragmentation: fragmented      # fragmented (random block order) | contiguous
+      layers: 4                      # layers per decode step (per-layer time is step time / layers)
+      shared_prefix: 0.0             # prefix_sharing only: fraction of each prompt that is shared
+    measure:
+      warmup: 1                      # untimed steps per point and path
+      iterations: 5                  # timed steps per point and path
+      pools: 2                       # distinct pools rotated over the layers (at most `layers`)
+      max_pool_memory_mb: 2048       # fewer pools (never < 1) when pools * pool bytes exceed this
+      max_seconds: 20                # stop timing a path early (after >= 2 steps) past this budget
+    check:
+      rms_tolerance: 0.01            # RMS vs the float64 numpy reference must stay below this
+      sequences: 2                   # ... computed on the first n sequences of layer 0 (a subsample)
+      max_reference_tokens: 65536    # skip the check when n * context exceeds this
+    plot:
+      x: context                     # grid axis on the x axis of the plots
+      facet: batch                   # one panel per value of this axis
+    calibrate: false                 # true: write the path selector's calibration table
+    quick:                           # what --quick replaces (grid axes and measure keys)
+      grid: {context: [256]}
+      measure: {iterations: 2}
+
+Any key outside this schema is an error; so is a wrong type or value. Errors are
+`ConfigError`s whose message names the file, the key and what was expected.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from ..errors import PagedAttentionError
+
+KINDS = ("decode", "prefix_sharing")
+BACKEND_NAMES = ("numpy", "mlx", "vulkan")
+PATH_NAMES = ("gather", "fused", "splitk", "reference", "dense", "auto")
+DTYPES = ("float16", "bfloat16", "float32")
+FRAGMENTATION = ("fragmented", "contiguous")
+
+# axis -> (kind check, description of what is expected, default)
+GRID_AXES = {
+    "batch": ("posint", "a positive int", 1),
+    "context": ("posint", "a positive int (tokens)", 256),
+    "num_q_heads": ("posint", "a positive int", 8),
+    "num_kv_heads": ("posint", "a positive int", 2),
+    "head_dim": ("posint", "a positive int", 64),
+    "block_size": ("posint", "a positive int", 16),
+    "dtype": ("choice", f"one of {list(DTYPES)}", "float16"),
+    "window": ("window", "null or a positive int (tokens)", None),
+    "fragmentation": ("choice", f"one of {list(FRAGMENTATION)}", "fragmented"),
+    "layers": ("posint", "a positive int", 4),
+    "shared_prefix": ("fraction", "a number in [0, 1)", 0.0),
+}
+CHOICES = {"dtype": DTYPES, "fragmentation": FRAGMENTATION}
+
+MEASURE_KEYS = {
+    "warmup": ("nonneg", "an int >= 0", 1),
+    "iterations": ("posint", "a positive int", 5),
+    "pools": ("posint", "a positive int", 2),
+    "max_pool_memory_mb": ("posnum", "a positive number (MB)", 2048),
+    "max_seconds": ("posnum", "a positive number (seconds)", 20),
+}
+CHECK_KEYS = {
+    "rms_tolerance": ("posnum", "a positive number", 1e-2),
+    "sequences": ("posint", "a positive int", 2),
+    "max_reference_tokens": ("posint", "a positive int", 65536),
+}
+TOP_KEYS = ("name", "description", "kind", "backends", "paths", "grid", "measure", "check",
+            "plot", "calibrate", "quick")
+
+
+class ConfigError(PagedAttentionError, ValueError):
+    """A malformed experiment file; the message names the file, the key and what was expected."""
+
+
+@dataclass
+class Experiment:
+    name: str
+    source: str                      # the file it was read from
+    kind: str
+    backends: list[str]              # names, or ["all"]
+    paths: list[str]                 # names, or ["all"]
+    grid: dict[str, list]
+    measure: dict
+    check: dict
+    plot: dict
+    calibrate: bool
+    description: str = ""
+    quick: dict = field(default_factory=dict)
+    is_quick: bool = False
+
+    def points(self) -> list[dict]:
+        """Every grid point (a dict axis -> value), in a stable order; impossible head
+        configurations (num_q_heads not a multiple of num_kv_heads) are left out."""
+        axes = list(GRID_AXES)
+        out = []
+        for values in itertools.product(*(self.grid[a] for a in axes)):
+            p = dict(zip(axes, values))
+            if p["num_q_heads"] % p["num_kv_heads"] == 0:
+                out.append(p)
+        return out
+
+    def to_dict(self) -> dict:
+        """The resolved experiment (after --quick), as written to the run's config snapshot."""
+        return {"name": self.name, "description": self.description, "kind": self.kind,
+                "backends": self.backends, "paths": self.paths, "grid": self.grid,
+                "measure": self.measure, "check": self.check, "plot": self.plot,
+                "calibrate": self.calibrate, "quick_applied": self.is_quick, "source": self.source}
+
+
+def _type_ok(kind: str, v) -> bool:
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    is_num = (isinstance(v, (int, float)) and not isinstance(v, bool))
+    if kind == "posint":
+        return is_int and v > 0
+    if kind == "nonneg":
+        return is_int and v >= 0
+    if kind == "posnum":
+        return is_num and v > 0
+    if kind == "fraction":
+        return is_num and 0 <= v < 1
+    if kind == "window":
+        return v is None or (is_int and v > 0)
+    raise AssertionError(kind)
+
+
+def _describe(v) -> str:
+    return f"{v!r} ({type(v).__name__})"
+
+
+class _Checker:
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, key: str, expected: str, got=None, *, missing=False):
+        what = "missing" if missing else f"got {_describe(got)}"
+        raise ConfigError(f"{self.source}: {key}: expected {expected}, {what}")
+
+    def mapping(self, key: str, v, allowed) -> dict:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            self.fail(key, "a mapping", v)
+        for k in v:
+            if k not in allowed:
+                self.unknown(f"{key}.{k}" if key else str(k), allowed)
+        return v
+
+    def unknown(self, key: str, allowed):
+        raise ConfigError(f"{self.source}: {key}: unknown key; expected one of {sorted(allowed)}")
+
+    def axis(self, name: str, v) -> list:
+        kind, expected, _ = GRID_AXES[name]
+        values = v if isinstance(v, list) else [v]
+        if not values:
+            self.fail(f"grid.{name}", f"{expected} or a non-empty list of them", v)
+        for i, x in enumerate(values):
+            key = f"grid.{name}" + (f"[{i}]" if isinstance(v, list) else "")
+            if kind == "choice":
+                if x not in CHOICES[name]:
+                    self.fail(key, expected, x)
+            elif not _type_ok(kind, x):
+                self.fail(key, expected, x)
+        return list(values)
+
+    def scalars(self, key: str, section: dict, spec: dict, base: dict | None = None) -> dict:
+        out = dict(base) if base is not None else {k: d for k, (_, _, d) in spec.items()}
+        for k, v in section.items():
+            kind, expected, _ = spec[k]
+            if not _type_ok(kind, v):
+                self.fail(f"{key}.{k}", expected, v)
+            out[k] = v
+        return out
+
+    def names(self, key: str, v, allowed) -> list[str]:
+        if v is None or v == "all":
+            return ["all"]
+        values = v if isinstance(v, list) else [v]
+        if not values:
+            self.fail(key, f'"all" or a non-empty list of {list(allowed)}', v)
+        for i, x in enumerate(values):
+            if x not in allowed:
+                self.fail(f"{key}[{i}]" if isinstance(v, list) else key,
+                          f'"all" or one of {list(allowed)}', x)
+        return list(values)
+
+
+def parse(data, source: str, *, quick: bool = False) -> Experiment:
+    """Validate a loaded YAML document and build the Experiment (with --quick applied)."""
+    c = _Checker(source)
+    if not isinstance(data, dict):
+        c.fail("(top level)", "a mapping of experiment keys", data)
+    c.mapping("", data, TOP_KEYS)
+    name = data.get("name", os.path.splitext(os.path.basename(source))[0])
+    if not isinstance(name, str) or not name or any(ch in name for ch in "/\\ \t\n"):
+        c.fail("name", "a non-empty string without spaces or slashes", name)
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        c.fail("description", "a string", description)
+    kind = data.get("kind", "decode")
+    if kind not in KINDS:
+        c.fail("kind", f"one of {list(KINDS)}", kind)
+    backends = c.names("backends", data.get("backends"), BACKEND_NAMES)
+    paths = c.names("paths", data.get("paths"), PATH_NAMES)
+
+    grid_in = c.mapping("grid", data.get("grid"), GRID_AXES)
+    grid = {a: [d] for a, (_, _, d) in GRID_AXES.items()}
+    for a, v in grid_in.items():
+        grid[a] = c.axis(a, v)
+    measure = c.scalars("measure", c.mapping("measure", data.get("measure"), MEASURE_KEYS),
+                        MEASURE_KEYS)
+    check = c.scalars("check", c.mapping("check", data.get("check"), CHECK_KEYS), CHECK_KEYS)
+    plot = dict(c.mapping("plot", data.get("plot"), ("x", "facet")))
+    for k, default in (("x", "context"), ("facet", "batch")):
+        v = plot.setdefault(k, default)
+        if v not in GRID_AXES:
+            c.fail(f"plot.{k}", f"a grid axis (one of {list(GRID_AXES)})", v)
+    calibrate = data.get("calibrate", False)
+    if not isinstance(calibrate, bool):
+        c.fail("calibrate", "true or false", calibrate)
+
+    quick_in = c.mapping("quick", data.get("quick"), ("grid", "measure", "check"))
+    quick_grid = c.mapping("quick.grid", quick_in.get("grid"), GRID_AXES)
+    quick_measure = c.mapping("quick.measure", quick_in.get("measure"), MEASURE_KEYS)
+    quick_check = c.mapping("quick.check", quick_in.get("check"), CHECK_KEYS)
+    qgrid = {a: c.axis(a, v) for a, v in quick_grid.items()}
+    qmeasure = c.scalars("quick.measure", quick_measure, MEASURE_KEYS, measure)
+    qcheck = c.scalars("quick.check", quick_check, CHECK_KEYS, check)
+
+    exp = Experiment(name=name, source=source, kind=kind, backends=backends, paths=paths,
+                     grid=grid, measure=measure, check=check, plot=plot, calibrate=calibrate,
+                     description=description, quick=copy.deepcopy(quick_in))
+    if quick:
+        exp.grid = {**grid, **qgrid}
+        exp.measure, exp.check, exp.is_quick = qmeasure, qcheck, True
+    if not exp.points():
+        c.fail("grid", "at least one point with num_q_heads a multiple of num_kv_heads",
+               {"num_q_heads": exp.grid["num_q_heads"], "num_kv_heads": exp.grid["num_kv_heads"]})
+    return exp
+
+
+def load(path: str, *, quick: bool = False) -> Experiment:
+    """Read and validate an experiment file. Raises ConfigError (one line) on any problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such experiment file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    return parse(data, path, quick=quick)

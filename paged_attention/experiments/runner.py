@@ -1,0 +1,288 @@
+"""Running an experiment: the sweep over points x backends x paths, then the run's artefacts."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import yaml
+
+from .. import registry, selector
+from ..errors import PagedAttentionError
+from ..validation import DecodeArgs, PoolSpec
+from . import measure as M
+from . import prefix as P
+from . import results as R
+from .config import Experiment
+from .peaks import peak_bandwidth
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    rows: list[dict]
+    summary: str
+    table: str
+    plots: list[str]
+    calibration: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _run_dir(base: str | None, name: str, started: _dt.datetime) -> str:
+    if base is None:
+        base = os.path.join("runs", f"{started.strftime('%Y%m%d-%H%M%S')}-{name}")
+    path, n = base, 1
+    while os.path.exists(path) and os.listdir(path):
+        n += 1
+        path = f"{base}-{n}"
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional: no bar without it
+        return None
+    return tqdm(total=total, disable=not enabled or None, unit="pt", file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+def _backend_names(exp: Experiment, only: list[str] | None) -> list[str]:
+    names = list(registry.BACKENDS) if exp.backends == ["all"] else list(exp.backends)
+    if only:
+        names = [n for n in only]
+    return names
+
+
+def _base_row(exp, backend, path, params) -> dict:
+    return {"experiment": exp.name, "backend": backend.name, "device": backend.device, "path": path,
+            **params}
+
+
+def _status(exc: BaseException) -> str:
+    """'skipped' for what the harness expects (unsupported shape or path, out of memory);
+    'error' for anything else, which the CLI reports with a non-zero exit status."""
+    return "skipped" if isinstance(exc, (PagedAttentionError, M.Skip, MemoryError)) else "error"
+
+
+def _why(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _decode_rows(exp, backend, params, setup, dense, paths, peak, rows_out):
+    runnable = [p for p, why in paths if not why]
+    measured = M.time_paths(backend, setup, runnable, exp.measure, dense) if runnable else {}
+    for path, why in paths:
+        row = _base_row(exp, backend, path, params)
+        if why:
+            rows_out.append({**row, "status": "skipped", "note": why})
+            continue
+        m = measured[path]
+        try:
+            if isinstance(m, Exception):
+                raise m
+            rms = M.check_rms(setup, m.pop("out0"), exp.check, dense if path == "dense" else None)
+        except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
+            rows_out.append({**row, "status": _status(exc), "note": _why(exc)})
+            continue
+        gbs = setup.kv_bytes / (m["us_median"] * 1e-6) / 1e9 if m["us_median"] > 0 else None
+        note = ""
+        if path == "auto":
+            args = _args(params, setup.lens)
+            note = f"auto -> {backend.resolve_path('auto', args, setup.pools[0].spec)}"
+        rows_out.append({**row, "status": "ok", "note": note, **m, "pools": len(setup.pools),
+                         "kv_bytes": setup.kv_bytes, "gbs": gbs,
+                         "peak_frac": (gbs * 1e9 / peak) if (gbs and peak) else None,
+                         "rms": rms,
+                         "rms_ok": None if rms is None else bool(rms <= exp.check["rms_tolerance"])})
+
+
+def _args(params: dict, lens=None) -> DecodeArgs:
+    b = params["batch"]
+    lens = np.full(b, params["context"], np.int32) if lens is None else np.asarray(lens, np.int32)
+    nbps = -(-params["context"] // params["block_size"])
+    return DecodeArgs(batch=b, num_q_heads=params["num_q_heads"],
+                      block_tables=np.zeros((b, nbps), np.int32), context_lens=lens,
+                      scale=1.0 / np.sqrt(params["head_dim"]), window=params["window"])
+
+
+def _spec(params: dict) -> PoolSpec:
+    nbps = -(-params["context"] // params["block_size"])
+    return PoolSpec(params["batch"] * nbps, params["block_size"], params["num_kv_heads"],
+                    params["head_dim"], params["dtype"])
+
+
+def calibrate(exp: Experiment, backend, rows: list[dict], run_dir: str) -> dict | None:
+    """Build and store the selector table of `backend` from its measured rows; regret report."""
+    real = [p for p in backend.paths]
+    ok = [r for r in rows if r["backend"] == backend.name and r.get("status") == "ok"
+          and r["path"] in real]
+    if len({r["path"] for r in ok}) < 2:
+        return None
+    table = selector.CalibrationTable(backend.name, backend.device, meta={
+        "experiment": exp.name, "source": exp.source, "quick": exp.is_quick,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "shapes": {a: exp.grid[a] for a in ("num_q_heads", "num_kv_heads", "head_dim", "block_size",
+                                             "dtype", "fragmentation", "layers")}})
+    per_point: dict = {}
+    for r in ok:
+        key = selector.point_key(r["batch"], r["num_kv_heads"], r["context"], r["window"])
+        table.add(key, r["path"], r["us_median"] * 1e-6)
+        pid = tuple(r.get(a) for a in R.GRID_AXES)
+        per_point.setdefault(pid, {"params": {a: r.get(a) for a in R.GRID_AXES}, "key": key,
+                                   "times": {}})["times"][r["path"]] = r["us_median"]
+    previous = selector.load_table(backend.name, backend.device)   # before it is replaced
+    selector.write_table(table, os.path.join(run_dir, f"selector-{backend.name}.json"))
+    path = selector.write_table(table)
+
+    env_override = os.environ.pop(selector_env(), None)
+    try:
+        def regret_of(choose) -> dict:
+            out = []
+            for pt in per_point.values():
+                t = pt["times"]
+                if len(t) < 2:
+                    continue
+                c = choose(pt)
+                if c in t:
+                    out.append({"regret": t[c] / min(t.values()), "chosen": c,
+                                "best": min(t, key=t.get), "params": pt["params"]})
+            return out
+
+        def calibrated(pt):
+            return selector.choose_path(backend, _args(pt["params"]), _spec(pt["params"]))
+
+        def leave_one_out(pt):
+            sub = selector.CalibrationTable(table.backend, table.device,
+                                            {k: v for k, v in table.entries.items() if k != pt["key"]})
+            return sub.lookup(pt["key"], real)
+
+        def backend_auto(pt):
+            return backend._auto_path(_args(pt["params"]), _spec(pt["params"]))
+
+        def rule(pt):
+            return selector.default_rule(tuple(real))
+
+        details = {"calibrated selector": regret_of(calibrated),
+                   "leave-one-bucket-out": regret_of(leave_one_out),
+                   "previous table (out of sample)": regret_of(
+                       lambda pt: previous.lookup(pt["key"], real)) if previous else [],
+                   "backend's own auto": regret_of(backend_auto),
+                   "uncalibrated rule": regret_of(rule)}
+    finally:
+        if env_override is not None:
+            os.environ[selector_env()] = env_override
+    with open(os.path.join(run_dir, f"selector-{backend.name}-regret.json"), "w") as f:
+        json.dump(details, f, indent=1)
+    return {"backend": backend.name, "device": backend.device, "table_path": path,
+            "entries": len(table.entries), "paths": sorted({r["path"] for r in ok}),
+            "regret": {k: selector.regret_summary(v) for k, v in details.items()},
+            "details": details}
+
+
+def selector_env() -> str:
+    from ..interface import PATH_ENV
+    return PATH_ENV
+
+
+def run(exp: Experiment, *, backends: list[str] | None = None, out_dir: str | None = None,
+        progress: bool = True, command: str | None = None, log=print) -> RunResult:
+    started = _dt.datetime.now()
+    names = _backend_names(exp, backends)
+    notes, live = [], {}
+    for n in names:
+        reason = registry.unavailable_reason(n)
+        if reason:
+            notes.append(f"backend {n} skipped: {reason}")
+            continue
+        live[n] = registry.get_backend(n)
+    run_dir = _run_dir(out_dir, exp.name, started)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(exp.to_dict(), f, sort_keys=False)
+    env = R.environment(live)
+    with open(os.path.join(run_dir, "env.json"), "w") as f:
+        json.dump(env, f, indent=1)
+    for note in notes:
+        log(note)
+
+    points = exp.points()
+    rows: list[dict] = []
+    missing = P.api_missing() if exp.kind == "prefix_sharing" else None
+    if missing:
+        notes.append(f"prefix_sharing skipped: {missing}")
+        log(f"prefix_sharing skipped: {missing}")
+        points = []
+    bar = _progress(len(points) * len(live), progress)
+    try:
+        for params in points:
+            for name, be in live.items():
+                if bar is not None:
+                    bar.set_description(f"{name} B={params['batch']} ctx={params['context']}")
+                paths = M.choose_paths(be, exp.paths)
+                peak = peak_bandwidth(be.device)
+                try:
+                    if exp.kind == "prefix_sharing":
+                        metrics, setup = P.run_point(be, params, exp.measure)
+                        rows.append({**_base_row(exp, be, "prefill", params), "status": "ok",
+                                     "note": "", **metrics})
+                        paths = [(p, w) for p, w in paths if p != "dense"]
+                        dense = None
+                    else:
+                        setup = M.build(be, params, exp.measure)
+                        dense = M.Dense(be.name, setup) if any(p == "dense" and not w
+                                                               for p, w in paths) else None
+                    _decode_rows(exp, be, params, setup, dense, paths, peak, rows)
+                except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
+                    for path, _ in paths or [("-", None)]:
+                        rows.append({**_base_row(exp, be, path, params), "status": _status(exc),
+                                     "note": _why(exc)})
+                finally:
+                    setup = dense = None
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # Overhead vs the dense baseline of the same backend at the same point.
+    dense_t = {(r["backend"],) + tuple(r.get(a) for a in R.GRID_AXES): r["us_median"]
+               for r in rows if r["path"] == "dense" and r.get("status") == "ok"}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("us_median"):
+            d = dense_t.get((r["backend"],) + tuple(r.get(a) for a in R.GRID_AXES))
+            r["vs_dense"] = r["us_median"] / d if d else None
+
+    cal = []
+    if exp.calibrate:
+        for be in live.values():
+            c = calibrate(exp, be, rows, run_dir)
+            if c is None:
+                notes.append(f"selector: {be.name} has fewer than two measured paths here; no table")
+            else:
+                cal.append(c)
+
+    R.write_records(run_dir, rows)
+    metrics = [("us_median", "per-layer decode time (us)", "latency"), ("gbs", "effective GB/s", "gbs")]
+    if exp.kind == "prefix_sharing":
+        metrics = [("prefill_ms", "prefill (ms)", "prefill"), ("memory_saved", "KV memory saved", "memory")] \
+            + metrics
+    plots = R.plot(run_dir, rows, exp.plot["x"], exp.plot["facet"], metrics) if rows else []
+    meta = {"name": exp.name, "description": exp.description, "kind": exp.kind,
+            "started": started.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": command or f"paged-attn run {shlex.quote(exp.source)}",
+            "devices": {n: b.device for n, b in live.items()},
+            "iterations": exp.measure["iterations"], "rms_tolerance": exp.check["rms_tolerance"]}
+    summary = R.summary_markdown(meta, rows, plots, cal)
+    if notes:
+        summary += "\nNotes:\n" + "".join(f"- {n}\n" for n in notes)
+    with open(os.path.join(run_dir, "summary.md"), "w") as f:
+        f.write(summary)
+    for be in live.values():
+        be.close()
+    return RunResult(run_dir, rows, summary, R.markdown_table(rows, exp.kind), plots, cal, notes)
