@@ -4,11 +4,18 @@ gets the whole matrix by registering itself."""
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 
 import pytest
 
 import paged_attention as pa
 from paged_attention.registry import BACKENDS, unavailable_reason
+
+
+# A calibration table left in the user's cache by an experiment run must not steer path="auto"
+# in tests: every test session starts uncalibrated.
+os.environ["PAGED_ATTENTION_SELECTOR_DIR"] = tempfile.mkdtemp(prefix="pa-selector-")
 
 
 @functools.cache

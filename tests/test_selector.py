@@ -34,7 +34,7 @@ SPEC = PoolSpec(num_blocks=64, block_size=16, num_kv_heads=2, head_dim=64, dtype
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("PAGED_ATTENTION_SELECTOR_DIR", str(tmp_path))
     monkeypatch.delenv(PATH_ENV, raising=False)
     selector.clear_cache()
     yield
@@ -62,7 +62,7 @@ def test_buckets_and_shape_key():
 def test_table_roundtrip_and_path(tmp_path):
     t = synthetic_table()
     path = selector.write_table(t)
-    assert path == str(tmp_path / "paged-attention" / "selector" / "fake-fake-gpu-9000.json")
+    assert path == str(tmp_path / "fake-fake-gpu-9000.json")
     loaded = selector.CalibrationTable.from_json(json.loads(open(path).read()))
     assert loaded.entries == t.entries
 

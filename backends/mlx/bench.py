@@ -1,0 +1,287 @@
+"""Decode-attention benchmark for the MLX paths on one GPU (CUDA or Metal).
+
+    python -m backends.mlx.bench [--preset h100] [--batches 1,4,8,32] [--contexts 1024,4096,16384,32768]
+
+For each (batch, context) point: Hq=32, Hkv=8, D=128, float16, block 16, every sequence at the
+full context over a fragmented (randomly permuted) block table. A decode step of --layers
+layers is built lazily (each layer its own q; K/V pools rotated among as many distinct pools as
+the memory budget allows, each pool's bytes > L2 at the larger points, their sum > L2 always)
+and evaluated with one mx.eval; the median step time over --repeats steps / layers is the
+per-layer time, so launch and synchronisation costs are amortised. Paths timed:
+  fused  - backends.mlx.fused (paged kernel, split-K as chosen by its heuristic)
+  gather - backends.mlx.gather (take -> contiguous copy -> SDPA); at large points fewer layers
+           per eval so its per-layer copies fit in memory
+  sdpa   - mx.fast.scaled_dot_product_attention on contiguous [B, Hkv, T, D] K/V: the
+           contiguous-cache baseline a paged kernel is measured against
+Effective bandwidth = K+V bytes read / per-layer time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from .backend import gpu_kind
+from .fused import DecodePlan, parse_variant
+from .gather import gather_decode
+
+PRESETS = {"h100": {"peak_tbs": 3.35, "l2_mb": 50}}
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def parse_ints(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        mult = 1024 if part.endswith("k") else 1
+        out.append(int(part.rstrip("k")) * mult)
+    return out
+
+
+def time_step(layer_fn, layers: int, repeats: int, warmup: int) -> float:
+    """Median seconds per layer of a step of `layers` lazily built layers, one mx.eval each."""
+    def step():
+        outs = [layer_fn(i) for i in range(layers)]
+        t0 = time.perf_counter()
+        mx.eval(outs)
+        return time.perf_counter() - t0
+    for _ in range(warmup):
+        step()
+    return statistics.median(step() for _ in range(repeats)) / layers
+
+
+def chained(a, fn):
+    """layer i -> fn(i, q_i). With --serial, q_i depends on layer i-1's output (q_i + 0 * out),
+    as in a real model where layers run one after another; otherwise layers are independent
+    and MLX may overlap their kernels."""
+    prev = [None]
+
+    def layer(i, q):
+        if a.serial and prev[0] is not None:
+            q = q + 0 * prev[0].reshape(q.shape).astype(q.dtype)
+        prev[0] = fn(i, q)
+        return prev[0]
+    return layer
+
+
+def free():
+    mx.synchronize()
+    mx.clear_cache()
+
+
+def run_point(a, api, batch, ctx, rng) -> dict:
+    dtype = DTYPES[a.dtype]
+    itemsize = 4 if a.dtype == "float32" else 2
+    hq, hkv, d, bs = a.hq, a.hkv, a.head_dim, a.block_size
+    kv_bytes = batch * ctx * hkv * d * itemsize * 2
+    budget = int(a.pool_budget_gb * 2**30)
+    pools = max(1, min(a.layers, budget // kv_bytes))
+    scale = 1.0 / math.sqrt(d)
+    res = {"batch": batch, "context": ctx, "kv_bytes": kv_bytes, "pools": pools}
+    qs = [mx.random.normal((batch, hq, d)).astype(dtype) for _ in range(a.layers)]
+    mx.eval(qs)
+
+    if "sdpa" in a.paths:
+        dense = []
+        for _ in range(pools):
+            k = mx.random.normal((batch, hkv, ctx, d), dtype=dtype)
+            v = mx.random.normal((batch, hkv, ctx, d), dtype=dtype)
+            mx.eval(k, v)
+            dense.append((k, v))
+        q4 = [q[:, :, None, :] for q in qs]
+        mx.eval(q4)
+
+        def sdpa_one(i, q):
+            k, v = dense[i % pools]
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        sdpa_chain = chained(a, sdpa_one)
+
+        def sdpa_layer(i):
+            return sdpa_chain(i, q4[i])
+        res["sdpa_s"] = time_step(sdpa_layer, a.layers, a.repeats, a.warmup)
+        del dense, q4
+        free()
+
+    blocks_per_seq = -(-ctx // bs)
+    nb = batch * blocks_per_seq
+    tables = rng.permutation(nb).astype(np.int32).reshape(batch, blocks_per_seq)
+    lens = np.full(batch, ctx, np.int32)
+    paged = []
+    for _ in range(pools):
+        k = mx.random.normal((nb, bs, hkv, d), dtype=dtype)
+        v = mx.random.normal((nb, bs, hkv, d), dtype=dtype)
+        mx.eval(k, v)
+        paged.append((k, v))
+
+    if "fused" in a.paths:
+        plan = DecodePlan(api, tables, lens, scale, None, num_blocks=nb, block_size=bs,
+                          num_kv_heads=hkv, num_q_heads=hq, head_dim=d, pool_dtype=dtype,
+                          partitions=a.partitions)
+        res["parts"] = plan.num_parts
+
+        fused_chain = chained(a, lambda i, q: plan(q, *paged[i % pools]))
+
+        def fused_layer(i):
+            return fused_chain(i, qs[i])
+        res["fused_s"] = time_step(fused_layer, a.layers, a.repeats, a.warmup)
+        for name in a.variants:
+            vplan = DecodePlan(api, tables, lens, scale, None, num_blocks=nb, block_size=bs,
+                               num_kv_heads=hkv, num_q_heads=hq, head_dim=d, pool_dtype=dtype,
+                               partitions=a.partitions, variant=parse_variant(name))
+            vchain = chained(a, lambda i, q, vplan=vplan: vplan(q, *paged[i % pools]))
+            res[f"variant_{name}_s"] = time_step(lambda i: vchain(i, qs[i]),
+                                                 a.layers, a.repeats, a.warmup)
+            res[f"variant_{name}_parts"] = vplan.num_parts
+        if a.check:
+            ref = gather_decode(qs[0], *paged[0], tables, lens, scale, None).astype(mx.float32)
+            got = fused_layer(0).astype(mx.float32)
+            res["rms_vs_gather"] = float(mx.sqrt(mx.mean((got - ref) ** 2)).item())
+            del ref, got
+            free()
+
+    if "gather" in a.paths:
+        # take + contiguous copies: ~2x the K/V bytes per layer in flight
+        per_eval = max(1, min(a.layers, int(a.gather_budget_gb * 2**30) // (2 * kv_bytes)))
+        res["gather_layers_per_eval"] = per_eval
+
+        def gather_layer(i):
+            k, v = paged[i % pools]
+            return gather_decode(qs[i], k, v, tables, lens, scale, None)
+        res["gather_s"] = time_step(gather_layer, per_eval, max(2, a.repeats // 2), 1)
+    paged.clear()  # drop the pools (the closures above hold the lists, not copies)
+    qs.clear()
+    free()
+    return res
+
+
+def fmt_point(r, peak) -> str:
+    def cell(key):
+        if key not in r:
+            return f"{'-':>9} {'-':>6}"
+        tbs = r["kv_bytes"] / r[key] / 1e12
+        return f"{r[key] * 1e6:9.1f} {tbs:6.2f}"
+    fused_frac = (f"{r['kv_bytes'] / r['fused_s'] / 1e12 / peak * 100:5.1f}%"
+                  if "fused_s" in r and peak else "    -")
+    ratio_s = f"{r['fused_s'] / r['sdpa_s']:6.2f}" if "fused_s" in r and "sdpa_s" in r else "     -"
+    ratio_g = f"{r['gather_s'] / r['fused_s']:6.1f}" if "fused_s" in r and "gather_s" in r else "     -"
+    return (f"{r['batch']:>3} {r['context']:>6} | {cell('fused_s')} {fused_frac} | {cell('gather_s')} | "
+            f"{cell('sdpa_s')} | {ratio_s} {ratio_g} | {r.get('parts', '-'):>5} {r['pools']:>5}")
+
+
+HEADER = (f"{'B':>3} {'ctx':>6} | {'fused us':>9} {'TB/s':>6} {'%peak':>6} | {'gather us':>9} {'TB/s':>6} | "
+          f"{'sdpa us':>9} {'TB/s':>6} | {'f/sdpa':>6} {'g/f':>6} | {'parts':>5} {'pools':>5}")
+
+
+def check_targets(results) -> list[tuple[str, bool, str]]:
+    out = []
+    tbs = {(r["batch"], r["context"]): r["kv_bytes"] / r["fused_s"] / 1e12
+           for r in results if "fused_s" in r}
+    big = [(k, v) for k, v in tbs.items() if k[0] * k[1] >= 128 * 1024]
+    if big:
+        worst = min(big, key=lambda kv: kv[1])
+        out.append(("fused >= 2.5 TB/s at B*ctx >= 128k", worst[1] >= 2.5, f"min {worst[1]:.2f} at {worst[0]}"))
+    if (1, 32768) in tbs:
+        out.append(("B=1 ctx 32k >= 1.5 TB/s", tbs[(1, 32768)] >= 1.5, f"{tbs[(1, 32768)]:.2f}"))
+    both = [r for r in results if "fused_s" in r and "sdpa_s" in r]
+    if both:
+        worst = max(both, key=lambda r: r["fused_s"] / r["sdpa_s"])
+        ratio = worst["fused_s"] / worst["sdpa_s"]
+        out.append(("fused <= 1.10x sdpa everywhere", ratio <= 1.10,
+                    f"worst {ratio:.2f} at ({worst['batch']}, {worst['context']})"))
+        big = [r for r in both if r["batch"] * r["context"] >= 64 * 1024]
+        if big:
+            worst = max(big, key=lambda r: r["fused_s"] / r["sdpa_s"])
+            ratio = worst["fused_s"] / worst["sdpa_s"]
+            out.append(("fused < sdpa at B*ctx >= 64k", ratio < 1.0,
+                        f"worst {ratio:.2f} at ({worst['batch']}, {worst['context']})"))
+    gf = [r for r in results if "fused_s" in r and "gather_s" in r and r["context"] >= 16384]
+    if gf:
+        worst = min(gf, key=lambda r: r["gather_s"] / r["fused_s"])
+        ratio = worst["gather_s"] / worst["fused_s"]
+        out.append(("fused >= 3x faster than gather at ctx >= 16k", ratio >= 3.0,
+                    f"worst {ratio:.1f}x at ({worst['batch']}, {worst['context']})"))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m backends.mlx.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="device constants (HBM peak)")
+    p.add_argument("--batches", default="1,4,8,32")
+    p.add_argument("--contexts", default="1k,4k,16k,32k")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--hq", type=int, default=32)
+    p.add_argument("--hkv", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+    p.add_argument("--paths", default="fused,gather,sdpa")
+    p.add_argument("--partitions", type=int, default=None, help="force the split-K count (1: off)")
+    p.add_argument("--pool-budget-gb", type=float, default=16.0,
+                   help="memory for the distinct K/V pools rotated across layers")
+    p.add_argument("--gather-budget-gb", type=float, default=12.0)
+    p.add_argument("--peak-tbs", type=float, default=None, help="HBM peak for the %%peak column")
+    p.add_argument("--variants", default="",
+                   help="also time these fused kernel variants, e.g. pf0,pf1,pf0i4,pf1nc")
+    p.add_argument("--serial", action="store_true",
+                   help="make each layer's q depend on the previous layer's output (no overlap)")
+    p.add_argument("--check", action="store_true", help="also report fused-vs-gather RMS per point")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    a.paths = set(a.paths.split(","))
+    a.variants = [v for v in a.variants.split(",") if v]
+    peak = a.peak_tbs or (PRESETS[a.preset]["peak_tbs"] if a.preset else None)
+    api = gpu_kind()
+    if api is None:
+        print("no Metal or CUDA device for MLX custom kernels: nothing to benchmark", file=sys.stderr)
+        return 2
+    info = mx.device_info()
+    print(f"device: {info.get('device_name', api)} ({api}); mlx {mx.__version__}; "
+          f"HBM peak {peak or '?'} TB/s; layers/step {a.layers}; dtype {a.dtype}; "
+          f"Hq {a.hq} Hkv {a.hkv} D {a.head_dim} block {a.block_size}; "
+          f"layers {'serial' if a.serial else 'independent'}")
+    print("per-layer times in us; TB/s = K+V bytes / time; f/sdpa = fused/sdpa time; "
+          "g/f = gather/fused time")
+    print(HEADER, flush=True)
+    rng = np.random.default_rng(a.seed)
+    mx.random.seed(a.seed)
+    results = []
+    for batch in parse_ints(a.batches):
+        for ctx in parse_ints(a.contexts):
+            r = run_point(a, api, batch, ctx, rng)
+            results.append(r)
+            line = fmt_point(r, peak)
+            if "rms_vs_gather" in r:
+                line += f" | rms {r['rms_vs_gather']:.1e}"
+            for name in a.variants:
+                t = r[f"variant_{name}_s"]
+                line += f" | {name} {t * 1e6:.1f}us {r['kv_bytes'] / t / 1e12:.2f}TB/s"
+            print(line, flush=True)
+    print()
+    print(HEADER)
+    for r in results:
+        print(fmt_point(r, peak))
+    verdicts = check_targets(results)
+    for name, ok, detail in verdicts:
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": info.get("device_name"), "api": api, "peak_tbs": peak,
+                       "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(a).items()},
+                       "results": results,
+                       "targets": [{"name": n, "pass": ok, "detail": d} for n, ok, d in verdicts]},
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

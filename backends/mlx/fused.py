@@ -1,0 +1,274 @@
+"""Fused paged decode attention for MLX: one kernel source (shaders/mlx/) compiled through
+mx.fast.metal_kernel on Apple silicon and mx.fast.cuda_kernel on NVIDIA GPUs.
+
+The decode kernel reads K/V straight out of the block pools through the block table (no
+gather copy). Long contexts are split across threadgroups (flash-decoding / split-K): each
+partition writes unnormalised partial outputs plus (max, sum), and a reduce kernel combines
+them. Extra device memory per call is the output plus, when split, the partials:
+B * Hq * num_parts * (D + 2) * 4 bytes. See adr/0004-mlx-fused-kernel.md.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from paged_attention.errors import UnsupportedPath
+from paged_attention.validation import DecodeArgs
+
+from .kernel_source import INPUTS, OUTPUTS, kernel_name, kernel_source
+
+NUM_WARPS = 4            # warps (simdgroups) per decode threadgroup: 128 threads
+REDUCE_THREADS = 128     # threads per reduce threadgroup (fixed in paged_reduce.body)
+MAX_HEADS_PER_GROUP = 8  # query heads served by one threadgroup (registers: q + acc per head)
+CTAS_PER_UNIT = 3        # decode threadgroups resident per SM / GPU core (CUDA: ~141 registers
+                         # x 128 threads for fp16 D=128 G=4 -> 3 per SM); split-K's wave model
+MIN_PART_TOKENS = 256    # ... never partitions shorter than this many tokens
+SPLIT_TILE_COST = 0.1    # a partition's partials write + reduce read, in tile iterations
+SPLIT_LAUNCH_COST = 15   # the reduce kernel's launch, in tile iterations (~1 us each for a
+                         # latency-bound threadgroup; MLX CUDA spends ~15 us per custom launch)
+SPLIT_TOLERANCE = 1.03   # take the fewest partitions within 3% of the best modelled cost
+KINDS = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
+DEFAULT_VARIANT = {"prefetch": False, "stream": 0}
+
+# Multiprocessor counts. MLX's device_info() names the GPU but does not report its SM count,
+# so it is looked up by name; unknown NVIDIA GPUs get the H100's 132 (override with
+# PA_MLX_COMPUTE_UNITS). Order matters: the first substring that matches wins.
+CUDA_SM_COUNTS = (("H100", 132), ("H200", 132), ("H800", 132), ("GH200", 132), ("B200", 148),
+                  ("A100", 108), ("A800", 108), ("L40", 142), ("L4", 58), ("A10", 72),
+                  ("4090", 128), ("3090", 82))
+DEFAULT_CUDA_SMS = 132
+# Apple GPUs: cores by product tier (an estimate; M-series base 8-10 cores, Pro 14-20,
+# Max 30-40, Ultra 60-80). Each core runs a few threadgroups of 128 threads at once.
+METAL_CORE_ESTIMATES = (("Ultra", 64), ("Max", 32), ("Pro", 16))
+DEFAULT_METAL_CORES = 8
+
+
+@functools.cache
+def compute_units(api: str) -> int:
+    """SMs (CUDA) or GPU cores (Metal) used by the split-K heuristic."""
+    env = os.environ.get("PA_MLX_COMPUTE_UNITS")
+    if env:
+        return max(1, int(env))
+    try:
+        name = str(mx.device_info().get("device_name", ""))
+    except Exception:  # noqa: BLE001 - informational only
+        name = ""
+    table, default = ((CUDA_SM_COUNTS, DEFAULT_CUDA_SMS) if api == "cuda"
+                      else (METAL_CORE_ESTIMATES, DEFAULT_METAL_CORES))
+    for key, count in table:
+        if key in name:
+            return count
+    return default
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Compile-time shape of the decode kernel (its MLX template arguments)."""
+
+    head_dim: int
+    block_size: int
+    num_kv_heads: int
+    group: int        # G: query heads per KV head
+    chunk: int        # GC: query heads per threadgroup
+    kind: int         # 0 float16, 1 bfloat16, 2 float32 pools
+    tpt: int          # threads per token row
+    nv: int           # 16-byte vectors per thread per row
+    iters: int        # tokens per thread per tile
+    prefetch: bool = False  # PF: next tile's loads in flight during this tile's math
+    stream: int = 0         # LDNC: 0 plain loads; CUDA 1 nc+L1::no_allocate, 2 that + L2::256B,
+                            # 3 plain + L2::256B (Metal: all plain)
+    warps: int = NUM_WARPS
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.group // self.chunk)
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def tile(self) -> int:
+        return self.iters * self.warps * (32 // self.tpt)
+
+    def template(self, pool_dtype, out_dtype) -> list:
+        return [("T", pool_dtype), ("OutT", out_dtype), ("D", self.head_dim),
+                ("BS", self.block_size), ("HKV", self.num_kv_heads), ("G", self.group),
+                ("GC", self.chunk), ("KIND", self.kind), ("TPT", self.tpt), ("NV", self.nv),
+                ("ITER", self.iters), ("NW", self.warps), ("PF", bool(self.prefetch)),
+                ("LDNC", int(self.stream))]
+
+
+def supported_head_dim(head_dim: int) -> bool:
+    return head_dim % 32 == 0 and 32 <= head_dim <= 256
+
+
+def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
+                  pool_dtype, variant: dict | None = None) -> KernelConfig:
+    """variant (benchmarking): overrides of prefetch / iters / stream."""
+    if not supported_head_dim(head_dim):
+        raise UnsupportedPath(f"fused MLX kernel supports head_dim in 32..256, a multiple of 32; "
+                              f"got {head_dim}: use path='gather'")
+    if pool_dtype not in KINDS:
+        raise UnsupportedPath(f"fused MLX kernel supports float16/bfloat16/float32 pools, got {pool_dtype}")
+    elems = 4 if pool_dtype == mx.float32 else 8          # elements per 16-byte vector
+    nvec = head_dim // elems
+    tpt = min(32, 1 << (nvec - 1).bit_length())             # next power of two, at most a warp
+    nv = -(-nvec // tpt)
+    chunks = -(-group // MAX_HEADS_PER_GROUP)
+    chunk = -(-group // chunks)
+    regs = 2 * chunk * nv * elems                           # q + accumulators per thread
+    iters = 8 if regs <= 64 else 4 if regs <= 128 else 2
+    v = dict(DEFAULT_VARIANT, **(variant or {}))
+    if v["prefetch"]:
+        iters = max(2, iters // 2)   # two register stages of ITER tokens each
+    if v.get("iters"):
+        iters = int(v["iters"])
+    return KernelConfig(head_dim, block_size, num_kv_heads, group, chunk, KINDS[pool_dtype],
+                        tpt, nv, iters, bool(v["prefetch"]), int(v["stream"]))
+
+
+def parse_variant(text: str) -> dict:
+    """'pf1i4nc2' -> {'prefetch': True, 'iters': 4, 'stream': 2} (bench --variants);
+    'nc' alone means stream mode 1."""
+    import re
+    m = re.fullmatch(r"pf([01])(?:i(\d+))?(?:nc([0-3]?))?", text.strip())
+    if m is None:
+        raise ValueError(f"variant {text!r}: expected pf0|pf1, optional i<iters>, optional nc[1-3]")
+    stream = 0 if m.group(3) is None else int(m.group(3) or 1)
+    return {"prefetch": m.group(1) == "1", "iters": int(m.group(2) or 0), "stream": stream}
+
+
+def choose_partitions(batch: int, groups_per_seq: int, max_tokens: int, tile: int,
+                      units: int, partitions: int | None = None) -> tuple[int, int]:
+    """(num_parts, part_size): split each sequence's attended range into partitions of
+    part_size tokens (a multiple of the tile) for batch * groups_per_seq * num_parts
+    threadgroups. `partitions` (or PA_MLX_SPLITK=off|N) forces a count; 1 means no split.
+
+    Otherwise a wave model picks the count: with `slots` = units * CTAS_PER_UNIT threadgroups
+    resident at once, a launch takes ceil(threadgroups / slots) waves of part_size / tile tile
+    iterations each; a split adds SPLIT_LAUNCH_COST tile-equivalents for the reduce launch.
+    Each partition also costs SPLIT_TILE_COST tiles (its partials). The fewest partitions
+    within SPLIT_TOLERANCE of the cheapest win; partitions are no shorter than MIN_PART_TOKENS.
+    So B=1 at 32k fills every SM in one wave, and a large batch is left unsplit unless a split
+    evens out a ragged last wave."""
+    if max_tokens <= 0:
+        return 1, tile
+    if partitions is None:
+        env = os.environ.get("PA_MLX_SPLITK", "").strip().lower()
+        if env in ("off", "0", "1", "no"):
+            partitions = 1
+        elif env.isdigit():
+            partitions = int(env)
+    ctas = max(1, batch * groups_per_seq)
+
+    def shape(n):
+        part = -(-(-(-max_tokens // n)) // tile) * tile
+        return -(-max_tokens // part), part
+
+    if partitions is not None:
+        return shape(max(1, int(partitions)))
+    slots = max(1, units * CTAS_PER_UNIT)
+    options = []
+    for n in range(1, max(1, max_tokens // MIN_PART_TOKENS) + 1):
+        count, part = shape(n)
+        split = count > 1
+        waves = -(-ctas * count // slots)
+        options.append((waves * (part // tile + SPLIT_TILE_COST * split) + SPLIT_LAUNCH_COST * split,
+                        count, part))
+    floor = min(o[0] for o in options)
+    count, part = min((o[1], o[2]) for o in options if o[0] <= floor * SPLIT_TOLERANCE)
+    return count, part
+
+
+@functools.cache
+def _kernel(api: str, kernel: str, split: bool):
+    """The MLX kernel object; MLX compiles (and caches) one binary per template-argument set."""
+    header, body = kernel_source(api, kernel, split)
+    kw = dict(name=kernel_name(kernel, split), input_names=INPUTS[kernel],
+              output_names=OUTPUTS[(kernel, split)], source=body, header=header,
+              ensure_row_contiguous=True)
+    if api == "metal":
+        return mx.fast.metal_kernel(**kw)
+    if api == "cuda":
+        return mx.fast.cuda_kernel(**kw)
+    raise UnsupportedPath(f"no custom-kernel API {api!r}; expected 'metal' or 'cuda'")
+
+
+class DecodePlan:
+    """Device inputs shared by every layer of one decode step: block tables, context lengths,
+    scalar parameters and the split-K decision. Build once per step, call once per layer."""
+
+    def __init__(self, api: str, block_tables: np.ndarray, context_lens: np.ndarray,
+                 scale: float, window: int | None, *, num_blocks: int, block_size: int,
+                 num_kv_heads: int, num_q_heads: int, head_dim: int, pool_dtype,
+                 partitions: int | None = None, variant: dict | None = None):
+        self.api = api
+        self.batch = int(context_lens.shape[0])
+        self.num_q_heads = num_q_heads
+        self.cfg = kernel_config(head_dim, block_size, num_kv_heads, num_q_heads // num_kv_heads,
+                                 pool_dtype, variant)
+        lens = np.asarray(context_lens, dtype=np.int32)
+        attended = lens if window is None else np.minimum(lens, window)
+        max_tokens = int(attended.max(initial=0))
+        self.num_parts, self.part_size = choose_partitions(
+            self.batch, num_kv_heads * self.cfg.num_chunks, max_tokens, self.cfg.tile,
+            compute_units(api), partitions)
+        tables = np.asarray(block_tables, dtype=np.int32)
+        if tables.ndim != 2 or tables.shape[1] == 0:
+            tables = np.zeros((self.batch, 1), np.int32)
+        self.tables = mx.array(np.ascontiguousarray(tables))
+        self.lens = mx.array(lens)
+        self.params = mx.array(np.array([num_blocks, tables.shape[1], window or 0,
+                                         self.part_size, self.num_parts], np.int32))
+        self.scale = mx.array(np.array([scale], np.float32))
+
+    @classmethod
+    def from_args(cls, api: str, args: DecodeArgs, k_pool: mx.array, partitions=None,
+                  variant: dict | None = None):
+        nb, bs, hkv, d = k_pool.shape
+        return cls(api, args.block_tables, args.context_lens, args.scale, args.window,
+                   num_blocks=nb, block_size=bs, num_kv_heads=hkv, num_q_heads=args.num_q_heads,
+                   head_dim=d, pool_dtype=k_pool.dtype, partitions=partitions, variant=variant)
+
+    def partial_bytes(self) -> int:
+        """Device bytes of the split-K partials (0 without a split)."""
+        if self.num_parts == 1:
+            return 0
+        return self.batch * self.num_q_heads * self.num_parts * (self.cfg.head_dim + 2) * 4
+
+    def __call__(self, q: mx.array, k_pool: mx.array, v_pool: mx.array) -> mx.array:
+        batch, hq, d = q.shape
+        if batch == 0:
+            return mx.zeros(q.shape, dtype=q.dtype)
+        cfg = self.cfg
+        inputs = [q, k_pool, v_pool, self.tables, self.lens, self.params, self.scale]
+        grid = (self.num_parts * cfg.threads, cfg.num_kv_heads * cfg.num_chunks, batch)
+        template = cfg.template(k_pool.dtype, q.dtype)
+        if self.num_parts == 1:
+            return _kernel(self.api, "decode", False)(
+                inputs=inputs, template=template, grid=grid, threadgroup=(cfg.threads, 1, 1),
+                output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+        o_part, ml_part = _kernel(self.api, "decode", True)(
+            inputs=inputs, template=template, grid=grid, threadgroup=(cfg.threads, 1, 1),
+            output_shapes=[(batch, hq, self.num_parts, d), (batch, hq, self.num_parts, 2)],
+            output_dtypes=[mx.float32, mx.float32])
+        return _kernel(self.api, "reduce", False)(
+            inputs=[o_part, ml_part, self.lens, self.params],
+            template=[("OutT", q.dtype), ("D", d), ("HQ", hq)],
+            grid=(REDUCE_THREADS, hq, batch), threadgroup=(REDUCE_THREADS, 1, 1),
+            output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+
+
+def fused_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, args: DecodeArgs, *,
+                 api: str, partitions: int | None = None) -> mx.array:
+    """Paged decode attention. q [B, Hq, D]; pools [NB, BS, Hkv, D]; args validated on the host.
+    Returns [B, Hq, D] in q's dtype. `partitions` forces the split-K count (1: no split)."""
+    q = q if isinstance(q, mx.array) else mx.array(np.asarray(q))
+    if args.batch == 0:
+        return mx.zeros(q.shape, dtype=q.dtype)
+    return DecodePlan.from_args(api, args, k_pool, partitions)(q, k_pool, v_pool)

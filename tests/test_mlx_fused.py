@@ -1,0 +1,303 @@
+"""The fused MLX paged-decode kernel (backends/mlx/fused.py, shaders/mlx/).
+
+GPU tests run on a Metal or CUDA MLX device and skip elsewhere; the source-structure and
+heuristic tests run everywhere (the Metal source is generated from the same body as CUDA)."""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from backends.mlx import kernel_source as ks  # noqa: E402
+from backends.mlx.backend import MLXBackend, gpu_kind  # noqa: E402
+from backends.mlx.fused import (DecodePlan, choose_partitions, fused_decode,  # noqa: E402
+                                kernel_config)
+from backends.mlx.gather import gather_decode  # noqa: E402
+from paged_attention import reference  # noqa: E402
+from paged_attention.validation import PoolSpec, check_decode  # noqa: E402
+
+API = gpu_kind()
+needs_gpu = pytest.mark.skipif(API is None, reason="no Metal or CUDA device for MLX custom kernels")
+needs_metal = pytest.mark.skipif(API != "metal", reason="no Metal device")
+MX = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+TOL = 5e-3
+
+
+def make_case(seed, lens, hkv, group, d, bs, dtype, window=None, spare=5):
+    """Fragmented pools (random block order) holding `lens` tokens per sequence."""
+    rng = np.random.default_rng(seed)
+    lens = np.asarray(lens, np.int32)
+    need = [-(-int(n) // bs) for n in lens]
+    nb = sum(need) + spare
+    perm = rng.permutation(nb)
+    width = max(need + [1]) + 1
+    tables = np.zeros((len(lens), width), np.int32)
+    at = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[at:at + n]
+        at += n
+    k = mx.array(rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)).astype(MX[dtype])
+    v = mx.array(rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)).astype(MX[dtype])
+    qdt = np.float16 if dtype == "float16" else np.float32
+    q = rng.standard_normal((len(lens), hkv * group, d)).astype(qdt)
+    return q, k, v, tables, lens
+
+
+def host(a):
+    return np.array(a.astype(mx.float32))
+
+
+def run_and_compare(q, k, v, tables, lens, window=None, partitions=None, scale=None):
+    spec = PoolSpec(*k.shape, dtype=str(k.dtype).rsplit(".", 1)[-1])
+    args = check_decode(q, spec, tables, lens, scale, window)
+    out = fused_decode(mx.array(q), k, v, args, api=API, partitions=partitions)
+    assert out.shape == q.shape and out.dtype == mx.array(q).dtype
+    got = host(out)
+    ref = reference.decode(q, host(k), host(v), tables, lens, scale=scale, window=window)
+    assert np.isfinite(got).all()
+    err = reference.rms(got, ref)
+    assert err < TOL, f"RMS {err:.2e}"
+    return got, err
+
+
+SHAPES = [  # (dtype, lens, hkv, group, d, bs, window)
+    ("float16", [37, 1, 300], 2, 4, 128, 16, None),
+    ("float16", [129, 64, 5], 2, 1, 64, 32, None),
+    ("float16", [500, 17], 1, 8, 128, 16, 40),
+    ("float32", [77, 300, 2], 2, 4, 64, 16, None),
+    ("float32", [260], 2, 8, 128, 32, 100),
+    ("bfloat16", [300, 45], 2, 4, 128, 16, None),
+    ("bfloat16", [91, 200], 4, 1, 64, 32, 33),
+    ("float16", [333, 12], 1, 16, 128, 16, None),   # two head chunks per KV head
+    ("float16", [150, 7], 2, 6, 96, 16, None),      # G=6, D=96 (idle lanes in a row)
+    ("float16", [210, 3], 1, 4, 256, 16, None),
+    ("float32", [120], 1, 8, 256, 16, 50),
+    ("float16", [1000, 0, 33], 2, 4, 128, 16, None),  # a zero-length sequence
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", SHAPES, ids=lambda c: f"{c[0]}-L{max(c[1])}-g{c[3]}-D{c[4]}-bs{c[5]}"
+                         f"-{'w' + str(c[6]) if c[6] else 'full'}")
+def test_fused_matches_reference(case):
+    dtype, lens, hkv, group, d, bs, window = case
+    q, k, v, tables, lens = make_case(hash(str(case)) % 2**31, lens, hkv, group, d, bs, dtype)
+    got, _ = run_and_compare(q, k, v, tables, lens, window=window)
+    assert not got[lens == 0].any(), "an empty sequence must give zeros"
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("window", [None, 1500])
+def test_split_k_forced_on_and_off(dtype, window):
+    q, k, v, tables, lens = make_case(7, [6000, 2500, 1, 0, 4097], 2, 4, 128, 16, dtype)
+    outs = {}
+    for parts in (1, 3, 16, None):
+        outs[parts], _ = run_and_compare(q, k, v, tables, lens, window=window, partitions=parts)
+    assert reference.rms(outs[1], outs[16]) < TOL
+    spec = PoolSpec(*k.shape, dtype=dtype)
+    plan = DecodePlan.from_args(API, check_decode(q, spec, tables, lens, None, window), k, 16)
+    assert plan.num_parts > 1
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["pf0", "pf1", "pf0i4", "pf1nc", "pf1i8", "pf0nc2", "pf0nc3"])
+@pytest.mark.parametrize("case", [("float16", [3000, 70, 0], 2, 4, 128, 16, None, 8),
+                                  ("bfloat16", [900, 1], 1, 8, 64, 32, 300, None),
+                                  ("float32", [1200], 2, 6, 96, 16, None, 1)],
+                         ids=["f16", "bf16-window", "f32-g6-d96"])
+def test_kernel_variants_match_reference(variant, case):
+    from backends.mlx.fused import parse_variant
+    dtype, lens, hkv, group, d, bs, window, parts = case
+    q, k, v, tables, lens = make_case(19, lens, hkv, group, d, bs, dtype)
+    spec = PoolSpec(*k.shape, dtype=dtype)
+    args = check_decode(q, spec, tables, lens, None, window)
+    plan = DecodePlan.from_args(API, args, k, parts, parse_variant(variant))
+    assert plan.num_parts > 1 if parts and parts > 1 else True
+    got = host(plan(mx.array(q), k, v))
+    ref = reference.decode(q, host(k), host(v), tables, lens, window=window)
+    assert reference.rms(got, ref) < TOL
+
+
+@needs_gpu
+def test_all_empty_and_empty_batch():
+    q, k, v, tables, lens = make_case(3, [0, 0], 2, 4, 64, 16, "float16")
+    got, _ = run_and_compare(q, k, v, tables, lens)
+    assert not got.any()
+    spec = PoolSpec(*k.shape, dtype="float16")
+    args = check_decode(q[:0], spec, tables[:0], lens[:0], None, None)
+    assert fused_decode(mx.array(q[:0]), k, v, args, api=API).shape == (0, 8, 64)
+
+
+@needs_gpu
+def test_block_ids_are_clamped_in_kernel():
+    """A corrupt table entry (bypassing host validation) reads block NB-1, never out of bounds."""
+    q, k, v, tables, lens = make_case(11, [40], 1, 4, 64, 16, "float16")
+    nb = k.shape[0]
+    bad = tables.copy()
+    bad[0, 1] = nb + 1000
+    plan = DecodePlan(API, bad, lens, 0.125, None, num_blocks=nb, block_size=16, num_kv_heads=1,
+                      num_q_heads=4, head_dim=64, pool_dtype=mx.float16)
+    got = host(plan(mx.array(q), k, v))
+    fixed = tables.copy()
+    fixed[0, 1] = nb - 1
+    ref = reference.decode(q, host(k), host(v), fixed, lens, scale=0.125)
+    assert reference.rms(got, ref) < TOL
+
+
+@needs_gpu
+def test_through_backend_matches_gather():
+    be = MLXBackend()
+    assert "fused" in be.paths
+    pool = be.create_pool(64, 16, 2, 128, "float16")
+    rng = np.random.default_rng(5)
+    slots = rng.permutation(64 * 16)[:300]
+    be.write_kv(pool, slots, rng.standard_normal((300, 2, 128)).astype(np.float16),
+                rng.standard_normal((300, 2, 128)).astype(np.float16))
+    tables = (slots[::16][:19] // 16).astype(np.int32)[None, :]
+    lens = np.array([19 * 16 - 5], np.int32)
+    q = rng.standard_normal((1, 8, 128)).astype(np.float16)
+    a = np.asarray(be.decode(q, pool, tables, lens, path="fused"), np.float64)
+    b = np.asarray(be.decode(q, pool, tables, lens, path="gather"), np.float64)
+    assert reference.rms(a, b) < TOL
+
+
+@needs_gpu
+@pytest.mark.parametrize("partitions", [1, None])
+def test_no_gather_copy_memory(partitions):
+    """Extra device memory of a fused decode is O(output + split-K partials), while the gather
+    path materialises the whole context."""
+    q, k, v, tables, lens = make_case(13, [8192] * 4, 8, 4, 128, 16, "float16", spare=0)
+    kv_bytes = k.nbytes + v.nbytes
+    qm = mx.array(q)
+    spec = PoolSpec(*k.shape, dtype="float16")
+    args = check_decode(q, spec, tables, lens, None, None)
+    mx.eval(qm, k, v)
+    mx.eval(fused_decode(qm, k, v, args, api=API, partitions=partitions))  # compile outside
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    plan = DecodePlan.from_args(API, args, k, partitions)
+    out = plan(qm, k, v)
+    mx.eval(out)
+    extra = mx.get_peak_memory() - base
+    small = tables.nbytes + lens.nbytes + 64  # plan's device copies of tables, lengths, scalars
+    allowed = out.nbytes + plan.partial_bytes() + small + (1 << 20)
+    assert extra <= allowed, f"fused used {extra} extra bytes, allowed {allowed} (K+V {kv_bytes})"
+    assert (partitions == 1) == (plan.partial_bytes() == 0)
+    del out
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(gather_decode(qm, k, v, args.block_tables, args.context_lens, args.scale, None))
+    assert mx.get_peak_memory() - base >= kv_bytes // 2, "the gather path should copy the context"
+
+
+@needs_metal
+def test_metal_kernel_runs():
+    q, k, v, tables, lens = make_case(17, [300, 5], 2, 4, 128, 16, "float16")
+    run_and_compare(q, k, v, tables, lens)
+    run_and_compare(q, k, v, tables, lens, partitions=4)
+
+
+# ---- CPU-runnable: one source, two targets ----------------------------------------------------
+TARGET_TOKENS = re.compile(r"__shfl|__syncthreads|threadIdx|blockIdx|simd_|threadgroup_barrier|"
+                           r"\bdevice\b|\bthreadgroup\b|as_type|__half|__nv_bfloat16|\bhalf\b")
+
+
+def code(text):
+    """Text without // comments."""
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def defined_names(text):
+    return set(re.findall(r"#define (PA_\w+)", text)) | set(re.findall(r"\b(pa_\w+)\s*\(", text)) \
+        | set(re.findall(r"typedef [\w ]+ (pa_\w+);", text))
+
+
+def test_prologues_define_the_same_names():
+    (ch, cb), (mh, mb) = ks.prologue("cuda"), ks.prologue("metal")
+    macros = re.compile(r"#define (PA_\w+)|typedef [\w ]+ (pa_\w+);")
+    assert set(macros.findall(ch)) == set(macros.findall(mh))
+    # helper functions: the same set, apart from target-private helpers behind a macro
+    assert defined_names(ch) - {"pa_ld_stream"} == defined_names(mh)
+    assert re.findall(r"const int (pa_\w+)", cb) == re.findall(r"const int (pa_\w+)", mb)
+
+
+@pytest.mark.parametrize("kernel,split", [("decode", False), ("decode", True), ("reduce", False)])
+def test_both_targets_share_the_body(kernel, split):
+    shared = ks.shared_body(kernel)
+    assert not TARGET_TOKENS.search(code(shared)), "target-specific code belongs in the prologues"
+    assert not TARGET_TOKENS.search(code(ks._read("common.h")))
+    for api in ks.TARGETS:
+        header, body = ks.kernel_source(api, kernel, split)
+        assert shared in body
+        assert body.count("{") == body.count("}") and header.count("{") == header.count("}")
+        assert (f"#define PA_SPLIT {int(split)}" in body) == (kernel == "decode")
+    names = set(re.findall(r"\bPA_\w+|\bpa_\w+", code(shared)))
+    local = set(re.findall(r"constexpr int (PA_\w+)", shared)) | \
+        set(re.findall(r"PA_SHARED float (pa_\w+)", shared)) | set(re.findall(r"#define (PA_\w+)", shared)) \
+        | {"PA_SPLIT", "pa_params", "pa_scale"}
+    for api in ks.TARGETS:
+        header, body = ks.kernel_source(api, kernel, split)
+        provided = defined_names(header) | set(re.findall(r"const int (pa_\w+)", body))
+        assert names - local <= provided, f"{api}: missing {names - local - provided}"
+
+
+def test_translation_units_are_well_formed():
+    cfg = kernel_config(128, 16, 8, 4, mx.float16)
+    tmpl = [(n, str(v).rsplit(".", 1)[-1] if not isinstance(v, int) else v)
+            for n, v in cfg.template(mx.float16, mx.float16)]
+    ins = {"q": "float16", "k_pool": "float16", "v_pool": "float16", "block_tables": "int32",
+           "context_lens": "int32", "pa_params": "int32", "pa_scale": "float32"}
+    metal = ks.metal_translation_unit("decode", False, ins, {"out": "float16"}, tmpl)
+    cuda = ks.cuda_translation_unit("decode", False, ins, {"out": "float16"}, tmpl)
+    assert "[[threadgroup_position_in_grid]]" in metal and "template <typename T, typename OutT, int D" in metal
+    assert "__global__ void pa_paged_decode(" in cuda and "using T = __half;" in cuda
+    for tu in (metal, cuda):
+        assert ks.shared_body("decode") in tu
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("dtype,d,group", [("float16", 128, 4), ("bfloat16", 64, 8), ("float32", 256, 8)])
+def test_cuda_source_compiles_without_spills(tmp_path, dtype, d, group):
+    cfg = kernel_config(d, 16, 8, group, MX[dtype])
+    tmpl = [(n, dtype if n == "T" else "float32" if n == "OutT" else v)
+            for n, v in cfg.template(None, None)]
+    ins = {"q": "float32", "k_pool": dtype, "v_pool": dtype, "block_tables": "int32",
+           "context_lens": "int32", "pa_params": "int32", "pa_scale": "float32"}
+    for split in (False, True):
+        outs = {"o_part": "float32", "ml_part": "float32"} if split else {"out": "float32"}
+        src = tmp_path / f"k{int(split)}.cu"
+        src.write_text(ks.cuda_translation_unit("decode", split, ins, outs, tmpl))
+        r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v",
+                            "-o", str(tmp_path / "k.cubin"), str(src)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "0 bytes spill stores" in r.stderr, r.stderr[-2000:]
+
+
+# ---- heuristics ---------------------------------------------------------------------------
+def test_split_k_fills_the_gpu_for_one_long_sequence():
+    cfg = kernel_config(128, 16, 8, 4, mx.float16)
+    parts, size = choose_partitions(1, 8, 32768, cfg.tile, 132)
+    assert 8 * parts >= 132 * 2 and size % cfg.tile == 0 and parts * size >= 32768
+    assert choose_partitions(1, 8, 32768, cfg.tile, 132, partitions=1) == (1, -(-32768 // cfg.tile) * cfg.tile)
+    assert choose_partitions(32, 8, 1024, cfg.tile, 132)[0] <= 4
+    assert choose_partitions(4, 8, 0, cfg.tile, 132) == (1, cfg.tile)
+
+
+def test_kernel_config_register_budget():
+    for dt in (mx.float16, mx.bfloat16, mx.float32):
+        for d in range(32, 257, 32):
+            for g in (1, 3, 4, 8, 16, 32):
+                c = kernel_config(d, 16, 2, g, dt)
+                assert c.chunk <= 8 and c.tpt * c.nv * (4 if dt == mx.float32 else 8) >= d
+                assert 32 % c.tpt == 0 and math.prod([c.chunk, c.nv]) >= 1
