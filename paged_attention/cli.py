@@ -141,7 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     from . import soak
     s = sub.add_parser("soak", help="long decode run checking flat memory and no leaked blocks")
     soak.add_arguments(s).set_defaults(func=soak.run)
+    b = sub.add_parser("bench", help="a backend's kernel benchmark (args after the name go to it; "
+                                      "e.g. `paged-attn bench mlx --preset h100`)")
+    b.add_argument("backend", choices=sorted(BENCHMARKS))
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
     return p
+
+
+# Backends with a dedicated kernel benchmark: module with main(argv) -> exit code.
+BENCHMARKS = {"mlx": "backends.mlx.bench", "vulkan": "backends.vulkan.bench"}
+
+
+def cmd_bench(args) -> int:
+    import importlib
+    reason = registry.unavailable_reason(args.backend)
+    if reason:
+        print(f"paged-attn: error: backend {args.backend!r} is unavailable: {reason}", file=sys.stderr)
+        return 2
+    return importlib.import_module(BENCHMARKS[args.backend]).main(args.bench_args) or 0
 
 
 def main(argv=None) -> int:

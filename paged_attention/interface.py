@@ -80,6 +80,12 @@ class PagedAttention(ABC):
     q_dtypes: tuple[str, ...] = FLOAT_DTYPES
 
     @property
+    def kv_dtypes(self) -> tuple[str, ...]:
+        """dtypes write_kv accepts for new k/v: the float dtypes the backend also takes for q
+        (a backend that cannot read bfloat16 arrays must reject them before writing anything)."""
+        return tuple(d for d in self.q_dtypes if d in FLOAT_DTYPES)
+
+    @property
     @abstractmethod
     def device(self) -> str:
         """Human-readable device, e.g. 'cpu', 'NVIDIA H100 80GB HBM3', 'llvmpipe (LLVM 15.0.6, 256 bits)'."""
@@ -87,6 +93,7 @@ class PagedAttention(ABC):
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)
         self._call_lock = threading.RLock()  # see _serialized: public calls are thread-safe
+        self._pool_token = object()          # marks the pools this instance created
         return self
 
     # -- pools ---------------------------------------------------------------------------------
@@ -94,14 +101,16 @@ class PagedAttention(ABC):
     def create_pool(self, num_blocks, block_size, num_kv_heads, head_dim, dtype="float16") -> KVPool:
         """A zero-filled pool pair for one layer."""
         spec = check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, self.pool_dtypes)
-        return self._create_pool(spec)
+        pool = self._create_pool(spec)
+        pool._owner_token = self._pool_token
+        return pool
 
     @_serialized
     def write_kv(self, pool: KVPool, slot_mapping, k, v) -> None:
         """Store k, v [N, Hkv, D] at slots (slot = block_id * block_size + offset), as vLLM's
         reshape_and_cache. Slots must be distinct and inside the pool."""
         self._check_pool(pool)
-        slots = check_write(pool.spec, slot_mapping, k, v)
+        slots = check_write(pool.spec, slot_mapping, k, v, self.kv_dtypes)
         if slots.size:
             self._write_kv(pool, slots, k, v)
 
@@ -154,7 +163,7 @@ class PagedAttention(ABC):
             if not isinstance(layer, LayerStep):
                 raise InvalidInput(f"layers[{i}]: expected a LayerStep, got {type(layer).__name__}")
             self._check_pool(layer.pool)
-            slots = check_write(layer.pool.spec, slot_mapping, layer.k, layer.v)
+            slots = check_write(layer.pool.spec, slot_mapping, layer.k, layer.v, self.kv_dtypes)
             args = check_decode(layer.q, layer.pool.spec, block_tables, context_lens, scale, window,
                                 self.q_dtypes)
             checked.append((slots, args))
@@ -228,6 +237,10 @@ class PagedAttention(ABC):
         if not isinstance(pool, KVPool) or getattr(pool, "backend_name", None) != self.name:
             raise InvalidInput(f"pool: expected a KVPool created by backend {self.name!r}, "
                                f"got {type(pool).__name__}")
+        if getattr(pool, "_owner_token", self._pool_token) is not self._pool_token:
+            # Device pools live in their creator's device context (and die with its close()).
+            raise InvalidInput(f"pool: created by another {self.name!r} backend instance; a pool "
+                               "can only be used with the instance that created it")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} device={self.device!r} paths={self.paths}>"

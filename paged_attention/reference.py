@@ -28,10 +28,11 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndar
     if t == 0:
         return np.zeros((hq, d))
     qg = q.astype(np.float64).reshape(hkv, hq // hkv, d)
-    s = np.einsum("hgd,thd->hgt", qg, k.astype(np.float64)) * scale
-    s -= s.max(axis=-1, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf inputs give NaN rows, quietly
+        s = np.einsum("hgd,thd->hgt", qg, k.astype(np.float64)) * scale
+        s -= s.max(axis=-1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=-1, keepdims=True)
     return np.einsum("hgt,thd->hgd", p, v.astype(np.float64)).reshape(hq, d)
 
 

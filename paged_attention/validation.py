@@ -15,6 +15,7 @@ import numpy as np
 from .errors import InvalidInput
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def dtype_name(x) -> str:
@@ -144,15 +145,19 @@ def check_decode(q, spec: PoolSpec, block_tables, context_lens, scale, window,
         raise InvalidInput(f"window: expected None or an int >= 1, got {window!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(spec.head_dim)
-    elif not (isinstance(scale, (int, float, np.floating)) and math.isfinite(scale) and scale > 0):
-        raise InvalidInput(f"scale: expected a finite float > 0, got {scale!r}")
+    elif (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating))
+          or not (math.isfinite(scale) and scale > 0) or scale > FLOAT32_MAX):
+        # Kernels take the scale as float32: larger values would silently become inf.
+        raise InvalidInput(f"scale: expected a finite float in (0, {FLOAT32_MAX:.4g}], got {scale!r}")
     return DecodeArgs(
         batch=batch,
         num_q_heads=hq,
         block_tables=np.where(used, tables, 0).astype(np.int32),
         context_lens=lens.astype(np.int32),
         scale=float(scale),
-        window=None if window is None else int(window),
+        # A window wider than the table's capacity attends to everything, like the capacity:
+        # clamping keeps huge windows (>= 2**31) out of kernels' int32/uint32 parameters.
+        window=None if window is None else int(min(window, max(capacity, 1))),
     )
 
 
@@ -172,7 +177,7 @@ def check_prefill(q, spec: PoolSpec, block_table, start_pos, scale, window,
     return check_decode(q, spec, tables, lens, scale, window, q_dtypes)
 
 
-def check_write(spec: PoolSpec, slot_mapping, k, v) -> np.ndarray:
+def check_write(spec: PoolSpec, slot_mapping, k, v, kv_dtypes=FLOAT_DTYPES) -> np.ndarray:
     """Validate a write_kv call; returns the slots as int64 [N]."""
     slots = host_ints(slot_mapping, "slot_mapping", 1)
     n = slots.shape[0]
@@ -181,8 +186,8 @@ def check_write(spec: PoolSpec, slot_mapping, k, v) -> np.ndarray:
         got = shape_of(x, name)
         if got != want:
             raise InvalidInput(f"{name}: expected shape [N={n}, Hkv={want[1]}, D={want[2]}], got {got}")
-        if dtype_name(x) not in FLOAT_DTYPES:
-            raise InvalidInput(f"{name}: expected a float dtype, got {dtype_name(x)}")
+        if dtype_name(x) not in kv_dtypes:
+            raise InvalidInput(f"{name}: expected a float dtype in {kv_dtypes}, got {dtype_name(x)}")
     if n and (slots.min() < 0 or slots.max() >= spec.num_slots):
         raise InvalidInput(
             f"slot_mapping: expected values in [0, {spec.num_slots}), got range "
@@ -194,9 +199,19 @@ def check_write(spec: PoolSpec, slot_mapping, k, v) -> np.ndarray:
 
 def check_copy_pairs(spec: PoolSpec, pairs) -> tuple[np.ndarray, np.ndarray]:
     """Validate copy_blocks pairs [(src, dst), ...]; returns (src, dst) int64 arrays."""
-    arr = np.asarray(pairs if len(pairs) else np.zeros((0, 2)), dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[1] != 2 or not np.all(arr == np.round(arr)):
-        raise InvalidInput(f"pairs: expected integer (src, dst) pairs of shape [P, 2], got {arr.shape}")
+    try:
+        arr = np.asarray(pairs)
+    except Exception as exc:  # noqa: BLE001 - ragged or not array-like
+        raise InvalidInput(f"pairs: expected integer (src, dst) pairs of shape [P, 2], "
+                           f"got {type(pairs).__name__}") from exc
+    if arr.size == 0:
+        arr = np.zeros((0, 2), dtype=np.int64)
+    integral = np.issubdtype(arr.dtype, np.integer) or (
+        np.issubdtype(arr.dtype, np.floating) and bool(np.all(np.isfinite(arr)))
+        and bool(np.all(arr == np.round(arr))))
+    if arr.ndim != 2 or arr.shape[1] != 2 or not integral:
+        raise InvalidInput(f"pairs: expected integer (src, dst) pairs of shape [P, 2], got "
+                           f"shape {arr.shape} dtype {arr.dtype}")
     arr = arr.astype(np.int64)
     if arr.size and (arr.min() < 0 or arr.max() >= spec.num_blocks):
         raise InvalidInput(f"pairs: block ids must lie in [0, {spec.num_blocks})")
