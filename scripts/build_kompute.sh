@@ -16,6 +16,8 @@
 set -euo pipefail
 
 PY=${1:?usage: scripts/build_kompute.sh PYTHON}
+# Absolute, because the build runs in another directory (the venv's symlink itself is kept).
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 KP_VERSION=${KP_VERSION:-0.9.0}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/paged-attention/wheels
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}

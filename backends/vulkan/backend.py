@@ -81,7 +81,9 @@ class VulkanPool(KVPool):
         weakref.finalize(self, backend._forget_pool, self.uid)
 
     def to_numpy(self):
-        return self._backend._download(self)
+        # Same lock as the backend's public calls: a download records on the shared manager.
+        with self._backend._call_lock:
+            return self._backend._download(self)
 
 
 class _Plan:
@@ -227,6 +229,10 @@ class VulkanBackend(PagedAttention):
         return [max(1, min(MAX_GRID, -(-int(n) // wg))), 1, 1]
 
     def close(self) -> None:
+        with self._call_lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
