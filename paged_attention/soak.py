@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import reference, registry
-from .workload import DecodeWorkload, StepResult, WorkloadConfig, representable
+from . import registry
+from .workload import DecodeWorkload, WorkloadConfig
 
 MB = 1 << 20
 
@@ -74,33 +74,6 @@ def settle(backend) -> None:
     _malloc_trim()
 
 
-class SoakWorkload(DecodeWorkload):
-    """DecodeWorkload whose reference check runs only when asked (every `check_every` steps)."""
-
-    def step(self, check: bool = True) -> StepResult | None:
-        if check:
-            return super().step()
-        c = self.cfg
-        self.steps_done += 1
-        if c.fork_every and self.steps_done % c.fork_every == 0:
-            self._fork()
-        if c.finish_every and self.steps_done % c.finish_every == 0:
-            self._finish(int(self.rng.integers(len(self.seqs))))
-        for i, sid in enumerate(self.seqs):
-            if self.manager.context_len(sid) >= c.max_context:
-                self._finish(i)
-        slots, copies = self.manager.append_batch(self.seqs, 1)
-        self._copy(copies)
-        self._write(slots, *self._random_kv(len(self.seqs)))
-        q = self.rng.standard_normal((len(self.seqs), c.num_kv_heads * c.group_size, c.head_dim))
-        q = representable(q, c.dtype)
-        out = self.backend.decode(q, self.pool, self.manager.block_tables(self.seqs),
-                                  self.manager.context_lens(self.seqs), window=c.window,
-                                  path=self.path)
-        np.asarray(out)  # force evaluation (MLX is lazy)
-        return None
-
-
 @dataclass
 class SoakReport:
     backend: str
@@ -144,7 +117,7 @@ def run_soak(backend, *, path: str = "auto", steps: int = 10_000, warmup: int | 
         warmup = min(max(steps // 5, 1), 1000)
     warmup = min(warmup, steps)
     rep = SoakReport(backend.name, path, backend.device, steps, warmup)
-    wl = SoakWorkload(backend, cfg, path=path)
+    wl = DecodeWorkload(backend, cfg, path=path)
     rep.num_blocks = wl.num_blocks
     t0 = time.perf_counter()
     for i in range(1, steps + 1):

@@ -50,7 +50,8 @@ if [ -z "$wheel" ]; then
     echo "error: Vulkan headers missing; install libvulkan-dev (apt-get install libvulkan-dev)" >&2; exit 1; }
   "$PY" -m pip --version >/dev/null
   "$PY" -c 'import pybind11' 2>/dev/null || "$PY" -m pip install -q pybind11
-  "$PY" -c 'import setuptools' 2>/dev/null || "$PY" -m pip install -q wheel setuptools
+  # --no-build-isolation builds with the venv's own tools: old venv setuptools lack bdist_wheel.
+  "$PY" -c 'import setuptools, wheel' 2>/dev/null || "$PY" -m pip install -q wheel 'setuptools>=68'
 
   work=$(mktemp -d "${TMPDIR:-/tmp}/kpbuild.XXXXXX")
   trap 'rm -rf "$work"' EXIT

@@ -6,7 +6,6 @@ these tests cover what only the Vulkan backend has. Kept small for lavapipe.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import subprocess
 import sys
