@@ -52,3 +52,19 @@ def backend(request):
     if reason is not None:
         pytest.skip(reason)
     return backend_instance(request.param)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Worst per-step RMS of the 200-step matrix for each backend/path and dtype (works under
+    xdist: the figure travels in each report's user_properties)."""
+    worst: dict[tuple[str, str], tuple[float, int]] = {}
+    for rep in terminalreporter.stats.get("passed", []):
+        props = dict(getattr(rep, "user_properties", []))
+        if rep.when == "call" and "matrix" in props:
+            impl_id, dtype, rms = props["matrix"]
+            prev, n = worst.get((impl_id, dtype), (0.0, 0))
+            worst[(impl_id, dtype)] = (max(prev, rms), n + 1)
+    if worst:
+        terminalreporter.write_sep("-", "decode matrix: worst per-step RMS vs float64 reference")
+        for (impl_id, dtype), (rms, n) in sorted(worst.items()):
+            terminalreporter.write_line(f"{impl_id:16s} {dtype:8s} {n:4d} configs  max RMS {rms:.2e}")

@@ -29,7 +29,7 @@ def grid_id(p):
 
 
 @pytest.mark.parametrize("cfg", GRID, ids=[grid_id(p) for p in GRID])
-def test_fragmented_decode_matches_reference(impl, cfg):
+def test_fragmented_decode_matches_reference(impl, cfg, record_property):
     backend, path = impl
     dtype, batch, group, head_dim, block_size, window = cfg
     seed = zlib.crc32(grid_id(cfg).encode())
@@ -42,7 +42,8 @@ def test_fragmented_decode_matches_reference(impl, cfg):
         assert r.out.shape == r.ref.shape
         assert r.rms < TOLERANCE, f"step {r.step}: RMS {r.rms:.2e} >= {TOLERANCE}"
         worst = max(worst, r.rms)
-    # The workload really exercised what it claims: forks, finishes and copy-on-write.
+    # Summarised per backend/path and dtype at the end of the session (conftest).
+    record_property("matrix", (f"{backend.name}-{path}", dtype, worst))
     assert wl.steps_done == STEPS
     wl.close()
     assert wl.manager.num_free == wl.num_blocks
