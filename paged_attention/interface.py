@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import InvalidInput, UnsupportedPath
 from .validation import (FLOAT_DTYPES, DecodeArgs, PoolSpec, check_copy_pairs, check_decode,
-                         check_pool_spec, check_prefill, check_write)
+                         check_pool_spec, check_prefill, check_write, dtype_name, shape_of)
 
 PATH_ENV = "PAGED_ATTENTION_PATH"
 
@@ -159,14 +159,19 @@ class PagedAttention(ABC):
         if not layers:
             raise InvalidInput("layers: expected at least one LayerStep")
         checked = []
+        # Layers share the step's tables: validate them once per distinct (pool geometry, q shape,
+        # q dtype), which are the only per-layer inputs check_decode looks at.
+        args_by_key: dict = {}
         for i, layer in enumerate(layers):
             if not isinstance(layer, LayerStep):
                 raise InvalidInput(f"layers[{i}]: expected a LayerStep, got {type(layer).__name__}")
             self._check_pool(layer.pool)
             slots = check_write(layer.pool.spec, slot_mapping, layer.k, layer.v, self.kv_dtypes)
-            args = check_decode(layer.q, layer.pool.spec, block_tables, context_lens, scale, window,
-                                self.q_dtypes)
-            checked.append((slots, args))
+            key = (layer.pool.spec, shape_of(layer.q, "q"), dtype_name(layer.q))
+            if key not in args_by_key:
+                args_by_key[key] = check_decode(layer.q, layer.pool.spec, block_tables, context_lens,
+                                                scale, window, self.q_dtypes)
+            checked.append((slots, args_by_key[key]))
         chosen = self.resolve_path(path, checked[0][1], layers[0].pool.spec)
         return self._decode_step(list(layers), [c[0] for c in checked], [c[1] for c in checked], chosen)
 

@@ -75,6 +75,17 @@ def free():
     mx.clear_cache()
 
 
+
+def random_kv(count: int, shape: tuple, dtype) -> list:
+    """`count` evaluated (k, v) pairs of random values (never zeros: they can time faster)."""
+    out = []
+    for _ in range(count):
+        k = mx.random.normal(shape, dtype=dtype)
+        v = mx.random.normal(shape, dtype=dtype)
+        mx.eval(k, v)
+        out.append((k, v))
+    return out
+
 def run_point(a, api, batch, ctx, rng) -> dict:
     dtype = DTYPES[a.dtype]
     itemsize = 4 if a.dtype == "float32" else 2
@@ -88,12 +99,7 @@ def run_point(a, api, batch, ctx, rng) -> dict:
     mx.eval(qs)
 
     if "sdpa" in a.paths:
-        dense = []
-        for _ in range(pools):
-            k = mx.random.normal((batch, hkv, ctx, d), dtype=dtype)
-            v = mx.random.normal((batch, hkv, ctx, d), dtype=dtype)
-            mx.eval(k, v)
-            dense.append((k, v))
+        dense = random_kv(pools, (batch, hkv, ctx, d), dtype)
         q4 = [q[:, :, None, :] for q in qs]
         mx.eval(q4)
 
@@ -112,12 +118,7 @@ def run_point(a, api, batch, ctx, rng) -> dict:
     nb = batch * blocks_per_seq
     tables = rng.permutation(nb).astype(np.int32).reshape(batch, blocks_per_seq)
     lens = np.full(batch, ctx, np.int32)
-    paged = []
-    for _ in range(pools):
-        k = mx.random.normal((nb, bs, hkv, d), dtype=dtype)
-        v = mx.random.normal((nb, bs, hkv, d), dtype=dtype)
-        mx.eval(k, v)
-        paged.append((k, v))
+    paged = random_kv(pools, (nb, bs, hkv, d), dtype)
 
     if "fused" in a.paths:
         plan = DecodePlan(api, tables, lens, scale, None, num_blocks=nb, block_size=bs,
