@@ -36,6 +36,10 @@ macos_packages() {
     brew list --versions "$f" >/dev/null 2>&1 || want+=("$f")
   done
   [ ${#want[@]} -eq 0 ] || { log "brew install ${want[*]}"; brew install "${want[@]}"; }
+  # Homebrew's headers and loader live outside /usr: tell Kompute's CMake where (not yet tried on
+  # a Mac here; CI proves the Debian branch only).
+  export KP_CMAKE_ARGS="${KP_CMAKE_ARGS:-} -DVulkan_INCLUDE_DIR=$(brew --prefix vulkan-headers)/include \
+    -DVulkan_LIBRARY=$(brew --prefix vulkan-loader)/lib/libvulkan.dylib -Dfmt_DIR=$(brew --prefix fmt)/lib/cmake/fmt"
 }
 
 case "$(uname -s)" in
