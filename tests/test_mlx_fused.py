@@ -107,7 +107,7 @@ def test_split_k_forced_on_and_off(dtype, window):
 
 
 @needs_gpu
-@pytest.mark.parametrize("variant", ["pf0", "pf1", "pf0i4", "pf1nc", "pf1i8", "pf0nc2", "pf0nc3"])
+@pytest.mark.parametrize("variant", ["pf0hf0", "pf1", "pf0i4", "pf1nc", "pf1i8", "pf0nc2", "pf0nc3hf0", "pf0w2"])
 @pytest.mark.parametrize("case", [("float16", [3000, 70, 0], 2, 4, 128, 16, None, 8),
                                   ("bfloat16", [900, 1], 1, 8, 64, 32, 300, None),
                                   ("float32", [1200], 2, 6, 96, 16, None, 1)],
@@ -232,7 +232,8 @@ def test_prologues_define_the_same_names():
     assert re.findall(r"const int (pa_\w+)", cb) == re.findall(r"const int (pa_\w+)", mb)
 
 
-@pytest.mark.parametrize("kernel,split", [("decode", False), ("decode", True), ("reduce", False)])
+@pytest.mark.parametrize("kernel,split", [("decode", False), ("decode", True), ("reduce", False),
+                                          ("stream_read", False)])
 def test_both_targets_share_the_body(kernel, split):
     shared = ks.shared_body(kernel)
     assert not TARGET_TOKENS.search(code(shared)), "target-specific code belongs in the prologues"
@@ -301,3 +302,29 @@ def test_kernel_config_register_budget():
                 c = kernel_config(d, 16, 2, g, dt)
                 assert c.chunk <= 8 and c.tpt * c.nv * (4 if dt == mx.float32 else 8) >= d
                 assert 32 % c.tpt == 0 and math.prod([c.chunk, c.nv]) >= 1
+
+
+def test_variant_names():
+    from backends.mlx.fused import parse_variant
+    assert parse_variant("pf1i4nc2hf0") == {"prefetch": True, "iters": 4, "stream": 2, "hf": False}
+    assert "hf" not in parse_variant("pf0")  # the default (heads along grid x) stays
+    assert kernel_config(128, 16, 8, 4, mx.float16).heads_fast
+    cfg = kernel_config(128, 16, 8, 4, mx.float16, parse_variant("pf0hf0"))
+    assert cfg.grid(6, 3) == (6 * cfg.threads, 8, 3)
+    assert kernel_config(128, 16, 8, 4, mx.float16).grid(6, 3) == (8 * cfg.threads, 6, 3)
+    with pytest.raises(ValueError, match="variant"):
+        parse_variant("rows8")
+
+
+@needs_gpu
+def test_stream_read_probe_reads_every_vector():
+    """The ceiling probe's xor-fold over its strided vectors matches numpy: it reads what it
+    claims to read, so the bandwidth it reports is real."""
+    from backends.mlx.ceiling import STREAM_THREADS, _read
+    words = np.random.default_rng(0).integers(0, 2**32, size=4 * 5000, dtype=np.uint32)
+    got = np.array(_read(API, mx.array(words), 2))
+    threads = 2 * STREAM_THREADS
+    vec = np.bitwise_xor.reduce(words.reshape(-1, 4), axis=1)
+    want = np.array([np.bitwise_xor.reduce(vec[t::threads]) if t < len(vec) else 0
+                     for t in range(threads)], dtype=np.uint32)
+    assert np.array_equal(got, want)

@@ -7,13 +7,16 @@ full context over a fragmented (randomly permuted) block table. A decode step of
 layers is built lazily (each layer its own q; K/V pools rotated among as many distinct pools as
 the memory budget allows, each pool's bytes > L2 at the larger points, their sum > L2 always)
 and evaluated with one mx.eval; the median step time over --repeats steps / layers is the
-per-layer time, so launch and synchronisation costs are amortised. Paths timed:
+per-layer time, so launch and synchronisation costs are amortised. fused (with its --variants)
+and sdpa take turns step by step, so clock or host-load drift hits both sides of their ratio
+alike. Paths timed:
   fused  - backends.mlx.fused (paged kernel, split-K as chosen by its heuristic)
   gather - backends.mlx.gather (take -> contiguous copy -> SDPA); at large points fewer layers
            per eval so its per-layer copies fit in memory
   sdpa   - mx.fast.scaled_dot_product_attention on contiguous [B, Hkv, T, D] K/V: the
            contiguous-cache baseline a paged kernel is measured against
-Effective bandwidth = K+V bytes read / per-layer time.
+Effective bandwidth = K+V bytes read / per-layer time, next to the HBM peak (--preset) and,
+with --ceiling, the streaming-read bandwidth this device actually reaches (backends.mlx.ceiling).
 """
 from __future__ import annotations
 
@@ -44,16 +47,23 @@ def parse_ints(text: str) -> list[int]:
     return out
 
 
-def time_step(layer_fn, layers: int, repeats: int, warmup: int) -> float:
-    """Median seconds per layer of a step of `layers` lazily built layers, one mx.eval each."""
-    def step():
+def time_steps(paths: dict, layers: int, repeats: int, warmup: int) -> dict:
+    """Median seconds per layer for each of `paths` (name -> layer_fn(i) building layer i
+    lazily): a step builds `layers` layers and evaluates them with one mx.eval. The paths take
+    turns step by step, so drift in clocks or host load hits every path alike and the ratios
+    between them are fair."""
+    def step(layer_fn):
         outs = [layer_fn(i) for i in range(layers)]
         t0 = time.perf_counter()
         mx.eval(outs)
         return time.perf_counter() - t0
-    for _ in range(warmup):
-        step()
-    return statistics.median(step() for _ in range(repeats)) / layers
+    times = {name: [] for name in paths}
+    for rep in range(warmup + repeats):
+        for name, fn in paths.items():
+            t = step(fn)
+            if rep >= warmup:
+                times[name].append(t)
+    return {name: statistics.median(ts) / layers for name, ts in times.items()}
 
 
 def chained(a, fn):
@@ -98,6 +108,7 @@ def run_point(a, api, batch, ctx, rng) -> dict:
     qs = [mx.random.normal((batch, hq, d)).astype(dtype) for _ in range(a.layers)]
     mx.eval(qs)
 
+    timed = {}  # name -> layer function; timed together, step by step
     if "sdpa" in a.paths:
         dense = random_kv(pools, (batch, hkv, ctx, d), dtype)
         q4 = [q[:, :, None, :] for q in qs]
@@ -107,12 +118,7 @@ def run_point(a, api, batch, ctx, rng) -> dict:
             k, v = dense[i % pools]
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
         sdpa_chain = chained(a, sdpa_one)
-
-        def sdpa_layer(i):
-            return sdpa_chain(i, q4[i])
-        res["sdpa_s"] = time_step(sdpa_layer, a.layers, a.repeats, a.warmup)
-        del dense, q4
-        free()
+        timed["sdpa"] = lambda i: sdpa_chain(i, q4[i])
 
     blocks_per_seq = -(-ctx // bs)
     nb = batch * blocks_per_seq
@@ -120,31 +126,32 @@ def run_point(a, api, batch, ctx, rng) -> dict:
     lens = np.full(batch, ctx, np.int32)
     paged = random_kv(pools, (nb, bs, hkv, d), dtype)
 
-    if "fused" in a.paths:
-        plan = DecodePlan(api, tables, lens, scale, None, num_blocks=nb, block_size=bs,
+    def plan_for(variant=None):
+        return DecodePlan(api, tables, lens, scale, None, num_blocks=nb, block_size=bs,
                           num_kv_heads=hkv, num_q_heads=hq, head_dim=d, pool_dtype=dtype,
-                          partitions=a.partitions)
-        res["parts"] = plan.num_parts
+                          partitions=a.partitions, variant=variant)
 
-        fused_chain = chained(a, lambda i, q: plan(q, *paged[i % pools]))
-
-        def fused_layer(i):
-            return fused_chain(i, qs[i])
-        res["fused_s"] = time_step(fused_layer, a.layers, a.repeats, a.warmup)
-        for name in a.variants:
-            vplan = DecodePlan(api, tables, lens, scale, None, num_blocks=nb, block_size=bs,
-                               num_kv_heads=hkv, num_q_heads=hq, head_dim=d, pool_dtype=dtype,
-                               partitions=a.partitions, variant=parse_variant(name))
-            vchain = chained(a, lambda i, q, vplan=vplan: vplan(q, *paged[i % pools]))
-            res[f"variant_{name}_s"] = time_step(lambda i: vchain(i, qs[i]),
-                                                 a.layers, a.repeats, a.warmup)
-            res[f"variant_{name}_parts"] = vplan.num_parts
+    if "fused" in a.paths:
+        plans = {"fused": plan_for()}
+        plans.update({f"variant_{name}": plan_for(parse_variant(name)) for name in a.variants})
+        for key, plan in plans.items():
+            res[f"{key}_parts" if key != "fused" else "parts"] = plan.num_parts
+            chain = chained(a, lambda i, q, plan=plan: plan(q, *paged[i % pools]))
+            timed[key] = lambda i, chain=chain: chain(i, qs[i])
         if a.check:
             ref = gather_decode(qs[0], *paged[0], tables, lens, scale, None).astype(mx.float32)
-            got = fused_layer(0).astype(mx.float32)
-            res["rms_vs_gather"] = float(mx.sqrt(mx.mean((got - ref) ** 2)).item())
+            for key, plan in plans.items():
+                got = plan(qs[0], *paged[0]).astype(mx.float32)
+                name = "rms_vs_gather" if key == "fused" else f"{key}_rms"
+                res[name] = float(mx.sqrt(mx.mean((got - ref) ** 2)).item())
             del ref, got
             free()
+    for key, sec in time_steps(timed, a.layers, a.repeats, a.warmup).items():
+        res[f"{key}_s"] = sec
+    timed.clear()
+    if "sdpa" in a.paths:
+        del dense, q4
+        free()
 
     if "gather" in a.paths:
         # take + contiguous copies: ~2x the K/V bytes per layer in flight
@@ -154,14 +161,14 @@ def run_point(a, api, batch, ctx, rng) -> dict:
         def gather_layer(i):
             k, v = paged[i % pools]
             return gather_decode(qs[i], k, v, tables, lens, scale, None)
-        res["gather_s"] = time_step(gather_layer, per_eval, max(2, a.repeats // 2), 1)
+        res["gather_s"] = time_steps({"gather": gather_layer}, per_eval, max(2, a.repeats // 2), 1)["gather"]
     paged.clear()  # drop the pools (the closures above hold the lists, not copies)
     qs.clear()
     free()
     return res
 
 
-def fmt_point(r, peak) -> str:
+def fmt_point(r, peak, ceiling=None) -> str:
     def cell(key):
         if key not in r:
             return f"{'-':>9} {'-':>6}"
@@ -169,14 +176,19 @@ def fmt_point(r, peak) -> str:
         return f"{r[key] * 1e6:9.1f} {tbs:6.2f}"
     fused_frac = (f"{r['kv_bytes'] / r['fused_s'] / 1e12 / peak * 100:5.1f}%"
                   if "fused_s" in r and peak else "    -")
+    if ceiling:
+        fused_frac += (f" {r['kv_bytes'] / r['fused_s'] / 1e12 / ceiling * 100:5.1f}%"
+                       if "fused_s" in r else "      -")
     ratio_s = f"{r['fused_s'] / r['sdpa_s']:6.2f}" if "fused_s" in r and "sdpa_s" in r else "     -"
     ratio_g = f"{r['gather_s'] / r['fused_s']:6.1f}" if "fused_s" in r and "gather_s" in r else "     -"
     return (f"{r['batch']:>3} {r['context']:>6} | {cell('fused_s')} {fused_frac} | {cell('gather_s')} | "
             f"{cell('sdpa_s')} | {ratio_s} {ratio_g} | {r.get('parts', '-'):>5} {r['pools']:>5}")
 
 
-HEADER = (f"{'B':>3} {'ctx':>6} | {'fused us':>9} {'TB/s':>6} {'%peak':>6} | {'gather us':>9} {'TB/s':>6} | "
-          f"{'sdpa us':>9} {'TB/s':>6} | {'f/sdpa':>6} {'g/f':>6} | {'parts':>5} {'pools':>5}")
+def header(ceiling=None) -> str:
+    ceil = f" {'%ceil':>6}" if ceiling else ""
+    return (f"{'B':>3} {'ctx':>6} | {'fused us':>9} {'TB/s':>6} {'%peak':>6}{ceil} | {'gather us':>9} "
+            f"{'TB/s':>6} | {'sdpa us':>9} {'TB/s':>6} | {'f/sdpa':>6} {'g/f':>6} | {'parts':>5} {'pools':>5}")
 
 
 def check_targets(results) -> list[tuple[str, bool, str]]:
@@ -231,10 +243,13 @@ def main(argv=None) -> int:
     p.add_argument("--gather-budget-gb", type=float, default=12.0)
     p.add_argument("--peak-tbs", type=float, default=None, help="HBM peak for the %%peak column")
     p.add_argument("--variants", default="",
-                   help="also time these fused kernel variants, e.g. pf0,pf1,pf0i4,pf1nc")
+                   help="also time these fused kernel variants, e.g. pf1,pf0i4,pf1nc,pf0hf0")
     p.add_argument("--serial", action="store_true",
                    help="make each layer's q depend on the previous layer's output (no overlap)")
     p.add_argument("--check", action="store_true", help="also report fused-vs-gather RMS per point")
+    p.add_argument("--ceiling", action="store_true",
+                   help="first measure the streaming-read ceiling (backends.mlx.ceiling) and report "
+                        "the fused path's fraction of it (%%ceil)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -250,9 +265,15 @@ def main(argv=None) -> int:
           f"HBM peak {peak or '?'} TB/s; layers/step {a.layers}; dtype {a.dtype}; "
           f"Hq {a.hq} Hkv {a.hkv} D {a.head_dim} block {a.block_size}; "
           f"layers {'serial' if a.serial else 'independent'}")
+    ceiling = None
+    if a.ceiling:
+        from .ceiling import stream_read
+        ceiling = stream_read(api)["read_bytes_per_s"] / 1e12
+        print(f"measured streaming-read ceiling: {ceiling:.2f} TB/s"
+              + (f" ({ceiling / peak * 100:.0f}% of the {peak} TB/s peak)" if peak else ""))
     print("per-layer times in us; TB/s = K+V bytes / time; f/sdpa = fused/sdpa time; "
-          "g/f = gather/fused time")
-    print(HEADER, flush=True)
+          "g/f = gather/fused time; the paths of a point are timed in turns, step by step")
+    print(header(ceiling), flush=True)
     rng = np.random.default_rng(a.seed)
     mx.random.seed(a.seed)
     results = []
@@ -260,23 +281,27 @@ def main(argv=None) -> int:
         for ctx in parse_ints(a.contexts):
             r = run_point(a, api, batch, ctx, rng)
             results.append(r)
-            line = fmt_point(r, peak)
+            line = fmt_point(r, peak, ceiling)
             if "rms_vs_gather" in r:
                 line += f" | rms {r['rms_vs_gather']:.1e}"
             for name in a.variants:
                 t = r[f"variant_{name}_s"]
-                line += f" | {name} {t * 1e6:.1f}us {r['kv_bytes'] / t / 1e12:.2f}TB/s"
+                line += (f" | {name} {t * 1e6:.1f}us {r['kv_bytes'] / t / 1e12:.2f}TB/s"
+                         f" p{r[f'variant_{name}_parts']}")
+                if f"variant_{name}_rms" in r:
+                    line += f" rms {r[f'variant_{name}_rms']:.1e}"
             print(line, flush=True)
     print()
-    print(HEADER)
+    print(header(ceiling))
     for r in results:
-        print(fmt_point(r, peak))
+        print(fmt_point(r, peak, ceiling))
     verdicts = check_targets(results)
     for name, ok, detail in verdicts:
         print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": info.get("device_name"), "api": api, "peak_tbs": peak,
+                       "ceiling_tbs": ceiling,
                        "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(a).items()},
                        "results": results,
                        "targets": [{"name": n, "pass": ok, "detail": d} for n, ok, d in verdicts]},

@@ -32,7 +32,7 @@ SPLIT_LAUNCH_COST = 15   # the reduce kernel's launch, in tile iterations (~1 us
                          # latency-bound threadgroup; MLX CUDA spends ~15 us per custom launch)
 SPLIT_TOLERANCE = 1.03   # take the fewest partitions within 3% of the best modelled cost
 KINDS = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
-DEFAULT_VARIANT = {"prefetch": False, "stream": 0}
+DEFAULT_VARIANT = {"prefetch": False, "stream": 0, "hf": True}
 
 # Multiprocessor counts. MLX's device_info() names the GPU but does not report its SM count,
 # so it is looked up by name; unknown NVIDIA GPUs get the H100's 132 (override with
@@ -82,6 +82,7 @@ class KernelConfig:
     stream: int = 0         # LDNC: 0 plain loads; CUDA 1 nc+L1::no_allocate, 2 that + L2::256B,
                             # 3 plain + L2::256B (Metal: all plain)
     warps: int = NUM_WARPS
+    heads_fast: bool = True  # HF: KV heads along grid x (the heads of a block run together)
 
     @property
     def num_chunks(self) -> int:
@@ -100,7 +101,14 @@ class KernelConfig:
                 ("BS", self.block_size), ("HKV", self.num_kv_heads), ("G", self.group),
                 ("GC", self.chunk), ("KIND", self.kind), ("TPT", self.tpt), ("NV", self.nv),
                 ("ITER", self.iters), ("NW", self.warps), ("PF", bool(self.prefetch)),
-                ("LDNC", int(self.stream))]
+                ("LDNC", int(self.stream)), ("HF", bool(self.heads_fast))]
+
+    def grid(self, num_parts: int, batch: int) -> tuple[int, int, int]:
+        """MLX grid (in threads along x) for num_parts partitions of batch sequences."""
+        heads = self.num_kv_heads * self.num_chunks
+        if self.heads_fast:
+            return (heads * self.threads, num_parts, batch)
+        return (num_parts * self.threads, heads, batch)
 
 
 def supported_head_dim(head_dim: int) -> bool:
@@ -123,24 +131,32 @@ def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
     chunk = -(-group // chunks)
     regs = 2 * chunk * nv * elems                           # q + accumulators per thread
     iters = 8 if regs <= 64 else 4 if regs <= 128 else 2
-    v = dict(DEFAULT_VARIANT, **(variant or {}))
+    env = os.environ.get("PA_MLX_VARIANT", "").strip()
+    v = dict(DEFAULT_VARIANT, **(parse_variant(env) if env else {}), **(variant or {}))
     if v["prefetch"]:
         iters = max(2, iters // 2)   # two register stages of ITER tokens each
     if v.get("iters"):
         iters = int(v["iters"])
     return KernelConfig(head_dim, block_size, num_kv_heads, group, chunk, KINDS[pool_dtype],
-                        tpt, nv, iters, bool(v["prefetch"]), int(v["stream"]))
+                        tpt, nv, iters, bool(v["prefetch"]), int(v["stream"]),
+                        heads_fast=bool(v["hf"]), warps=int(v.get("warps") or NUM_WARPS))
 
 
 def parse_variant(text: str) -> dict:
-    """'pf1i4nc2' -> {'prefetch': True, 'iters': 4, 'stream': 2} (bench --variants);
-    'nc' alone means stream mode 1."""
+    """'pf1i4nc2hf0' -> {'prefetch': True, 'iters': 4, 'stream': 2, 'hf': False}
+    (bench --variants); 'nc' alone means stream mode 1; hf is left at its default unless given."""
     import re
-    m = re.fullmatch(r"pf([01])(?:i(\d+))?(?:nc([0-3]?))?", text.strip())
+    m = re.fullmatch(r"pf([01])(?:i(\d+))?(?:nc([0-3]?))?(?:hf([01]))?(?:w([1248]))?", text.strip())
     if m is None:
-        raise ValueError(f"variant {text!r}: expected pf0|pf1, optional i<iters>, optional nc[1-3]")
+        raise ValueError(f"variant {text!r}: expected pf0|pf1, optional i<iters>, optional nc[1-3], "
+                         f"optional hf0|hf1")
     stream = 0 if m.group(3) is None else int(m.group(3) or 1)
-    return {"prefetch": m.group(1) == "1", "iters": int(m.group(2) or 0), "stream": stream}
+    out = {"prefetch": m.group(1) == "1", "iters": int(m.group(2) or 0), "stream": stream}
+    if m.group(4) is not None:
+        out["hf"] = m.group(4) == "1"
+    if m.group(5) is not None:
+        out["warps"] = int(m.group(5))
+    return out
 
 
 def choose_partitions(batch: int, groups_per_seq: int, max_tokens: int, tile: int,
@@ -247,7 +263,7 @@ class DecodePlan:
             return mx.zeros(q.shape, dtype=q.dtype)
         cfg = self.cfg
         inputs = [q, k_pool, v_pool, self.tables, self.lens, self.params, self.scale]
-        grid = (self.num_parts * cfg.threads, cfg.num_kv_heads * cfg.num_chunks, batch)
+        grid = cfg.grid(self.num_parts, batch)
         template = cfg.template(k_pool.dtype, q.dtype)
         if self.num_parts == 1:
             return _kernel(self.api, "decode", False)(

@@ -16,18 +16,21 @@ from pathlib import Path
 
 SHADER_DIR = Path(__file__).resolve().parents[2] / "shaders" / "mlx"
 TARGETS = ("cuda", "metal")
-KERNELS = {"decode": "paged_decode.body", "reduce": "paged_reduce.body"}
+KERNELS = {"decode": "paged_decode.body", "reduce": "paged_reduce.body",
+           "stream_read": "stream_read.body"}
 
 # Kernel signatures (the MLX wrappers generate the function head from these names).
 INPUTS = {
     "decode": ["q", "k_pool", "v_pool", "block_tables", "context_lens", "pa_params", "pa_scale"],
     "reduce": ["o_part", "ml_part", "context_lens", "pa_params"],
 }
+INPUTS["stream_read"] = ["x", "pa_params"]  # the read-bandwidth probe (backends/mlx/ceiling.py)
 OUTPUTS = {
     ("decode", False): ["out"],
     ("decode", True): ["o_part", "ml_part"],
     ("reduce", False): ["out"],
 }
+OUTPUTS[("stream_read", False)] = ["out"]
 
 
 @functools.cache
@@ -68,8 +71,10 @@ def kernel_name(kernel: str, split: bool = False) -> str:
 
 
 # ---- whole translation units, assembled the way MLX 0.32 does (for offline checks) ----------
-CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "int32": "int32_t"}
-METAL_TYPES = {"float16": "float16_t", "bfloat16": "bfloat16_t", "float32": "float", "int32": "int32_t"}
+CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "int32": "int32_t",
+              "uint32": "uint32_t"}
+METAL_TYPES = {"float16": "float16_t", "bfloat16": "bfloat16_t", "float32": "float", "int32": "int32_t",
+               "uint32": "uint32_t"}
 # MLX's CUDA default header includes mlx/backend/cuda/device/utils.cuh; offline we stand in
 # the CUDA headers that file brings.
 CUDA_STANDIN_HEADER = """#include <cuda_fp16.h>

@@ -1,0 +1,96 @@
+"""What the device itself allows, measured with MLX: the achievable streaming read bandwidth
+(the roofline a decode kernel is judged against, next to the HBM spec peak) and what one
+kernel launch costs inside a lazily built graph, custom kernel versus built-in op.
+
+    python -m backends.mlx.ceiling [--gib 4] [--repeats 7]
+
+The read probe (shaders/mlx/stream_read.body) uses the decode kernel's own 16-byte loads over
+several buffers of --gib GiB in all (so nothing is served from L2) and reports the best of a
+few grid shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+
+from .backend import gpu_kind
+from .fused import _kernel, compute_units
+
+STREAM_THREADS = 256
+
+
+def _timed(build, count: int, repeats: int) -> float:
+    """Median seconds of one mx.eval over `count` lazily built outputs."""
+    times = []
+    for rep in range(repeats + 1):
+        outs = [build(i) for i in range(count)]
+        t0 = time.perf_counter()
+        mx.eval(outs)
+        if rep:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _read(api: str, x: mx.array, groups: int) -> mx.array:
+    threads = groups * STREAM_THREADS
+    params = mx.array([x.size // 4, threads], dtype=mx.int32)
+    return _kernel(api, "stream_read", False)(
+        inputs=[x, params], template=[("NT", STREAM_THREADS)], grid=(threads, 1, 1),
+        threadgroup=(STREAM_THREADS, 1, 1), output_shapes=[(threads,)],
+        output_dtypes=[mx.uint32])[0]
+
+
+def stream_read(api: str, gib: float = 4.0, buffers: int = 4, repeats: int = 7) -> dict:
+    """Best streaming read bandwidth (bytes/s) over grids of 2..16 threadgroups per SM/core."""
+    words = int(gib * 2**30) // buffers // 4 // 4 * 4
+    xs = [mx.random.randint(0, 2**31 - 1, (words,), dtype=mx.uint32) for _ in range(buffers)]
+    mx.eval(xs)
+    units = compute_units(api)
+    best = {}
+    for per_unit in (2, 4, 8, 16):
+        groups = units * per_unit
+        sec = _timed(lambda i: _read(api, xs[i % buffers], groups), 4 * buffers, repeats)
+        best[per_unit] = 4 * buffers * words * 4 / sec
+    del xs
+    mx.clear_cache()
+    per_unit = max(best, key=best.get)
+    return {"read_bytes_per_s": best[per_unit], "groups_per_unit": per_unit, "all": best}
+
+
+def launch_cost(api: str, count: int = 64, repeats: int = 7) -> dict:
+    """Seconds per kernel of `count` independent tiny kernels in one mx.eval: a custom kernel
+    (the read probe over 4 bytes) and a built-in elementwise op."""
+    x = mx.zeros((4,), dtype=mx.uint32)
+    xs = [mx.zeros((1,), dtype=mx.float32) + i for i in range(count)]
+    mx.eval(x, xs)
+    custom = _timed(lambda i: _read(api, x, 1), count, repeats) / count
+    builtin = _timed(lambda i: mx.abs(xs[i]), count, repeats) / count
+    return {"custom_s": custom, "builtin_s": builtin}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m backends.mlx.ceiling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gib", type=float, default=4.0, help="bytes read per pass, over 4 buffers")
+    p.add_argument("--repeats", type=int, default=7)
+    a = p.parse_args(argv)
+    api = gpu_kind()
+    if api is None:
+        print("no Metal or CUDA device for MLX custom kernels: nothing to measure", file=sys.stderr)
+        return 2
+    r = stream_read(api, a.gib, repeats=a.repeats)
+    shapes = ", ".join(f"{k}/unit {v / 1e12:.2f}" for k, v in r["all"].items())
+    print(f"device: {mx.device_info().get('device_name', api)} ({api}), {compute_units(api)} units")
+    print(f"stream read: {r['read_bytes_per_s'] / 1e12:.2f} TB/s (threadgroups per unit: {shapes})")
+    c = launch_cost(api, repeats=a.repeats)
+    print(f"launch in a graph: custom kernel {c['custom_s'] * 1e6:.1f} us, "
+          f"built-in op {c['builtin_s'] * 1e6:.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
