@@ -173,6 +173,10 @@ class PagedAttention(ABC):
                                                 scale, window, self.q_dtypes)
             checked.append((slots, args_by_key[key]))
         chosen = self.resolve_path(path, checked[0][1], layers[0].pool.spec)
+        for spec in {layer.pool.spec for layer in layers}:  # before any layer is written
+            why = self.shape_unsupported_reason(chosen, spec)
+            if why:
+                raise UnsupportedPath(f"layers: {why}")
         return self._decode_step(list(layers), [c[0] for c in checked], [c[1] for c in checked], chosen)
 
     @property
@@ -186,14 +190,28 @@ class PagedAttention(ABC):
             return None
         return f"path {path!r} is not available on backend {self.name!r} (device {self.device})"
 
+    def shape_unsupported_reason(self, path: str, spec: PoolSpec) -> str | None:
+        """None when `path` (available here) handles pools of this geometry, else why not
+        (e.g. a kernel limited to some head dims). 'auto' never picks such a path."""
+        return None
+
     def resolve_path(self, path: str, args: DecodeArgs, spec: PoolSpec) -> str:
-        """'auto' -> $PAGED_ATTENTION_PATH if set, else the selector's choice; explicit paths are checked."""
+        """'auto' -> $PAGED_ATTENTION_PATH if set, else the selector's choice (moved to the first
+        path that handles this pool geometry); explicit paths are checked."""
+        auto = path == "auto" and not os.environ.get(PATH_ENV)
         if path == "auto":
             path = os.environ.get(PATH_ENV) or self._auto_path(args, spec)
         if path not in self.paths:
             why = self.path_unavailable_reason(path) if path in self.known_paths else \
                 f"unknown path {path!r} for backend {self.name!r}"
             raise UnsupportedPath(f"{why}; available paths: {self.paths}")
+        why = self.shape_unsupported_reason(path, spec)
+        if why and auto:
+            usable = [p for p in self.paths if not self.shape_unsupported_reason(p, spec)]
+            if usable:
+                return usable[0]
+        if why:
+            raise UnsupportedPath(why)
         return path
 
     def close(self) -> None:

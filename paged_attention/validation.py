@@ -172,6 +172,10 @@ def check_prefill(q, spec: PoolSpec, block_table, start_pos, scale, window,
     if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
         raise InvalidInput(f"start_pos: expected an int >= 0, got {start_pos!r}")
     t = q_shape[0]
+    capacity = table.shape[0] * spec.block_size
+    if start_pos + t > capacity:  # also for T = 0: a start past the table is a caller's bug
+        raise InvalidInput(f"start_pos + T: {start_pos} + {t} tokens exceed block_table's capacity "
+                           f"of {capacity} ({table.shape[0]} blocks x {spec.block_size})")
     tables = np.broadcast_to(table, (t, table.shape[0]))
     lens = np.arange(start_pos + 1, start_pos + t + 1)
     return check_decode(q, spec, tables, lens, scale, window, q_dtypes)

@@ -286,6 +286,9 @@ def test_decode_fuzz(impl, record_property):
         if problem is not None:
             with pytest.raises(pa.InvalidInput):
                 backend.decode(q, pool, tables, lens, scale=c["scale"], window=c["window"], path=path)
+        elif backend.shape_unsupported_reason(path, pool.spec):
+            with pytest.raises(pa.UnsupportedPath, match="head_dim"):
+                backend.decode(q, pool, tables, lens, scale=c["scale"], window=c["window"], path=path)
         else:
             out = backend.decode(q, pool, tables, lens, scale=c["scale"], window=c["window"],
                                  path=path)
@@ -586,6 +589,9 @@ def test_prefill_fuzz(impl, record_property):
             problem = "ids"
         if problem:
             with pytest.raises(pa.InvalidInput):
+                backend.prefill(q, pool, table, start, window=c["window"], path=path)
+        elif backend.shape_unsupported_reason(path, pool.spec):
+            with pytest.raises(pa.UnsupportedPath, match="head_dim"):
                 backend.prefill(q, pool, table, start, window=c["window"], path=path)
         else:
             out = backend.prefill(q, pool, table, start, window=c["window"], path=path)

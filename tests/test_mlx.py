@@ -51,3 +51,30 @@ def test_bfloat16_pool_matches_reference(mlx_backend):
     # The workload draws bf16-representable K/V/q, so only accumulation error remains.
     worst = max(wl.step().rms for _ in range(40))
     assert worst < 5e-3
+
+
+def test_auto_never_picks_fused_for_a_head_dim_it_cannot_run(monkeypatch):
+    """The fused kernel takes head_dim 32..256 (multiples of 32): 'auto' moves to gather for
+    others, an explicit path='fused' (or decode_step) says why before anything runs or is written.
+    Runs without a GPU: the backend is told it has both paths, and no kernel is reached."""
+    from backends.mlx.backend import MLXBackend
+    from paged_attention.validation import PoolSpec, check_decode
+    be = MLXBackend()
+    monkeypatch.setattr(be, "paths", ("fused", "gather"))
+    monkeypatch.setattr(be, "_auto_path", lambda args, spec: "fused")
+    monkeypatch.delenv("PAGED_ATTENTION_PATH", raising=False)
+    odd, fine = PoolSpec(4, 4, 2, 20), PoolSpec(4, 4, 2, 64)
+    args = check_decode(np.zeros((1, 2, 20), np.float32), odd, [[0]], [1], None, None)
+    assert "head_dim" in be.shape_unsupported_reason("fused", odd)
+    assert be.shape_unsupported_reason("fused", fine) is None
+    assert be.shape_unsupported_reason("gather", odd) is None
+    assert be.resolve_path("auto", args, odd) == "gather"
+    with pytest.raises(pa.UnsupportedPath, match="head_dim in 32..256"):
+        be.resolve_path("fused", args, odd)
+    pool = be.create_pool(4, 4, 2, 20, "float32")
+    before = [np.array(a) for a in (pool.k, pool.v)]
+    kv = np.ones((1, 2, 20), np.float32)
+    with pytest.raises(pa.UnsupportedPath, match="head_dim"):
+        be.decode_step([pa.LayerStep(np.zeros((1, 4, 20), np.float32), pool, kv, kv)], [0],
+                       [[0]], [1], path="fused")
+    assert all(np.array_equal(b, np.array(a)) for b, a in zip(before, (pool.k, pool.v)))

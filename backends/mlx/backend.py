@@ -78,6 +78,13 @@ class MLXBackend(PagedAttention):
                     "the fused path needs one, use path='gather'")
         return super().path_unavailable_reason(path)
 
+    def shape_unsupported_reason(self, path, spec):
+        from .fused import supported_head_dim
+        if path == "fused" and not supported_head_dim(spec.head_dim):
+            return (f"the fused MLX kernel supports head_dim in 32..256, a multiple of 32; got "
+                    f"{spec.head_dim}: use path='gather'")
+        return None
+
     def _prefill(self, path, q, pool, args: DecodeArgs):
         if path != "gather":
             return super()._prefill(path, q, pool, args)
@@ -85,6 +92,24 @@ class MLXBackend(PagedAttention):
         # The last query sees the longest context, so its table row has every block in use.
         return gather_prefill(q, pool.k, pool.v, args.block_tables[-1] if args.batch else
                               np.zeros(1, np.int32), args.context_lens, args.scale, args.window)
+
+    def _decode_step(self, layers, slots, args, path):
+        if path != "fused":
+            return super()._decode_step(layers, slots, args, path)
+        from .fused import DecodePlan
+        # Layers of one geometry share one validated DecodeArgs object (decode_step), so they
+        # share one plan: the device copies of the tables, lengths and split-K choice are made
+        # once per step instead of once per layer.
+        plans: dict[int, DecodePlan] = {}
+        outs = []
+        for layer, s, a in zip(layers, slots, args):
+            if s.size:
+                self._write_kv(layer.pool, s, layer.k, layer.v)
+            if id(a) not in plans:
+                plans[id(a)] = DecodePlan.from_args(self.kernel_api, a, layer.pool.k)
+            q = layer.q if isinstance(layer.q, mx.array) else mx.array(np.asarray(layer.q))
+            outs.append(plans[id(a)](q, layer.pool.k, layer.pool.v))
+        return outs
 
     def _decode(self, path, q, pool, args: DecodeArgs):
         q = q if isinstance(q, mx.array) else mx.array(np.asarray(q))

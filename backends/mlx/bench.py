@@ -154,8 +154,9 @@ def run_point(a, api, batch, ctx, rng) -> dict:
         free()
 
     if "gather" in a.paths:
-        # take + contiguous copies: ~2x the K/V bytes per layer in flight
-        per_eval = max(1, min(a.layers, int(a.gather_budget_gb * 2**30) // (2 * kv_bytes)))
+        # take + float32 contiguous copies (gather.compute_dtype): ~3x the K/V bytes of a
+        # 16-bit pool per layer in flight; 4x leaves room for the allocator's cache
+        per_eval = max(1, min(a.layers, int(a.gather_budget_gb * 2**30) // (4 * kv_bytes)))
         res["gather_layers_per_eval"] = per_eval
 
         def gather_layer(i):
