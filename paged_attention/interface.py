@@ -172,11 +172,9 @@ class PagedAttention(ABC):
                 args_by_key[key] = check_decode(layer.q, layer.pool.spec, block_tables, context_lens,
                                                 scale, window, self.q_dtypes)
             checked.append((slots, args_by_key[key]))
-        chosen = self.resolve_path(path, checked[0][1], layers[0].pool.spec)
-        for spec in {layer.pool.spec for layer in layers}:  # before any layer is written
-            why = self.shape_unsupported_reason(chosen, spec)
-            if why:
-                raise UnsupportedPath(f"layers: {why}")
+        # Every layer's geometry is checked here, before any layer is written.
+        specs = list(dict.fromkeys(layer.pool.spec for layer in layers))
+        chosen = self.resolve_path(path, checked[0][1], *specs)
         return self._decode_step(list(layers), [c[0] for c in checked], [c[1] for c in checked], chosen)
 
     @property
@@ -195,21 +193,26 @@ class PagedAttention(ABC):
         (e.g. a kernel limited to some head dims). 'auto' never picks such a path."""
         return None
 
-    def resolve_path(self, path: str, args: DecodeArgs, spec: PoolSpec) -> str:
+    def resolve_path(self, path: str, args: DecodeArgs, spec: PoolSpec, *more: PoolSpec) -> str:
         """'auto' -> $PAGED_ATTENTION_PATH if set, else the selector's choice (moved to the first
-        path that handles this pool geometry); explicit paths are checked."""
-        auto = path == "auto" and not os.environ.get(PATH_ENV)
+        path that handles every given pool geometry); explicit paths are checked."""
+        auto = False
         if path == "auto":
-            path = os.environ.get(PATH_ENV) or self._auto_path(args, spec)
+            path = os.environ.get(PATH_ENV)
+            if not path:
+                path, auto = self._auto_path(args, spec), True
         if path not in self.paths:
             why = self.path_unavailable_reason(path) if path in self.known_paths else \
                 f"unknown path {path!r} for backend {self.name!r}"
             raise UnsupportedPath(f"{why}; available paths: {self.paths}")
-        why = self.shape_unsupported_reason(path, spec)
+
+        def unsupported(p):
+            return next(filter(None, (self.shape_unsupported_reason(p, s) for s in (spec, *more))),
+                        None)
+        why = unsupported(path)
         if why and auto:
-            usable = [p for p in self.paths if not self.shape_unsupported_reason(p, spec)]
-            if usable:
-                return usable[0]
+            path = next((p for p in self.paths if not unsupported(p)), path)
+            why = unsupported(path)
         if why:
             raise UnsupportedPath(why)
         return path

@@ -23,6 +23,11 @@ def gpu_kind() -> str | None:
     return None
 
 
+def as_mx(x) -> mx.array:
+    """x as an mx.array (no copy when it already is one)."""
+    return x if isinstance(x, mx.array) else mx.array(np.asarray(x))
+
+
 class MLXPool(KVPool):
     def __init__(self, spec: PoolSpec):
         super().__init__(spec, "mlx")
@@ -79,16 +84,15 @@ class MLXBackend(PagedAttention):
         return super().path_unavailable_reason(path)
 
     def shape_unsupported_reason(self, path, spec):
-        from .fused import supported_head_dim
-        if path == "fused" and not supported_head_dim(spec.head_dim):
-            return (f"the fused MLX kernel supports head_dim in 32..256, a multiple of 32; got "
-                    f"{spec.head_dim}: use path='gather'")
+        if path == "fused":
+            from .fused import head_dim_unsupported_reason
+            return head_dim_unsupported_reason(spec.head_dim)
         return None
 
     def _prefill(self, path, q, pool, args: DecodeArgs):
         if path != "gather":
             return super()._prefill(path, q, pool, args)
-        q = q if isinstance(q, mx.array) else mx.array(np.asarray(q))
+        q = as_mx(q)
         # The last query sees the longest context, so its table row has every block in use.
         return gather_prefill(q, pool.k, pool.v, args.block_tables[-1] if args.batch else
                               np.zeros(1, np.int32), args.context_lens, args.scale, args.window)
@@ -107,12 +111,11 @@ class MLXBackend(PagedAttention):
                 self._write_kv(layer.pool, s, layer.k, layer.v)
             if id(a) not in plans:
                 plans[id(a)] = DecodePlan.from_args(self.kernel_api, a, layer.pool.k)
-            q = layer.q if isinstance(layer.q, mx.array) else mx.array(np.asarray(layer.q))
-            outs.append(plans[id(a)](q, layer.pool.k, layer.pool.v))
+            outs.append(plans[id(a)](as_mx(layer.q), layer.pool.k, layer.pool.v))
         return outs
 
     def _decode(self, path, q, pool, args: DecodeArgs):
-        q = q if isinstance(q, mx.array) else mx.array(np.asarray(q))
+        q = as_mx(q)
         if path == "fused":
             from .fused import fused_decode
             return fused_decode(q, pool.k, pool.v, args, api=self.kernel_api)

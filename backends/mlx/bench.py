@@ -162,7 +162,8 @@ def run_point(a, api, batch, ctx, rng) -> dict:
         def gather_layer(i):
             k, v = paged[i % pools]
             return gather_decode(qs[i], k, v, tables, lens, scale, None)
-        res["gather_s"] = time_steps({"gather": gather_layer}, per_eval, max(2, a.repeats // 2), 1)["gather"]
+        res["gather_s"] = time_steps({"gather": gather_layer}, per_eval,
+                                     max(2, a.repeats // 2), 1)["gather"]
     paged.clear()  # drop the pools (the closures above hold the lists, not copies)
     qs.clear()
     free()

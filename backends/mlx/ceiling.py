@@ -11,28 +11,15 @@ few grid shapes.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import mlx.core as mx
 
 from .backend import gpu_kind
+from .bench import time_steps
 from .fused import _kernel, compute_units
 
 STREAM_THREADS = 256
-
-
-def _timed(build, count: int, repeats: int) -> float:
-    """Median seconds of one mx.eval over `count` lazily built outputs."""
-    times = []
-    for rep in range(repeats + 1):
-        outs = [build(i) for i in range(count)]
-        t0 = time.perf_counter()
-        mx.eval(outs)
-        if rep:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _read(api: str, x: mx.array, groups: int) -> mx.array:
@@ -50,11 +37,11 @@ def stream_read(api: str, gib: float = 4.0, buffers: int = 4, repeats: int = 7) 
     xs = [mx.random.randint(0, 2**31 - 1, (words,), dtype=mx.uint32) for _ in range(buffers)]
     mx.eval(xs)
     units = compute_units(api)
-    best = {}
-    for per_unit in (2, 4, 8, 16):
-        groups = units * per_unit
-        sec = _timed(lambda i: _read(api, xs[i % buffers], groups), 4 * buffers, repeats)
-        best[per_unit] = 4 * buffers * words * 4 / sec
+    reads = 4 * buffers  # probe launches per mx.eval
+    grids = {per_unit: (lambda i, g=units * per_unit: _read(api, xs[i % buffers], g))
+             for per_unit in (2, 4, 8, 16)}
+    best = {per_unit: words * 4 / sec
+            for per_unit, sec in time_steps(grids, reads, repeats, 1).items()}
     del xs
     mx.clear_cache()
     per_unit = max(best, key=best.get)
@@ -67,9 +54,8 @@ def launch_cost(api: str, count: int = 64, repeats: int = 7) -> dict:
     x = mx.zeros((4,), dtype=mx.uint32)
     xs = [mx.zeros((1,), dtype=mx.float32) + i for i in range(count)]
     mx.eval(x, xs)
-    custom = _timed(lambda i: _read(api, x, 1), count, repeats) / count
-    builtin = _timed(lambda i: mx.abs(xs[i]), count, repeats) / count
-    return {"custom_s": custom, "builtin_s": builtin}
+    return time_steps({"custom_s": lambda i: _read(api, x, 1),
+                       "builtin_s": lambda i: mx.abs(xs[i])}, count, repeats, 1)
 
 
 def main(argv=None) -> int:

@@ -115,12 +115,20 @@ def supported_head_dim(head_dim: int) -> bool:
     return head_dim % 32 == 0 and 32 <= head_dim <= 256
 
 
+def head_dim_unsupported_reason(head_dim: int) -> str | None:
+    """None when the fused kernel runs this head dim, else why not (an UnsupportedPath text)."""
+    if supported_head_dim(head_dim):
+        return None
+    return (f"the fused MLX kernel supports head_dim in 32..256, a multiple of 32; got {head_dim}: "
+            f"use path='gather'")
+
+
 def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
                   pool_dtype, variant: dict | None = None) -> KernelConfig:
     """variant (benchmarking): overrides of prefetch / iters / stream."""
-    if not supported_head_dim(head_dim):
-        raise UnsupportedPath(f"fused MLX kernel supports head_dim in 32..256, a multiple of 32; "
-                              f"got {head_dim}: use path='gather'")
+    why = head_dim_unsupported_reason(head_dim)
+    if why:
+        raise UnsupportedPath(why)
     if pool_dtype not in KINDS:
         raise UnsupportedPath(f"fused MLX kernel supports float16/bfloat16/float32 pools, got {pool_dtype}")
     elems = 4 if pool_dtype == mx.float32 else 8          # elements per 16-byte vector
@@ -284,7 +292,8 @@ def fused_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, args: DecodeAr
                  api: str, partitions: int | None = None) -> mx.array:
     """Paged decode attention. q [B, Hq, D]; pools [NB, BS, Hkv, D]; args validated on the host.
     Returns [B, Hq, D] in q's dtype. `partitions` forces the split-K count (1: no split)."""
-    q = q if isinstance(q, mx.array) else mx.array(np.asarray(q))
+    from .backend import as_mx
+    q = as_mx(q)
     if args.batch == 0:
         return mx.zeros(q.shape, dtype=q.dtype)
     return DecodePlan.from_args(api, args, k_pool, partitions)(q, k_pool, v_pool)
