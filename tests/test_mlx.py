@@ -19,21 +19,27 @@ def mlx_backend():
 
 def test_write_kv_updates_the_pool_in_place(mlx_backend):
     """A write of a few slots must not copy the 64 MiB pools: MLX donates the pool buffer to
-    the scatter when no other reference is alive."""
+    the scatter when no other reference is alive. On CUDA the previous command's references are
+    dropped by a completion callback that can lag mx.eval (measured on the H100: 8-13% of
+    back-to-back writes copied the pool), so each write here starts after mx.synchronize(), the
+    documented condition; then 1 write in ~1800 still copied, so one copy in 8 is tolerated."""
     pool = mlx_backend.create_pool(2048, 16, 8, 128, "float16")
     pool_bytes = pool.nbytes // 2
     k = np.ones((8, 8, 128), np.float16)
     mlx_backend.write_kv(pool, np.arange(8), k, k)      # warm up the scatter kernels
     mx.eval(pool.k, pool.v)
-    mx.reset_peak_memory()
-    base = mx.get_active_memory()
-    for step in range(4):
+    extra = []
+    for step in range(8):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
         mlx_backend.write_kv(pool, np.arange(8) + 100 * step, k * step, k)
         mx.eval(pool.k, pool.v)
-    extra = mx.get_peak_memory() - base
-    assert extra < pool_bytes // 8, f"write_kv used {extra} extra bytes for a {pool_bytes}-byte pool"
+        extra.append(mx.get_peak_memory() - base)
+    copied = [e for e in extra if e >= pool_bytes // 8]
+    assert len(copied) <= 1, f"write_kv copied a {pool_bytes}-byte pool in {len(copied)} of 8 writes: {extra}"
     kk, _ = pool.to_numpy()
-    assert np.all(kk.reshape(-1, 8, 128)[300:308] == 3)
+    assert np.all(kk.reshape(-1, 8, 128)[700:708] == 7)
 
 
 def test_fused_path_on_cpu_names_the_device(mlx_backend):

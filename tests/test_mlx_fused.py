@@ -107,7 +107,7 @@ def test_split_k_forced_on_and_off(dtype, window):
 
 
 @needs_gpu
-@pytest.mark.parametrize("variant", ["pf0hf0", "pf1", "pf0i4", "pf1nc", "pf1i8", "pf0nc2", "pf0nc3hf0", "pf0w2"])
+@pytest.mark.parametrize("variant", ["pf0hf0", "pf1", "pf0i4", "pf1nc", "pf1i8", "pf0nc2", "pf0nc3hf0", "pf0w2", "pf0l1", "pf1l2"])
 @pytest.mark.parametrize("case", [("float16", [3000, 70, 0], 2, 4, 128, 16, None, 8),
                                   ("bfloat16", [900, 1], 1, 8, 64, 32, 300, None),
                                   ("float32", [1200], 2, 6, 96, 16, None, 1)],
@@ -308,6 +308,7 @@ def test_variant_names():
     from backends.mlx.fused import parse_variant
     assert parse_variant("pf1i4nc2hf0") == {"prefetch": True, "iters": 4, "stream": 2, "hf": False}
     assert "hf" not in parse_variant("pf0")  # the default (heads along grid x) stays
+    assert parse_variant("pf0w2l1") == {"prefetch": False, "iters": 0, "stream": 0, "warps": 2, "l2": 1}
     assert kernel_config(128, 16, 8, 4, mx.float16).heads_fast
     cfg = kernel_config(128, 16, 8, 4, mx.float16, parse_variant("pf0hf0"))
     assert cfg.grid(6, 3) == (6 * cfg.threads, 8, 3)

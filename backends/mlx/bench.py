@@ -3,13 +3,13 @@
     python -m backends.mlx.bench [--preset h100] [--batches 1,4,8,32] [--contexts 1024,4096,16384,32768]
 
 For each (batch, context) point: Hq=32, Hkv=8, D=128, float16, block 16, every sequence at the
-full context over a fragmented (randomly permuted) block table. A decode step of --layers
-layers is built lazily (each layer its own q; K/V pools rotated among as many distinct pools as
-the memory budget allows, each pool's bytes > L2 at the larger points, their sum > L2 always)
-and evaluated with one mx.eval; the median step time over --repeats steps / layers is the
-per-layer time, so launch and synchronisation costs are amortised. fused (with its --variants)
-and sdpa take turns step by step, so clock or host-load drift hits both sides of their ratio
-alike. Paths timed:
+full context over a fragmented (randomly permuted; --tables contiguous: in order) block table.
+A decode step of --layers layers is built lazily (each layer its own q; K/V pools rotated
+among as many distinct pools as the memory budget allows, each pool's bytes > L2 at the larger
+points, their sum > L2 always) and evaluated with one mx.eval; the median step time over
+--repeats steps / layers is the per-layer time, so launch and synchronisation costs are
+amortised. fused (with its --variants) and sdpa take turns step by step, so clock or host-load
+drift hits both sides of their ratio alike. Paths timed:
   fused  - backends.mlx.fused (paged kernel, split-K as chosen by its heuristic)
   gather - backends.mlx.gather (take -> contiguous copy -> SDPA); at large points fewer layers
            per eval so its per-layer copies fit in memory
@@ -122,7 +122,8 @@ def run_point(a, api, batch, ctx, rng) -> dict:
 
     blocks_per_seq = -(-ctx // bs)
     nb = batch * blocks_per_seq
-    tables = rng.permutation(nb).astype(np.int32).reshape(batch, blocks_per_seq)
+    order = rng.permutation(nb) if a.tables == "fragmented" else np.arange(nb)
+    tables = order.astype(np.int32).reshape(batch, blocks_per_seq)
     lens = np.full(batch, ctx, np.int32)
     paged = random_kv(pools, (nb, bs, hkv, d), dtype)
 
@@ -239,6 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     p.add_argument("--paths", default="fused,gather,sdpa")
+    p.add_argument("--tables", choices=("fragmented", "contiguous"), default="fragmented",
+                   help="block tables: a random permutation of the pool (default) or each sequence's "
+                        "blocks in order, back to back (isolates the cost of scattered blocks)")
     p.add_argument("--partitions", type=int, default=None, help="force the split-K count (1: off)")
     p.add_argument("--pool-budget-gb", type=float, default=16.0,
                    help="memory for the distinct K/V pools rotated across layers")

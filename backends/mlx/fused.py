@@ -83,6 +83,7 @@ class KernelConfig:
                             # 3 plain + L2::256B (Metal: all plain)
     warps: int = NUM_WARPS
     heads_fast: bool = True  # HF: KV heads along grid x (the heads of a block run together)
+    l2_ahead: int = 0        # L2PF: tiles ahead whose K/V lines are hinted into L2 (0: none)
 
     @property
     def num_chunks(self) -> int:
@@ -101,7 +102,8 @@ class KernelConfig:
                 ("BS", self.block_size), ("HKV", self.num_kv_heads), ("G", self.group),
                 ("GC", self.chunk), ("KIND", self.kind), ("TPT", self.tpt), ("NV", self.nv),
                 ("ITER", self.iters), ("NW", self.warps), ("PF", bool(self.prefetch)),
-                ("LDNC", int(self.stream)), ("HF", bool(self.heads_fast))]
+                ("LDNC", int(self.stream)), ("HF", bool(self.heads_fast)),
+                ("L2PF", int(self.l2_ahead))]
 
     def grid(self, num_parts: int, batch: int) -> tuple[int, int, int]:
         """MLX grid (in threads along x) for num_parts partitions of batch sequences."""
@@ -147,23 +149,27 @@ def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
         iters = int(v["iters"])
     return KernelConfig(head_dim, block_size, num_kv_heads, group, chunk, KINDS[pool_dtype],
                         tpt, nv, iters, bool(v["prefetch"]), int(v["stream"]),
-                        heads_fast=bool(v["hf"]), warps=int(v.get("warps") or NUM_WARPS))
+                        heads_fast=bool(v["hf"]), warps=int(v.get("warps") or NUM_WARPS),
+                        l2_ahead=int(v.get("l2", 0)))
 
 
 def parse_variant(text: str) -> dict:
     """'pf1i4nc2hf0' -> {'prefetch': True, 'iters': 4, 'stream': 2, 'hf': False}
     (bench --variants); 'nc' alone means stream mode 1; hf is left at its default unless given."""
     import re
-    m = re.fullmatch(r"pf([01])(?:i(\d+))?(?:nc([0-3]?))?(?:hf([01]))?(?:w([1248]))?", text.strip())
+    m = re.fullmatch(r"pf([01])(?:i(\d+))?(?:nc([0-3]?))?(?:hf([01]))?(?:w([1248]))?(?:l(\d))?",
+                     text.strip())
     if m is None:
         raise ValueError(f"variant {text!r}: expected pf0|pf1, optional i<iters>, optional nc[1-3], "
-                         f"optional hf0|hf1")
+                         f"optional hf0|hf1, optional w<warps>, optional l<tiles of L2 prefetch>")
     stream = 0 if m.group(3) is None else int(m.group(3) or 1)
     out = {"prefetch": m.group(1) == "1", "iters": int(m.group(2) or 0), "stream": stream}
     if m.group(4) is not None:
         out["hf"] = m.group(4) == "1"
     if m.group(5) is not None:
         out["warps"] = int(m.group(5))
+    if m.group(6) is not None:
+        out["l2"] = int(m.group(6))
     return out
 
 

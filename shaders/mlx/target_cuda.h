@@ -12,6 +12,9 @@
 // Streaming variants (LDNC): 1 read-only path without L1 allocation, 2 the same plus a 256-byte
 // L2 fetch (a whole K/V row per miss), 3 a plain load with the 256-byte L2 fetch.
 #define PA_LOAD16_STREAM(p) pa_ld_stream<LDNC>(reinterpret_cast<const uint4*>(p))
+// Hint: start fetching the 128-byte line at p into L2 (no register, no wait), so more bytes are
+// in flight than the registers of a tile can hold.
+#define PA_PREFETCH_L2(p) asm volatile("prefetch.global.L2 [%0];" ::"l"(p))
 
 typedef long long pa_i64;
 typedef unsigned int pa_u32;

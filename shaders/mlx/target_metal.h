@@ -10,6 +10,8 @@
 #define PA_ZERO16 uint4(0u)
 // Streaming variant: Metal has no L1-bypass hint here; same as PA_LOAD16.
 #define PA_LOAD16_STREAM(p) PA_LOAD16(p)
+// L2 prefetch hint: Metal exposes none, so it compiles to nothing (the logic is unchanged).
+#define PA_PREFETCH_L2(p) ((void)(p))
 
 typedef long pa_i64;
 typedef uint pa_u32;
