@@ -21,8 +21,9 @@ def test_write_kv_updates_the_pool_in_place(mlx_backend):
     """A write of a few slots must not copy the 64 MiB pools: MLX donates the pool buffer to
     the scatter when no other reference is alive. On CUDA the previous command's references are
     dropped by a completion callback that can lag mx.eval (measured on the H100: 8-13% of
-    back-to-back writes copied the pool), so each write here starts after mx.synchronize(), the
-    documented condition; then 1 write in ~1800 still copied, so one copy in 8 is tolerated."""
+    back-to-back writes copied the pool), so each write here starts after mx.synchronize() (the
+    condition MLXBackend._write_kv records); then 1 write in ~1800 still copied, so one copy in 8
+    is tolerated."""
     pool = mlx_backend.create_pool(2048, 16, 8, 128, "float16")
     pool_bytes = pool.nbytes // 2
     k = np.ones((8, 8, 128), np.float16)
