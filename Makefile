@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m paged_attention.cli run experiments/smoke.yaml
+	$(PY) -m paged_attention.cli run smoke
 
 test: setup
 	$(PY) -m pytest -n 2 -q -rs

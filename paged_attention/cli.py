@@ -93,8 +93,7 @@ def cmd_run(args) -> int:
 def cmd_calibrate(args) -> int:
     """Run the selector calibration experiment (writes the per-device selector table)."""
     if args.experiment is None:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        args.experiment = os.path.join(root, "experiments", "selector_calibration.yaml")
+        args.experiment = "selector_calibration"  # shipped with the package
     return cmd_run(args)
 
 
@@ -114,10 +113,10 @@ def _add_experiment_commands(sub) -> None:
                             ("calibrate", cmd_calibrate, "calibrate the path selector on this machine")):
         r = sub.add_parser(name, help=doc)
         if name == "run":
-            r.add_argument("experiment", help="experiments/<name>.yaml")
+            r.add_argument("experiment", help="a YAML file, or the name of a shipped experiment (smoke, decode_sweep, ...)")
         else:
             r.add_argument("--experiment", default=None,
-                           help="calibration experiment (default experiments/selector_calibration.yaml)")
+                           help="calibration experiment (default: the shipped selector_calibration)")
         r.add_argument("--backend", action="append", help="run only this backend (repeatable)")
         r.add_argument("--quick", action="store_true", help="the experiment's small grid and iterations")
         r.add_argument("--out", default=None, help="run directory (default runs/<timestamp>-<name>/)")
@@ -149,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Backends with a dedicated kernel benchmark: module with main(argv) -> exit code.
-BENCHMARKS = {"mlx": "backends.mlx.bench", "vulkan": "backends.vulkan.bench"}
+BENCHMARKS = {"mlx": "paged_attention.backends.mlx.bench", "vulkan": "paged_attention.backends.vulkan.bench"}
 
 
 def cmd_bench(args) -> int:

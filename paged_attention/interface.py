@@ -10,14 +10,16 @@ import functools
 import os
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import InvalidInput, UnsupportedPath
-from .validation import (FLOAT_DTYPES, DecodeArgs, PoolSpec, check_copy_pairs, check_decode,
-                         check_pool_spec, check_prefill, check_write, dtype_name, shape_of)
+from .validation import (FLOAT_DTYPES, DecodeArgs, PoolSpec, check_copy_pairs, check_kv,
+                         check_num_q_heads, check_pool_spec, check_prefill, check_q,
+                         check_query_lens, check_slots, check_tables, check_write, host_ints,
+                         query_rows)
 
 PATH_ENV = "PAGED_ATTENTION_PATH"
 
@@ -55,6 +57,42 @@ class KVPool(ABC):
         s = self.spec
         return (f"{type(self).__name__}(num_blocks={s.num_blocks}, block_size={s.block_size}, "
                 f"num_kv_heads={s.num_kv_heads}, head_dim={s.head_dim}, dtype={s.dtype!r})")
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """What `PagedAttention.plan` decided for one step: validated host inputs, the resolved path
+    and the backend's device copies of them. Immutable; pass it to `run` once per layer.
+
+    spec          the pool geometry every layer of the step shares (PoolSpec)
+    path          the resolved path ('auto' already decided)
+    batch         B, the number of sequences
+    num_q_heads   Hq
+    num_rows      N = sum(query_lens): q and the output are [N, Hq, D]
+    query_lens    int32 [B], or None when every sequence has one query (plain decode)
+    args          the step as N decode rows (DecodeArgs): block_tables int32 [N, max_blocks] (one
+                  row per query, its sequence's table), context_lens int32 [N] (what each query
+                  sees, the causal mask applied), scale, window
+    slots         int64 [S] slots the new k/v rows of `run` are written to, or None
+    device        the backend's own state (uploaded tables, kernel choice); None where it has none
+    """
+
+    backend: "PagedAttention" = field(repr=False)
+    spec: PoolSpec
+    path: str
+    batch: int
+    num_q_heads: int
+    num_rows: int
+    query_lens: np.ndarray | None
+    args: DecodeArgs = field(repr=False)
+    slots: np.ndarray | None = field(repr=False)
+    device: Any = field(default=None, repr=False)
+
+
+def _frozen(a):
+    if isinstance(a, np.ndarray):
+        a.flags.writeable = False
+    return a
 
 
 @dataclass
@@ -122,19 +160,54 @@ class PagedAttention(ABC):
         if src.size:
             self._copy_blocks(pool, src, dst)
 
-    # -- attention -----------------------------------------------------------------------------
+    # -- attention: plan once per step, run once per layer -------------------------------------
+    @_serialized
+    def plan(self, pool: KVPool, block_tables, context_lens, *, num_q_heads: int,
+             query_lens=None, slot_mapping=None, scale=None, window=None,
+             path: str = "auto") -> Plan:
+        """Decide a step once: validate its tables, resolve the path, upload what every layer shares.
+
+        pool: any pool of the step's geometry (every layer's pool must share it).
+        block_tables: int [B, max_blocks]; entries past ceil(context_lens[b] / block_size) are ignored.
+        context_lens: int [B], every cached token of sequence b including this step's new ones.
+        num_q_heads: Hq, a multiple of the pool's num_kv_heads.
+        query_lens: int [B] (default all 1): sequence b contributes query_lens[b] consecutive query
+            rows, its newest tokens; q is [sum(query_lens), Hq, D], sequences in order. Query j of
+            sequence b sees positions < context_lens[b] - query_lens[b] + j + 1 (causal), so one
+            batch can mix decode rows and prefill chunks.
+        slot_mapping: int [S] distinct slots where `run(..., k, v)` writes k, v [S, Hkv, D].
+        window: each query sees only its last `window` positions. scale: default 1/sqrt(D).
+        Raises InvalidInput (naming the argument) or UnsupportedPath before anything is touched.
+        """
+        self._check_pool(pool)
+        return self._make_plan(pool.spec, block_tables, context_lens, check_num_q_heads(
+            pool.spec, num_q_heads), query_lens, slot_mapping, scale, window, path)
+
+    def run(self, plan: Plan, q, pool: KVPool, k=None, v=None):
+        """One layer of a planned step: write k, v at the plan's slot_mapping (if given), then attend.
+
+        q: [N, Hq, D] with N = plan.num_rows; k, v: [S, Hkv, D]. Only O(1) checks run here (the
+        plan's owner, the pool's geometry, shapes and dtypes): no host sync, no per-block work.
+        Returns [N, Hq, D] in q's dtype, as this backend's array type (`array_type`).
+        """
+        with self._call_lock:
+            self._check_run(plan, q, pool, k, v)
+            return self._run(plan, q, pool, k, v)
+
     @_serialized
     def decode(self, q, pool: KVPool, block_tables, context_lens, *, scale=None, window=None,
                path: str = "auto"):
-        """Decode attention for one new token per sequence.
+        """Decode attention for one new token per sequence: plan + run of one layer.
 
         q: [B, Hq, D] (Hq a multiple of the pool's Hkv); block_tables: int32 [B, max_blocks];
         context_lens: int32 [B], each <= max_blocks * block_size; window: attend to the last
-        `window` positions only. Returns [B, Hq, D] in q's dtype, accepted by np.asarray.
+        `window` positions only. Returns [B, Hq, D] in q's dtype (`array_type`).
         """
         self._check_pool(pool)
-        args = check_decode(q, pool.spec, block_tables, context_lens, scale, window, self.q_dtypes)
-        return self._decode(self.resolve_path(path, args, pool.spec), q, pool, args)
+        batch, hq = check_q(q, pool.spec, self.q_dtypes)
+        plan = self._make_plan(pool.spec, block_tables, context_lens, hq, None, None, scale,
+                               window, path, batch=batch)
+        return self._run(plan, q, pool, None, None)
 
     @_serialized
     def prefill(self, q, pool: KVPool, block_table, start_pos: int = 0, *, scale=None, window=None,
@@ -143,39 +216,55 @@ class PagedAttention(ABC):
 
         q: [T, Hq, D], the queries of positions [start_pos, start_pos + T), whose K/V must already
         be written (`write_kv`); positions < start_pos may sit in prefix-cached blocks. block_table:
-        int [max_blocks]. Returns [T, Hq, D] in q's dtype.
+        int [max_blocks]. Returns [T, Hq, D] in q's dtype. A one-sequence ragged plan.
         """
         self._check_pool(pool)
+        # check_prefill keeps prefill's own error messages (start_pos, T, capacity).
         args = check_prefill(q, pool.spec, block_table, start_pos, scale, window, self.q_dtypes)
-        return self._prefill(self.resolve_path(path, args, pool.spec), q, pool, args)
+        t = args.batch
+        table = host_ints(block_table, "block_table", 1)[None]
+        # An empty chunk sees nothing: context 0 keeps its table out of the id checks, as before.
+        plan = self._make_plan(pool.spec, table, np.array([start_pos + t if t else 0]),
+                               args.num_q_heads, np.array([t]), None, scale, window, path)
+        return self._run(plan, q, pool, None, None)
 
     @_serialized
     def decode_step(self, layers: Sequence[LayerStep], slot_mapping, block_tables, context_lens, *,
                     scale=None, window=None, path: str = "auto") -> list:
         """One decode step across layers: append each layer's new K/V at `slot_mapping`, then
-        attend. context_lens already count the appended tokens. Every layer is validated before
-        any is written. Backends that can batch a whole step into one submission override
-        `_decode_step`."""
+        attend; plan once per distinct pool geometry, run per layer. context_lens already count
+        the appended tokens. Every layer is validated before any is written."""
         if not layers:
             raise InvalidInput("layers: expected at least one LayerStep")
-        checked = []
-        # Layers share the step's tables: validate them once per distinct (pool geometry, q shape,
-        # q dtype), which are the only per-layer inputs check_decode looks at.
-        args_by_key: dict = {}
         for i, layer in enumerate(layers):
             if not isinstance(layer, LayerStep):
                 raise InvalidInput(f"layers[{i}]: expected a LayerStep, got {type(layer).__name__}")
             self._check_pool(layer.pool)
-            slots = check_write(layer.pool.spec, slot_mapping, layer.k, layer.v, self.kv_dtypes)
-            key = (layer.pool.spec, shape_of(layer.q, "q"), dtype_name(layer.q))
-            if key not in args_by_key:
-                args_by_key[key] = check_decode(layer.q, layer.pool.spec, block_tables, context_lens,
-                                                scale, window, self.q_dtypes)
-            checked.append((slots, args_by_key[key]))
-        # Every layer's geometry is checked here, before any layer is written.
+        # Resolve one path against every geometry first, so 'auto' steps around a path any layer
+        # cannot run and an explicit path is refused before any layer is written.
         specs = list(dict.fromkeys(layer.pool.spec for layer in layers))
-        chosen = self.resolve_path(path, checked[0][1], *specs)
-        return self._decode_step(list(layers), [c[0] for c in checked], [c[1] for c in checked], chosen)
+        q0 = layers[0].q
+        batch, hq = check_q(q0, specs[0], self.q_dtypes)
+        first = self._make_plan(specs[0], block_tables, context_lens, hq, None, slot_mapping,
+                                scale, window, path, batch=batch, more_specs=specs[1:])
+        plans = {specs[0]: first}
+        for spec in specs[1:]:
+            plans[spec] = self._make_plan(spec, block_tables, context_lens, hq, None, slot_mapping,
+                                          scale, window, first.path, batch=batch)
+        chosen = [plans[layer.pool.spec] for layer in layers]
+        for layer, plan in zip(layers, chosen):
+            self._check_run(plan, layer.q, layer.pool, layer.k, layer.v)
+        return self._decode_step(list(layers), chosen)
+
+    @property
+    def array_type(self) -> type:
+        """The array type this backend's outputs have (np.ndarray; mx.array on MLX). Inputs may
+        be numpy arrays or this type; `to_numpy` turns an output into numpy."""
+        return np.ndarray
+
+    def to_numpy(self, x) -> np.ndarray:
+        """A host numpy copy of one of this backend's arrays (bfloat16 comes back as float32)."""
+        return np.asarray(x)
 
     @property
     def known_paths(self) -> tuple[str, ...]:
@@ -217,6 +306,41 @@ class PagedAttention(ABC):
             raise UnsupportedPath(why)
         return path
 
+    def _make_plan(self, spec: PoolSpec, block_tables, context_lens, num_q_heads: int, query_lens,
+                   slot_mapping, scale, window, path: str, batch: int | None = None,
+                   more_specs: Sequence[PoolSpec] = ()) -> Plan:
+        args = check_tables(spec, block_tables, context_lens, batch, scale, window, num_q_heads)
+        ql = check_query_lens(query_lens, args.context_lens)
+        rows = args if ql is None else query_rows(args, ql)
+        slots = None if slot_mapping is None else check_slots(spec, slot_mapping)
+        chosen = self.resolve_path(path, rows, spec, *more_specs)
+        for a in (rows.block_tables, rows.context_lens, args.block_tables, args.context_lens):
+            _frozen(a)
+        plan = Plan(backend=self, spec=spec, path=chosen, batch=args.batch,
+                    num_q_heads=num_q_heads, num_rows=rows.batch,
+                    query_lens=None if ql is None else _frozen(ql), args=rows,
+                    slots=None if slots is None else _frozen(slots))
+        device = self._prepare(plan)
+        return plan if device is None else replace(plan, device=device)
+
+    def _check_run(self, plan: Plan, q, pool: KVPool, k, v) -> None:
+        """The O(1) checks of `run`: nothing here reads device data or walks a table."""
+        if not isinstance(plan, Plan) or plan.backend is not self:
+            raise InvalidInput(f"plan: expected a Plan made by this {self.name!r} backend's plan(), "
+                               f"got {type(plan).__name__}")
+        self._check_pool(pool)
+        if pool.spec != plan.spec:
+            raise InvalidInput(f"pool: geometry {pool.spec} does not match the plan's {plan.spec}")
+        check_q(q, plan.spec, self.q_dtypes, rows=plan.num_rows, num_q_heads=plan.num_q_heads,
+                form="[N, Hq, D]")
+        if (k is None) != (v is None):
+            raise InvalidInput("k, v: give both new keys and values, or neither")
+        if k is not None:
+            if plan.slots is None:
+                raise InvalidInput("k, v: the plan has no slot_mapping to write them at; pass "
+                                   "slot_mapping to plan()")
+            check_kv(plan.spec, plan.slots.shape[0], k, v, self.kv_dtypes)
+
     def close(self) -> None:
         """Release device resources. The backend is unusable afterwards."""
 
@@ -239,21 +363,22 @@ class PagedAttention(ABC):
     @abstractmethod
     def _decode(self, path: str, q, pool: KVPool, args: DecodeArgs): ...
 
-    def _prefill(self, path: str, q, pool: KVPool, args: DecodeArgs):
-        # Query i of the chunk is a decode query with context start_pos + i + 1 over the same
-        # table, so every decode kernel (and its bounds checks) serves prefill unchanged. It
-        # re-reads the prefix once per query: fine for correctness and short prompts; backends
-        # with a better kernel override this.
-        return self._decode(path, q, pool, args)
+    def _prepare(self, plan: Plan) -> Any:
+        """The backend's per-step work for `plan` (device copies of tables and lengths, kernel
+        choices); stored as plan.device. Runs once per plan, never per layer."""
+        return None
 
-    def _decode_step(self, layers: list[LayerStep], slots: list[np.ndarray],
-                     args: list[DecodeArgs], path: str) -> list:
-        outs = []
-        for layer, s, a in zip(layers, slots, args):
-            if s.size:
-                self._write_kv(layer.pool, s, layer.k, layer.v)
-            outs.append(self._decode(path, layer.q, layer.pool, a))
-        return outs
+    def _run(self, plan: Plan, q, pool: KVPool, k, v):
+        """One layer of a checked plan. This default serves backends without a planned kernel:
+        the new rows are written, then every query row is a decode query (plan.args)."""
+        if k is not None and plan.slots.size:
+            self._write_kv(pool, plan.slots, k, v)
+        return self._decode(plan.path, q, pool, plan.args)
+
+    def _decode_step(self, layers: list[LayerStep], plans: list[Plan]) -> list:
+        """Run every layer of a checked step; backends that batch a step into one submission
+        override this."""
+        return [self._run(p, layer.q, layer.pool, layer.k, layer.v) for layer, p in zip(layers, plans)]
 
     def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
         from .selector import choose_path

@@ -13,9 +13,9 @@ from .errors import BackendUnavailable
 from .interface import PagedAttention
 
 BACKENDS: dict[str, str] = {
-    "numpy": "backends.numpy_backend",
-    "mlx": "backends.mlx",
-    "vulkan": "backends.vulkan",
+    "numpy": "paged_attention.backends.numpy_backend",
+    "mlx": "paged_attention.backends.mlx",
+    "vulkan": "paged_attention.backends.vulkan",
 }
 
 

@@ -108,23 +108,36 @@ class DecodeArgs:
         return np.minimum(self.context_lens, self.window).astype(np.int64)
 
 
-def check_decode(q, spec: PoolSpec, block_tables, context_lens, scale, window,
-                 q_dtypes=FLOAT_DTYPES) -> DecodeArgs:
+def check_q(q, spec: PoolSpec, q_dtypes=FLOAT_DTYPES, rows: int | None = None,
+            num_q_heads: int | None = None, form: str = "[B, Hq, D]") -> tuple[int, int]:
+    """O(1) checks of a query array (shape and dtype only: nothing is read); returns (rows, Hq)."""
     q_shape = shape_of(q, "q")
     if len(q_shape) != 3:
-        raise InvalidInput(f"q: expected [B, Hq, D], got shape {q_shape}")
-    batch, hq, d = q_shape
+        raise InvalidInput(f"q: expected {form}, got shape {q_shape}")
+    n, hq, d = q_shape
     if d != spec.head_dim:
         raise InvalidInput(f"q: head_dim {d} does not match the pool's head_dim {spec.head_dim}")
     if hq < 1 or hq % spec.num_kv_heads:
         raise InvalidInput(
             f"q: Hq={hq} must be a positive multiple of the pool's num_kv_heads={spec.num_kv_heads}")
+    if num_q_heads is not None and hq != num_q_heads:
+        raise InvalidInput(f"q: expected Hq={num_q_heads} (the plan's num_q_heads), got {hq}")
+    if rows is not None and n != rows:
+        raise InvalidInput(f"q: expected {rows} rows ({form}, rows = sum(query_lens)), got {n}")
     qd = dtype_name(q)
     if qd not in q_dtypes:
         raise InvalidInput(f"q: expected dtype in {q_dtypes}, got {qd}")
+    return n, hq
 
+
+def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, scale, window,
+                 num_q_heads: int) -> DecodeArgs:
+    """Block tables [B, max_blocks], context lengths [B], scale and window (host-side, O(B * max_blocks)).
+    `batch` None takes B from the tables."""
     tables = host_ints(block_tables, "block_tables", 2)
     lens = host_ints(context_lens, "context_lens", 1)
+    if batch is None:
+        batch = tables.shape[0]
     if tables.shape[0] != batch:
         raise InvalidInput(f"block_tables: expected [B={batch}, max_blocks], got shape {tables.shape}")
     if lens.shape[0] != batch:
@@ -151,7 +164,7 @@ def check_decode(q, spec: PoolSpec, block_tables, context_lens, scale, window,
         raise InvalidInput(f"scale: expected a finite float in (0, {FLOAT32_MAX:.4g}], got {scale!r}")
     return DecodeArgs(
         batch=batch,
-        num_q_heads=hq,
+        num_q_heads=num_q_heads,
         block_tables=np.where(used, tables, 0).astype(np.int32),
         context_lens=lens.astype(np.int32),
         scale=float(scale),
@@ -159,6 +172,73 @@ def check_decode(q, spec: PoolSpec, block_tables, context_lens, scale, window,
         # clamping keeps huge windows (>= 2**31) out of kernels' int32/uint32 parameters.
         window=None if window is None else int(min(window, max(capacity, 1))),
     )
+
+
+def check_decode(q, spec: PoolSpec, block_tables, context_lens, scale, window,
+                 q_dtypes=FLOAT_DTYPES) -> DecodeArgs:
+    batch, hq = check_q(q, spec, q_dtypes)
+    return check_tables(spec, block_tables, context_lens, batch, scale, window, hq)
+
+
+def check_num_q_heads(spec: PoolSpec, num_q_heads) -> int:
+    if (isinstance(num_q_heads, bool) or not isinstance(num_q_heads, (int, np.integer))
+            or num_q_heads < 1 or num_q_heads % spec.num_kv_heads):
+        raise InvalidInput(f"num_q_heads: expected a positive multiple of the pool's num_kv_heads="
+                           f"{spec.num_kv_heads}, got {num_q_heads!r}")
+    return int(num_q_heads)
+
+
+def check_query_lens(query_lens, lens: np.ndarray) -> np.ndarray | None:
+    """query_lens [B] (None: one query per sequence) -> int32 [B], or None for the plain decode
+    case. Each must lie in [0, context_lens[b]]: a query's own position is part of its context."""
+    if query_lens is None:
+        return None
+    ql = host_ints(query_lens, "query_lens", 1)
+    if ql.shape[0] != lens.shape[0]:
+        raise InvalidInput(f"query_lens: expected [B={lens.shape[0]}], got shape {ql.shape}")
+    if ql.size and (ql.min() < 0 or np.any(ql > lens)):
+        b = int(np.argmax((ql < 0) | (ql > lens)))
+        raise InvalidInput(f"query_lens: expected 0 <= query_lens[b] <= context_lens[b]; entry [{b}] "
+                           f"is {ql[b]} with context_lens[{b}] = {lens[b]}")
+    if np.all(ql == 1):
+        return None
+    return ql.astype(np.int32)
+
+
+def query_rows(args: DecodeArgs, query_lens: np.ndarray) -> DecodeArgs:
+    """The ragged batch as one decode query per row: query j of sequence b sees positions
+    < context_lens[b] - query_lens[b] + j + 1 through b's table (the causal mask)."""
+    seq = np.repeat(np.arange(args.batch), query_lens)
+    first = np.cumsum(query_lens) - query_lens
+    j = np.arange(seq.size) - first[seq]
+    row_lens = args.context_lens[seq] - query_lens[seq] + j + 1
+    return DecodeArgs(batch=int(seq.size), num_q_heads=args.num_q_heads,
+                      block_tables=np.ascontiguousarray(args.block_tables[seq]),
+                      context_lens=row_lens.astype(np.int32), scale=args.scale, window=args.window)
+
+
+def check_slots(spec: PoolSpec, slot_mapping) -> np.ndarray:
+    """slot_mapping [N]: distinct slots inside the pool; int64 [N]."""
+    slots = host_ints(slot_mapping, "slot_mapping", 1)
+    n = slots.shape[0]
+    if n and (slots.min() < 0 or slots.max() >= spec.num_slots):
+        raise InvalidInput(
+            f"slot_mapping: expected values in [0, {spec.num_slots}), got range "
+            f"[{slots.min()}, {slots.max()}]")
+    if np.unique(slots).size != n:
+        raise InvalidInput("slot_mapping: slots must be distinct within one call")
+    return slots
+
+
+def check_kv(spec: PoolSpec, n: int, k, v, kv_dtypes=FLOAT_DTYPES) -> None:
+    """O(1) checks of new keys/values [N, Hkv, D] (shape and dtype only)."""
+    want = (n, spec.num_kv_heads, spec.head_dim)
+    for name, x in (("k", k), ("v", v)):
+        got = shape_of(x, name)
+        if got != want:
+            raise InvalidInput(f"{name}: expected shape [N={n}, Hkv={want[1]}, D={want[2]}], got {got}")
+        if dtype_name(x) not in kv_dtypes:
+            raise InvalidInput(f"{name}: expected a float dtype in {kv_dtypes}, got {dtype_name(x)}")
 
 
 def check_prefill(q, spec: PoolSpec, block_table, start_pos, scale, window,
@@ -184,21 +264,8 @@ def check_prefill(q, spec: PoolSpec, block_table, start_pos, scale, window,
 def check_write(spec: PoolSpec, slot_mapping, k, v, kv_dtypes=FLOAT_DTYPES) -> np.ndarray:
     """Validate a write_kv call; returns the slots as int64 [N]."""
     slots = host_ints(slot_mapping, "slot_mapping", 1)
-    n = slots.shape[0]
-    want = (n, spec.num_kv_heads, spec.head_dim)
-    for name, x in (("k", k), ("v", v)):
-        got = shape_of(x, name)
-        if got != want:
-            raise InvalidInput(f"{name}: expected shape [N={n}, Hkv={want[1]}, D={want[2]}], got {got}")
-        if dtype_name(x) not in kv_dtypes:
-            raise InvalidInput(f"{name}: expected a float dtype in {kv_dtypes}, got {dtype_name(x)}")
-    if n and (slots.min() < 0 or slots.max() >= spec.num_slots):
-        raise InvalidInput(
-            f"slot_mapping: expected values in [0, {spec.num_slots}), got range "
-            f"[{slots.min()}, {slots.max()}]")
-    if np.unique(slots).size != n:
-        raise InvalidInput("slot_mapping: slots must be distinct within one call")
-    return slots
+    check_kv(spec, slots.shape[0], k, v, kv_dtypes)
+    return check_slots(spec, slots)
 
 
 def check_copy_pairs(spec: PoolSpec, pairs) -> tuple[np.ndarray, np.ndarray]:

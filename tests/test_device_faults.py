@@ -43,7 +43,7 @@ def run_python(code: str, env_extra: dict, timeout: float = 180) -> subprocess.C
 # -- shader compile failure ---------------------------------------------------------------------
 @needs_glslc
 def test_shader_compile_error_is_clear_and_not_cached(tmp_path):
-    from backends.vulkan.shaders import ShaderCompileError, ShaderCompiler
+    from paged_attention.backends.vulkan.shaders import ShaderCompileError, ShaderCompiler
     comp = ShaderCompiler(shader_dir=tmp_path, cache=tmp_path / "cache")
     src = "#version 450\nlayout(local_size_x = 1) in;\nvoid main() { undefined_function(WG); }\n"
     for attempt in (1, 2):
@@ -58,8 +58,8 @@ def test_shader_compile_error_is_clear_and_not_cached(tmp_path):
 
 @needs_vulkan
 def test_backend_survives_a_broken_decode_shader(tmp_path):
-    from backends.vulkan.backend import VulkanBackend
-    from backends.vulkan.shaders import SHADER_DIR, ShaderCompileError, ShaderCompiler
+    from paged_attention.backends.vulkan.backend import VulkanBackend
+    from paged_attention.backends.vulkan.shaders import SHADER_DIR, ShaderCompileError, ShaderCompiler
     broken = tmp_path / "shaders"
     shutil.copytree(SHADER_DIR, broken)
     (broken / "decode.comp").write_text((broken / "decode.comp").read_text()
@@ -120,7 +120,7 @@ def test_missing_vulkan_device_is_reported_not_fatal(env):
 @pytest.mark.skipif(not HAVE_MLX, reason=f"mlx unavailable: {unavailable_reason('mlx')}")
 def test_mlx_fused_on_a_device_without_kernels_names_the_device():
     import mlx.core as mx
-    from backends.mlx.backend import MLXBackend
+    from paged_attention.backends.mlx.backend import MLXBackend
     previous = mx.default_device()
     mx.set_default_device(mx.cpu)                # no custom kernels on the CPU, on any machine
     try:

@@ -64,7 +64,7 @@ def test_auto_never_picks_fused_for_a_head_dim_it_cannot_run(monkeypatch):
     """The fused kernel takes head_dim 32..256 (multiples of 32): 'auto' moves to gather for
     others, an explicit path='fused' (or decode_step) says why before anything runs or is written.
     Runs without a GPU: the backend is told it has both paths, and no kernel is reached."""
-    from backends.mlx.backend import MLXBackend
+    from paged_attention.backends.mlx.backend import MLXBackend
     from paged_attention.validation import PoolSpec, check_decode
     be = MLXBackend()
     monkeypatch.setattr(be, "paths", ("fused", "gather"))

@@ -14,11 +14,11 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from backends.mlx import kernel_source as ks  # noqa: E402
-from backends.mlx.backend import MLXBackend, gpu_kind  # noqa: E402
-from backends.mlx.fused import (DecodePlan, choose_partitions, fused_decode,  # noqa: E402
+from paged_attention.backends.mlx import kernel_source as ks  # noqa: E402
+from paged_attention.backends.mlx.backend import MLXBackend, gpu_kind  # noqa: E402
+from paged_attention.backends.mlx.fused import (DecodePlan, choose_partitions, fused_decode,  # noqa: E402
                                 kernel_config)
-from backends.mlx.gather import gather_decode  # noqa: E402
+from paged_attention.backends.mlx.gather import gather_decode  # noqa: E402
 from paged_attention import reference  # noqa: E402
 from paged_attention.validation import PoolSpec, check_decode  # noqa: E402
 
@@ -113,7 +113,7 @@ def test_split_k_forced_on_and_off(dtype, window):
                                   ("float32", [1200], 2, 6, 96, 16, None, 1)],
                          ids=["f16", "bf16-window", "f32-g6-d96"])
 def test_kernel_variants_match_reference(variant, case):
-    from backends.mlx.fused import parse_variant
+    from paged_attention.backends.mlx.fused import parse_variant
     dtype, lens, hkv, group, d, bs, window, parts = case
     q, k, v, tables, lens = make_case(19, lens, hkv, group, d, bs, dtype)
     spec = PoolSpec(*k.shape, dtype=dtype)
@@ -305,7 +305,7 @@ def test_kernel_config_register_budget():
 
 
 def test_variant_names():
-    from backends.mlx.fused import parse_variant
+    from paged_attention.backends.mlx.fused import parse_variant
     assert parse_variant("pf1i4nc2hf0") == {"prefetch": True, "iters": 4, "stream": 2, "hf": False}
     assert "hf" not in parse_variant("pf0")  # the default (heads along grid x) stays
     assert parse_variant("pf0w2l1") == {"prefetch": False, "iters": 0, "stream": 0, "warps": 2, "l2": 1}
@@ -321,7 +321,7 @@ def test_variant_names():
 def test_stream_read_probe_reads_every_vector():
     """The ceiling probe's xor-fold over its strided vectors matches numpy: it reads what it
     claims to read, so the bandwidth it reports is real."""
-    from backends.mlx.ceiling import STREAM_THREADS, _read
+    from paged_attention.backends.mlx.ceiling import STREAM_THREADS, _read
     words = np.random.default_rng(0).integers(0, 2**32, size=4 * 5000, dtype=np.uint32)
     got = np.array(_read(API, mx.array(words), 2))
     threads = 2 * STREAM_THREADS

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from backends.numpy_backend import Backend as NumpyBackend
+from paged_attention.backends.numpy_backend import Backend as NumpyBackend
 from paged_attention import selector
 from paged_attention.interface import PATH_ENV
 from paged_attention.validation import DecodeArgs, PoolSpec

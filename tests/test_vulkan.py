@@ -27,7 +27,7 @@ TOL = 5e-3
 
 @pytest.fixture(scope="module")
 def vk():
-    from backends.vulkan import Backend
+    from paged_attention.backends.vulkan import Backend
     be = Backend()
     yield be
     be.close()
@@ -55,7 +55,7 @@ def disjoint_tables(batch, nblocks_per_seq, num_blocks, rng):
 
 # -- shader pipeline ---------------------------------------------------------------------------------
 def test_shader_cache_hit_skips_glslc(tmp_path, monkeypatch):
-    from backends.vulkan.shaders import ShaderCompiler
+    from paged_attention.backends.vulkan.shaders import ShaderCompiler
     defines = dict(DP=64, G=2, HKV=2, BS=16, WG=64, TPT=8, F16=1, U=2, SPLITK=0)
     c1 = ShaderCompiler(cache=tmp_path)
     key, spirv = c1.compile("decode.comp", **defines)
@@ -70,7 +70,7 @@ def test_shader_cache_hit_skips_glslc(tmp_path, monkeypatch):
 
 
 def test_compile_error_carries_compiler_message(tmp_path):
-    from backends.vulkan.shaders import ShaderCompileError, ShaderCompiler
+    from paged_attention.backends.vulkan.shaders import ShaderCompileError, ShaderCompiler
     src = "#version 450\nlayout(local_size_x = 1) in;\nvoid main() { float x = no_such_symbol; }\n"
     with pytest.raises(ShaderCompileError, match="no_such_symbol") as info:
         ShaderCompiler(cache=tmp_path).compile_source(src, {"WG": 1}, "broken.comp")
@@ -78,7 +78,7 @@ def test_compile_error_carries_compiler_message(tmp_path):
 
 
 def test_missing_glslc_is_a_clear_error(tmp_path, monkeypatch):
-    from backends.vulkan.shaders import ShaderCompiler
+    from paged_attention.backends.vulkan.shaders import ShaderCompiler
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(BackendUnavailable, match="glslc.*apt-get install glslc"):
         ShaderCompiler(cache=tmp_path / "cache").compile("kv_append.comp", ROWW=4, WG=64)
@@ -86,7 +86,7 @@ def test_missing_glslc_is_a_clear_error(tmp_path, monkeypatch):
 
 # -- probe and lifecycle ------------------------------------------------------------------------------
 def test_probe_reports_the_device(vk):
-    from backends.vulkan import device_info, probe
+    from paged_attention.backends.vulkan import device_info, probe
     assert probe() is None
     info = device_info()
     assert info["device_name"] == vk.device and vk.device
@@ -94,7 +94,7 @@ def test_probe_reports_the_device(vk):
 
 
 def test_close_releases_the_manager():
-    from backends.vulkan import Backend
+    from paged_attention.backends.vulkan import Backend
     be = Backend()
     pool = be.create_pool(4, 16, 1, 8, "float32")
     be.close()

@@ -4,29 +4,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from paged_attention.interface import KVPool, PagedAttention
+from paged_attention.interface import KVPool, PagedAttention, Plan
 from paged_attention.validation import DecodeArgs, PoolSpec
 
-from .gather import gather_decode, gather_prefill
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-def gpu_kind() -> str | None:
-    """'metal', 'cuda' or None: which custom-kernel API the default device supports."""
-    if mx.default_device() != mx.gpu:
-        return None
-    if mx.metal.is_available():
-        return "metal"
-    if mx.cuda.is_available():
-        return "cuda"
-    return None
-
-
-def as_mx(x) -> mx.array:
-    """x as an mx.array (no copy when it already is one)."""
-    return x if isinstance(x, mx.array) else mx.array(np.asarray(x))
-
+from .arrays import DTYPES, as_mx, gpu_kind
+from .gather import GatherPlan
 
 class MLXPool(KVPool):
     def __init__(self, spec: PoolSpec):
@@ -60,13 +42,7 @@ class MLXBackend(PagedAttention):
         return MLXPool(spec)
 
     def _write_kv(self, pool, slots, k, v):
-        # Index assignment lowers to a scatter whose input is the pool itself; with no other
-        # reference alive MLX donates the buffer, so only the touched slots are written. Donation
-        # is MLX's choice at eval time: on CUDA a finished command's references are dropped by a
-        # callback that can lag mx.eval, and then the scatter copies the whole pool. On the H100,
-        # writes to one pool right after each other's eval copied 8-13% of the time (1 in ~1800
-        # after mx.synchronize()); a 32-layer decode_step loop, where 31 other layers run between
-        # two writes to a pool, copied none in 40 steps. tests/test_mlx.py checks the in-place case.
+        # An in-place scatter, as in _run (see the comment there).
         blocks, offsets = mx.array(slots // pool.block_size), mx.array(slots % pool.block_size)
         dtype = DTYPES[pool.dtype]
         pool.k[blocks, offsets] = mx.array(k).astype(dtype)
@@ -94,35 +70,53 @@ class MLXBackend(PagedAttention):
             return head_dim_unsupported_reason(spec.head_dim)
         return None
 
-    def _prefill(self, path, q, pool, args: DecodeArgs):
-        if path != "gather":
-            return super()._prefill(path, q, pool, args)
-        q = as_mx(q)
-        # The last query sees the longest context, so its table row has every block in use.
-        return gather_prefill(q, pool.k, pool.v, args.block_tables[-1] if args.batch else
-                              np.zeros(1, np.int32), args.context_lens, args.scale, args.window)
+    # -- plan/run: host work once per step, nothing but device work per layer -----------------
+    array_type = mx.array
 
-    def _decode_step(self, layers, slots, args, path):
-        if path != "fused":
-            return super()._decode_step(layers, slots, args, path)
-        from .fused import DecodePlan
-        # Layers of one geometry share one validated DecodeArgs object (decode_step), so they
-        # share one plan: the device copies of the tables, lengths and split-K choice are made
-        # once per step instead of once per layer.
-        plans: dict[int, DecodePlan] = {}
-        outs = []
-        for layer, s, a in zip(layers, slots, args):
-            if s.size:
-                self._write_kv(layer.pool, s, layer.k, layer.v)
-            if id(a) not in plans:
-                plans[id(a)] = DecodePlan.from_args(self.kernel_api, a, layer.pool.k)
-            outs.append(plans[id(a)](as_mx(layer.q), layer.pool.k, layer.pool.v))
-        return outs
+    def to_numpy(self, x) -> np.ndarray:
+        if isinstance(x, mx.array) and x.dtype == mx.bfloat16:
+            x = x.astype(mx.float32)
+        return np.asarray(x)
+
+    def _prepare(self, plan: Plan) -> "_StepPlan":
+        write = None
+        if plan.slots is not None and plan.slots.size:
+            write = (mx.array(plan.slots // plan.spec.block_size),
+                     mx.array(plan.slots % plan.spec.block_size))
+        if plan.path == "fused":
+            from .fused import DecodePlan  # lazily: it compiles kernels and is GPU-only
+            attend = DecodePlan.from_spec(self.kernel_api, plan.args, plan.spec)
+        else:
+            attend = GatherPlan(plan.args, plan.query_lens, plan.spec.block_size)
+        return _StepPlan(write, attend, DTYPES[plan.spec.dtype])
+
+    def _run(self, plan: Plan, q, pool, k, v):
+        step = plan.device
+        if k is not None and step.write is not None:
+            # Index assignment lowers to a scatter whose input is the pool itself; with no other
+            # reference alive MLX donates the buffer, so only the touched slots are written.
+            # Donation is MLX's choice at eval time: on CUDA a finished command's references are
+            # dropped by a callback that can lag mx.eval, and then the scatter copies the whole
+            # pool. On the H100, writes to one pool right after each other's eval copied 8-13%
+            # of the time (1 in ~1800 after mx.synchronize()); a 32-layer decode_step loop, where
+            # 31 other layers run between two writes to a pool, copied none in 40 steps.
+            # tests/test_mlx.py checks the in-place case.
+            blocks, offsets = step.write
+            pool.k[blocks, offsets] = as_mx(k).astype(step.dtype)
+            pool.v[blocks, offsets] = as_mx(v).astype(step.dtype)
+        return step.attend(as_mx(q), pool.k, pool.v)
 
     def _decode(self, path, q, pool, args: DecodeArgs):
-        q = as_mx(q)
-        if path == "fused":
-            from .fused import fused_decode
-            return fused_decode(q, pool.k, pool.v, args, api=self.kernel_api)
-        return gather_decode(q, pool.k, pool.v, args.block_tables, args.context_lens,
-                             args.scale, args.window)
+        # Only reached through the generic plan machinery's fallbacks; plan/run is the one path.
+        return self._run(self._make_plan(pool.spec, args.block_tables, args.context_lens,
+                                         args.num_q_heads, None, None, args.scale, args.window,
+                                         path), q, pool, None, None)
+
+
+class _StepPlan:
+    """MLX's per-step state: the write indices (block, offset) and the attention callable."""
+
+    __slots__ = ("write", "attend", "dtype")
+
+    def __init__(self, write, attend, dtype):
+        self.write, self.attend, self.dtype = write, attend, dtype

@@ -19,6 +19,7 @@ import numpy as np
 from paged_attention.errors import UnsupportedPath
 from paged_attention.validation import DecodeArgs
 
+from .arrays import DTYPES, as_mx
 from .kernel_source import INPUTS, OUTPUTS, kernel_name, kernel_source
 
 NUM_WARPS = 4            # warps (simdgroups) per decode threadgroup: 128 threads
@@ -265,6 +266,14 @@ class DecodePlan:
                    num_blocks=nb, block_size=bs, num_kv_heads=hkv, num_q_heads=args.num_q_heads,
                    head_dim=d, pool_dtype=k_pool.dtype, partitions=partitions, variant=variant)
 
+    @classmethod
+    def from_spec(cls, api: str, args: DecodeArgs, spec, partitions=None):
+        """The plan for decode rows `args` over pools of geometry `spec` (a PoolSpec)."""
+        return cls(api, args.block_tables, args.context_lens, args.scale, args.window,
+                   num_blocks=spec.num_blocks, block_size=spec.block_size,
+                   num_kv_heads=spec.num_kv_heads, num_q_heads=args.num_q_heads,
+                   head_dim=spec.head_dim, pool_dtype=DTYPES[spec.dtype], partitions=partitions)
+
     def partial_bytes(self) -> int:
         """Device bytes of the split-K partials (0 without a split)."""
         if self.num_parts == 1:
@@ -298,7 +307,6 @@ def fused_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, args: DecodeAr
                  api: str, partitions: int | None = None) -> mx.array:
     """Paged decode attention. q [B, Hq, D]; pools [NB, BS, Hkv, D]; args validated on the host.
     Returns [B, Hq, D] in q's dtype. `partitions` forces the split-K count (1: no split)."""
-    from .backend import as_mx
     q = as_mx(q)
     if args.batch == 0:
         return mx.zeros(q.shape, dtype=q.dtype)

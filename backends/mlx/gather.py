@@ -1,12 +1,16 @@
-"""Gather path: take the sequence's blocks into a contiguous [B, Hkv, T, D] copy, then fused SDPA.
+"""Gather path: take a sequence's blocks into a contiguous [S, Hkv, span, D] copy, then SDPA.
 
 Simple and always available, but it re-materialises the whole context every step: the cost the
-fused kernel removes (see adr/0001-layout-a.md).
+fused kernel removes (see adr/0002-gather-vs-fused.md). One primitive, `attend`, serves decode
+rows (S sequences, one query each) and prefill chunks (one sequence, T queries): a step's plan
+cuts its ragged rows into such segments once (`GatherPlan`), and every layer reuses them.
 """
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+
+from paged_attention.validation import DecodeArgs
 
 
 def compute_dtype(pool_dtype):
@@ -18,60 +22,85 @@ def compute_dtype(pool_dtype):
     return mx.float32
 
 
+def attend(q: mx.array, k_pool: mx.array, v_pool: mx.array, table: mx.array, ends: mx.array,
+           scale: float, window: int | None) -> mx.array:
+    """q [S, Hq, T, D]: T queries of each of S sequences; table int32 [S, n_blocks] (the blocks
+    every query of a sequence may see); ends int32 [S, T]: query t sees positions < ends[s, t].
+    Returns [S, Hq, T, D] in q's dtype; a query with nothing to see gets zeros."""
+    s, _, _, d = q.shape
+    _, block_size, hkv, _ = k_pool.shape
+    span = table.shape[1] * block_size
+    dtype = compute_dtype(k_pool.dtype)
+
+    def contiguous(pool):
+        blocks = mx.take(pool, table, axis=0)  # [S, n_blocks, BS, Hkv, D]
+        return blocks.reshape(s, span, hkv, d).transpose(0, 2, 1, 3).astype(dtype)
+
+    pos = mx.arange(span)[None, None, :]
+    lim = ends[:, :, None]
+    valid = pos < lim
+    if window is not None:
+        valid = valid & (pos >= lim - window)
+    out = mx.fast.scaled_dot_product_attention(q.astype(dtype), contiguous(k_pool),
+                                               contiguous(v_pool), scale=scale,
+                                               mask=valid[:, None])
+    # SDPA gives NaN (0/0) for a query with nothing to attend to.
+    return mx.where(ends[:, None, :, None] > 0, out, 0).astype(q.dtype)
+
+
+class GatherPlan:
+    """A step's rows cut into segments once: each run of one-query sequences is one batched
+    decode segment, each longer chunk its own segment. Every layer reuses the device tables."""
+
+    def __init__(self, rows: DecodeArgs, query_lens: np.ndarray | None, block_size: int):
+        self.scale, self.window = rows.scale, rows.window
+        self.num_rows = rows.batch
+        qlens = np.ones(rows.batch, np.int64) if query_lens is None else query_lens.astype(np.int64)
+        first = np.cumsum(qlens) - qlens
+        self.segments = []  # (row_begin, row_end, sequences, queries per sequence, table, ends)
+        b = 0
+        while b < len(qlens):
+            e = b + 1
+            if qlens[b] == 1:
+                while e < len(qlens) and qlens[e] == 1:
+                    e += 1
+            if qlens[b] > 0:
+                r0, r1 = int(first[b]), int(first[b] + qlens[b:e].sum())
+                lens = rows.context_lens[r0:r1]
+                n_blocks = -(-int(lens.max(initial=0)) // block_size)
+                if n_blocks:
+                    # Sequence rows of a chunk share one table: its last row sees the most.
+                    tab = rows.block_tables[r0:r1] if qlens[b] == 1 else rows.block_tables[r1 - 1:r1]
+                    ends = lens[:, None] if qlens[b] == 1 else lens[None, :]
+                    self.segments.append((r0, r1, tab.shape[0], ends.shape[1],
+                                          mx.array(np.ascontiguousarray(tab[:, :n_blocks])),
+                                          mx.array(np.ascontiguousarray(ends))))
+                else:
+                    self.segments.append((r0, r1, 0, 0, None, None))
+            b = e
+
+    def __call__(self, q: mx.array, k_pool: mx.array, v_pool: mx.array) -> mx.array:
+        """q [N, Hq, D] -> [N, Hq, D] in q's dtype."""
+        _, hq, d = q.shape
+        parts = []
+        for r0, r1, s, t, table, ends in self.segments:
+            rows = q[r0:r1]
+            if table is None:
+                parts.append(mx.zeros(rows.shape, dtype=q.dtype))
+                continue
+            q4 = rows.reshape(s, t, hq, d).transpose(0, 2, 1, 3)
+            out = attend(q4, k_pool, v_pool, table, ends, self.scale, self.window)
+            parts.append(out.transpose(0, 2, 1, 3).reshape(r1 - r0, hq, d))
+        if not parts:  # no rows at all (sequences with no queries contribute none)
+            return mx.zeros(q.shape, dtype=q.dtype)
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+
+
 def gather_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: np.ndarray,
                   context_lens: np.ndarray, scale: float, window: int | None) -> mx.array:
-    """q [B, Hq, D]; pools [NB, BS, Hkv, D]; block_tables int32 [B, max_blocks] (unused entries
-    already 0); context_lens int32 [B]. Returns [B, Hq, D] in q's dtype."""
-    batch, hq, d = q.shape
-    _, block_size, hkv, _ = k_pool.shape
-    n_blocks = -(-int(context_lens.max(initial=0)) // block_size)
-    if batch == 0 or n_blocks == 0:
-        return mx.zeros(q.shape, dtype=q.dtype)
-    table = mx.array(block_tables[:, :n_blocks])
-    span = n_blocks * block_size
-
-    dtype = compute_dtype(k_pool.dtype)
-
-    def contiguous(pool):
-        blocks = mx.take(pool, table, axis=0)  # [B, n_blocks, BS, Hkv, D]
-        return blocks.reshape(batch, span, hkv, d).transpose(0, 2, 1, 3).astype(dtype)
-
-    lens = mx.array(context_lens)[:, None]
-    pos = mx.arange(span)[None, :]
-    valid = pos < lens
-    if window is not None:
-        valid = valid & (pos >= lens - window)
-    out = mx.fast.scaled_dot_product_attention(
-        q.astype(dtype)[:, :, None, :], contiguous(k_pool), contiguous(v_pool),
-        scale=scale, mask=valid[:, None, None, :])[:, :, 0, :]
-    # A sequence with nothing to attend to gets zeros (SDPA would produce NaN from 0/0).
-    return mx.where(lens[:, :, None] > 0, out, 0).astype(q.dtype)
-
-
-def gather_prefill(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_table: np.ndarray,
-                   query_lens: np.ndarray, scale: float, window: int | None) -> mx.array:
-    """Causal prefill of one sequence: q [T, Hq, D] at positions query_lens - 1 (consecutive);
-    gathers the sequence's blocks once and runs one masked SDPA. Returns [T, Hq, D]."""
-    t, hq, d = q.shape
-    if t == 0:
-        return mx.zeros(q.shape, dtype=q.dtype)
-    _, block_size, hkv, _ = k_pool.shape
-    n_blocks = -(-int(query_lens[-1]) // block_size)
-    table = mx.array(block_table[:n_blocks])
-    span = n_blocks * block_size
-
-    dtype = compute_dtype(k_pool.dtype)
-
-    def contiguous(pool):
-        return mx.take(pool, table, axis=0).reshape(1, span, hkv, d).transpose(0, 2, 1, 3) \
-            .astype(dtype)
-
-    ends = mx.array(query_lens)[:, None]          # query i sees positions < ends[i]
-    pos = mx.arange(span)[None, :]
-    valid = pos < ends
-    if window is not None:
-        valid = valid & (pos >= ends - window)
-    out = mx.fast.scaled_dot_product_attention(
-        q.astype(dtype).transpose(1, 0, 2)[None], contiguous(k_pool), contiguous(v_pool),
-        scale=scale, mask=valid[None, None])
-    return out[0].transpose(1, 0, 2).astype(q.dtype)
+    """One decode query per sequence: q [B, Hq, D]; pools [NB, BS, Hkv, D]; block_tables int32
+    [B, max_blocks] (unused entries already 0); context_lens int32 [B]. Returns [B, Hq, D]."""
+    rows = DecodeArgs(batch=q.shape[0], num_q_heads=q.shape[1],
+                      block_tables=np.asarray(block_tables, np.int32),
+                      context_lens=np.asarray(context_lens, np.int32), scale=scale, window=window)
+    return GatherPlan(rows, None, k_pool.shape[1])(q, k_pool, v_pool)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 import re
+from importlib import resources
 from pathlib import Path
 
-SHADER_DIR = Path(__file__).resolve().parents[2] / "shaders" / "mlx"
+# Package data (paged_attention.shaders), so installed wheels find their kernels too.
+SHADER_DIR = Path(str(resources.files("paged_attention.shaders") / "mlx"))
 TARGETS = ("cuda", "metal")
 KERNELS = {"decode": "paged_decode.body", "reduce": "paged_reduce.body",
            "stream_read": "stream_read.body"}

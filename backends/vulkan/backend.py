@@ -32,7 +32,7 @@ from collections import OrderedDict
 import numpy as np
 
 from paged_attention.errors import InvalidInput, PagedAttentionError
-from paged_attention.interface import KVPool, LayerStep, PagedAttention
+from paged_attention.interface import KVPool, LayerStep, PagedAttention, Plan
 from paged_attention.validation import DecodeArgs, PoolSpec
 
 from .shaders import ShaderCompiler
@@ -372,16 +372,14 @@ class VulkanBackend(PagedAttention):
         repetitions) in one submission, so the GPU stays busy and each repetition is timed."""
         return self._execute([(pool, q, None, None)], None, args, path, repeat=repeat)[0]
 
-    def _decode_step(self, layers: list[LayerStep], slots: list[np.ndarray], args: list[DecodeArgs],
-                     path: str) -> list:
-        specs = {layer.pool.spec for layer in layers}
-        same = (len(specs) == 1 and all(np.array_equal(slots[0], s) for s in slots)
-                and all(a.scale == args[0].scale and a.window == args[0].window
-                        and np.array_equal(a.block_tables, args[0].block_tables)
-                        and np.array_equal(a.context_lens, args[0].context_lens) for a in args))
-        if not same:  # heterogeneous layers: one submission per layer
-            return super()._decode_step(layers, slots, args, path)
-        return self._execute([(l.pool, l.q, l.k, l.v) for l in layers], slots[0], args[0], path)
+    def _decode_step(self, layers: list[LayerStep], plans: list[Plan]) -> list:
+        plan = plans[0]
+        writes = plan.slots is not None and all(layer.k is not None for layer in layers)
+        if any(p is not plan for p in plans) or (plan.slots is not None and not writes):
+            # Heterogeneous layers (geometries, or some without new rows): one submission each.
+            return super()._decode_step(layers, plans)
+        return self._execute([(l.pool, l.q, l.k, l.v) for l in layers],
+                             plan.slots if writes else None, plan.args, plan.path)
 
     def _execute(self, items, slots, args: DecodeArgs, path: str, repeat: int = 1) -> list:
         """KV append (when slots is given) + attention for every layer in items, one submission."""

@@ -13,11 +13,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 from paged_attention.errors import BackendUnavailable, PagedAttentionError
 
-SHADER_DIR = Path(__file__).resolve().parents[2] / "shaders" / "vulkan"
+# Package data (paged_attention.shaders), so installed wheels find their kernels too.
+SHADER_DIR = Path(str(resources.files("paged_attention.shaders") / "vulkan"))
 TARGET_ENV = "vulkan1.1"  # subgroup shuffles need SPIR-V 1.3
 
 

@@ -46,6 +46,7 @@ import copy
 import itertools
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 
 import yaml
 
@@ -259,13 +260,32 @@ def parse(data, source: str, *, quick: bool = False) -> Experiment:
     return exp
 
 
+def shipped() -> list[str]:
+    """Names of the experiments shipped with the package (`paged-attn run <name>`)."""
+    files = resources.files("paged_attention.experiment_files")
+    return sorted(f.name[:-5] for f in files.iterdir() if f.name.endswith(".yaml"))
+
+
+def resolve(path: str) -> str:
+    """A file path as given, or the shipped experiment of that name ('smoke', 'smoke.yaml')."""
+    if os.path.exists(path) or os.sep in path or "/" in path:
+        return path
+    name = path[:-5] if path.endswith(".yaml") else path
+    if name in shipped():
+        return str(resources.files("paged_attention.experiment_files") / f"{name}.yaml")
+    return path
+
+
 def load(path: str, *, quick: bool = False) -> Experiment:
-    """Read and validate an experiment file. Raises ConfigError (one line) on any problem."""
+    """Read and validate an experiment file, or a shipped experiment by name. Raises ConfigError
+    (one line) on any problem."""
+    path = resolve(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such experiment file") from None
+        raise ConfigError(f"{path}: no such experiment file (shipped experiments: "
+                          f"{', '.join(shipped())})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:

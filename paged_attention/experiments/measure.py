@@ -195,7 +195,7 @@ class Dense:
             # MLX's half-precision SDPA loses precision; the pool dtype on GPUs), so "x dense"
             # compares like with like; the cast is then part of both timings.
             try:
-                from backends.mlx.gather import compute_dtype
+                from paged_attention.backends.mlx.gather import compute_dtype
                 self.compute = compute_dtype(dt)
             except ImportError:
                 self.compute = dt
