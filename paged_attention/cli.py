@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import soak
     s = sub.add_parser("soak", help="long decode run checking flat memory and no leaked blocks")
     soak.add_arguments(s).set_defaults(func=soak.run)
-    b = sub.add_parser("bench", help="a backend's kernel benchmark (args after the name go to it; "
-                                      "e.g. `paged-attn bench mlx --preset h100`)")
+    b = sub.add_parser("bench", help="a backend's kernel benchmark, or e2e (the model-like loop "
+                                      "through plan/run); args after the name go to it, e.g. "
+                                      "`paged-attn bench e2e --preset h100`")
     b.add_argument("backend", choices=sorted(BENCHMARKS))
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
@@ -148,12 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Backends with a dedicated kernel benchmark: module with main(argv) -> exit code.
-BENCHMARKS = {"mlx": "paged_attention.backends.mlx.bench", "vulkan": "paged_attention.backends.vulkan.bench"}
+BENCHMARKS = {"mlx": "paged_attention.backends.mlx.bench", "vulkan": "paged_attention.backends.vulkan.bench",
+              "e2e": "paged_attention.lab.e2e"}
 
 
 def cmd_bench(args) -> int:
     import importlib
-    reason = registry.unavailable_reason(args.backend)
+    reason = registry.unavailable_reason(args.backend) if args.backend in registry.BACKENDS else None
     if reason:
         print(f"paged-attn: error: backend {args.backend!r} is unavailable: {reason}", file=sys.stderr)
         return 2

@@ -59,6 +59,19 @@ def decode(q, k_pool, v_pool, block_tables, context_lens, scale=None, window=Non
     return out
 
 
+def ragged(q, k_pool, v_pool, block_tables, context_lens, query_lens, scale=None, window=None
+           ) -> np.ndarray:
+    """Reference attention for a ragged batch: q [sum(query_lens), Hq, D], sequence b's
+    query_lens[b] rows in order; query j of sequence b sees positions
+    < context_lens[b] - query_lens[b] + j + 1 of b's table. Returns float64 [N, Hq, D]."""
+    ql = np.asarray(query_lens, dtype=np.int64)
+    lens = np.asarray(context_lens, dtype=np.int64)
+    seq = np.repeat(np.arange(ql.size), ql)
+    j = np.arange(seq.size) - (np.cumsum(ql) - ql)[seq]
+    return decode(q, k_pool, v_pool, np.asarray(block_tables)[seq], lens[seq] - ql[seq] + j + 1,
+                  scale=scale, window=window)
+
+
 def prefill(q, k_pool, v_pool, block_table, start_pos=0, scale=None, window=None) -> np.ndarray:
     """Reference causal prefill over one sequence's blocks.
 

@@ -46,6 +46,10 @@ class WorkloadConfig:
     finish_every: int = 53       # every n-th step one sequence finishes and a new one joins
     num_blocks: int | None = None
     seed: int = 0
+    max_chunk: int = 0           # 0: one token per sequence per step, through decode(); > 0:
+                                 # ragged steps through plan/run: new prompts prefill in chunks
+                                 # of up to max_chunk tokens beside running decodes, and run()
+                                 # writes every step's K/V
 
 
 @dataclass
@@ -78,6 +82,7 @@ class DecodeWorkload:
         self.mirror_k = np.zeros(shape, self.np_dtype)
         self.mirror_v = np.zeros(shape, self.np_dtype)
         self.seqs: list[int] = []
+        self.pending: dict[int, int] = {}  # ragged mode: prompt tokens not yet prefilled
         self._next_id = 0
         for _ in range(c.batch):
             self._join()
@@ -106,9 +111,13 @@ class DecodeWorkload:
     def _join(self, position: int | None = None) -> None:
         sid, self._next_id = self._next_id, self._next_id + 1
         n = int(self.rng.integers(0, self.cfg.max_prompt + 1))
-        slots = self.manager.add_sequence(sid, n)
-        if n:
-            self._write(slots, *self._random_kv(n))
+        if self.cfg.max_chunk:
+            self.manager.add_sequence(sid, 0)  # its prompt arrives in chunks through run()
+            self.pending[sid] = n
+        else:
+            slots = self.manager.add_sequence(sid, n)
+            if n:
+                self._write(slots, *self._random_kv(n))
         if position is None:
             self.seqs.append(sid)
         else:
@@ -141,6 +150,8 @@ class DecodeWorkload:
         for i, sid in enumerate(self.seqs):
             if self.manager.context_len(sid) >= c.max_context:
                 self._finish(i)
+        if c.max_chunk:
+            return self._ragged_step(check)
         slots, copies = self.manager.append_batch(self.seqs, 1)
         self._copy(copies)
         self._write(slots, *self._random_kv(len(self.seqs)))
@@ -153,6 +164,42 @@ class DecodeWorkload:
         if not check:
             return None
         ref = reference.decode(q, self.mirror_k, self.mirror_v, tables, lens, window=c.window)
+        return StepResult(self.steps_done, out, ref, reference.rms(out, ref))
+
+    def _ragged_step(self, check: bool) -> StepResult | None:
+        """One plan for the whole batch: prompt chunks and decode rows (and now and then a
+        sequence with no query) side by side; run() writes the new K/V, then attends."""
+        c = self.cfg
+        counts = []
+        for sid in self.seqs:
+            left = self.pending.get(sid, 0)
+            if left:
+                n = min(left, int(self.rng.integers(1, c.max_chunk + 1)))
+                self.pending[sid] = left - n
+            else:
+                n = 0 if self.rng.random() < 0.1 else 1
+            counts.append(n)
+        slots = []
+        for sid, n in zip(self.seqs, counts):  # in order: a fork's shared tail copies first
+            s, copies = self.manager.append_slots(sid, n)
+            self._copy(copies)
+            slots.append(s)
+        slots = np.concatenate(slots)
+        k, v = self._random_kv(slots.size)
+        b, off = np.divmod(slots, c.block_size)
+        self.mirror_k[b, off] = k
+        self.mirror_v[b, off] = v
+        hq = c.num_kv_heads * c.group_size
+        q = representable(self.rng.standard_normal((slots.size, hq, c.head_dim)), c.dtype)
+        tables = self.manager.block_tables(self.seqs)
+        lens = self.manager.context_lens(self.seqs)
+        plan = self.backend.plan(self.pool, tables, lens, num_q_heads=hq, query_lens=counts,
+                                 slot_mapping=slots, window=c.window, path=self.path)
+        out = self.backend.to_numpy(self.backend.run(plan, q, self.pool, k, v)).astype(np.float64)
+        if not check:
+            return None
+        ref = reference.ragged(q, self.mirror_k, self.mirror_v, tables, lens, counts,
+                               window=c.window)
         return StepResult(self.steps_done, out, ref, reference.rms(out, ref))
 
     def close(self) -> None:

@@ -257,6 +257,7 @@ class DecodePlan:
         self.params = mx.array(np.array([num_blocks, tables.shape[1], window or 0,
                                          self.part_size, self.num_parts], np.int32))
         self.scale = mx.array(np.array([scale], np.float32))
+        self._launches: dict = {}
 
     @classmethod
     def from_args(cls, api: str, args: DecodeArgs, k_pool: mx.array, partitions=None,
@@ -281,26 +282,40 @@ class DecodePlan:
         return self.batch * self.num_q_heads * self.num_parts * (self.cfg.head_dim + 2) * 4
 
     def __call__(self, q: mx.array, k_pool: mx.array, v_pool: mx.array) -> mx.array:
-        batch, hq, d = q.shape
+        """q [B, Hq, D] -> [B, Hq, D] in q's dtype. Per call: one (or, split, two) kernel
+        launches; everything else was decided at construction (run() is ~1 custom-kernel call)."""
+        launch = self._launches.get((k_pool.dtype, q.dtype))
+        if launch is None:
+            launch = self._launches[(k_pool.dtype, q.dtype)] = self._launch(k_pool.dtype, q.dtype)
+        return launch(q, k_pool, v_pool)
+
+    def _launch(self, pool_dtype, q_dtype):
+        """A closure over everything but the arrays: kernels, template, grid, output shapes."""
+        cfg, batch, hq, d = self.cfg, self.batch, self.num_q_heads, self.cfg.head_dim
         if batch == 0:
-            return mx.zeros(q.shape, dtype=q.dtype)
-        cfg = self.cfg
-        inputs = [q, k_pool, v_pool, self.tables, self.lens, self.params, self.scale]
-        grid = cfg.grid(self.num_parts, batch)
-        template = cfg.template(k_pool.dtype, q.dtype)
+            return lambda q, k, v: mx.zeros(q.shape, dtype=q.dtype)
+        shape = (batch, hq, d)
+        tables, lens, params, scale = self.tables, self.lens, self.params, self.scale
+        common = dict(template=cfg.template(pool_dtype, q_dtype), grid=cfg.grid(self.num_parts, batch),
+                      threadgroup=(cfg.threads, 1, 1))
         if self.num_parts == 1:
-            return _kernel(self.api, "decode", False)(
-                inputs=inputs, template=template, grid=grid, threadgroup=(cfg.threads, 1, 1),
-                output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
-        o_part, ml_part = _kernel(self.api, "decode", True)(
-            inputs=inputs, template=template, grid=grid, threadgroup=(cfg.threads, 1, 1),
-            output_shapes=[(batch, hq, self.num_parts, d), (batch, hq, self.num_parts, 2)],
-            output_dtypes=[mx.float32, mx.float32])
-        return _kernel(self.api, "reduce", False)(
-            inputs=[o_part, ml_part, self.lens, self.params],
-            template=[("OutT", q.dtype), ("D", d), ("HQ", hq)],
-            grid=(REDUCE_THREADS, hq, batch), threadgroup=(REDUCE_THREADS, 1, 1),
-            output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+            decode = _kernel(self.api, "decode", False)
+            return lambda q, k, v: decode(
+                inputs=[q, k, v, tables, lens, params, scale], output_shapes=[shape],
+                output_dtypes=[q_dtype], **common)[0]
+        decode = _kernel(self.api, "decode", True)
+        reduce = _kernel(self.api, "reduce", False)
+        part_shapes = [(batch, hq, self.num_parts, d), (batch, hq, self.num_parts, 2)]
+        reduce_kw = dict(template=[("OutT", q_dtype), ("D", d), ("HQ", hq)],
+                         grid=(REDUCE_THREADS, hq, batch), threadgroup=(REDUCE_THREADS, 1, 1),
+                         output_shapes=[shape], output_dtypes=[q_dtype])
+
+        def split(q, k, v):
+            o_part, ml_part = decode(inputs=[q, k, v, tables, lens, params, scale],
+                                     output_shapes=part_shapes,
+                                     output_dtypes=[mx.float32, mx.float32], **common)
+            return reduce(inputs=[o_part, ml_part, lens, params], **reduce_kw)[0]
+        return split
 
 
 def fused_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, args: DecodeArgs, *,

@@ -22,11 +22,22 @@ def compute_dtype(pool_dtype):
     return mx.float32
 
 
-def attend(q: mx.array, k_pool: mx.array, v_pool: mx.array, table: mx.array, ends: mx.array,
-           scale: float, window: int | None) -> mx.array:
+def step_mask(ends: mx.array, span: int, window: int | None) -> tuple[mx.array, mx.array]:
+    """(valid [S, 1, T, span], seen [S, 1, T, 1]) for queries whose visible positions end at
+    ends int32 [S, T]: made once per step, shared by every layer."""
+    pos = mx.arange(span)[None, None, :]
+    lim = ends[:, :, None]
+    valid = pos < lim
+    if window is not None:
+        valid = valid & (pos >= lim - window)
+    return valid[:, None], (ends > 0)[:, None, :, None]
+
+
+def attend(q: mx.array, k_pool: mx.array, v_pool: mx.array, table: mx.array, valid: mx.array,
+           seen: mx.array, scale: float) -> mx.array:
     """q [S, Hq, T, D]: T queries of each of S sequences; table int32 [S, n_blocks] (the blocks
-    every query of a sequence may see); ends int32 [S, T]: query t sees positions < ends[s, t].
-    Returns [S, Hq, T, D] in q's dtype; a query with nothing to see gets zeros."""
+    every query of a sequence may see); valid, seen from `step_mask`. Returns [S, Hq, T, D] in
+    q's dtype; a query with nothing to see gets zeros."""
     s, _, _, d = q.shape
     _, block_size, hkv, _ = k_pool.shape
     span = table.shape[1] * block_size
@@ -36,16 +47,10 @@ def attend(q: mx.array, k_pool: mx.array, v_pool: mx.array, table: mx.array, end
         blocks = mx.take(pool, table, axis=0)  # [S, n_blocks, BS, Hkv, D]
         return blocks.reshape(s, span, hkv, d).transpose(0, 2, 1, 3).astype(dtype)
 
-    pos = mx.arange(span)[None, None, :]
-    lim = ends[:, :, None]
-    valid = pos < lim
-    if window is not None:
-        valid = valid & (pos >= lim - window)
     out = mx.fast.scaled_dot_product_attention(q.astype(dtype), contiguous(k_pool),
-                                               contiguous(v_pool), scale=scale,
-                                               mask=valid[:, None])
+                                               contiguous(v_pool), scale=scale, mask=valid)
     # SDPA gives NaN (0/0) for a query with nothing to attend to.
-    return mx.where(ends[:, None, :, None] > 0, out, 0).astype(q.dtype)
+    return mx.where(seen, out, 0).astype(q.dtype)
 
 
 class GatherPlan:
@@ -53,11 +58,12 @@ class GatherPlan:
     decode segment, each longer chunk its own segment. Every layer reuses the device tables."""
 
     def __init__(self, rows: DecodeArgs, query_lens: np.ndarray | None, block_size: int):
-        self.scale, self.window = rows.scale, rows.window
+        self.scale = rows.scale
         self.num_rows = rows.batch
         qlens = np.ones(rows.batch, np.int64) if query_lens is None else query_lens.astype(np.int64)
         first = np.cumsum(qlens) - qlens
-        self.segments = []  # (row_begin, row_end, sequences, queries per sequence, table, ends)
+        # (row_begin, row_end, sequences, queries per sequence, table, valid mask, seen mask)
+        self.segments = []
         b = 0
         while b < len(qlens):
             e = b + 1
@@ -72,24 +78,27 @@ class GatherPlan:
                     # Sequence rows of a chunk share one table: its last row sees the most.
                     tab = rows.block_tables[r0:r1] if qlens[b] == 1 else rows.block_tables[r1 - 1:r1]
                     ends = lens[:, None] if qlens[b] == 1 else lens[None, :]
+                    valid, seen = step_mask(mx.array(np.ascontiguousarray(ends)),
+                                            n_blocks * block_size, rows.window)
                     self.segments.append((r0, r1, tab.shape[0], ends.shape[1],
                                           mx.array(np.ascontiguousarray(tab[:, :n_blocks])),
-                                          mx.array(np.ascontiguousarray(ends))))
+                                          valid, seen))
                 else:
-                    self.segments.append((r0, r1, 0, 0, None, None))
+                    self.segments.append((r0, r1, 0, 0, None, None, None))
             b = e
+        self.whole = len(self.segments) == 1 and self.segments[0][:2] == (0, self.num_rows)
 
     def __call__(self, q: mx.array, k_pool: mx.array, v_pool: mx.array) -> mx.array:
         """q [N, Hq, D] -> [N, Hq, D] in q's dtype."""
         _, hq, d = q.shape
         parts = []
-        for r0, r1, s, t, table, ends in self.segments:
-            rows = q[r0:r1]
+        for r0, r1, s, t, table, valid, seen in self.segments:
+            rows = q if self.whole else q[r0:r1]
             if table is None:
                 parts.append(mx.zeros(rows.shape, dtype=q.dtype))
                 continue
             q4 = rows.reshape(s, t, hq, d).transpose(0, 2, 1, 3)
-            out = attend(q4, k_pool, v_pool, table, ends, self.scale, self.window)
+            out = attend(q4, k_pool, v_pool, table, valid, seen, self.scale)
             parts.append(out.transpose(0, 2, 1, 3).reshape(r1 - r0, hq, d))
         if not parts:  # no rows at all (sequences with no queries contribute none)
             return mx.zeros(q.shape, dtype=q.dtype)

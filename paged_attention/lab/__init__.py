@@ -1,0 +1,1 @@
+"""The lab: benchmarks and measurement harnesses. The runtime never imports it."""

@@ -1,0 +1,280 @@
+"""End-to-end decode benchmark: what a model's decode loop pays, through the public API.
+
+    paged-attn bench e2e [--preset h100|cpu] [--backends mlx,vulkan] [--batches 1,8,32]
+                         [--contexts 4k,16k,32k] [--layers 32] [--steps 8] [--json FILE]
+
+A model-like serial loop: per step one `plan` (block tables, lengths, the new tokens' slots),
+then per layer `run(plan, q, pool_i, k, v)`, where layer i's q, k and v are computed from
+layer i-1's output (so layers cannot overlap or be batched: the dependency a real model has).
+Each layer has its own pool (rotated among as many distinct pools as --budget-gib allows,
+each larger than L2 at the big points); tables are fragmented (a random permutation of the
+pool); every step appends one token per sequence. Geometry: Hq 32, Hkv 8, D 128, float16,
+block 16. Variants timed, in turns step by step so drift hits them alike:
+
+  api     plan() once + run() per layer: what a model calls
+  kernel  the same loop through the backend's `_run` hook with the plan made once outside the
+          timed step: the backend's kernels and nothing else (no validation, no plan)
+  sdpa    MLX only: mx.fast.scaled_dot_product_attention over contiguous [B, Hkv, T, D] K/V,
+          same serial chain, no paging and no append: the contiguous-cache baseline
+
+Reported per point: ms per step (median), api/kernel and api/sdpa, effective TB/s (K+V bytes
+read per step / step time) next to --peak-tbs, and host us per run() (time spent inside the
+run() calls / layers). `--host` adds the CPU issue-cost check: plan(), run() and decode() host
+time at B=32 x 2048 blocks without evaluating anything. See adr/0007-plan-run.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import paged_attention as pa
+
+PRESETS = {
+    "h100": dict(batches=[1, 8, 32], contexts=[4096, 16384, 32768], layers=32, steps=8,
+                 warmup=3, budget_gib=40.0, peak_tbs=3.35, paths=None),
+    "cpu": dict(batches=[1, 4], contexts=[256, 1024], layers=4, steps=3, warmup=1,
+                budget_gib=1.0, peak_tbs=None, paths=None),
+}
+HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, "float16"
+
+
+def _native(be, x: np.ndarray):
+    """x in the backend's own array type (inputs in it cost no host round trip per call)."""
+    return x if be.array_type is np.ndarray else be.array_type(x)
+
+
+def has_sdpa_baseline(be) -> bool:
+    """The contiguous baseline is MLX's SDPA: only comparable where outputs are mx.arrays."""
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return False
+    return be.array_type is mx.array
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(p.strip().lower().rstrip("k")) * (1024 if p.strip().lower().endswith("k") else 1)
+            for p in text.split(",") if p.strip()]
+
+
+class Point:
+    """One (backend, path, batch, context): the pools, tables and the three loops."""
+
+    def __init__(self, be, path: str, batch: int, ctx: int, layers: int, steps: int,
+                 budget_gib: float, seed: int = 0):
+        self.be, self.path, self.batch, self.ctx, self.layers = be, path, batch, ctx, layers
+        rng = np.random.default_rng(seed)
+        self.max_len = ctx + steps + 8
+        per_seq = -(-self.max_len // BS)
+        num_blocks = batch * per_seq
+        pool_bytes = 2 * num_blocks * BS * HKV * D * 2
+        self.num_pools = max(1, min(layers, int(budget_gib * 2**30 // pool_bytes)))
+        self.pools = [be.create_pool(num_blocks, BS, HKV, D, DTYPE) for _ in range(self.num_pools)]
+        # Cached context: random K/V written through the API (a few chunks per pool).
+        self.tables = rng.permutation(num_blocks).astype(np.int32).reshape(batch, per_seq)
+        slots = (self.tables[:, :, None] * BS + np.arange(BS)).reshape(batch, -1)[:, :ctx].reshape(-1)
+        # One random chunk, made once (in the backend's own array type) and written everywhere:
+        # the values do not matter for timing, and the host neither draws nor copies gigabytes.
+        chunk = min(1 << 16, slots.size)
+        kv = _native(be, rng.standard_normal((chunk, HKV, D)).astype(np.float16))
+        for pool in self.pools:
+            for i in range(0, slots.size, chunk):
+                s = slots[i:i + chunk]
+                be.write_kv(pool, s, kv[:s.size], kv[:s.size])
+        self.len = ctx
+        self.q0 = _native(be, rng.standard_normal((batch, HQ, D)).astype(np.float16))
+        self.host_run_s = 0.0
+        self.runs = 0
+        # The kernel loop's plan, made once outside the timed steps (it repeats the same step).
+        lens, slots = self._next()
+        self.len = ctx
+        self.kernel_plan = be.plan(self.pools[0], self.tables, lens, num_q_heads=HQ,
+                                   slot_mapping=slots, path=path)
+
+    def _next(self):
+        """The step's lengths and slots: one new token per sequence."""
+        lens = np.full(self.batch, self.len + 1, np.int32)
+        slots = self.tables[:, self.len // BS].astype(np.int64) * BS + self.len % BS
+        self.len += 1
+        if self.len >= self.max_len:  # keep the loop going: rewrite the last positions
+            self.len = self.ctx
+        return lens, slots
+
+    def api_step(self):
+        be = self.be
+        lens, slots = self._next()
+        plan = be.plan(self.pools[0], self.tables, lens, num_q_heads=HQ, slot_mapping=slots,
+                       path=self.path)
+        x = self.q0
+        for i in range(self.layers):
+            kv = x[:, :HKV]
+            t0 = time.perf_counter()
+            x = be.run(plan, x, self.pools[i % self.num_pools], kv, kv)
+            self.host_run_s += time.perf_counter() - t0
+            self.runs += 1
+        return be.to_numpy(x)
+
+    def kernel_step(self):
+        be, plan = self.be, self.kernel_plan
+        x = self.q0
+        for i in range(self.layers):
+            kv = x[:, :HKV]
+            x = be._run(plan, x, self.pools[i % self.num_pools], kv, kv)
+        return be.to_numpy(x)
+
+    def kv_bytes_per_step(self) -> int:
+        return self.layers * self.batch * self.ctx * HKV * D * 2 * 2
+
+    def close(self):
+        self.pools.clear()
+
+
+def sdpa_step_fn(batch: int, ctx: int, layers: int, budget_gib: float, seed: int = 0):
+    """The contiguous-cache baseline on MLX: SDPA over [B, Hkv, ctx, D] K/V, serial chain."""
+    import mlx.core as mx
+    per = 2 * batch * ctx * HKV * D * 2
+    n = max(1, min(layers, int(budget_gib * 2**30 // per)))
+    key = mx.random.key(seed)
+    caches = [(mx.random.normal((batch, HKV, ctx, D), key=mx.random.split(key, 2 * i + 2)[0])
+               .astype(mx.float16),
+               mx.random.normal((batch, HKV, ctx, D), key=mx.random.split(key, 2 * i + 3)[0])
+               .astype(mx.float16)) for i in range(n)]
+    mx.eval(caches)
+    q0 = mx.random.normal((batch, HQ, 1, D), key=key).astype(mx.float16)
+    scale = D ** -0.5
+
+    def step():
+        x = q0
+        for i in range(layers):
+            k, v = caches[i % n]
+            x = mx.fast.scaled_dot_product_attention(x, k, v, scale=scale)
+        mx.eval(x)
+        return x
+    return step
+
+
+def time_interleaved(fns: dict, steps: int, warmup: int) -> dict:
+    """Median seconds per call of each fn, the fns taking turns call by call."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_point(be, path, batch, ctx, cfg) -> dict:
+    p = Point(be, path, batch, ctx, cfg["layers"], cfg["steps"] + cfg["warmup"] + 2,
+              cfg["budget_gib"])
+    fns = {"api": p.api_step, "kernel": p.kernel_step}
+    if cfg.get("sdpa"):
+        fns["sdpa"] = sdpa_step_fn(batch, ctx, cfg["layers"], cfg["budget_gib"])
+    t = time_interleaved(fns, cfg["steps"], cfg["warmup"])
+    # Host time per run(), over the timed and warm-up api steps alike.
+    host_us = 1e6 * p.host_run_s / max(1, p.runs)
+    row = {"backend": be.name, "path": path, "batch": batch, "context": ctx,
+           "layers": cfg["layers"], "pools": p.num_pools,
+           "api_ms": 1e3 * t["api"], "kernel_ms": 1e3 * t["kernel"],
+           "api_over_kernel": t["api"] / t["kernel"], "host_us_per_run": host_us,
+           "api_tbs": p.kv_bytes_per_step() / t["api"] / 1e12,
+           "kernel_tbs": p.kv_bytes_per_step() / t["kernel"] / 1e12}
+    if "sdpa" in t:
+        row["sdpa_ms"] = 1e3 * t["sdpa"]
+        row["api_over_sdpa"] = t["api"] / t["sdpa"]
+    p.close()
+    return row
+
+
+def host_costs(be, path: str, batch: int = 32, blocks: int = 2048, repeats: int = 200) -> dict:
+    """Host time of plan(), run() and decode() at B x `blocks` blocks, nothing evaluated: what
+    issuing a layer costs the CPU. Each figure is the median of `repeats` calls."""
+    rng = np.random.default_rng(0)
+    num_blocks = batch * blocks
+    pool = be.create_pool(num_blocks, BS, HKV, D, DTYPE)
+    tables = rng.permutation(num_blocks).astype(np.int32).reshape(batch, blocks)
+    lens = np.full(batch, blocks * BS, np.int32)
+    q = _native(be, np.zeros((batch, HQ, D), np.float16))
+
+    def med(fn):
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(ts)
+    plan = be.plan(pool, tables, lens, num_q_heads=HQ, path=path)
+    out = {"backend": be.name, "path": path, "batch": batch, "blocks": blocks,
+           "plan_us": med(lambda: be.plan(pool, tables, lens, num_q_heads=HQ, path=path)),
+           "run_us": med(lambda: be.run(plan, q, pool)),
+           "decode_us": med(lambda: be.decode(q, pool, tables, lens, path=path))}
+    out["run_over_decode"] = out["run_us"] / out["decode_us"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="paged-attn bench e2e", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--backends", default="mlx,vulkan", help="comma-separated registry names")
+    ap.add_argument("--paths", default=None, help="comma-separated paths (default: every path "
+                                                   "available on each backend)")
+    ap.add_argument("--batches", type=parse_ints)
+    ap.add_argument("--contexts", type=parse_ints)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--budget-gib", type=float)
+    ap.add_argument("--no-sdpa", action="store_true", help="skip the contiguous SDPA baseline")
+    ap.add_argument("--host", action="store_true", help="also measure plan/run/decode host cost "
+                                                        "at B=32 x 2048 blocks")
+    ap.add_argument("--json", default=None, help="write every row to this file")
+    a = ap.parse_args(argv)
+    cfg = dict(PRESETS[a.preset])
+    for key in ("batches", "contexts", "layers", "steps", "budget_gib"):
+        if getattr(a, key) is not None:
+            cfg[key] = getattr(a, key)
+    rows, host = [], []
+    for name in [n.strip() for n in a.backends.split(",") if n.strip()]:
+        reason = pa.registry.unavailable_reason(name)
+        if reason:
+            print(f"# {name}: skipped ({reason})")
+            continue
+        be = pa.get_backend(name)
+        paths = [p for p in (a.paths.split(",") if a.paths else be.paths) if p in be.paths]
+        print(f"# {name} on {be.device}: paths {paths}")
+        for path in paths:
+            if a.host:
+                h = host_costs(be, path)
+                host.append(h)
+                print(f"host {name}/{path} B={h['batch']} x {h['blocks']} blocks: plan "
+                      f"{h['plan_us']:.1f} us, run {h['run_us']:.1f} us, decode {h['decode_us']:.1f} "
+                      f"us, run/decode {h['run_over_decode']:.3f}", flush=True)
+            print(f"{'backend/path':16s} {'B':>3s} {'ctx':>6s} {'api ms':>9s} {'kernel ms':>9s} "
+                  f"{'api/kern':>8s} {'sdpa ms':>8s} {'api/sdpa':>8s} {'TB/s':>6s} {'host us/run':>11s}")
+            for batch in cfg["batches"]:
+                for ctx in cfg["contexts"]:
+                    c = dict(cfg, sdpa=not a.no_sdpa and has_sdpa_baseline(be))
+                    r = bench_point(be, path, batch, ctx, c)
+                    rows.append(r)
+                    peak = f" ({100 * r['api_tbs'] / cfg['peak_tbs']:.0f}% peak)" if cfg["peak_tbs"] else ""
+                    print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} "
+                          f"{r['kernel_ms']:9.2f} {r['api_over_kernel']:8.3f} "
+                          f"{r.get('sdpa_ms', float('nan')):8.2f} {r.get('api_over_sdpa', float('nan')):8.3f} "
+                          f"{r['api_tbs']:6.3f} {r['host_us_per_run']:11.1f}{peak}", flush=True)
+        be.close()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"preset": a.preset, "rows": rows, "host": host}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
