@@ -1,0 +1,1 @@
+"""Lab code (CLI commands, benchmarks): never imported by the runtime."""
