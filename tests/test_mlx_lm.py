@@ -204,9 +204,9 @@ def test_trim_and_regenerate_matches(impl, models, refs):
     want = refs("mistral-swa", p, 40)
     eng = pl.Engine(model, backend=be, path=path, block_size=8, num_blocks=64)
     rid = eng.add_request(p, 40)
-    (sid,) = eng.sequences(rid)
     for _ in range(30):
         eng.step()
+    (sid,) = eng.sequences(rid)
     assert eng.results(rid)[0] == want[:30]
     # Reject 13 "speculated" tokens: crosses a block boundary and the window's slack.
     assert eng.trim(sid, 13) == 13
