@@ -144,16 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("backend", choices=sorted(BENCHMARKS))
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+    from .lab.generate import add_generate_parser
+    add_generate_parser(sub)
     return p
 
 
 # Backends with a dedicated kernel benchmark: module with main(argv) -> exit code.
-BENCHMARKS = {"mlx": "paged_attention.backends.mlx.bench", "vulkan": "paged_attention.backends.vulkan.bench"}
+BENCHMARKS = {"mlx": "paged_attention.backends.mlx.bench", "vulkan": "paged_attention.backends.vulkan.bench",
+              "generate": "paged_attention.lab.generate"}
 
 
 def cmd_bench(args) -> int:
     import importlib
-    reason = registry.unavailable_reason(args.backend)
+    reason = registry.unavailable_reason(args.backend) if args.backend in registry.BACKENDS else None
     if reason:
         print(f"paged-attn: error: backend {args.backend!r} is unavailable: {reason}", file=sys.stderr)
         return 2
