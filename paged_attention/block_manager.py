@@ -46,6 +46,11 @@ class _Sequence:
     token_ids: list | None = None   # known token ids (enables prefix caching of its full blocks)
     hashed: int = 0                 # leading full blocks already registered in the cache
     hit_tokens: int = 0             # prompt tokens that were served from the cache
+    released: int = 0               # leading blocks dropped by release_before (out of every window)
+    hashes: list = field(default_factory=list)  # chained hash of each registered leading block
+
+    def live(self) -> list[int]:
+        return self.blocks[self.released:]
 
 
 class BlockManager:
@@ -94,15 +99,16 @@ class BlockManager:
 
     def block_tables(self, seq_ids: Sequence, max_blocks: int | None = None, pad: int = 0) -> np.ndarray:
         """int32 [B, max_blocks] of the sequences' tables, padded with `pad`."""
-        tables = [self._seq(s).blocks for s in seq_ids]
-        width = max((len(t) for t in tables), default=0)
+        seqs = [self._seq(s) for s in seq_ids]
+        width = max((len(q.blocks) for q in seqs), default=0)
         if max_blocks is None:
             max_blocks = max(width, 1)
         elif max_blocks < width:
             raise InvalidInput(f"max_blocks: {max_blocks} is smaller than the longest table ({width})")
-        out = np.full((len(tables), max_blocks), pad, dtype=np.int32)
-        for i, t in enumerate(tables):
-            out[i, :len(t)] = t
+        out = np.full((len(seqs), max_blocks), pad, dtype=np.int32)
+        for i, q in enumerate(seqs):
+            # Released entries (release_before) keep `pad`: a windowed kernel never reads them.
+            out[i, q.released:len(q.blocks)] = q.live()
         return out
 
     def context_lens(self, seq_ids: Sequence) -> np.ndarray:
@@ -126,17 +132,18 @@ class BlockManager:
             shared=int((self._ref > 1).sum()),
             cached=len(self._evictable),
             prefix_hit_tokens=self._prefix_hit_tokens,
-            blocks_per_seq={s: len(q.blocks) for s, q in self._seqs.items()},
+            blocks_per_seq={s: len(q.blocks) - q.released for s, q in self._seqs.items()},
             tokens_per_seq={s: q.num_tokens for s, q in self._seqs.items()},
         )
 
     # -- mutations -----------------------------------------------------------------------------
-    def add_sequence(self, seq_id, num_tokens: int = 0, token_ids: Sequence[int] | None = None
-                     ) -> np.ndarray:
+    def add_sequence(self, seq_id, num_tokens: int = 0, token_ids: Sequence[int] | None = None,
+                     *, max_cached_tokens: int | None = None) -> np.ndarray:
         """Register a sequence holding `num_tokens` tokens (or the prompt `token_ids`).
 
         With token_ids, leading full blocks found in the prefix cache are shared instead of
-        allocated. Returns the slots of the tokens the caller must write: positions
+        allocated, at most `max_cached_tokens` tokens' worth (an engine keeps the last prompt
+        token uncached so it has a query to sample from). Returns the slots of the tokens the caller must write: positions
         [cached_tokens(seq_id), num_tokens), i.e. every position when nothing was cached.
         """
         if seq_id in self._seqs:
@@ -149,6 +156,8 @@ class BlockManager:
         if num_tokens < 0:
             raise InvalidInput(f"num_tokens: expected >= 0, got {num_tokens}")
         hits = self._lookup(token_ids) if token_ids is not None else []
+        if max_cached_tokens is not None:
+            hits = hits[:max(0, int(max_cached_tokens)) // self.block_size]
         need = self._blocks_for(num_tokens) - len(hits)
         # Cached blocks about to be reused cannot also be evicted to make room.
         reusable = sum(1 for b in hits if b in self._evictable)
@@ -159,7 +168,8 @@ class BlockManager:
             self._ref[b] += 1
         blocks = hits + self._allocate(need)
         seq = _Sequence(blocks, int(num_tokens), token_ids, hashed=len(hits),
-                        hit_tokens=len(hits) * self.block_size)
+                        hit_tokens=len(hits) * self.block_size,
+                        hashes=[self._hash_of[b] for b in hits])
         self._seqs[seq_id] = seq
         self._prefix_hit_tokens += len(hits) * self.block_size
         self._register_full_blocks(seq)
@@ -174,10 +184,10 @@ class BlockManager:
         src = self._seq(parent)
         if child in self._seqs:
             raise InvalidInput(f"seq_id {child!r} already exists")
-        self._ref[src.blocks] += 1
+        self._ref[src.live()] += 1
         self._seqs[child] = _Sequence(list(src.blocks), src.num_tokens,
                                       None if src.token_ids is None else list(src.token_ids),
-                                      src.hashed)
+                                      src.hashed, released=src.released, hashes=list(src.hashes))
 
     def append_slots(self, seq_id, num_tokens: int = 1, token_ids: Sequence[int] | None = None
                      ) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -240,8 +250,62 @@ class BlockManager:
     def free(self, seq_id) -> None:
         """Drop a sequence; blocks no other sequence references return to the free list."""
         seq = self._seqs.pop(self._key(seq_id))
-        for b in seq.blocks:
+        for b in seq.live():
             self._release(b)
+
+    def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """The cached blocks a sequence with this prompt would share (read-only: nothing is
+        referenced). An engine uses it to hold back a request whose prefix is still being written."""
+        return self._lookup(list(token_ids))
+
+    def trim(self, seq_id, num_tokens: int) -> int:
+        """Forget the last `num_tokens` tokens of a sequence (rejected speculative tokens).
+
+        Blocks past the new end are released; a registered block the sequence will write into
+        again is withdrawn from the prefix cache when this sequence alone holds it (a shared one is
+        copied on the next append instead). Refuses to expose released (out-of-window) blocks.
+        Returns the number of tokens removed (at most the sequence's length).
+        """
+        seq = self._seq(seq_id)
+        if num_tokens < 0:
+            raise InvalidInput(f"num_tokens: expected >= 0, got {num_tokens}")
+        n = min(int(num_tokens), seq.num_tokens)
+        new_len = seq.num_tokens - n
+        keep = self._blocks_for(new_len)
+        if keep < seq.released or (new_len % self.block_size and keep - 1 < seq.released):
+            raise InvalidInput(f"num_tokens: trimming {n} tokens would reach blocks already released "
+                               f"out of the window ({seq.released} leading blocks)")
+        for b in seq.blocks[keep:]:
+            self._release(b)
+        del seq.blocks[keep:]
+        seq.num_tokens = new_len
+        full = new_len // self.block_size
+        if seq.hashed > full:
+            seq.hashed = full
+            del seq.hashes[full:]
+        if new_len % self.block_size:
+            tail = seq.blocks[-1]
+            if tail in self._hash_of and self._ref[tail] == 1:
+                del self._cache[self._hash_of.pop(tail)]
+        if seq.token_ids is not None:
+            del seq.token_ids[new_len:]
+        return n
+
+    def release_before(self, seq_id, position: int) -> int:
+        """Release the sequence's blocks that lie wholly before token `position` (they fell out of
+        every attention window). Their table entries read as padding from then on. Returns how
+        many blocks were released by this call."""
+        seq = self._seq(seq_id)
+        upto = min(max(0, int(position)) // self.block_size, len(seq.blocks))
+        # The tail block always stays: appends and copy-on-write work on it.
+        upto = min(upto, max(len(seq.blocks) - 1, 0))
+        count = upto - seq.released
+        if count <= 0:
+            return 0
+        for b in seq.blocks[seq.released:upto]:
+            self._release(b)
+        seq.released = upto
+        return count
 
     # -- internals -----------------------------------------------------------------------------
     def _blocks_for(self, num_tokens: int) -> int:
@@ -302,8 +366,11 @@ class BlockManager:
         full = seq.num_tokens // self.block_size
         if seq.token_ids is None or full <= seq.hashed:
             return
-        prev = self._hash_of.get(seq.blocks[seq.hashed - 1], 0) if seq.hashed else 0
+        # The chain continues from the sequence's own record: a released block may be reused.
+        prev = seq.hashes[seq.hashed - 1] if seq.hashed else 0
         for i, h in enumerate(self._block_hashes(seq.token_ids, full, seq.hashed, prev), seq.hashed):
+            if i < seq.released:
+                break
             block = seq.blocks[i]
             if h not in self._cache and block not in self._hash_of:
                 self._cache[h] = block
@@ -313,6 +380,7 @@ class BlockManager:
                 # through blocks this sequence does not share.
                 break
             seq.hashed = i + 1
+            seq.hashes.append(h)
 
     def _key(self, seq_id):
         if seq_id not in self._seqs:

@@ -145,12 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("backend", choices=sorted(BENCHMARKS))
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+    from .lab.generate import add_generate_parser
+    add_generate_parser(sub)
     return p
 
 
 # Backends with a dedicated kernel benchmark: module with main(argv) -> exit code.
 BENCHMARKS = {"mlx": "paged_attention.backends.mlx.bench", "vulkan": "paged_attention.backends.vulkan.bench",
-              "e2e": "paged_attention.lab.e2e"}
+              "e2e": "paged_attention.lab.e2e", "generate": "paged_attention.lab.generate"}
 
 
 def cmd_bench(args) -> int:

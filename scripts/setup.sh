@@ -52,7 +52,7 @@ stamp="$VENV/.installed-$(cat pyproject.toml scripts/setup.sh | cksum | cut -d" 
 if [ ! -f "$stamp" ]; then
   log "installing paged-attention and its dependencies into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[mlx,dev]" pybind11
+  "$VENV/bin/python" -m pip install -q -e ".[mlx,mlx-lm,dev]" pybind11
   rm -f "$VENV"/.installed-* && touch "$stamp"
 fi
 

@@ -1,1 +1,1 @@
-"""The lab: benchmarks and measurement harnesses. The runtime never imports it."""
+"""The lab: benchmarks, measurement harnesses and CLI commands. The runtime never imports it."""

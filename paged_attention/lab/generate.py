@@ -1,0 +1,223 @@
+"""`paged-attn generate` and `paged-attn bench generate`: mlx-lm models on the paged cache
+(figures: adr/0009-mlx-lm-integration.md)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+GENERATE_HELP = """Generate with an mlx-lm model on the paged KV cache (continuous batching).
+--model PATH loads a local mlx-lm model directory (mlx_lm.load; nothing is downloaded) and
+prompts are text. --random-config CONFIG.json builds random weights from an mlx-lm config dict;
+it has no tokenizer, so each prompt is whitespace-separated TOKEN IDS (e.g. --prompt "1 5 9")."""
+
+
+def add_generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate with an mlx-lm model on the paged cache",
+                       description=GENERATE_HELP)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="local mlx-lm model directory")
+    src.add_argument("--random-config", help="mlx-lm config JSON; random weights, token-id prompts")
+    pr = g.add_mutually_exclusive_group(required=True)
+    pr.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    pr.add_argument("--prompts", help="a file with one prompt per line")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--backend", default="mlx")
+    g.add_argument("--path", default="auto")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--n", type=int, default=1, help="samples per prompt (forks, copy-on-write)")
+    g.add_argument("--dtype", default="float32", help="weights of --random-config models")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+
+def _error(msg: str) -> int:
+    print(f"paged-attn: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_generate(args) -> int:
+    try:
+        from ..integrations import mlx_lm as pl
+    except ImportError as e:
+        return _error(str(e))
+    from ..errors import PagedAttentionError
+    lines = args.prompt or [ln.rstrip("\n") for ln in open(args.prompts) if ln.strip()]
+    tokenizer = None
+    if args.model:
+        from mlx_lm import load
+        model, tokenizer = load(args.model)
+        prompts = [tokenizer.encode(t) for t in lines]
+    else:
+        with open(args.random_config) as f:
+            model = pl.random_model(json.load(f), dtype=args.dtype)
+        try:
+            prompts = [[int(t) for t in ln.split()] for ln in lines]
+        except ValueError:
+            return _error("--prompt/--prompts: with --random-config prompts are token ids "
+                          "separated by spaces (there is no tokenizer)")
+    try:
+        eng = pl.Engine(model, backend=args.backend, path=args.path, block_size=args.block_size,
+                        num_blocks=pl.blocks_needed(prompts, args.max_tokens, args.block_size,
+                                                    args.n),
+                        prefix_caching=not args.no_prefix_caching)
+        rids = [eng.add_request(p, args.max_tokens, args.n) for p in prompts]
+        from tqdm import tqdm
+        total = len(prompts) * args.n * args.max_tokens
+        t0 = time.perf_counter()
+        with tqdm(total=total, unit="tok", disable=args.no_progress, file=sys.stderr) as bar:
+            eng.run(progress=bar.update)
+        dt = time.perf_counter() - t0
+    except (PagedAttentionError, ValueError) as e:
+        return _error(str(e))
+    for rid, text in zip(rids, lines):
+        for toks in eng.results(rid):
+            out = tokenizer.decode(toks) if tokenizer else " ".join(map(str, toks))
+            print(f"[{rid}] {text!r} -> {out}")
+    s = eng.stats
+    print(f"{s.tokens_generated} tokens in {dt:.2f} s: {s.tokens_generated / dt:.1f} tokens/s "
+          f"({s.steps} steps, {s.tokens_computed} token rows)")
+    print(f"cache: peak blocks used {s.peak_blocks}, peak KV {s.peak_kv_bytes / 2**20:.2f} MiB, "
+          f"shared now {s.blocks_shared}, prefix hits {s.prefix_hit_tokens} tokens")
+    return 0
+
+
+# -- bench ----------------------------------------------------------------------------------
+CPU_CONFIG = dict(model_type="llama", hidden_size=256, num_hidden_layers=4, intermediate_size=512,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5,
+                  vocab_size=1024, max_position_embeddings=8192, rope_theta=500000.0,
+                  tie_word_embeddings=True)
+# Llama-3-8B's shapes (random weights, bf16: ~16 GB).
+H100_CONFIG = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
+                   intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                   head_dim=128, rms_norm_eps=1e-5, vocab_size=128256,
+                   max_position_embeddings=131072, rope_theta=500000.0,
+                   tie_word_embeddings=False)
+
+
+def build_model(config: dict, dtype: str, seed: int = 0):
+    """Random weights, created layer by layer in `dtype` so a bf16 8B model never exists in
+    float32 (which would need 32 GB)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.utils import _get_classes
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    mx.random.seed(seed)
+    dt = getattr(mx, dtype)
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding, nn.RMSNorm)):
+            params = {}
+            for k, v in tree_flatten(mod.parameters()):
+                if isinstance(mod, nn.RMSNorm):
+                    params[k] = mx.ones(v.shape, dt)
+                else:
+                    params[k] = (mx.random.normal(v.shape, dtype=dt)
+                                 * (v.shape[-1] ** -0.5)).astype(dt)
+            mod.update(tree_unflatten(list(params.items())))
+            mx.eval(mod.parameters())
+    model.eval()
+    return model
+
+
+def _prompts(batch: int, ragged: bool, shared: bool, lo: int, hi: int, vocab: int, seed: int):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(lo, hi + 1, batch) if ragged else np.full(batch, (lo + hi) // 2)
+    prefix = rng.integers(0, vocab, int(lens.min()) // 2).tolist() if shared else []
+    return [prefix + rng.integers(0, vocab, int(n) - len(prefix)).tolist() for n in lens]
+
+
+def run_mlx_lm(model, prompts, max_tokens):
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+    gen = BatchGenerator(model, stop_tokens=None, completion_batch_size=len(prompts),
+                         prefill_batch_size=min(8, len(prompts)))
+    t0 = time.perf_counter()
+    gen.insert(prompts, [max_tokens] * len(prompts))
+    peak, n = 0, 0
+    while responses := gen.next_generated():
+        n += len(responses)
+        peak = max(peak, gen.prompt_cache_nbytes)
+    mx.synchronize()
+    dt = time.perf_counter() - t0
+    gen.close()
+    return n, dt, peak
+
+
+def run_paged(model, prompts, max_tokens, backend, path, block_size):
+    import mlx.core as mx
+    from ..integrations import mlx_lm as pl
+    eng = pl.Engine(model, backend=backend, path=path, block_size=block_size,
+                    num_blocks=pl.blocks_needed(prompts, max_tokens, block_size),
+                    max_batch_tokens=2048)
+    for p in prompts:
+        eng.add_request(p, max_tokens)
+    t0 = time.perf_counter()
+    eng.run()
+    mx.synchronize()
+    dt = time.perf_counter() - t0
+    return eng.stats.tokens_generated, dt, eng.stats.peak_kv_bytes
+
+
+def bench_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="paged-attn bench generate", description=(
+        "tokens/s (prefill + decode, end to end) and peak live KV bytes: the paged engine on each "
+        "backend/path vs mlx-lm's own BatchGenerator (batch_generate's engine) and KV cache, with "
+        "random-weight models."))
+    ap.add_argument("--preset", choices=["cpu", "h100"], default="cpu")
+    ap.add_argument("--batches", default=None, help="comma list (default 1,8,32)")
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--impls", default=None,
+                    help="comma list of backend:path (default: every available one + mlx-lm)")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    a = ap.parse_args(argv)
+    from .. import registry
+    if a.preset == "h100":
+        cfg, dtype, lo, hi, steps = H100_CONFIG, "bfloat16", 1024, 4096, a.max_tokens or 32
+        default_impls = ["mlx:fused", "mlx-lm"]
+    else:
+        cfg, dtype, lo, hi, steps = CPU_CONFIG, "float32", 32, 256, a.max_tokens or 32
+        default_impls = ["mlx-lm"]
+        for name in registry.available_backends():
+            be = registry.get_backend(name)
+            default_impls += [f"{name}:{p}" for p in be.paths]
+    impls = a.impls.split(",") if a.impls else default_impls
+    batches = [int(b) for b in (a.batches or "1,8,32").split(",")]
+    t0 = time.perf_counter()
+    model = build_model(cfg, dtype)
+    print(f"model {cfg['model_type']} hidden {cfg['hidden_size']} x {cfg['num_hidden_layers']} "
+          f"layers, {dtype}, built in {time.perf_counter() - t0:.1f} s; prompts {lo}-{hi} tokens, "
+          f"{steps} new tokens each", flush=True)
+    print(f"{'impl':16s} {'B':>3s} {'lengths':8s} {'prefix':6s} {'tok/s':>9s} {'s':>7s} "
+          f"{'peak KV MiB':>11s}", flush=True)
+    rows = []
+    for b in batches:
+        for ragged in (False, True):
+            for shared in (False, True):
+                prompts = _prompts(b, ragged, shared, lo, hi, cfg["vocab_size"], seed=b)
+                for impl in impls:
+                    if impl == "mlx-lm":
+                        n, dt, peak = run_mlx_lm(model, prompts, steps)
+                    else:
+                        backend, path = impl.split(":")
+                        n, dt, peak = run_paged(model, prompts, steps, backend, path,
+                                                a.block_size)
+                    row = dict(impl=impl, batch=b, ragged=ragged, shared_prefix=shared,
+                               tokens=n, seconds=dt, tokens_per_s=n / dt, peak_kv_bytes=peak)
+                    rows.append(row)
+                    print(f"{impl:16s} {b:3d} {'ragged' if ragged else 'uniform':8s} "
+                          f"{'50%' if shared else '-':6s} {n / dt:9.1f} {dt:7.2f} "
+                          f"{peak / 2**20:11.2f}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def main(argv=None) -> int:
+    return bench_main(sys.argv[1:] if argv is None else argv)
