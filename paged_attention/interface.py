@@ -18,6 +18,7 @@ import numpy as np
 from .errors import InvalidInput, UnsupportedPath
 from .validation import (FLOAT_DTYPES, DecodeArgs, PoolSpec, check_copy_pairs, check_kv,
                          check_num_q_heads, check_pool_spec, check_prefill, check_q,
+                         dtype_name,
                          check_query_lens, check_slots, check_tables, check_write, host_ints,
                          query_rows)
 
@@ -87,6 +88,29 @@ class Plan:
     args: DecodeArgs = field(repr=False)
     slots: np.ndarray | None = field(repr=False)
     device: Any = field(default=None, repr=False)
+    q_shape: tuple = field(default=(), repr=False)    # (N, Hq, D): run()'s q and output
+    kv_shape: tuple | None = field(default=None, repr=False)  # (S, Hkv, D), None: no writes
+
+
+
+_DTYPE_NAMES: dict = {}
+
+
+def _dtype(x) -> str:
+    """dtype_name, memoised per dtype object (run() checks it per layer)."""
+    dt = getattr(x, "dtype", None)
+    try:
+        name = _DTYPE_NAMES.get(dt)
+    except TypeError:  # an unhashable dtype: name it the slow way
+        return dtype_name(x)
+    if name is None:
+        name = _DTYPE_NAMES[dt] = dtype_name(x)
+    return name
+
+
+def _shape(x) -> tuple | None:
+    shape = getattr(x, "shape", None)
+    return None if shape is None else tuple(shape)
 
 
 def _frozen(a):
@@ -319,26 +343,36 @@ class PagedAttention(ABC):
         plan = Plan(backend=self, spec=spec, path=chosen, batch=args.batch,
                     num_q_heads=num_q_heads, num_rows=rows.batch,
                     query_lens=None if ql is None else _frozen(ql), args=rows,
-                    slots=None if slots is None else _frozen(slots))
+                    slots=None if slots is None else _frozen(slots),
+                    q_shape=(rows.batch, num_q_heads, spec.head_dim),
+                    kv_shape=None if slots is None else (int(slots.shape[0]), spec.num_kv_heads,
+                                                         spec.head_dim))
         device = self._prepare(plan)
         return plan if device is None else replace(plan, device=device)
 
     def _check_run(self, plan: Plan, q, pool: KVPool, k, v) -> None:
-        """The O(1) checks of `run`: nothing here reads device data or walks a table."""
-        if not isinstance(plan, Plan) or plan.backend is not self:
+        """The O(1) checks of `run`: nothing here reads device data or walks a table. The common
+        case (arrays of the plan's shapes and accepted dtypes) costs a few attribute reads; the
+        full checks run only to name what is wrong."""
+        if type(plan) is not Plan or plan.backend is not self:
             raise InvalidInput(f"plan: expected a Plan made by this {self.name!r} backend's plan(), "
                                f"got {type(plan).__name__}")
-        self._check_pool(pool)
-        if pool.spec != plan.spec:
+        if getattr(pool, "_owner_token", None) is not self._pool_token or (
+                pool.spec is not plan.spec and pool.spec != plan.spec):
+            self._check_pool(pool)
             raise InvalidInput(f"pool: geometry {pool.spec} does not match the plan's {plan.spec}")
-        check_q(q, plan.spec, self.q_dtypes, rows=plan.num_rows, num_q_heads=plan.num_q_heads,
-                form="[N, Hq, D]")
-        if (k is None) != (v is None):
+        if _shape(q) != plan.q_shape or _dtype(q) not in self.q_dtypes:
+            check_q(q, plan.spec, self.q_dtypes, rows=plan.num_rows, num_q_heads=plan.num_q_heads,
+                    form="[N, Hq, D]")
+        if k is None and v is None:
+            return
+        if k is None or v is None:
             raise InvalidInput("k, v: give both new keys and values, or neither")
-        if k is not None:
-            if plan.slots is None:
-                raise InvalidInput("k, v: the plan has no slot_mapping to write them at; pass "
-                                   "slot_mapping to plan()")
+        if plan.slots is None:
+            raise InvalidInput("k, v: the plan has no slot_mapping to write them at; pass "
+                               "slot_mapping to plan()")
+        if (_shape(k) != plan.kv_shape or _shape(v) != plan.kv_shape
+                or _dtype(k) not in self.kv_dtypes or _dtype(v) not in self.kv_dtypes):
             check_kv(plan.spec, plan.slots.shape[0], k, v, self.kv_dtypes)
 
     def close(self) -> None:

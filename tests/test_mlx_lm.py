@@ -12,7 +12,7 @@ from mlx_lm.generate import generate_step  # noqa: E402
 from paged_attention.integrations import mlx_lm as pl  # noqa: E402
 
 BASE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, vocab_size=256,
+            num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6, vocab_size=256,
             max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=True)
 CONFIGS = {
     "qwen3": dict(BASE, model_type="qwen3"),
@@ -21,10 +21,38 @@ CONFIGS = {
     "mistral-swa": dict(BASE, model_type="mistral", sliding_window=24,
                         layer_types=["sliding_attention", "full_attention"]),
     "gemma3": dict(BASE, model_type="gemma3_text", sliding_window=24, sliding_window_pattern=2,
-                   query_pre_attn_scalar=16),
+                   query_pre_attn_scalar=32),
 }
 STEPS = 64
 PROMPT_LENS = (1, 7, 16, 41)
+
+
+@pytest.fixture(autouse=True)
+def model_device(request):
+    """Where the model runs. On the CPU, mlx-lm's float32 model is bit-for-bit the same on both
+    sides, so tokens must match exactly. The MLX fused path needs the GPU, where MLX's float32
+    matmuls and SDPA (the reference's attention) round differently from the fused kernel:
+    there greedy tokens may part only at a near-tie (`assert_tokens`). Every other backend/path
+    runs its model on the CPU, so a GPU machine checks it as exactly as CI does."""
+    impl = getattr(getattr(request.node, "callspec", None), "params", {}).get("impl")
+    on_gpu = impl == ("mlx", "fused")
+    before = mx.default_device()
+    if not on_gpu:
+        mx.set_default_device(mx.cpu)
+    yield mx.default_device()
+    mx.set_default_device(before)
+
+
+def assert_tokens(model, prompt, got, want):
+    """got == want on the CPU. On a GPU, they may part at a step where the float32 top-2 logit
+    gap is < 0.05 (a near-tie that rounding decides); everything before it must match."""
+    if got == want:
+        return
+    assert mx.default_device() != mx.cpu, f"tokens diverged on the CPU: {got} != {want}"
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    assert first is not None, f"lengths differ: {len(got)} != {len(want)}"
+    gap = _logits_gap(model, prompt, want[:first + 1])[first]
+    assert gap < 0.05, f"diverged at step {first} with a float32 top-2 gap of {gap:.3f}"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +78,7 @@ def refs(models):
     cache = {}
 
     def get(name, prompt, steps=STEPS):
-        key = (name, tuple(prompt), steps)
+        key = (name, tuple(prompt), steps, str(mx.default_device()))
         if key not in cache:
             cache[key] = reference(models[name], prompt, steps)
         return cache[key]
@@ -63,7 +91,7 @@ def test_greedy_matches_mlx_lm(impl, name, models, refs):
     ps = prompts(PROMPT_LENS)
     got = pl.generate(models[name], ps, max_tokens=STEPS, backend=be, path=path)
     for p, g in zip(ps, got):
-        assert g == refs(name, p), f"prompt of {len(p)} tokens diverged"
+        assert_tokens(models[name], p, g, refs(name, p))
 
 
 def test_mlx_lm_generate_step_drives_paged_cache(impl, models, refs):
@@ -75,7 +103,7 @@ def test_mlx_lm_generate_step_drives_paged_cache(impl, models, refs):
     with pl.paged_attention_hook(model):
         got = [int(t) for (t, _), _ in zip(
             generate_step(mx.array(p), model, max_tokens=STEPS, prompt_cache=cache), range(STEPS))]
-    assert got == refs("qwen3", p)
+    assert_tokens(model, p, got, refs("qwen3", p))
 
 
 def test_cache_refuses_use_outside_hook(models):
@@ -147,8 +175,8 @@ def test_shared_prefix_allocates_only_suffix(impl, models, refs):
     assert eng.block_counts()[0] == used_before + 1
     assert eng.state.groups[0].bm.stats().shared == 4
     eng.run()
-    assert eng.results(ra) == [refs("llama", a, 8)]
-    assert eng.results(rb) == [refs("llama", b, 8)]
+    assert_tokens(model, a, eng.results(ra)[0], refs("llama", a, 8))
+    assert_tokens(model, b, eng.results(rb)[0], refs("llama", b, 8))
 
 
 def test_fork_n2_matches_independent_runs(impl, models):
@@ -174,7 +202,7 @@ def test_fork_n2_matches_independent_runs(impl, models):
     assert calls[0] == 2 and s1[0] != s2[0]
     for sample in (s1, s2):
         want = pl.generate(model, [p + [sample[0]]], max_tokens=23, backend=be, path=path)[0]
-        assert sample[1:] == want
+        assert_tokens(model, p + [sample[0]], sample[1:], want)
 
 
 def test_sliding_window_blocks_stay_bounded(impl, models, refs):
@@ -194,7 +222,7 @@ def test_sliding_window_blocks_stay_bounded(impl, models, refs):
     # window 24 + one partial block + the block being filled: at most ceil(24/8) + 2 blocks
     assert max(c[swa] for c in counts) <= 5
     assert counts[-1][full] == -(-(10 + 149) // 8)
-    assert eng.results(rid) == [refs("mistral-swa", p, 150)]
+    assert_tokens(model, p, eng.results(rid)[0], refs("mistral-swa", p, 150))
 
 
 def test_trim_and_regenerate_matches(impl, models, refs):
@@ -207,12 +235,12 @@ def test_trim_and_regenerate_matches(impl, models, refs):
     for _ in range(30):
         eng.step()
     (sid,) = eng.sequences(rid)
-    assert eng.results(rid)[0] == want[:30]
+    assert_tokens(model, p, eng.results(rid)[0], want[:30])
     # Reject 13 "speculated" tokens: crosses a block boundary and the window's slack.
     assert eng.trim(sid, 13) == 13
-    assert eng.results(rid)[0] == want[:17]
+    assert_tokens(model, p, eng.results(rid)[0], want[:17])
     eng.run()
-    assert eng.results(rid) == [want]
+    assert_tokens(model, p, eng.results(rid)[0], want)
 
 
 def test_continuous_batching_joins_and_finishes(models, refs):

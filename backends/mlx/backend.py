@@ -102,8 +102,9 @@ class MLXBackend(PagedAttention):
             # 31 other layers run between two writes to a pool, copied none in 40 steps.
             # tests/test_mlx.py checks the in-place case.
             blocks, offsets = step.write
-            pool.k[blocks, offsets] = as_mx(k).astype(step.dtype)
-            pool.v[blocks, offsets] = as_mx(v).astype(step.dtype)
+            k, v = as_mx(k), as_mx(v)
+            pool.k[blocks, offsets] = k if k.dtype == step.dtype else k.astype(step.dtype)
+            pool.v[blocks, offsets] = v if v.dtype == step.dtype else v.astype(step.dtype)
         return step.attend(as_mx(q), pool.k, pool.v)
 
     def _decode(self, path, q, pool, args: DecodeArgs):

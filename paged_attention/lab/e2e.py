@@ -12,6 +12,7 @@ pool); every step appends one token per sequence. Geometry: Hq 32, Hkv 8, D 128,
 block 16. Variants timed, in turns step by step so drift hits them alike:
 
   api     plan() once + run() per layer: what a model calls
+  run     one plan made outside the timed step, run() per layer: api - run is plan()'s cost
   kernel  the same loop through the backend's `_run` hook with the plan made once outside the
           timed step: the backend's kernels and nothing else (no validation, no plan)
   sdpa    MLX only: mx.fast.scaled_dot_product_attention over contiguous [B, Hkv, T, D] K/V,
@@ -36,7 +37,7 @@ import paged_attention as pa
 
 PRESETS = {
     "h100": dict(batches=[1, 8, 32], contexts=[4096, 16384, 32768], layers=32, steps=8,
-                 warmup=3, budget_gib=40.0, peak_tbs=3.35, paths=None),
+                 warmup=3, budget_gib=24.0, peak_tbs=3.35, paths=None),
     "cpu": dict(batches=[1, 4], contexts=[256, 1024], layers=4, steps=3, warmup=1,
                 budget_gib=1.0, peak_tbs=None, paths=None),
 }
@@ -119,12 +120,15 @@ class Point:
             self.runs += 1
         return be.to_numpy(x)
 
-    def kernel_step(self):
+    def kernel_step(self, checked: bool = False):
+        """The kernel loop (`_run`, no checks); checked=True: the same through run(), so the
+        difference is run()'s O(1) checks and api - run is what plan() costs per step."""
         be, plan = self.be, self.kernel_plan
+        call = be.run if checked else be._run
         x = self.q0
         for i in range(self.layers):
             kv = x[:, :HKV]
-            x = be._run(plan, x, self.pools[i % self.num_pools], kv, kv)
+            x = call(plan, x, self.pools[i % self.num_pools], kv, kv)
         return be.to_numpy(x)
 
     def kv_bytes_per_step(self) -> int:
@@ -175,7 +179,7 @@ def time_interleaved(fns: dict, steps: int, warmup: int) -> dict:
 def bench_point(be, path, batch, ctx, cfg) -> dict:
     p = Point(be, path, batch, ctx, cfg["layers"], cfg["steps"] + cfg["warmup"] + 2,
               cfg["budget_gib"])
-    fns = {"api": p.api_step, "kernel": p.kernel_step}
+    fns = {"api": p.api_step, "run": lambda: p.kernel_step(checked=True), "kernel": p.kernel_step}
     if cfg.get("sdpa"):
         fns["sdpa"] = sdpa_step_fn(batch, ctx, cfg["layers"], cfg["budget_gib"])
     t = time_interleaved(fns, cfg["steps"], cfg["warmup"])
@@ -183,7 +187,7 @@ def bench_point(be, path, batch, ctx, cfg) -> dict:
     host_us = 1e6 * p.host_run_s / max(1, p.runs)
     row = {"backend": be.name, "path": path, "batch": batch, "context": ctx,
            "layers": cfg["layers"], "pools": p.num_pools,
-           "api_ms": 1e3 * t["api"], "kernel_ms": 1e3 * t["kernel"],
+           "api_ms": 1e3 * t["api"], "run_ms": 1e3 * t["run"], "kernel_ms": 1e3 * t["kernel"],
            "api_over_kernel": t["api"] / t["kernel"], "host_us_per_run": host_us,
            "api_tbs": p.kv_bytes_per_step() / t["api"] / 1e12,
            "kernel_tbs": p.kv_bytes_per_step() / t["kernel"] / 1e12}
@@ -215,6 +219,8 @@ def host_costs(be, path: str, batch: int = 32, blocks: int = 2048, repeats: int 
     out = {"backend": be.name, "path": path, "batch": batch, "blocks": blocks,
            "plan_us": med(lambda: be.plan(pool, tables, lens, num_q_heads=HQ, path=path)),
            "run_us": med(lambda: be.run(plan, q, pool)),
+           "check_us": med(lambda: be._check_run(plan, q, pool, None, None)),
+           "kernel_call_us": med(lambda: be._run(plan, q, pool, None, None)),
            "decode_us": med(lambda: be.decode(q, pool, tables, lens, path=path))}
     out["run_over_decode"] = out["run_us"] / out["decode_us"]
     return out
@@ -255,9 +261,10 @@ def main(argv=None) -> int:
                 h = host_costs(be, path)
                 host.append(h)
                 print(f"host {name}/{path} B={h['batch']} x {h['blocks']} blocks: plan "
-                      f"{h['plan_us']:.1f} us, run {h['run_us']:.1f} us, decode {h['decode_us']:.1f} "
+                      f"{h['plan_us']:.1f} us, run {h['run_us']:.1f} us (checks {h['check_us']:.1f}, "
+                      f"kernel call {h['kernel_call_us']:.1f}), decode {h['decode_us']:.1f} "
                       f"us, run/decode {h['run_over_decode']:.3f}", flush=True)
-            print(f"{'backend/path':16s} {'B':>3s} {'ctx':>6s} {'api ms':>9s} {'kernel ms':>9s} "
+            print(f"{'backend/path':16s} {'B':>3s} {'ctx':>6s} {'api ms':>9s} {'run ms':>9s} {'kernel ms':>9s} "
                   f"{'api/kern':>8s} {'sdpa ms':>8s} {'api/sdpa':>8s} {'TB/s':>6s} {'host us/run':>11s}")
             for batch in cfg["batches"]:
                 for ctx in cfg["contexts"]:
@@ -265,7 +272,7 @@ def main(argv=None) -> int:
                     r = bench_point(be, path, batch, ctx, c)
                     rows.append(r)
                     peak = f" ({100 * r['api_tbs'] / cfg['peak_tbs']:.0f}% peak)" if cfg["peak_tbs"] else ""
-                    print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} "
+                    print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} {r['run_ms']:9.2f} "
                           f"{r['kernel_ms']:9.2f} {r['api_over_kernel']:8.3f} "
                           f"{r.get('sdpa_ms', float('nan')):8.2f} {r.get('api_over_sdpa', float('nan')):8.3f} "
                           f"{r['api_tbs']:6.3f} {r['host_us_per_run']:11.1f}{peak}", flush=True)
