@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m paged_attention.cli run smoke
+	$(PY) -m paged_attention.lab.cli run smoke
 
 test: setup
 	$(PY) -m pytest -n 2 -q -rs

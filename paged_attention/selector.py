@@ -37,6 +37,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import settings
 from .validation import DecodeArgs, PoolSpec
 
 SCHEMA_VERSION = 1
@@ -67,8 +68,8 @@ def point_key(batch: int, num_kv_heads: int, context: int, window: int | None) -
 # -- calibration tables -------------------------------------------------------------------------
 def cache_dir() -> str:
     """$PAGED_ATTENTION_SELECTOR_DIR if set (tests isolate themselves with it), else the user cache."""
-    if os.environ.get("PAGED_ATTENTION_SELECTOR_DIR"):
-        return os.environ["PAGED_ATTENTION_SELECTOR_DIR"]
+    if settings.get().selector_dir:
+        return settings.get().selector_dir
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "paged-attention", "selector")
 

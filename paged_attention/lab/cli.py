@@ -7,7 +7,7 @@ import sys
 import time
 
 
-from . import registry
+from .. import registry
 from .workload import DecodeWorkload, WorkloadConfig
 
 
@@ -147,17 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Backends with a dedicated kernel benchmark: module with main(argv) -> exit code.
-BENCHMARKS = {"mlx": "paged_attention.backends.mlx.bench", "vulkan": "paged_attention.backends.vulkan.bench"}
+# Kernel benchmarks: name -> (the backend it needs, module with main(argv) -> exit code).
+BENCHMARKS = {"mlx": ("mlx", "paged_attention.lab.bench.mlx_decode"),
+              "mlx-ceiling": ("mlx", "paged_attention.lab.bench.mlx_ceiling"),
+              "vulkan": ("vulkan", "paged_attention.lab.bench.vulkan_decode")}
 
 
 def cmd_bench(args) -> int:
     import importlib
-    reason = registry.unavailable_reason(args.backend)
+    backend, module = BENCHMARKS[args.backend]
+    reason = registry.unavailable_reason(backend)
     if reason:
-        print(f"paged-attn: error: backend {args.backend!r} is unavailable: {reason}", file=sys.stderr)
+        print(f"paged-attn: error: backend {backend!r} is unavailable: {reason}", file=sys.stderr)
         return 2
-    return importlib.import_module(BENCHMARKS[args.backend]).main(args.bench_args) or 0
+    return importlib.import_module(module).main(args.bench_args) or 0
 
 
 def main(argv=None) -> int:

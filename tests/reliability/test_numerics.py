@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from paged_attention import reference
-from paged_attention.workload import representable
+from paged_attention.lab.workload import representable
 
 D, HKV, G = 64, 2, 4
 HQ = HKV * G

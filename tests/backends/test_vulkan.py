@@ -21,7 +21,7 @@ from paged_attention.registry import unavailable_reason
 
 REASON = unavailable_reason("vulkan")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"vulkan backend unavailable: {REASON}")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 5e-3
 
 
