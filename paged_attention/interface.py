@@ -381,8 +381,13 @@ class PagedAttention(ABC):
         return [self._run(p, layer.q, layer.pool, layer.k, layer.v) for layer, p in zip(layers, plans)]
 
     def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
-        from .selector import choose_path
-        return choose_path(self, args, spec)
+        return self.selector.choose(args, spec)
+
+    @functools.cached_property
+    def selector(self):
+        """This instance's PathSelector (paged_attention.selector): path="auto" decisions."""
+        from .selector import PathSelector
+        return PathSelector(self.name, self.device, self.paths)
 
     def _check_pool(self, pool) -> None:
         if not isinstance(pool, KVPool) or getattr(pool, "backend_name", None) != self.name:

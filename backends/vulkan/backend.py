@@ -319,8 +319,7 @@ class VulkanBackend(PagedAttention):
     # -- attention ---------------------------------------------------------------------------------
     def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
         """The calibrated choice for this device when a selector table exists, else the heuristic."""
-        from paged_attention.selector import choose_path
-        return choose_path(self, args, spec, fallback=self.heuristic_path)
+        return self.selector.choose(args, spec, fallback=self.heuristic_path)
 
     def heuristic_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
         """split-K when the (sequence, KV head) workgroups cannot fill the device and the context is

@@ -92,8 +92,7 @@ def test_fallback_rule_when_uncalibrated():
 def test_decisions_are_cached_and_invalidated_by_new_table():
     be = FakeBackend()
     assert selector.choose_path(be, args_for(1, 200), SPEC) == "fused"   # uncalibrated
-    state = be.__dict__["_pa_selector"]
-    assert (2, 256, False) in state.decisions
+    assert (2, 256, False) in be.selector.decisions
     selector.write_table(synthetic_table())                              # calibrate
     assert selector.choose_path(be, args_for(1, 200), SPEC) == "gather"
 
