@@ -25,7 +25,7 @@ the backend's `fallback(args, spec)` when given, else the fused kernel when the 
 
 Cost. Each backend instance owns one PathSelector, which caches its decisions per shape key; a cached selection is a
 max over the context lengths, two bit_length calls and one dict lookup (2-3 us on a 2-core VM;
-tests/test_selector.py measures 10^5 calls).
+tests/units/test_selector.py measures 10^5 calls).
 """
 from __future__ import annotations
 

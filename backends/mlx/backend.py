@@ -101,7 +101,7 @@ class MLXBackend(PagedAttention):
             # pool. On the H100, writes to one pool right after each other's eval copied 8-13%
             # of the time (1 in ~1800 after mx.synchronize()); a 32-layer decode_step loop, where
             # 31 other layers run between two writes to a pool, copied none in 40 steps.
-            # tests/test_mlx.py checks the in-place case.
+            # tests/backends/test_mlx.py checks the in-place case.
             blocks, offsets = step.write
             pool.k[blocks, offsets] = as_mx(k).astype(step.dtype)
             pool.v[blocks, offsets] = as_mx(v).astype(step.dtype)

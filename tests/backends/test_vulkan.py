@@ -1,6 +1,6 @@
 """Vulkan backend specifics: shader cache and errors, split-K, one-submission decode steps, clamps.
 
-The shared decode matrix (tests/test_decode_matrix.py) already runs every path of this backend;
+The shared decode matrix (tests/matrix/test_decode_matrix.py) already runs every path of this backend;
 these tests cover what only the Vulkan backend has. Kept small for lavapipe.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ Whether a call is valid is decided by an oracle written independently of
 
 Shapes are drawn from a few geometries only: every new geometry compiles shaders on the Vulkan
 backend (~1-2 s each on lavapipe), while batch, table width, lengths, ids, dtypes, memory
-layouts and values vary freely. Examples per test: PA_FUZZ_EXAMPLES (default 150 for decode,
+layouts and values vary freely. Examples per test: PAGED_ATTENTION_TEST_FUZZ_EXAMPLES (default 150 for decode,
 100 for write_kv / copy_blocks); `pytest -s` prints the count per backend.
 """
 from __future__ import annotations

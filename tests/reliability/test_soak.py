@@ -3,7 +3,7 @@
 A few hundred decode steps with joins, forks (copy-on-write) and finishes: host RSS and device
 memory (where the backend reports it) flat after a warm-up, every block back on the free list,
 the reference matched on a subsample of steps; then pools created and dropped in a loop give
-their memory back. PA_SOAK_STEPS scales the run.
+their memory back. PAGED_ATTENTION_TEST_SOAK_STEPS scales the run.
 """
 from __future__ import annotations
 
