@@ -7,7 +7,6 @@ any of its kernels run.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
@@ -15,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import devices, settings
 from .errors import InvalidInput, UnsupportedPath
 from .validation import (FLOAT_DTYPES, DecodeArgs, PoolSpec, check_copy_pairs, check_kv,
                          check_num_q_heads, check_pool_spec, check_prefill, check_q,
@@ -311,7 +311,7 @@ class PagedAttention(ABC):
         path that handles every given pool geometry); explicit paths are checked."""
         auto = False
         if path == "auto":
-            path = os.environ.get(PATH_ENV)
+            path = settings.get().path
             if not path:
                 path, auto = self._auto_path(args, spec), True
         if path not in self.paths:
@@ -415,8 +415,13 @@ class PagedAttention(ABC):
         return [self._run(p, layer.q, layer.pool, layer.k, layer.v) for layer, p in zip(layers, plans)]
 
     def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
-        from .selector import choose_path
-        return choose_path(self, args, spec)
+        return self.selector.choose(args, spec)
+
+    @functools.cached_property
+    def selector(self):
+        """This instance's PathSelector (paged_attention.selector): path="auto" decisions."""
+        from .selector import PathSelector
+        return PathSelector(self.name, self.device, self.paths)
 
     def _check_pool(self, pool) -> None:
         if not isinstance(pool, KVPool) or getattr(pool, "backend_name", None) != self.name:
@@ -429,3 +434,49 @@ class PagedAttention(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} device={self.device!r} paths={self.paths}>"
+
+    # -- capabilities the lab relies on (benchmarks, experiments, soak). The defaults suit a
+    # synchronous host backend; a backend overrides what its device does differently, so lab code
+    # asks for a capability and never for a backend's name.
+    def synchronize(self, outs: Sequence = (), pools: Sequence[KVPool] = ()) -> None:
+        """Block until `outs` (arrays this backend returned) and pending writes to `pools` are
+        computed. Synchronous backends have nothing to wait for."""
+
+    def from_numpy(self, x: np.ndarray, dtype: str):
+        """`x` as a query array of this backend in `dtype` (16-bit float or float32 on the host;
+        bfloat16 becomes float32 where the array type has none)."""
+        return np.asarray(x).astype(np.float16 if dtype == "float16" else np.float32)
+
+    def memory_in_use(self) -> int | None:
+        """Bytes this backend holds on its device, or None when it cannot tell (host backends and
+        lavapipe: their memory is in the process's RSS)."""
+        return None
+
+    def release_cached_memory(self) -> None:
+        """Give cached allocations back, so that a memory sample measures live memory."""
+
+    def peak_memory_of(self, fn) -> tuple[Any, int | None]:
+        """(fn(), the extra bytes at the peak while it ran), or None for the bytes when the
+        backend cannot tell."""
+        return fn(), None
+
+    @property
+    def device_facts(self) -> devices.DeviceFacts:
+        """Peak bandwidth, compute units, timestamp period of this device (paged_attention.devices)."""
+        return devices.lookup(self.device)
+
+    has_device_timer: bool = False
+
+    def device_time(self, fn) -> tuple[Any, float | None]:
+        """(fn(), device seconds of the attention kernels of the last call fn made), None for the
+        seconds when this backend has no device timer."""
+        return fn(), None
+
+    def dense_attention(self, q, k, v, scale: float):
+        """Attention over contiguous K/V [B, Hkv, T, D] (arrays from `from_numpy`) for q
+        [B, Hq, D]: the contiguous-cache baseline the lab compares paged paths with."""
+        raise UnsupportedPath(f"backend {self.name!r} has no dense attention baseline")
+
+    @property
+    def has_dense_attention(self) -> bool:
+        return type(self).dense_attention is not PagedAttention.dense_attention

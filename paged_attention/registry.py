@@ -1,7 +1,8 @@
 """Backend discovery: which backends this machine can run, and how to get one.
 
 Each backend module exposes `probe() -> str | None` (None when usable, else what is missing
-and how to install it) and `Backend` (a PagedAttention subclass). Probing is cached per
+and how to install it), `Backend` (a PagedAttention subclass) and `KNOWN_PATHS` (every path
+it has on some device; experiment files are validated against them). Probing is cached per
 process because some probes are expensive (Vulkan probes in a subprocess).
 """
 from __future__ import annotations
@@ -38,6 +39,16 @@ def unavailable_reason(name: str) -> str | None:
     if probe is None:
         return f"{BACKENDS[name]} defines no probe(); it is not a complete backend module"
     return probe()
+
+
+def known_paths(name: str) -> tuple[str, ...]:
+    """Every path backend `name` has on some device (its module's KNOWN_PATHS), without creating
+    the backend or importing its array library; () when the module cannot be imported."""
+    try:
+        module = importlib.import_module(BACKENDS[name])
+    except ImportError:
+        return ()
+    return tuple(getattr(module, "KNOWN_PATHS", ()))
 
 
 def available_backends() -> list[str]:

@@ -1,8 +1,8 @@
 """Choice of decode path for path="auto": a per-device calibration table, else a fixed rule.
 
 `PagedAttention.resolve_path` honours $PAGED_ATTENTION_PATH first; otherwise the backend's
-`_auto_path` calls `choose_path(backend, args, spec)` (a backend may override `_auto_path`, and
-may pass its own rule as `fallback`).
+`_auto_path` asks its own `PathSelector` (`backend.selector.choose(args, spec)`; a backend may
+override `_auto_path`, and may pass its own rule as `fallback`).
 
 Shape key. A decode call is reduced to (work rows bucket, context bucket, windowed):
   * work rows = batch x num_kv_heads, the number of independent (sequence, KV head) rows the
@@ -23,9 +23,9 @@ Uncalibrated rule (no table for this backend and device, or no entry with the wi
 the backend's `fallback(args, spec)` when given, else the fused kernel when the backend has one
 (it reads each K/V byte once, where gather first copies the context), else its first path.
 
-Cost. Decisions are cached per (backend instance, shape key) in a dict; a cached selection is a
+Cost. Each backend instance owns one PathSelector, which caches its decisions per shape key; a cached selection is a
 max over the context lengths, two bit_length calls and one dict lookup (2-3 us on a 2-core VM;
-tests/test_selector.py measures 10^5 calls).
+tests/units/test_selector.py measures 10^5 calls).
 """
 from __future__ import annotations
 
@@ -33,15 +33,17 @@ import json
 import math
 import os
 import re
+import weakref
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import settings
 from .validation import DecodeArgs, PoolSpec
 
 SCHEMA_VERSION = 1
-_generation = 0          # bumped whenever a table is written or caches are cleared
-_tables: dict[str, "CalibrationTable | None"] = {}   # table file -> loaded table (None: absent)
+# Live selectors, so that a table written in this process (calibration) resets their decisions.
+_selectors: "weakref.WeakSet[PathSelector]" = weakref.WeakSet()
 
 Key = tuple  # (rows bucket, context bucket, windowed)
 
@@ -67,8 +69,8 @@ def point_key(batch: int, num_kv_heads: int, context: int, window: int | None) -
 # -- calibration tables -------------------------------------------------------------------------
 def cache_dir() -> str:
     """$PAGED_ATTENTION_SELECTOR_DIR if set (tests isolate themselves with it), else the user cache."""
-    if os.environ.get("PAGED_ATTENTION_SELECTOR_DIR"):
-        return os.environ["PAGED_ATTENTION_SELECTOR_DIR"]
+    if settings.get().selector_dir:
+        return settings.get().selector_dir
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "paged-attention", "selector")
 
@@ -147,21 +149,17 @@ def write_table(table: CalibrationTable, path: str | None = None) -> str:
 
 def load_table(backend_name: str, device: str) -> CalibrationTable | None:
     """The stored table of this backend and device, or None (missing or unreadable)."""
-    path = table_path(backend_name, device)
-    if path not in _tables:
-        try:
-            with open(path) as f:
-                _tables[path] = CalibrationTable.from_json(json.load(f))
-        except (OSError, ValueError, KeyError, TypeError):
-            _tables[path] = None
-    return _tables[path]
+    try:
+        with open(table_path(backend_name, device)) as f:
+            return CalibrationTable.from_json(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def clear_cache() -> None:
-    """Forget loaded tables and cached decisions (after a table changed on disk)."""
-    global _generation
-    _generation += 1
-    _tables.clear()
+    """Make every live selector forget its table and decisions (after a table changed on disk)."""
+    for sel in list(_selectors):
+        sel.reset()
 
 
 # -- the choice ---------------------------------------------------------------------------------
@@ -170,36 +168,50 @@ def default_rule(paths) -> str:
     return "fused" if "fused" in paths else paths[0]
 
 
-class _State:
-    """Per-backend-instance selector state: its table and its decisions by shape key."""
-
-    __slots__ = ("generation", "table", "paths", "decisions")
-
-    def __init__(self, backend):
-        self.generation = _generation
-        self.paths = tuple(backend.paths)
-        self.table = load_table(backend.name, backend.device) if len(self.paths) > 1 else None
-        self.decisions: dict = {}
-
-
 _USE_FALLBACK = ""
+
+
+class PathSelector:
+    """The path choice of one backend instance (`backend.selector`): its calibration table,
+    loaded on first use, and its decisions by shape key."""
+
+    def __init__(self, backend_name: str, device: str, paths):
+        self.backend_name, self.device, self.paths = backend_name, device, tuple(paths)
+        self.decisions: dict = {}
+        self._table: CalibrationTable | None = None
+        self._loaded = False
+        _selectors.add(self)
+
+    @property
+    def table(self) -> CalibrationTable | None:
+        if not self._loaded:
+            self._table = (load_table(self.backend_name, self.device) if len(self.paths) > 1
+                           else None)
+            self._loaded = True
+        return self._table
+
+    def reset(self) -> None:
+        self._loaded = False
+        self.decisions = {}
+
+    def choose(self, args: DecodeArgs, spec: PoolSpec, *,
+               fallback: Callable[[DecodeArgs, PoolSpec], str] | None = None) -> str:
+        """The path for this call (see the module docstring)."""
+        key = shape_key(args, spec)
+        path = self.decisions.get(key)
+        if path is None:
+            table = self.table
+            path = (table.lookup(key, self.paths) if table else None) or _USE_FALLBACK
+            self.decisions[key] = path
+        if not path:   # no calibrated answer for this key
+            return fallback(args, spec) if fallback else default_rule(self.paths)
+        return path
 
 
 def choose_path(backend, args: DecodeArgs, spec: PoolSpec, *,
                 fallback: Callable[[DecodeArgs, PoolSpec], str] | None = None) -> str:
-    """The path `backend` should use for this call (see the module docstring)."""
-    state = backend.__dict__.get("_pa_selector")
-    if state is None or state.generation != _generation:
-        state = _State(backend)
-        backend.__dict__["_pa_selector"] = state
-    key = shape_key(args, spec)
-    path = state.decisions.get(key)
-    if path is None:
-        path = (state.table.lookup(key, state.paths) if state.table else None) or _USE_FALLBACK
-        state.decisions[key] = path
-    if not path:   # no calibrated answer for this key
-        return fallback(args, spec) if fallback else default_rule(state.paths)
-    return path
+    """`backend.selector.choose(...)`: the path `backend` should use for this call."""
+    return backend.selector.choose(args, spec, fallback=fallback)
 
 
 # -- regret ---------------------------------------------------------------------------------------

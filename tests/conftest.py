@@ -10,6 +10,7 @@ import tempfile
 import pytest
 
 import paged_attention as pa
+from paged_attention import settings
 from paged_attention.registry import BACKENDS, unavailable_reason
 
 
@@ -68,3 +69,15 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "decode matrix: worst per-step RMS vs float64 reference")
         for (impl_id, dtype), (rms, n) in sorted(worst.items()):
             terminalreporter.write_line(f"{impl_id:16s} {dtype:8s} {n:4d} configs  max RMS {rms:.2e}")
+
+
+@pytest.fixture
+def setenv(monkeypatch):
+    """setenv(name, value): set a PAGED_ATTENTION_* variable and re-read the settings (the
+    package reads the environment once per process); both are restored after the test."""
+    def set_(name, value):
+        monkeypatch.setenv(name, value)
+        settings.reload()
+    yield set_
+    monkeypatch.undo()
+    settings.reload()

@@ -1,6 +1,8 @@
 """MLX backend: pools as mx.array; a gather path everywhere and a fused kernel on Metal/CUDA."""
 from __future__ import annotations
 
+KNOWN_PATHS = ("gather", "fused")
+
 
 def probe() -> str | None:
     try:

@@ -7,6 +7,7 @@ import numpy as np
 from paged_attention.interface import KVPool, PagedAttention, Plan
 from paged_attention.validation import DecodeArgs, PoolSpec
 
+from . import KNOWN_PATHS
 from .arrays import DTYPES, as_mx, gpu_kind
 from .gather import GatherPlan
 
@@ -56,7 +57,7 @@ class MLXBackend(PagedAttention):
         pool.k[dst] = k_src
         pool.v[dst] = v_src
 
-    known_paths = ("gather", "fused")
+    known_paths = KNOWN_PATHS
 
     def path_unavailable_reason(self, path):
         if path == "fused" and not self.kernel_api:
@@ -100,7 +101,7 @@ class MLXBackend(PagedAttention):
             # pool. On the H100, writes to one pool right after each other's eval copied 8-13%
             # of the time (1 in ~1800 after mx.synchronize()); a 32-layer decode_step loop, where
             # 31 other layers run between two writes to a pool, copied none in 40 steps.
-            # tests/test_mlx.py checks the in-place case.
+            # tests/backends/test_mlx.py checks the in-place case.
             blocks, offsets = step.write
             k, v = as_mx(k), as_mx(v)
             pool.k[blocks, offsets] = k if k.dtype == step.dtype else k.astype(step.dtype)
@@ -113,6 +114,39 @@ class MLXBackend(PagedAttention):
                                          args.num_q_heads, None, None, args.scale, args.window,
                                          path), q, pool, None, None)
 
+    # -- lab capabilities (interface.py): lazy arrays, an allocator with a cache ----------------
+    def synchronize(self, outs=(), pools=()):
+        mx.eval(*outs, *[a for p in pools for a in (p.k, p.v)])
+
+    def from_numpy(self, x, dtype):
+        a = mx.array(np.asarray(x, np.float32)).astype(DTYPES[dtype])
+        mx.eval(a)
+        return a
+
+    def memory_in_use(self):
+        return int(mx.get_active_memory())
+
+    def release_cached_memory(self):
+        mx.synchronize()
+        mx.clear_cache()
+
+    def peak_memory_of(self, fn):
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        out = fn()
+        return out, max(0, mx.get_peak_memory() - base)
+
+    def dense_attention(self, q, k, v, scale):
+        # Attends in the gather path's compute dtype (float32: see gather.compute_dtype), so
+        # "x dense" compares like with like; the casts are part of both timings.
+        from .gather import compute_dtype
+        dt = compute_dtype(k.dtype)
+        if k.dtype != dt:
+            k, v = k.astype(dt), v.astype(dt)
+        out = mx.fast.scaled_dot_product_attention(q.astype(dt)[:, :, None, :], k, v,
+                                                   scale=float(scale))
+        return out[:, :, 0, :].astype(q.dtype)
+
 
 class _StepPlan:
     """MLX's per-step state: the write indices (block, offset) and the attention callable."""
@@ -121,3 +155,4 @@ class _StepPlan:
 
     def __init__(self, write, attend, dtype):
         self.write, self.attend, self.dtype = write, attend, dtype
+

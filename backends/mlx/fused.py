@@ -10,12 +10,12 @@ B * Hq * num_parts * (D + 2) * 4 bytes. See adr/0004-mlx-fused-kernel.md.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
+from paged_attention import devices, settings
 from paged_attention.errors import UnsupportedPath
 from paged_attention.validation import DecodeArgs
 
@@ -35,35 +35,19 @@ SPLIT_TOLERANCE = 1.03   # take the fewest partitions within 3% of the best mode
 KINDS = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
 DEFAULT_VARIANT = {"prefetch": False, "stream": 0, "hf": True}
 
-# Multiprocessor counts. MLX's device_info() names the GPU but does not report its SM count,
-# so it is looked up by name; unknown NVIDIA GPUs get the H100's 132 (override with
-# PA_MLX_COMPUTE_UNITS). Order matters: the first substring that matches wins.
-CUDA_SM_COUNTS = (("H100", 132), ("H200", 132), ("H800", 132), ("GH200", 132), ("B200", 148),
-                  ("A100", 108), ("A800", 108), ("L40", 142), ("L4", 58), ("A10", 72),
-                  ("4090", 128), ("3090", 82))
-DEFAULT_CUDA_SMS = 132
-# Apple GPUs: cores by product tier (an estimate; M-series base 8-10 cores, Pro 14-20,
-# Max 30-40, Ultra 60-80). Each core runs a few threadgroups of 128 threads at once.
-METAL_CORE_ESTIMATES = (("Ultra", 64), ("Max", 32), ("Pro", 16))
-DEFAULT_METAL_CORES = 8
-
-
 @functools.cache
 def compute_units(api: str) -> int:
-    """SMs (CUDA) or GPU cores (Metal) used by the split-K heuristic."""
-    env = os.environ.get("PA_MLX_COMPUTE_UNITS")
-    if env:
-        return max(1, int(env))
+    """SMs (CUDA) or GPU cores (Metal) used by the split-K heuristic. MLX's device_info() names
+    the GPU but does not report its SM count, so it is looked up in paged_attention.devices;
+    unknown GPUs get devices.FALLBACK_COMPUTE_UNITS (override with
+    PAGED_ATTENTION_MLX_COMPUTE_UNITS)."""
+    if settings.get().mlx_compute_units:
+        return max(1, settings.get().mlx_compute_units)
     try:
         name = str(mx.device_info().get("device_name", ""))
     except Exception:  # noqa: BLE001 - informational only
         name = ""
-    table, default = ((CUDA_SM_COUNTS, DEFAULT_CUDA_SMS) if api == "cuda"
-                      else (METAL_CORE_ESTIMATES, DEFAULT_METAL_CORES))
-    for key, count in table:
-        if key in name:
-            return count
-    return default
+    return devices.lookup(name).compute_units or devices.FALLBACK_COMPUTE_UNITS[api]
 
 
 @dataclass(frozen=True)
@@ -142,7 +126,7 @@ def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
     chunk = -(-group // chunks)
     regs = 2 * chunk * nv * elems                           # q + accumulators per thread
     iters = 8 if regs <= 64 else 4 if regs <= 128 else 2
-    env = os.environ.get("PA_MLX_VARIANT", "").strip()
+    env = settings.get().mlx_variant
     v = dict(DEFAULT_VARIANT, **(parse_variant(env) if env else {}), **(variant or {}))
     if v["prefetch"]:
         iters = max(2, iters // 2)   # two register stages of ITER tokens each
@@ -178,7 +162,7 @@ def choose_partitions(batch: int, groups_per_seq: int, max_tokens: int, tile: in
                       units: int, partitions: int | None = None) -> tuple[int, int]:
     """(num_parts, part_size): split each sequence's attended range into partitions of
     part_size tokens (a multiple of the tile) for batch * groups_per_seq * num_parts
-    threadgroups. `partitions` (or PA_MLX_SPLITK=off|N) forces a count; 1 means no split.
+    threadgroups. `partitions` (or PAGED_ATTENTION_MLX_SPLITK=off|N) forces a count; 1 means no split.
 
     Otherwise a wave model picks the count: with `slots` = units * CTAS_PER_UNIT threadgroups
     resident at once, a launch takes ceil(threadgroups / slots) waves of part_size / tile tile
@@ -190,7 +174,7 @@ def choose_partitions(batch: int, groups_per_seq: int, max_tokens: int, tile: in
     if max_tokens <= 0:
         return 1, tile
     if partitions is None:
-        env = os.environ.get("PA_MLX_SPLITK", "").strip().lower()
+        env = settings.get().mlx_splitk.lower()
         if env in ("off", "0", "1", "no"):
             partitions = 1
         elif env.isdigit():

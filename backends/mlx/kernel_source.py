@@ -26,7 +26,7 @@ INPUTS = {
     "decode": ["q", "k_pool", "v_pool", "block_tables", "context_lens", "pa_params", "pa_scale"],
     "reduce": ["o_part", "ml_part", "context_lens", "pa_params"],
 }
-INPUTS["stream_read"] = ["x", "pa_params"]  # the read-bandwidth probe (backends/mlx/ceiling.py)
+INPUTS["stream_read"] = ["x", "pa_params"]  # the read-bandwidth probe (paged_attention/lab/bench/mlx_ceiling.py)
 OUTPUTS = {
     ("decode", False): ["out"],
     ("decode", True): ["o_part", "ml_part"],

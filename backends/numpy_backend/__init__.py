@@ -7,6 +7,8 @@ from paged_attention import reference
 from paged_attention.interface import KVPool, PagedAttention
 from paged_attention.validation import DecodeArgs, PoolSpec
 
+KNOWN_PATHS = ("reference",)
+
 
 def probe() -> str | None:
     return None
@@ -24,7 +26,7 @@ class NumpyPool(KVPool):
 
 class Backend(PagedAttention):
     name = "numpy"
-    paths = ("reference",)
+    paths = KNOWN_PATHS
     q_dtypes = ("float16", "float32", "float64")
 
     @property
@@ -47,3 +49,26 @@ class Backend(PagedAttention):
         out = reference.decode(q, pool.k, pool.v, args.block_tables, args.context_lens,
                                scale=args.scale, window=args.window)
         return out.astype(np.asarray(q).dtype)
+
+    # -- lab capabilities (interface.py) --------------------------------------------------------
+    def peak_memory_of(self, fn):
+        # numpy allocates on the host heap: tracemalloc sees every array a call creates.
+        import tracemalloc
+        tracemalloc.start()
+        try:
+            out = fn()
+            return out, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    def dense_attention(self, q, k, v, scale):
+        # Vectorised float32 softmax attention: what a host implementation with a contiguous
+        # cache would do, the baseline the float64 paged reference is compared with.
+        b, hq, d = q.shape
+        hkv = k.shape[1]
+        qg = np.asarray(q, np.float32).reshape(b, hkv, hq // hkv, d)
+        s = np.matmul(qg, np.asarray(k, np.float32).transpose(0, 1, 3, 2)) * np.float32(scale)
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        return np.matmul(s, np.asarray(v, np.float32)).reshape(b, hq, d).astype(q.dtype)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import subprocess
 import sys
+
+from paged_attention import settings
+
+KNOWN_PATHS = ("fused", "splitk")
 
 SETUP_HINT = ("run the README setup (scripts/build_kompute.sh $VENV/bin/python builds Kompute's "
               "'kp' module; apt-get install mesa-vulkan-drivers libvulkan-dev glslc libfmt-dev)")
@@ -18,7 +21,7 @@ SETUP_HINT = ("run the README setup (scripts/build_kompute.sh $VENV/bin/python b
 _PROBE_CODE = r"""
 import json, os, sys
 import kp
-m = kp.Manager(int(os.environ.get("PAGED_ATTENTION_VK_DEVICE", "0")))
+m = kp.Manager(int(sys.argv[1]))
 p = m.get_device_properties()
 print("PA_VK_PROBE " + json.dumps({"device_name": p["device_name"],
       "timestamps_supported": bool(p["timestamps_supported"]),
@@ -37,8 +40,9 @@ def device_info() -> dict | str:
     except (ImportError, ValueError) as exc:  # pragma: no cover - broken installs
         return f"cannot look up 'kp' ({exc}); {SETUP_HINT}"
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE_CODE], capture_output=True, text=True,
-                              timeout=float(os.environ.get("PAGED_ATTENTION_VK_PROBE_TIMEOUT", "60")))
+        proc = subprocess.run([sys.executable, "-c", _PROBE_CODE, str(settings.get().vk_device)],
+                              capture_output=True, text=True,
+                              timeout=settings.get().vk_probe_timeout_s)
     except subprocess.TimeoutExpired:
         return "creating a Vulkan device timed out (is the Vulkan driver hung?)"
     for line in proc.stdout.splitlines():

@@ -31,10 +31,12 @@ from collections import OrderedDict
 
 import numpy as np
 
+from paged_attention import devices, settings
 from paged_attention.errors import InvalidInput, PagedAttentionError
 from paged_attention.interface import KVPool, LayerStep, PagedAttention, Plan
 from paged_attention.validation import DecodeArgs, PoolSpec
 
+from . import KNOWN_PATHS
 from .shaders import ShaderCompiler
 
 FILL_WG = 256
@@ -42,11 +44,6 @@ APPEND_WG = 256
 REDUCE_WG = 128
 MAX_GRID = 4096  # workgroups of the grid-stride shaders
 MIN_CHUNK = 512  # split-K: fewest tokens per split
-
-
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    return int(v) if v else default
 
 
 def _pow2_floor(x: int) -> int:
@@ -95,7 +92,7 @@ class _Plan:
 
 class VulkanBackend(PagedAttention):
     name = "vulkan"
-    paths = ("fused", "splitk")
+    paths = KNOWN_PATHS
     pool_dtypes = ("float16", "float32")
     q_dtypes = ("float16", "float32")
 
@@ -103,7 +100,7 @@ class VulkanBackend(PagedAttention):
         import kp
         self._kp = kp
         if device_index is None:
-            device_index = _env_int("PAGED_ATTENTION_VK_DEVICE", 0)
+            device_index = settings.get().vk_device
         self._mgr = kp.Manager(device_index)
         props = self._mgr.get_device_properties()
         self._device_name = str(props["device_name"])
@@ -128,17 +125,17 @@ class VulkanBackend(PagedAttention):
         return self._device_name
 
     def _guess_compute_units(self) -> int:
-        n = _env_int("PAGED_ATTENTION_VK_CUS", 0)
-        if n:
-            return n
+        if settings.get().vk_compute_units:
+            return settings.get().vk_compute_units
         name = self._device_name.lower()
         if "llvmpipe" in name or "lavapipe" in name:
             return os.cpu_count() or 2
-        if "h100" in name or "h200" in name or "h800" in name:
-            return 132
+        known = devices.lookup(self._device_name).compute_units
+        if known:
+            return known
         if "nvidia" in name or "amd" in name or "radeon" in name:
-            return 108
-        return 32
+            return devices.FALLBACK_COMPUTE_UNITS["vulkan-discrete"]
+        return devices.FALLBACK_COMPUTE_UNITS["vulkan"]
 
     def _probe_subgroup_size(self) -> int:
         kp = self._kp
@@ -322,8 +319,7 @@ class VulkanBackend(PagedAttention):
     # -- attention ---------------------------------------------------------------------------------
     def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
         """The calibrated choice for this device when a selector table exists, else the heuristic."""
-        from paged_attention.selector import choose_path
-        return choose_path(self, args, spec, fallback=self.heuristic_path)
+        return self.selector.choose(args, spec, fallback=self.heuristic_path)
 
     def heuristic_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
         """split-K when the (sequence, KV head) workgroups cannot fill the device and the context is
@@ -341,7 +337,7 @@ class VulkanBackend(PagedAttention):
         with a fixed table width keeps one recorded command buffer while contexts grow."""
         cap = args.block_tables.shape[1] * spec.block_size
         span = max(1, min(cap, args.window) if args.window else cap)
-        chunk = _env_int("PAGED_ATTENTION_VK_CHUNK", 0)
+        chunk = settings.get().vk_chunk
         if not chunk:
             wgs = max(1, args.batch * spec.num_kv_heads)
             # ~1.5 workgroups per compute unit: fewer, longer splits beat many short ones on the
@@ -355,12 +351,13 @@ class VulkanBackend(PagedAttention):
         vec = 8 if pool.f16 else 4
         nv = pool.dp // vec
         tpt = min(_pow2_floor(nv), _pow2_floor(self.subgroup_size))
-        tpt = _env_int("PAGED_ATTENTION_VK_TPT", tpt)
-        wg = _env_int("PAGED_ATTENTION_VK_WG", 512 if self.subgroup_size >= 32 else 64)
+        s_ = settings.get()
+        tpt = s_.vk_tpt or tpt
+        wg = s_.vk_wg or (512 if self.subgroup_size >= 32 else 64)
         ng = max(1, min(wg // tpt, 4096 // pool.dp))  # shared memory: ng * dp floats <= 16 KiB
         nl = -(-nv // tpt)
         regs = group * nl * vec  # per-lane q and accumulator floats per token
-        unroll = _env_int("PAGED_ATTENTION_VK_U", 8 if regs <= 32 else 4 if regs <= 64 else 2)
+        unroll = s_.vk_unroll or (8 if regs <= 32 else 4 if regs <= 64 else 2)
         return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size, "WG": ng * tpt,
                 "TPT": tpt, "F16": int(pool.f16), "U": unroll, "SPLITK": int(splitk)}
 
@@ -507,3 +504,29 @@ class VulkanBackend(PagedAttention):
                           scale=float(scale if scale is not None else 1 / math.sqrt(pool.head_dim)),
                           window=window)
         return self._execute([(pool, q, None, None)], None, args, path)[0]
+
+    # -- lab capabilities (interface.py): timestamp queries -------------------------------------
+    @property
+    def has_device_timer(self) -> bool:
+        return self.timestamps_supported
+
+    def device_time(self, fn):
+        """Records the calls of fn() with a timestamp after every op; the seconds are those from
+        the op before the first attention op to the last attention/reduce op of the last
+        submission (KV appends and uploads excluded)."""
+        before = self.record_timestamps
+        self.record_timestamps = True
+        try:
+            out = fn()
+        finally:
+            self.record_timestamps = before
+        ts = self.last_timestamps
+        if not ts:
+            return out, None
+        names = [n for n, _ in ts]
+        first = next((i for i, n in enumerate(names) if n.startswith("attn")), None)
+        if not first:
+            return out, None
+        last = max(i for i, n in enumerate(names) if n.startswith(("attn", "reduce")))
+        ticks = ts[last][1] - ts[first - 1][1]
+        return out, ticks * self.device_facts.timestamp_period_ns * 1e-9

@@ -2,7 +2,7 @@
 (the roofline a decode kernel is judged against, next to the HBM spec peak) and what one
 kernel launch costs inside a lazily built graph, custom kernel versus built-in op.
 
-    python -m backends.mlx.ceiling [--gib 4] [--repeats 7]
+    paged-attn bench mlx-ceiling [--gib 4] [--repeats 7]
 
 The read probe (shaders/mlx/stream_read.body) uses the decode kernel's own 16-byte loads over
 several buffers of --gib GiB in all (so nothing is served from L2) and reports the best of a
@@ -15,11 +15,16 @@ import sys
 
 import mlx.core as mx
 
-from .backend import gpu_kind
-from .bench import time_steps
-from .fused import _kernel, compute_units
+from paged_attention.backends.mlx.arrays import gpu_kind
+from paged_attention.backends.mlx.fused import _kernel, compute_units
+
+from ..timing import time_steps as _time_steps
 
 STREAM_THREADS = 256
+
+
+def time_steps(paths: dict, layers: int, repeats: int, warmup: int) -> dict:
+    return _time_steps(paths, layers, repeats, warmup, sync=mx.eval)
 
 
 def _read(api: str, x: mx.array, groups: int) -> mx.array:
@@ -59,7 +64,7 @@ def launch_cost(api: str, count: int = 64, repeats: int = 7) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m backends.mlx.ceiling", description=__doc__,
+    p = argparse.ArgumentParser(prog="paged-attn bench mlx-ceiling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gib", type=float, default=4.0, help="bytes read per pass, over 4 buffers")
     p.add_argument("--repeats", type=int, default=7)

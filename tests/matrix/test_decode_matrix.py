@@ -8,9 +8,9 @@ import zlib
 
 import pytest
 
-from paged_attention.workload import DecodeWorkload, WorkloadConfig
+from paged_attention.lab.workload import DecodeWorkload, WorkloadConfig
 
-STEPS = int(os.environ.get("PA_MATRIX_STEPS", "200"))
+STEPS = int(os.environ.get("PAGED_ATTENTION_TEST_MATRIX_STEPS", "200"))
 TOLERANCE = 5e-3
 
 GRID = list(itertools.product(

@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from paged_attention.workload import DecodeWorkload, WorkloadConfig
+from paged_attention.lab.workload import DecodeWorkload, WorkloadConfig
 
 STEPS = 60
 THREADS = 3

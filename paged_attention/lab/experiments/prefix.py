@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from ..block_manager import BlockManager
+from ...block_manager import BlockManager
 from ..workload import representable
 from . import measure as M
 
@@ -71,7 +71,7 @@ def run_point(backend, params: dict, measure: dict, seed: int = 0):
     vt = representable(rng.standard_normal((tile, p["num_kv_heads"], p["head_dim"])), p["dtype"])
 
     has_prefill = callable(getattr(backend, "prefill", None))
-    q_tile = M._q_array(backend.name, representable(
+    q_tile = backend.from_numpy(representable(
         rng.standard_normal((tile, p["num_q_heads"], p["head_dim"])), p["dtype"]), p["dtype"])
 
     def prefill():
@@ -90,9 +90,7 @@ def run_point(backend, params: dict, measure: dict, seed: int = 0):
                     n = min(tile, len(slots) - s0)
                     outs.append(backend.prefill(q_tile[:n], pool, table, start + s0))
             written += len(slots)
-        if backend.name == "mlx":
-            import mlx.core as mx
-            mx.eval(pool.k, pool.v, *outs)
+        backend.synchronize(outs, pools=[pool])
         return time.perf_counter() - t0, bm, written
 
     for _ in range(measure["warmup"]):
@@ -121,7 +119,7 @@ def run_point(backend, params: dict, measure: dict, seed: int = 0):
     tables, lens = bm.block_tables(seqs), bm.context_lens(seqs)
     host_qs = [representable(rng.standard_normal((p["batch"], p["num_q_heads"], p["head_dim"])),
                              p["dtype"]) for _ in range(p["layers"])]
-    qs = [M._q_array(backend.name, q, p["dtype"]) for q in host_qs]
+    qs = [backend.from_numpy(q, p["dtype"]) for q in host_qs]
     setup = M.Setup(p, tables, lens, [pool], qs, host_qs[0].astype(np.float64), M.kv_bytes(p),
                     num_blocks * block_bytes)
     return metrics, setup

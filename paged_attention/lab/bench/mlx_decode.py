@@ -1,6 +1,6 @@
 """Decode-attention benchmark for the MLX paths on one GPU (CUDA or Metal).
 
-    python -m backends.mlx.bench [--preset h100] [--batches 1,4,8,32] [--contexts 1024,4096,16384,32768]
+    paged-attn bench mlx [--preset h100] [--batches 1,4,8,32] [--contexts 1024,4096,16384,32768]
 
 For each (batch, context) point: Hq=32, Hkv=8, D=128, float16, block 16, every sequence at the
 full context over a fragmented (randomly permuted; --tables contiguous: in order) block table.
@@ -10,31 +10,35 @@ points, their sum > L2 always) and evaluated with one mx.eval; the median step t
 --repeats steps / layers is the per-layer time, so launch and synchronisation costs are
 amortised. fused (with its --variants) and sdpa take turns step by step, so clock or host-load
 drift hits both sides of their ratio alike. Paths timed:
-  fused  - backends.mlx.fused (paged kernel, split-K as chosen by its heuristic)
-  gather - backends.mlx.gather (take -> contiguous copy -> SDPA); at large points fewer layers
+  fused  - paged_attention.backends.mlx.fused (paged kernel, split-K as chosen by its heuristic)
+  gather - paged_attention.backends.mlx.gather (take -> contiguous copy -> SDPA); at large points fewer layers
            per eval so its per-layer copies fit in memory
   sdpa   - mx.fast.scaled_dot_product_attention on contiguous [B, Hkv, T, D] K/V: the
            contiguous-cache baseline a paged kernel is measured against
 Effective bandwidth = K+V bytes read / per-layer time, next to the HBM peak (--preset) and,
-with --ceiling, the streaming-read bandwidth this device actually reaches (backends.mlx.ceiling).
+with --ceiling, the streaming-read bandwidth this device actually reaches (mlx_ceiling). The paths
+are timed by paged_attention.lab.timing (interleaved, one mx.eval per step).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 
 import mlx.core as mx
 import numpy as np
 
-from .backend import gpu_kind
-from .fused import DecodePlan, parse_variant
-from .gather import gather_decode
+from paged_attention import devices
+from paged_attention.backends.mlx.arrays import gpu_kind
+from paged_attention.backends.mlx.fused import DecodePlan, parse_variant
+from paged_attention.backends.mlx.gather import gather_decode
 
-PRESETS = {"h100": {"peak_tbs": 3.35, "l2_mb": 50}}
+from ..timing import time_steps as _time_steps
+
+# --preset: device constants from paged_attention.devices, for runs where MLX names the device
+# differently (or not at all); without it the device's own name is looked up.
+PRESETS = {"h100": "H100"}
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
@@ -48,22 +52,9 @@ def parse_ints(text: str) -> list[int]:
 
 
 def time_steps(paths: dict, layers: int, repeats: int, warmup: int) -> dict:
-    """Median seconds per layer for each of `paths` (name -> layer_fn(i) building layer i
-    lazily): a step builds `layers` layers and evaluates them with one mx.eval. The paths take
-    turns step by step, so drift in clocks or host load hits every path alike and the ratios
-    between them are fair."""
-    def step(layer_fn):
-        outs = [layer_fn(i) for i in range(layers)]
-        t0 = time.perf_counter()
-        mx.eval(outs)
-        return time.perf_counter() - t0
-    times = {name: [] for name in paths}
-    for rep in range(warmup + repeats):
-        for name, fn in paths.items():
-            t = step(fn)
-            if rep >= warmup:
-                times[name].append(t)
-    return {name: statistics.median(ts) / layers for name, ts in times.items()}
+    """Median seconds per layer of each path, timed by the lab's one harness with mx.eval as
+    the step's synchronisation."""
+    return _time_steps(paths, layers, repeats, warmup, sync=mx.eval)
 
 
 def chained(a, fn):
@@ -226,7 +217,7 @@ def check_targets(results) -> list[tuple[str, bool, str]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m backends.mlx.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="paged-attn bench mlx", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="device constants (HBM peak)")
     p.add_argument("--batches", default="1,4,8,32")
@@ -254,26 +245,27 @@ def main(argv=None) -> int:
                    help="make each layer's q depend on the previous layer's output (no overlap)")
     p.add_argument("--check", action="store_true", help="also report fused-vs-gather RMS per point")
     p.add_argument("--ceiling", action="store_true",
-                   help="first measure the streaming-read ceiling (backends.mlx.ceiling) and report "
+                   help="first measure the streaming-read ceiling (paged-attn bench mlx-ceiling) and report "
                         "the fused path's fraction of it (%%ceil)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     a.paths = set(a.paths.split(","))
     a.variants = [v for v in a.variants.split(",") if v]
-    peak = a.peak_tbs or (PRESETS[a.preset]["peak_tbs"] if a.preset else None)
     api = gpu_kind()
     if api is None:
         print("no Metal or CUDA device for MLX custom kernels: nothing to benchmark", file=sys.stderr)
         return 2
     info = mx.device_info()
+    facts = devices.lookup(PRESETS[a.preset] if a.preset else str(info.get("device_name", "")))
+    peak = a.peak_tbs or (facts.peak_bytes_per_s / 1e12 if facts.peak_bytes_per_s else None)
     print(f"device: {info.get('device_name', api)} ({api}); mlx {mx.__version__}; "
           f"HBM peak {peak or '?'} TB/s; layers/step {a.layers}; dtype {a.dtype}; "
           f"Hq {a.hq} Hkv {a.hkv} D {a.head_dim} block {a.block_size}; "
           f"layers {'serial' if a.serial else 'independent'}")
     ceiling = None
     if a.ceiling:
-        from .ceiling import stream_read
+        from .mlx_ceiling import stream_read
         ceiling = stream_read(api)["read_bytes_per_s"] / 1e12
         print(f"measured streaming-read ceiling: {ceiling:.2f} TB/s"
               + (f" ({ceiling / peak * 100:.0f}% of the {peak} TB/s peak)" if peak else ""))

@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import yaml
 
-from .. import registry, selector
-from ..errors import PagedAttentionError
-from ..validation import DecodeArgs, PoolSpec
+from ... import registry, selector, settings
+from ...errors import PagedAttentionError
+from ...validation import DecodeArgs, PoolSpec
 from . import measure as M
 from . import prefix as P
 from . import results as R
 from .config import Experiment
-from .peaks import peak_bandwidth
 
 
 @dataclass
@@ -87,7 +86,7 @@ def _decode_rows(exp, backend, params, setup, dense, paths, peak, rows_out):
         try:
             if isinstance(m, Exception):
                 raise m
-            rms = M.check_rms(setup, m.pop("out0"), exp.check, dense if path == "dense" else None)
+            rms = M.check_rms(backend, setup, m.pop("out0"), exp.check, dense if path == "dense" else None)
         except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
             rows_out.append({**row, "status": _status(exc), "note": _why(exc)})
             continue
@@ -141,8 +140,8 @@ def calibrate(exp: Experiment, backend, rows: list[dict], run_dir: str) -> dict 
     selector.write_table(table, os.path.join(run_dir, f"selector-{backend.name}.json"))
     path = selector.write_table(table)
 
-    env_override = os.environ.pop(selector_env(), None)
-    try:
+    # The regret of the selector's own choices: $PAGED_ATTENTION_PATH must not force them.
+    with settings.override(path=None):
         def regret_of(choose) -> dict:
             out = []
             for pt in per_point.values():
@@ -175,20 +174,12 @@ def calibrate(exp: Experiment, backend, rows: list[dict], run_dir: str) -> dict 
                        lambda pt: previous.lookup(pt["key"], real)) if previous else [],
                    "backend's own auto": regret_of(backend_auto),
                    "uncalibrated rule": regret_of(rule)}
-    finally:
-        if env_override is not None:
-            os.environ[selector_env()] = env_override
     with open(os.path.join(run_dir, f"selector-{backend.name}-regret.json"), "w") as f:
         json.dump(details, f, indent=1)
     return {"backend": backend.name, "device": backend.device, "table_path": path,
             "entries": len(table.entries), "paths": sorted({r["path"] for r in ok}),
             "regret": {k: selector.regret_summary(v) for k, v in details.items()},
             "details": details}
-
-
-def selector_env() -> str:
-    from ..interface import PATH_ENV
-    return PATH_ENV
 
 
 def run(exp: Experiment, *, backends: list[str] | None = None, out_dir: str | None = None,
@@ -225,7 +216,7 @@ def run(exp: Experiment, *, backends: list[str] | None = None, out_dir: str | No
                 if bar is not None:
                     bar.set_description(f"{name} B={params['batch']} ctx={params['context']}")
                 paths = M.choose_paths(be, exp.paths)
-                peak = peak_bandwidth(be.device)
+                peak = be.device_facts.peak_bytes_per_s
                 try:
                     if exp.kind == "prefix_sharing":
                         metrics, setup = P.run_point(be, params, exp.measure)
@@ -235,7 +226,7 @@ def run(exp: Experiment, *, backends: list[str] | None = None, out_dir: str | No
                         dense = None
                     else:
                         setup = M.build(be, params, exp.measure)
-                        dense = M.Dense(be.name, setup) if any(p == "dense" and not w
+                        dense = M.Dense(be, setup) if any(p == "dense" and not w
                                                                for p, w in paths) else None
                     _decode_rows(exp, be, params, setup, dense, paths, peak, rows)
                 except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on

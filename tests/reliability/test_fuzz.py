@@ -8,7 +8,7 @@ Whether a call is valid is decided by an oracle written independently of
 
 Shapes are drawn from a few geometries only: every new geometry compiles shaders on the Vulkan
 backend (~1-2 s each on lavapipe), while batch, table width, lengths, ids, dtypes, memory
-layouts and values vary freely. Examples per test: PA_FUZZ_EXAMPLES (default 150 for decode,
+layouts and values vary freely. Examples per test: PAGED_ATTENTION_TEST_FUZZ_EXAMPLES (default 150 for decode,
 100 for write_kv / copy_blocks); `pytest -s` prints the count per backend.
 """
 from __future__ import annotations
@@ -23,14 +23,14 @@ from hypothesis import strategies as st
 
 import paged_attention as pa
 from paged_attention import reference
-from paged_attention.workload import representable
+from paged_attention.lab.workload import representable
 
 try:
     import mlx.core as mx
 except ImportError:  # pragma: no cover - mlx is optional
     mx = None
 
-DECODE_EXAMPLES = int(os.environ.get("PA_FUZZ_EXAMPLES", "150"))
+DECODE_EXAMPLES = int(os.environ.get("PAGED_ATTENTION_TEST_FUZZ_EXAMPLES", "150"))
 WRITE_EXAMPLES = max(10, DECODE_EXAMPLES * 2 // 3)
 
 # (head_dim, block_size, num_kv_heads, group): a padded head dim, block_size 1, GQA and MHA.

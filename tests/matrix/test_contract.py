@@ -163,13 +163,13 @@ def test_unknown_path(backend):
                        np.ones(1, np.int32), path="teleport")
 
 
-def test_path_env_override(backend, monkeypatch):
+def test_path_env_override(backend, setenv):
     pool, _, _ = make_pool(backend)
-    monkeypatch.setenv("PAGED_ATTENTION_PATH", "teleport")
+    setenv("PAGED_ATTENTION_PATH", "teleport")
     with pytest.raises(pa.UnsupportedPath):
         backend.decode(np.zeros((1, 2, D), np.float32), pool, np.zeros((1, 1), np.int32),
                        np.ones(1, np.int32))
-    monkeypatch.setenv("PAGED_ATTENTION_PATH", backend.paths[-1])
+    setenv("PAGED_ATTENTION_PATH", backend.paths[-1])
     out = backend.decode(np.zeros((1, 2, D), np.float32), pool, np.zeros((1, 1), np.int32),
                          np.ones(1, np.int32))
     assert np.asarray(out).shape == (1, 2, D)

@@ -1,14 +1,14 @@
 """Soak: a long decode run on one backend (joins, forks with copy-on-write, appends, finishes)
 checking that memory stays flat and that every block returns to the free list.
 
-    python -m paged_attention.soak --backend mlx --steps 10000
+    python -m paged_attention.lab.soak --backend mlx --steps 10000
     paged-attn soak --backend vulkan --path splitk --steps 10000
 
 Memory is sampled after a warm-up (caches, staging buffers and recorded command buffers reach
 their steady size while the first sequences grow to max_context) and again at the end:
   host    resident set size (/proc/self/statm; ru_maxrss where there is no /proc)
-  device  MLX: mx.get_active_memory(); other backends: `device_memory_bytes()` when the backend
-          has one, else not reported (lavapipe's device memory is host memory, in the RSS).
+  device  the backend's `memory_in_use()` (MLX: its allocator's active memory); not reported
+          where it returns None (lavapipe's device memory is host memory, in the RSS).
 After the decode loop, `--churn` pools are created, written, decoded and dropped, to show that
 a dropped pool gives its memory back. The reference answer is checked every `--check-every`
 steps (it costs more than the decode itself). Exit status 0 when every check passes.
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import registry
+from .. import registry
 from .workload import DecodeWorkload, WorkloadConfig
 
 MB = 1 << 20
@@ -44,13 +44,8 @@ def rss_bytes() -> int:
 
 def device_bytes(backend) -> int | None:
     """Bytes the backend holds on its device, when it can tell."""
-    if backend.name == "mlx":
-        import mlx.core as mx
-        return int(mx.get_active_memory())
-    fn = getattr(backend, "device_memory_bytes", None)
-    if callable(fn):
-        return int(fn())
-    return None
+    n = backend.memory_in_use()
+    return None if n is None else int(n)
 
 
 def _malloc_trim() -> None:
@@ -67,10 +62,7 @@ def _malloc_trim() -> None:
 def settle(backend) -> None:
     """Let pending work and garbage go before a memory sample."""
     gc.collect()
-    if backend.name == "mlx":
-        import mlx.core as mx
-        mx.synchronize()
-        mx.clear_cache()
+    backend.release_cached_memory()
     _malloc_trim()
 
 

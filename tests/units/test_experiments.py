@@ -8,11 +8,11 @@ import os
 import pytest
 import yaml
 
-from paged_attention import cli
-from paged_attention.experiments import config
-from paged_attention.experiments.peaks import peak_bandwidth
+from paged_attention.lab import cli
+from paged_attention.lab.experiments import config
+from paged_attention.devices import peak_bandwidth
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TINY = {
     "name": "tiny",

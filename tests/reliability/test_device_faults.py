@@ -24,7 +24,7 @@ import pytest
 import paged_attention as pa
 from paged_attention.registry import unavailable_reason
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VK_REASON = unavailable_reason("vulkan")
 needs_vulkan = pytest.mark.skipif(VK_REASON is not None,
                                   reason=f"vulkan backend unavailable: {VK_REASON}")
@@ -171,7 +171,7 @@ def test_vulkan_objects_outliving_close_do_not_crash_and_cycles_do_not_leak():
         import gc
         import numpy as np
         import paged_attention as pa
-        from paged_attention.soak import rss_bytes, settle, MB
+        from paged_attention.lab.soak import rss_bytes, settle, MB
 
         def cycle():
             be = pa.get_backend("vulkan")

@@ -53,7 +53,7 @@ def test_fused_path_on_cpu_names_the_device(mlx_backend):
 
 
 def test_bfloat16_pool_matches_reference(mlx_backend):
-    from paged_attention.workload import DecodeWorkload, WorkloadConfig
+    from paged_attention.lab.workload import DecodeWorkload, WorkloadConfig
     wl = DecodeWorkload(mlx_backend, WorkloadConfig(batch=3, dtype="bfloat16", seed=4), path="gather")
     # The workload draws bf16-representable K/V/q, so only accumulation error remains.
     worst = max(wl.step().rms for _ in range(40))

@@ -1,11 +1,12 @@
 """Vulkan decode benchmark (not a test).
 
-    python -m backends.vulkan.bench [--batch 1 8] [--context 1024 4096] [--layers 32] ...
-    python -m backends.vulkan.bench --preset h100
+    paged-attn bench vulkan [--batch 1 8] [--context 1024 4096] [--layers 32] ...
+    paged-attn bench vulkan --preset h100
 
 Per (batch, context) and path: kernel time from Vulkan timestamp queries (median over --iters;
-ticks converted with the device's timestampPeriod, which Kompute 0.9 does not expose: 1 ns/tick is
-assumed, the value NVIDIA and lavapipe report, and cross-checked against wall-clock time), the
+ticks converted with the device's timestampPeriod, which Kompute 0.9 does not expose: the period of
+paged_attention.devices is assumed, 1 ns/tick as NVIDIA and lavapipe report, and cross-checked against
+wall-clock time), the
 effective bandwidth (K+V bytes the attention must read / kernel time), the fraction of the device's
 peak when known, the wall time of a whole decode call (upload + submit + wait + download), the
 parity against the float64 numpy reference and its time. Then one decode step over --layers layers
@@ -20,21 +21,22 @@ import time
 
 import numpy as np
 
-PEAK_GBS = {"h100 80gb hbm3": 3350.0, "h100 pcie": 2000.0, "h100 nvl": 3900.0, "h200": 4800.0,
-            "a100-sxm4-80gb": 2039.0, "a100": 1555.0}
-NS_PER_TICK = 1.0
+from paged_attention import devices
+
+from ..timing import round_robin, wall, warm_up
 
 
 def peak_gbs(device: str) -> float | None:
-    name = device.lower()
-    for key, val in PEAK_GBS.items():
-        if key in name:
-            return val
-    return None
+    peak = devices.peak_bandwidth(device)
+    return None if peak is None else peak / 1e9
+
+
+def ns_per_tick(be) -> float:
+    return be.device_facts.timestamp_period_ns
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m backends.vulkan.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="paged-attn bench vulkan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["small", "h100"], default="small",
                    help="h100: B in {1,8,32} x ctx in {4k,16k,32k}, Hq=32, Hkv=8, D=128, fp16, block 16, "
@@ -90,16 +92,6 @@ def make_tables(batch, ctx, block_size, rng):
     return perm.reshape(batch, nbps), np.full(batch, ctx, dtype=np.int32)
 
 
-def warm_up(fn, seconds):
-    """Keep the GPU busy for `seconds` so it leaves its idle clocks before anything is timed (an
-    idle H100 measured up to 5x slower for the first tens of ms)."""
-    t0 = time.perf_counter()
-    while True:
-        fn()
-        if time.perf_counter() - t0 >= seconds:
-            return
-
-
 def rep_kernel_ns(be) -> list[float]:
     """Per-repetition GPU time of the attention (+ split-K reduce) ops of the last timestamped
     submission recorded by `_decode_repeated`."""
@@ -108,7 +100,7 @@ def rep_kernel_ns(be) -> list[float]:
     for i, (name, _) in enumerate(ts):
         if name.startswith(("attn", "reduce")):
             reps.setdefault(int(name.rsplit(".", 1)[1]), []).append(i)
-    return [(ts[idx[-1]][1] - ts[idx[0] - 1][1]) * NS_PER_TICK for _, idx in sorted(reps.items())]
+    return [(ts[idx[-1]][1] - ts[idx[0] - 1][1]) * ns_per_tick(be) for _, idx in sorted(reps.items())]
 
 
 def bench_point(be, a, batch, ctx, rng, reference):
@@ -129,11 +121,8 @@ def bench_point(be, a, batch, ctx, rng, reference):
         be._decode_repeated(q, pool, args, path, a.iters)
         be.record_timestamps = False
         ks = rep_kernel_ns(be)
-        walls = []
-        for _ in range(a.iters):
-            t0 = time.perf_counter()
-            be.decode(q, pool, tables, lens, path=path)
-            walls.append(time.perf_counter() - t0)
+        walls = round_robin({path: wall(lambda: be.decode(q, pool, tables, lens, path=path))},
+                            a.iters)[path]
         k_ns = float(np.median(ks))
         gbs = nbytes / k_ns  # bytes/ns == GB/s
         peak = peak_gbs(be.device)
@@ -186,7 +175,7 @@ def bench_step(be, a, rng):
     gpu = []
     for _ in range(max(3, a.iters // 4)):
         be.decode_step(layers, slots, tables, lens)
-        gpu.append((be.last_timestamps[-1][1] - be.last_timestamps[0][1]) * NS_PER_TICK)
+        gpu.append((be.last_timestamps[-1][1] - be.last_timestamps[0][1]) * ns_per_tick(be))
     be.record_timestamps = False
     nbytes = a.layers * 2 * batch * ctx * a.kv_heads * a.head_dim * dt.itemsize
     res.update(layers=a.layers, batch=batch, context=ctx, path=be.resolve_path(
@@ -212,7 +201,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     peak = peak_gbs(be.device)
     print(f"device: {be.device} (subgroup {be.subgroup_size}, ~{be.compute_units} compute units, "
-          f"peak {fmt(peak, '.0f')} GB/s); timestamps assume {NS_PER_TICK} ns/tick")
+          f"peak {fmt(peak, '.0f')} GB/s); timestamps assume {ns_per_tick(be)} ns/tick")
     print(f"Hq={a.q_heads} Hkv={a.kv_heads} D={a.head_dim} block={a.block_size} dtype={a.dtype} "
           f"iters={a.iters}")
     print("| B | ctx | path | auto | kernel us | GB/s | % peak | call wall us | nsplit | rms vs ref | numpy ref ms |")

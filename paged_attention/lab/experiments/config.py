@@ -50,11 +50,22 @@ from importlib import resources
 
 import yaml
 
-from ..errors import PagedAttentionError
+from ... import registry
+from ...errors import PagedAttentionError
 
 KINDS = ("decode", "prefix_sharing")
-BACKEND_NAMES = ("numpy", "mlx", "vulkan")
-PATH_NAMES = ("gather", "fused", "splitk", "reference", "dense", "auto")
+# Paths the lab adds to the backends' own (registry.known_paths): the contiguous baseline and
+# the backend's automatic choice.
+LAB_PATHS = ("dense", "auto")
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(registry.BACKENDS)
+
+
+def path_names() -> tuple[str, ...]:
+    known = {p for name in registry.BACKENDS for p in registry.known_paths(name)}
+    return tuple(sorted(known)) + LAB_PATHS
 DTYPES = ("float16", "bfloat16", "float32")
 FRAGMENTATION = ("fragmented", "contiguous")
 
@@ -221,8 +232,8 @@ def parse(data, source: str, *, quick: bool = False) -> Experiment:
     kind = data.get("kind", "decode")
     if kind not in KINDS:
         c.fail("kind", f"one of {list(KINDS)}", kind)
-    backends = c.names("backends", data.get("backends"), BACKEND_NAMES)
-    paths = c.names("paths", data.get("paths"), PATH_NAMES)
+    backends = c.names("backends", data.get("backends"), backend_names())
+    paths = c.names("paths", data.get("paths"), path_names())
 
     grid_in = c.mapping("grid", data.get("grid"), GRID_AXES)
     grid = {a: [d] for a, (_, _, d) in GRID_AXES.items()}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from paged_attention.backends.numpy_backend import Backend as NumpyBackend
-from paged_attention import selector
+from paged_attention import selector, settings
+from paged_attention.settings import Settings
 from paged_attention.interface import PATH_ENV
 from paged_attention.validation import DecodeArgs, PoolSpec
 
@@ -33,12 +34,11 @@ SPEC = PoolSpec(num_blocks=64, block_size=16, num_kv_heads=2, head_dim=64, dtype
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PAGED_ATTENTION_SELECTOR_DIR", str(tmp_path))
-    monkeypatch.delenv(PATH_ENV, raising=False)
-    selector.clear_cache()
-    yield
-    selector.clear_cache()
+def isolated_cache(tmp_path):
+    with settings.override(selector_dir=str(tmp_path), path=None):
+        selector.clear_cache()
+        yield
+        selector.clear_cache()
 
 
 def synthetic_table(device="Fake GPU 9000") -> selector.CalibrationTable:
@@ -92,8 +92,7 @@ def test_fallback_rule_when_uncalibrated():
 def test_decisions_are_cached_and_invalidated_by_new_table():
     be = FakeBackend()
     assert selector.choose_path(be, args_for(1, 200), SPEC) == "fused"   # uncalibrated
-    state = be.__dict__["_pa_selector"]
-    assert (2, 256, False) in state.decisions
+    assert (2, 256, False) in be.selector.decisions
     selector.write_table(synthetic_table())                              # calibrate
     assert selector.choose_path(be, args_for(1, 200), SPEC) == "gather"
 
@@ -117,12 +116,10 @@ def test_env_override_is_honoured():
     be = FakeBackend()
     a = args_for(1, 200)
     assert be.resolve_path("auto", a, SPEC) == "gather"
-    import os
-    os.environ[PATH_ENV] = "fused"
-    try:
+    # $PAGED_ATTENTION_PATH, as the settings object holds it once read
+    assert Settings.load({PATH_ENV: "fused"}).path == "fused"
+    with settings.override(path="fused"):
         assert be.resolve_path("auto", a, SPEC) == "fused"
-    finally:
-        del os.environ[PATH_ENV]
 
 
 def test_regret_computation():

@@ -7,7 +7,7 @@ import sys
 import time
 
 
-from . import registry
+from .. import registry
 from .workload import DecodeWorkload, WorkloadConfig
 
 
@@ -145,23 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("backend", choices=sorted(BENCHMARKS))
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
-    from .lab.generate import add_generate_parser
+    from .generate import add_generate_parser
     add_generate_parser(sub)
     return p
 
 
-# Backends with a dedicated kernel benchmark: module with main(argv) -> exit code.
-BENCHMARKS = {"mlx": "paged_attention.backends.mlx.bench", "vulkan": "paged_attention.backends.vulkan.bench",
-              "e2e": "paged_attention.lab.e2e", "generate": "paged_attention.lab.generate"}
+# Benchmarks: name -> (the backend it needs, or None for every available one; module with
+# main(argv) -> exit code).
+BENCHMARKS = {"mlx": ("mlx", "paged_attention.lab.bench.mlx_decode"),
+              "mlx-ceiling": ("mlx", "paged_attention.lab.bench.mlx_ceiling"),
+              "vulkan": ("vulkan", "paged_attention.lab.bench.vulkan_decode"),
+              "e2e": (None, "paged_attention.lab.e2e"),
+              "generate": (None, "paged_attention.lab.generate")}
 
 
 def cmd_bench(args) -> int:
     import importlib
-    reason = registry.unavailable_reason(args.backend) if args.backend in registry.BACKENDS else None
+    backend, module = BENCHMARKS[args.backend]
+    reason = registry.unavailable_reason(backend) if backend else None
     if reason:
-        print(f"paged-attn: error: backend {args.backend!r} is unavailable: {reason}", file=sys.stderr)
+        print(f"paged-attn: error: backend {backend!r} is unavailable: {reason}", file=sys.stderr)
         return 2
-    return importlib.import_module(BENCHMARKS[args.backend]).main(args.bench_args) or 0
+    return importlib.import_module(module).main(args.bench_args) or 0
 
 
 def main(argv=None) -> int:

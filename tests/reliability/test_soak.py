@@ -3,7 +3,7 @@
 A few hundred decode steps with joins, forks (copy-on-write) and finishes: host RSS and device
 memory (where the backend reports it) flat after a warm-up, every block back on the free list,
 the reference matched on a subsample of steps; then pools created and dropped in a loop give
-their memory back. PA_SOAK_STEPS scales the run.
+their memory back. PAGED_ATTENTION_TEST_SOAK_STEPS scales the run.
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import pytest
 
 import numpy as np
 
-from paged_attention.soak import MB, format_report, pool_churn, rss_bytes, run_soak, settle
-from paged_attention.workload import WorkloadConfig
+from paged_attention.lab.soak import MB, format_report, pool_churn, rss_bytes, run_soak, settle
+from paged_attention.lab.workload import WorkloadConfig
 
 pytestmark = pytest.mark.soak
 
-STEPS = int(os.environ.get("PA_SOAK_STEPS", "400"))
+STEPS = int(os.environ.get("PAGED_ATTENTION_TEST_SOAK_STEPS", "400"))
 # RSS is sampled after gc + malloc_trim (noise < 1 MB here); the 10,000-step CLI run uses 8 MB.
 RSS_LIMIT_MB = 6.0
 DEVICE_LIMIT_MB = 0.5

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from paged_attention import reference
-from paged_attention.workload import representable
+from paged_attention.lab.workload import representable
 
 D, HKV, G = 64, 2, 4
 HQ = HKV * G
 TOL = {"float32": 2e-4, "float16": 5e-3, "bfloat16": 3e-2}
 
-# Known deviations, reported to the owners (see tests/test_fuzz.py).
+# Known deviations, reported to the owners (see tests/reliability/test_fuzz.py).
 NONFINITE_Q_GAPS: dict[str, str] = {}  # backend -> reason; empty: every backend complies
 
 

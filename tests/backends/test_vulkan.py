@@ -1,6 +1,6 @@
 """Vulkan backend specifics: shader cache and errors, split-K, one-submission decode steps, clamps.
 
-The shared decode matrix (tests/test_decode_matrix.py) already runs every path of this backend;
+The shared decode matrix (tests/matrix/test_decode_matrix.py) already runs every path of this backend;
 these tests cover what only the Vulkan backend has. Kept small for lavapipe.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from paged_attention.registry import unavailable_reason
 
 REASON = unavailable_reason("vulkan")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"vulkan backend unavailable: {REASON}")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 5e-3
 
 
@@ -130,8 +130,8 @@ def test_pool_roundtrip_copy_blocks_padded_head_dim(vk, dtype, head_dim):
 
 
 # -- attention ---------------------------------------------------------------------------------------
-def test_splitk_matches_fused_and_reference_at_long_context(vk, monkeypatch):
-    monkeypatch.setenv("PAGED_ATTENTION_VK_CHUNK", "1024")  # several splits whatever the device
+def test_splitk_matches_fused_and_reference_at_long_context(vk, setenv):
+    setenv("PAGED_ATTENTION_VK_CHUNK", "1024")  # several splits whatever the device
     rng = np.random.default_rng(2)
     bs, hkv, g, d = 16, 2, 4, 64
     lens = np.array([3000, 1777], dtype=np.int32)
@@ -153,9 +153,9 @@ def test_splitk_matches_fused_and_reference_at_long_context(vk, monkeypatch):
         assert reference.rms(fused, split) < 1e-3
 
 
-def test_auto_path_prefers_splitk_for_long_contexts_and_small_batches(vk, monkeypatch):
+def test_auto_path_prefers_splitk_for_long_contexts_and_small_batches(vk, setenv):
     from paged_attention.validation import PoolSpec, check_decode
-    monkeypatch.delenv("PAGED_ATTENTION_PATH", raising=False)
+    setenv("PAGED_ATTENTION_PATH", "")   # empty: unset
     spec = PoolSpec(4096, 16, 2, 64, "float16")
     def choice(batch, ctx):
         nb = -(-ctx // 16)
@@ -165,7 +165,7 @@ def test_auto_path_prefers_splitk_for_long_contexts_and_small_batches(vk, monkey
     assert choice(1, 8192) == "splitk"
     assert choice(1, 64) == "fused"
     assert choice(4 * vk.compute_units, 4096) == "fused"
-    monkeypatch.setenv("PAGED_ATTENTION_PATH", "fused")
+    setenv("PAGED_ATTENTION_PATH", "fused")
     assert choice(1, 8192) == "fused"
 
 

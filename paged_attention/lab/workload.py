@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import reference
-from .block_manager import BlockManager
-from .interface import PagedAttention
+from .. import reference
+from ..block_manager import BlockManager
+from ..interface import PagedAttention
 
 NP_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}
 

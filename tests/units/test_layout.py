@@ -1,0 +1,92 @@
+"""The layout rules of ADR 0006: settings read once under one prefix, one device table, experiment
+names from the registry, no backend-name comparisons outside the registry, import contracts."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from paged_attention import devices, registry, settings
+from paged_attention.errors import InvalidInput
+from paged_attention.lab.experiments import config
+from paged_attention.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_settings_read_under_one_prefix():
+    s = Settings.load({"PAGED_ATTENTION_PATH": "gather", "PAGED_ATTENTION_VK_CUS": "7",
+                       "PAGED_ATTENTION_MLX_SPLITK": "off", "PA_MLX_SPLITK": "4",
+                       "PAGED_ATTENTION_VK_PROBE_TIMEOUT": "2.5"})
+    assert (s.path, s.vk_compute_units, s.mlx_splitk, s.vk_probe_timeout_s) == ("gather", 7, "off", 2.5)
+    assert Settings.load({}) == Settings()
+    with pytest.raises(InvalidInput, match="PAGED_ATTENTION_VK_CUS"):
+        Settings.load({"PAGED_ATTENTION_VK_CUS": "many"})
+
+
+def test_settings_override_restores():
+    before = settings.get()
+    with settings.override(vk_chunk=1024) as s:
+        assert settings.get() is s and s.vk_chunk == 1024
+    assert settings.get() is before
+
+
+def test_every_env_read_goes_through_settings():
+    """No module of the package reads os.environ itself (XDG_CACHE_HOME aside)."""
+    offenders = []
+    for folder in ("paged_attention", "backends", "shaders"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name == "settings.py":
+                continue
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if re.search(r"os\.environ|getenv", line) and "XDG_CACHE_HOME" not in line:
+                    offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not offenders, offenders
+
+
+def test_device_table_whole_words_first_match():
+    assert devices.lookup("NVIDIA H100 80GB HBM3").compute_units == 132
+    assert devices.lookup("NVIDIA H100 PCIe").peak_bytes_per_s == 2.0e12
+    assert devices.lookup("NVIDIA GH200 480GB").key == "GH200"
+    assert devices.lookup("NVIDIA A100-SXM4-40GB").key == "A100"
+    assert devices.lookup("NVIDIA A10").key == "A10"
+    assert devices.lookup("Apple M2 Max").compute_units == 32
+    assert devices.lookup("llvmpipe (LLVM 15.0.6, 256 bits)") is devices.UNKNOWN
+    assert devices.peak_bandwidth("HBM2e thing") is None     # "M2" is not a whole word here
+
+
+def test_experiment_names_come_from_the_registry(monkeypatch):
+    base = {"name": "t", "backends": ["numpy"], "paths": ["reference", "dense"]}
+    assert config.parse(base, "t").backends == ["numpy"]
+    with pytest.raises(config.ConfigError, match="backends"):
+        config.parse({**base, "backends": ["cuda-magic"]}, "t")
+    monkeypatch.setitem(registry.BACKENDS, "cuda-magic", "paged_attention.backends.numpy_backend")
+    assert config.parse({**base, "backends": ["cuda-magic"]}, "t").backends == ["cuda-magic"]
+    for name in ("numpy", "mlx", "vulkan"):
+        assert registry.known_paths(name), name
+    if registry.unavailable_reason("numpy") is None:
+        assert registry.known_paths("numpy") == registry.get_backend("numpy").known_paths
+
+
+def test_no_backend_name_comparisons_outside_the_registry():
+    pattern = re.compile(r'''(==|!=)\s*["'](numpy|mlx|vulkan)["']|\.name\s*(==|!=|in)\s|backend_name\s*(==|!=)''')
+    offenders = []
+    for path in (ROOT / "paged_attention").rglob("*.py"):
+        if path.name == "registry.py":
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not offenders, offenders
+
+
+@pytest.mark.skipif(shutil.which("lint-imports", path=str(ROOT / ".venv" / "bin")) is None,
+                    reason="import-linter is not installed in .venv (the dev extra)")
+def test_import_contracts_hold():
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "lint_imports.sh")], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "3 kept, 0 broken" in r.stdout
