@@ -1,0 +1,159 @@
+"""plan/run, the API a model's decode loop calls: what plan() rejects, what run() rejects, that a
+rejected call leaves the pool as it was, and that a plan is immutable and reusable across layers."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import paged_attention as pa
+from paged_attention import reference
+
+HKV, D, BS, NB = 2, 32, 4, 12
+
+
+def make_pool(backend, rng, dtype="float32"):
+    pool = backend.create_pool(NB, BS, HKV, D, dtype)
+    k = rng.standard_normal((NB * BS, HKV, D)).astype(np.float32)
+    v = rng.standard_normal((NB * BS, HKV, D)).astype(np.float32)
+    backend.write_kv(pool, np.arange(NB * BS), k, v)
+    return pool
+
+
+def unchanged(backend, pool, before):
+    k, v = pool.to_numpy()
+    return np.array_equal(k, before[0]) and np.array_equal(v, before[1])
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+TABLES = np.array([[3, 0, 7], [5, 1, 2]], np.int32)
+LENS = np.array([9, 6], np.int32)
+
+
+def test_ragged_plan_is_reused_across_layers(impl, rng):
+    """One plan, several pools (layers): each run writes its own pool, then attends over it."""
+    backend, path = impl
+    pools = [make_pool(backend, rng) for _ in range(3)]
+    qlens = np.array([4, 1])
+    # The newest tokens: sequence 0's positions 5..8 (blocks 0, 0, 0, 7), sequence 1's position 5.
+    slots = np.array([0 * BS + 1, 0 * BS + 2, 0 * BS + 3, 7 * BS + 0, 1 * BS + 1])
+    plan = backend.plan(pools[0], TABLES, LENS, num_q_heads=2 * HKV, query_lens=qlens,
+                        slot_mapping=slots, path=path)
+    assert plan.num_rows == 5 and plan.path == path and plan.batch == 2
+    for pool in pools:
+        q = rng.standard_normal((5, 2 * HKV, D)).astype(np.float32)
+        k = rng.standard_normal((5, HKV, D)).astype(np.float32)
+        v = rng.standard_normal((5, HKV, D)).astype(np.float32)
+        out = backend.run(plan, q, pool, k, v)
+        assert isinstance(out, backend.array_type)
+        kk, vv = pool.to_numpy()
+        b, off = np.divmod(slots, BS)
+        assert np.allclose(kk[b, off], k) and np.allclose(vv[b, off], v)
+        ref = reference.ragged(q, kk, vv, TABLES, LENS, qlens)
+        assert reference.rms(backend.to_numpy(out), ref) < 1e-4
+
+
+def test_plan_is_immutable(backend, rng):
+    pool = make_pool(backend, rng)
+    plan = backend.plan(pool, TABLES, LENS, num_q_heads=HKV, query_lens=[2, 3])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.path = "other"
+    with pytest.raises(ValueError):
+        plan.args.block_tables[0, 0] = 1   # host arrays are read-only
+    with pytest.raises(ValueError):
+        plan.query_lens[0] = 1
+
+
+BAD_PLAN = [
+    (dict(num_q_heads=3), "num_q_heads"),
+    (dict(num_q_heads=0), "num_q_heads"),
+    (dict(query_lens=[1, 7]), "query_lens"),         # more queries than tokens
+    (dict(query_lens=[1, -1]), "query_lens"),
+    (dict(query_lens=[1]), "query_lens"),
+    (dict(slot_mapping=[0, NB * BS]), "slot_mapping"),
+    (dict(slot_mapping=[4, 4]), "distinct"),
+    (dict(tables=np.array([[3, 0, 12], [5, 1, 2]], np.int32)), "block_tables"),
+    (dict(lens=np.array([9, 13], np.int32)), "context_lens"),
+    (dict(window=0), "window"),
+]
+
+
+@pytest.mark.parametrize("bad,match", BAD_PLAN, ids=[m + str(i) for i, (_, m) in enumerate(BAD_PLAN)])
+def test_bad_plan_raises_naming_the_argument(backend, rng, bad, match):
+    pool = make_pool(backend, rng)
+    before = pool.to_numpy()
+    args = dict(tables=TABLES, lens=LENS, num_q_heads=2 * HKV, query_lens=None, slot_mapping=None,
+                window=None)
+    args.update(bad)
+    with pytest.raises(pa.InvalidInput, match=match):
+        backend.plan(pool, args["tables"], args["lens"], num_q_heads=args["num_q_heads"],
+                     query_lens=args["query_lens"], slot_mapping=args["slot_mapping"],
+                     window=args["window"])
+    assert unchanged(backend, pool, before)
+
+
+def _bad_runs(backend, rng, pool):
+    other = backend.create_pool(NB, BS, HKV, 2 * D, "float32")
+    q = np.zeros((2, 2 * HKV, D), np.float32)
+    kv = np.ones((2, HKV, D), np.float32)
+    return [
+        (dict(plan="not a plan"), "plan"),
+        (dict(pool=other), "geometry"),
+        (dict(q=np.zeros((3, 2 * HKV, D), np.float32)), "rows"),
+        (dict(q=np.zeros((2, HKV, D), np.float32)), "Hq"),
+        (dict(q=q.astype(np.int32)), "dtype"),
+        (dict(k=kv), "both"),
+        (dict(k=np.ones((3, HKV, D), np.float32), v=np.ones((3, HKV, D), np.float32)), "k: expected shape"),
+        (dict(k=kv.astype(np.int32), v=kv.astype(np.int32)), "k: expected a float dtype"),
+    ]
+
+
+def test_bad_run_raises_before_anything_is_written(backend, rng):
+    pool = make_pool(backend, rng)
+    before = pool.to_numpy()
+    plan = backend.plan(pool, TABLES, LENS, num_q_heads=2 * HKV, slot_mapping=[1, 2])
+    good = dict(plan=plan, q=np.zeros((2, 2 * HKV, D), np.float32), pool=pool,
+                k=np.ones((2, HKV, D), np.float32), v=np.ones((2, HKV, D), np.float32))
+    for bad, match in _bad_runs(backend, rng, pool):
+        args = dict(good, **bad)
+        if "k" in bad and "v" not in bad:
+            args["v"] = None
+        with pytest.raises(pa.InvalidInput, match=match):
+            backend.run(args["plan"], args["q"], args["pool"], args["k"], args["v"])
+        assert unchanged(backend, pool, before), bad
+    # k/v given to a plan made without slots: refused, not silently dropped.
+    plain = backend.plan(pool, TABLES, LENS, num_q_heads=2 * HKV)
+    with pytest.raises(pa.InvalidInput, match="slot_mapping"):
+        backend.run(plain, good["q"], pool, good["k"], good["v"])
+    assert unchanged(backend, pool, before)
+
+
+def test_plan_of_another_backend_instance_is_refused(backend, rng):
+    pool = make_pool(backend, rng)
+    plan = backend.plan(pool, TABLES, LENS, num_q_heads=HKV)
+    other = pa.get_backend(backend.name)
+    try:
+        with pytest.raises(pa.InvalidInput, match="plan"):
+            other.run(plan, np.zeros((2, HKV, D), np.float32), pool)
+    finally:
+        other.close()
+
+
+def test_native_arrays_pass_through(backend, rng):
+    """Tables, lengths and q in the backend's own array type give the same answer as numpy, in the
+    backend's own array type."""
+    pool = make_pool(backend, rng)
+    q = rng.standard_normal((2, 2 * HKV, D)).astype(np.float32)
+    want = backend.to_numpy(backend.decode(q, pool, TABLES, LENS))
+    native = backend.array_type
+    if native is np.ndarray:
+        pytest.skip(f"backend {backend.name!r} works on numpy arrays")
+    plan = backend.plan(pool, native(TABLES), native(LENS), num_q_heads=2 * HKV)
+    out = backend.run(plan, native(q), pool)
+    assert isinstance(out, native)
+    assert np.allclose(backend.to_numpy(out), want, atol=1e-6)
