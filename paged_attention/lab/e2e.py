@@ -12,7 +12,9 @@ pool); every step appends one token per sequence. Geometry: Hq 32, Hkv 8, D 128,
 block 16. Variants timed, in turns step by step so drift hits them alike:
 
   api     plan() once + run() per layer: what a model calls
-  run     one plan made outside the timed step, run() per layer: api - run is plan()'s cost
+  fresh   plans of successive steps made before timing, one per step, run() per layer: api -
+          fresh is plan()'s host work, fresh - run what a step's new device arrays cost
+  run     one plan made outside the timed step, run() per layer: run - kernel is run()'s checks
   kernel  the same loop through the backend's `_run` hook with the plan made once outside the
           timed step: the backend's kernels and nothing else (no validation, no plan)
   sdpa    MLX only: mx.fast.scaled_dot_product_attention over contiguous [B, Hkv, T, D] K/V,
@@ -96,6 +98,7 @@ class Point:
         self.len = ctx
         self.kernel_plan = be.plan(self.pools[0], self.tables, lens, num_q_heads=HQ,
                                    slot_mapping=slots, path=path)
+        self.fresh_plans: list = []
 
     def _next(self):
         """The step's lengths and slots: one new token per sequence."""
@@ -129,6 +132,24 @@ class Point:
         for i in range(self.layers):
             kv = x[:, :HKV]
             x = call(plan, x, self.pools[i % self.num_pools], kv, kv)
+        return be.to_numpy(x)
+
+    def make_fresh_plans(self, n: int) -> None:
+        """n plans of successive steps, made before timing: `fresh_step` runs each once, so its
+        difference to `run` is what a step's new device arrays cost, apart from plan()'s host work."""
+        saved = self.len
+        for _ in range(n):
+            lens, slots = self._next()
+            self.fresh_plans.append(self.be.plan(self.pools[0], self.tables, lens, num_q_heads=HQ,
+                                                 slot_mapping=slots, path=self.path))
+        self.len = saved
+
+    def fresh_step(self):
+        be, plan = self.be, self.fresh_plans.pop()
+        x = self.q0
+        for i in range(self.layers):
+            kv = x[:, :HKV]
+            x = be.run(plan, x, self.pools[i % self.num_pools], kv, kv)
         return be.to_numpy(x)
 
     def kv_bytes_per_step(self) -> int:
@@ -179,7 +200,9 @@ def time_interleaved(fns: dict, steps: int, warmup: int) -> dict:
 def bench_point(be, path, batch, ctx, cfg) -> dict:
     p = Point(be, path, batch, ctx, cfg["layers"], cfg["steps"] + cfg["warmup"] + 2,
               cfg["budget_gib"])
-    fns = {"api": p.api_step, "run": lambda: p.kernel_step(checked=True), "kernel": p.kernel_step}
+    p.make_fresh_plans(cfg["steps"] + cfg["warmup"])
+    fns = {"api": p.api_step, "fresh": p.fresh_step, "run": lambda: p.kernel_step(checked=True),
+           "kernel": p.kernel_step}
     if cfg.get("sdpa"):
         fns["sdpa"] = sdpa_step_fn(batch, ctx, cfg["layers"], cfg["budget_gib"])
     t = time_interleaved(fns, cfg["steps"], cfg["warmup"])
@@ -187,7 +210,8 @@ def bench_point(be, path, batch, ctx, cfg) -> dict:
     host_us = 1e6 * p.host_run_s / max(1, p.runs)
     row = {"backend": be.name, "path": path, "batch": batch, "context": ctx,
            "layers": cfg["layers"], "pools": p.num_pools,
-           "api_ms": 1e3 * t["api"], "run_ms": 1e3 * t["run"], "kernel_ms": 1e3 * t["kernel"],
+           "api_ms": 1e3 * t["api"], "fresh_ms": 1e3 * t["fresh"], "run_ms": 1e3 * t["run"],
+           "kernel_ms": 1e3 * t["kernel"],
            "api_over_kernel": t["api"] / t["kernel"], "host_us_per_run": host_us,
            "api_tbs": p.kv_bytes_per_step() / t["api"] / 1e12,
            "kernel_tbs": p.kv_bytes_per_step() / t["kernel"] / 1e12}
@@ -264,7 +288,7 @@ def main(argv=None) -> int:
                       f"{h['plan_us']:.1f} us, run {h['run_us']:.1f} us (checks {h['check_us']:.1f}, "
                       f"kernel call {h['kernel_call_us']:.1f}), decode {h['decode_us']:.1f} "
                       f"us, run/decode {h['run_over_decode']:.3f}", flush=True)
-            print(f"{'backend/path':16s} {'B':>3s} {'ctx':>6s} {'api ms':>9s} {'run ms':>9s} {'kernel ms':>9s} "
+            print(f"{'backend/path':16s} {'B':>3s} {'ctx':>6s} {'api ms':>9s} {'fresh ms':>9s} {'run ms':>9s} {'kernel ms':>9s} "
                   f"{'api/kern':>8s} {'sdpa ms':>8s} {'api/sdpa':>8s} {'TB/s':>6s} {'host us/run':>11s}")
             for batch in cfg["batches"]:
                 for ctx in cfg["contexts"]:
@@ -272,7 +296,7 @@ def main(argv=None) -> int:
                     r = bench_point(be, path, batch, ctx, c)
                     rows.append(r)
                     peak = f" ({100 * r['api_tbs'] / cfg['peak_tbs']:.0f}% peak)" if cfg["peak_tbs"] else ""
-                    print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} {r['run_ms']:9.2f} "
+                    print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} {r['fresh_ms']:9.2f} {r['run_ms']:9.2f} "
                           f"{r['kernel_ms']:9.2f} {r['api_over_kernel']:8.3f} "
                           f"{r.get('sdpa_ms', float('nan')):8.2f} {r.get('api_over_sdpa', float('nan')):8.3f} "
                           f"{r['api_tbs']:6.3f} {r['host_us_per_run']:11.1f}{peak}", flush=True)
