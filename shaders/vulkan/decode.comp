@@ -9,12 +9,13 @@
 // an online softmax (running max m, sum l, fp32 accumulator) per query head. Lane groups are
 // merged through shared memory at the end.
 //
-// SPLITK=0: writes the normalised output [B, HQ, DP] (float32).
+// SPLITK=0: writes the normalised output [B, HQ, DP]: float32, or with OUT_F16=1 fp16 pairs packed
+//           in uint32 words (half the bytes the host reads back when the caller's q is fp16).
 // SPLITK=1: workgroup (b*HKV+h, s) covers tokens [start + s*chunk, start + (s+1)*chunk) and writes
 //           the unnormalised partial accumulator plus (m, l) for splitk_reduce.comp.
 //
 // Defines (all set by the host): DP (padded head dim), G (query heads per KV head), HKV, BS (block
-// size), WG (workgroup size), TPT (lanes per token, power of 2 <= subgroup size), F16 (1: fp16
+// size), WG (workgroup size), OUT_F16, TPT (lanes per token, power of 2 <= subgroup size), F16 (1: fp16
 // pool, two halves per uint32), U (tokens per lane group per iteration), SPLITK.
 #extension GL_KHR_shader_subgroup_basic : enable
 #extension GL_KHR_shader_subgroup_shuffle : enable
@@ -39,7 +40,11 @@ layout(std430, binding = 1) readonly buffer VPool { VTYPE vpool[]; };
 layout(std430, binding = 2) readonly buffer Q { float qbuf[]; };
 layout(std430, binding = 3) readonly buffer Tables { int tables[]; };
 layout(std430, binding = 4) readonly buffer Lens { int lens[]; };
+#if OUT_F16 && !SPLITK
+layout(std430, binding = 5) writeonly buffer Out { uint outbuf[]; };
+#else
 layout(std430, binding = 5) writeonly buffer Out { float outbuf[]; };
+#endif
 #if SPLITK
 layout(std430, binding = 6) writeonly buffer PartML { float part_ml[]; };
 #endif
@@ -197,6 +202,19 @@ void main() {
         float Lsum = 0.0;
         for (uint j = 0u; j < NG; ++j) Lsum += sh_l[j] * exp(sh_m[j] - M);
         const uint row = b * HQ + h * G + uint(g);
+#if OUT_F16 && !SPLITK
+        // Two adjacent elements per thread, one packed word (DP is a multiple of 8 or 4: even).
+        for (uint d = 2u * tid; d < DP; d += 2u * WG) {
+            float o0 = 0.0, o1 = 0.0;
+            for (uint j = 0u; j < NG; ++j) {
+                float w = exp(sh_m[j] - M);
+                o0 += sh_acc[j * DP + d] * w;
+                o1 += sh_acc[j * DP + d + 1u] * w;
+            }
+            vec2 o = Lsum == 0.0 ? vec2(0.0) : vec2(o0, o1) / Lsum;
+            outbuf[(pc.out_off + row * DP + d) / 2u] = packHalf2x16(o);
+        }
+#else
         for (uint d = tid; d < DP; d += WG) {
             float o = 0.0;
             for (uint j = 0u; j < NG; ++j) o += sh_acc[j * DP + d] * exp(sh_m[j] - M);
@@ -207,6 +225,7 @@ void main() {
             outbuf[pc.out_off + row * DP + d] = Lsum == 0.0 ? 0.0 : o / Lsum;
 #endif
         }
+#endif
 #if SPLITK
         if (tid == 0u) {
             uint p = (pc.out_off + row * pc.nsplit + split) * 2u;
