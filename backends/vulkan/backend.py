@@ -413,8 +413,13 @@ class VulkanBackend(PagedAttention):
         if not chunk:
             wgs = max(1, args.batch * spec.num_kv_heads)
             # ~1.5 workgroups per compute unit: fewer, longer splits beat many short ones on the
-            # H100 (each split pays its q load, lane-group merge and partial write).
-            want = max(1, -(-3 * self.compute_units // (2 * wgs)))
+            # H100 (each split pays its q load, lane-group merge and partial write). When the
+            # (sequence, KV head) workgroups fill under a quarter of the CUs (B=1..4 at Hkv=8),
+            # 1.5 per CU leaves most of each SM's thread slots and its memory parallelism idle
+            # (B=1 x 32k: 1.19 TB/s), so aim at SPLIT_OCC (default 4) workgroups per CU there.
+            per_cu = 1.5 if 4 * wgs > self.compute_units else \
+                float(os.environ.get("PAGED_ATTENTION_VK_SPLIT_OCC", "4"))
+            want = max(1, math.ceil(per_cu * self.compute_units / wgs))
             chunk = max(MIN_CHUNK, -(-(-(-span // want)) // 256) * 256)
         return max(1, -(-span // chunk)), chunk
 
