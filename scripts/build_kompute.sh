@@ -32,7 +32,7 @@ KP_VERSION=${KP_VERSION:-0.9.0}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/paged-attention/wheels
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
-PA_PATCH_LEVEL=1
+PA_PATCH_LEVEL=2
 KP_BUILD_VERSION="$KP_VERSION+pa$PA_PATCH_LEVEL"
 
 log() { echo "[build_kompute] $*"; }
@@ -158,7 +158,7 @@ class PaOpDispatchBare : public kp::OpBase
 
 PYBIND11_MODULE(kp, m)
 {
-    m.attr("pa_patch_level") = 1;
+    m.attr("pa_patch_level") = 2;
     py::class_<PaOpGlobalBarrier, kp::OpBase, std::shared_ptr<PaOpGlobalBarrier>>(m, "OpGlobalBarrier")
       .def(py::init<uint32_t, uint32_t, uint32_t, uint32_t>(), py::arg("src_stage"),
            py::arg("dst_stage"), py::arg("src_access"), py::arg("dst_access"));
@@ -177,7 +177,25 @@ edit("python/src/main.cpp", """      .def("is_init", &kp::Tensor::isInit, DOC(kp
       })
       .def("pa_memory_types", &kp::Tensor::paMemoryTypes)
       .def("destroy", &kp::Tensor::destroy, DOC(kp, Tensor, destroy));""")
-print("[build_kompute] applied the paged-attention patches (level 1) to", src)
+# 3. Unchecked allocation results. Kompute calls the pointer forms of createBuffer/allocateMemory,
+#    which return a vk::Result it ignores: out of device memory left a null buffer/memory that
+#    was then bound and mapped (a segfault, e.g. with MLX's CUDA allocator holding the rest of the
+#    GPU). Both now raise (RuntimeError in Python) naming the size and the VkResult.
+edit("src/Tensor.cpp", """    this->mDevice->createBuffer(&bufferInfo, nullptr, buffer.get());""",
+     """    vk::Result paResult = this->mDevice->createBuffer(&bufferInfo, nullptr, buffer.get());
+    if (paResult != vk::Result::eSuccess) {
+        throw std::runtime_error("Kompute Tensor: vkCreateBuffer of " + std::to_string(bufferSize) +
+                                 " bytes failed: " + vk::to_string(paResult));
+    }""")
+edit("src/Tensor.cpp", """    this->mDevice->allocateMemory(&memoryAllocateInfo, nullptr, memory.get());""",
+     """    vk::Result paResult =
+      this->mDevice->allocateMemory(&memoryAllocateInfo, nullptr, memory.get());
+    if (paResult != vk::Result::eSuccess) {
+        throw std::runtime_error("Kompute Tensor: vkAllocateMemory of " +
+                                 std::to_string(memoryRequirements.size) + " bytes (memory type " +
+                                 std::to_string(memoryTypeIndex) + ") failed: " + vk::to_string(paResult));
+    }""")
+print("[build_kompute] applied the paged-attention patches (level 2) to", src)
 PATCH_EOF
 }
 
@@ -211,7 +229,7 @@ if [ -n "${KP_TARGET:-}" ]; then
       -DPYTHON_EXECUTABLE="$PY" -DPython_EXECUTABLE="$PY" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$KP_TARGET" \
       ${KP_CMAKE_ARGS:-} > "$work/cmake.log" 2>&1 && make -j"$JOBS" > "$work/make.log" 2>&1) \
     || { tail -30 "$work"/cmake.log "$work"/make.log 2>/dev/null >&2; echo "error: kp build failed" >&2; exit 1; }
-  PYTHONPATH="$KP_TARGET" "$PY" -c 'import kp; assert kp.pa_patch_level >= 1; print("[build_kompute] patched kp (level", kp.pa_patch_level, ") in", kp.__file__)'
+  PYTHONPATH="$KP_TARGET" "$PY" -c 'import kp; assert kp.pa_patch_level >= 2; print("[build_kompute] patched kp (level", kp.pa_patch_level, ") in", kp.__file__)'
   exit 0
 fi
 

@@ -151,3 +151,25 @@ def test_patched_kompute_staging_prefers_cached_system_memory(vk):
         assert not staging & device_local, (hex(staging), [hex(f) for f in types])
     assert vk.counters()["patched"] is True
     t.destroy()
+
+
+def test_failed_allocation_is_a_clear_error(vk, monkeypatch):
+    """The patched Kompute raises RuntimeError naming vkAllocateMemory where stock 0.9 bound a
+    null VkDeviceMemory (the MLX + Kompute segfault); the backend turns it into DeviceOutOfMemory
+    before the pool exists. The driver cannot be made to fail here, so the manager is wrapped."""
+    from paged_attention.backends.vulkan.backend import DeviceOutOfMemory
+
+    class Full:
+        def __init__(self, mgr):
+            self.mgr = mgr
+
+        def tensor_t(self, *a, **k):
+            raise RuntimeError("Kompute Tensor: vkAllocateMemory of 68719476736 bytes (memory type 1) "
+                               "failed: ErrorOutOfDeviceMemory")
+
+        def __getattr__(self, name):
+            return getattr(self.mgr, name)
+    monkeypatch.setattr(vk, "_mgr", Full(vk._mgr))
+    with pytest.raises(DeviceOutOfMemory, match="memory exhausted"):
+        vk.create_pool(64, BS, HKV, D, "float16")
+

@@ -5,21 +5,27 @@ Device tensors
              words; fp16 pools hold two halves per word (numpy's float16 -> uint32 view equals
              packHalf2x16), fp32 pools hold float bits. DP is the head dim padded to 8 (fp16) or
              4 (fp32) elements so every row can be read with 16-byte loads; padding stays zero.
-  staging    eDevice tensors shared by all layers, grown by doubling and reused across calls:
-             q (float32), knew/vnew (uint32 words), slots, tables, lens (int32), out (float32) and
-             the split-K scratch part_o/part_ml (eStorage).
-Submissions
-  A step (or a lone decode) is one kp.Sequence: upload staging -> KV append of every layer ->
-  barrier -> attention of every layer [-> barrier -> split-K reduce of every layer] -> download
-  out; one eval = one queue submit + one fence wait. Recorded sequences are cached by the step's
-  signature (pools, shapes, scale, window, split geometry), so a steady decode loop only writes
-  the staging memory and resubmits the recorded command buffer. kp.Algorithm objects (pipeline +
-  descriptor set) are cached per pool and per staging generation.
+  staging    eDevice tensors in power-of-two size classes, one per (role, class), kept until
+             close and shared by all layers: q (float32), knew/vnew (uint32 words), tables, lens,
+             slots (int32), out (float32, or fp16 pairs in uint32 when q is fp16) and the split-K
+             scratch part_o/part_ml (eStorage). A batch of N rows runs as its class (next power
+             of two); rows past N have length 0 and give zeros that are never read.
+Plan / run (ADR 0008)
+  plan() keeps the step's tables/lengths/slots (plan.device, a _PlanState); its first run writes
+  them into their class buffers (a whole decode_step carries them in its own upload, a run pays
+  one extra submission per step) and marks the buffers as holding that plan. Each run uploads
+  only q (and k/v), re-submits a sequence recorded once per (pool, batch class, table width,
+  scale, window, split geometry) and copies the used rows out once. Single-layer recordings live
+  on their pool (4 per pool), so any number of layers stays recorded; whole-step recordings sit
+  in an 8-entry LRU. kp.Algorithm objects are cached per pool, keyed by the buffers they bind, at
+  most MAX_POOL_ALGOS per pool, and destroyed with their pool. `counters()` reports them.
 Barriers
-  kp's OpAlgoDispatch only inserts transfer->compute barriers. Compute->compute ordering (append
-  before attention, split-K partials before the reduce) comes from an OpTensorSyncLocal on a
-  4-byte tensor, which records a compute->transfer barrier; the next dispatch's transfer->compute
-  barrier completes the execution dependency chain. (Kompute 0.9 exposes no global memory barrier.)
+  With the patched Kompute (scripts/build_kompute.sh, `kp.pa_patch_level`), a sequence records
+  one global barrier per phase (uploads -> appends -> attention -> reduce -> download) and
+  dispatches record none. With a stock kp, OpAlgoDispatch records a transfer->compute barrier per
+  bound tensor, and compute->compute ordering (append before attention, split-K partials before
+  the reduce) comes from an OpTensorSyncLocal on a 4-byte tensor, which records a compute->transfer
+  barrier that the next dispatch's transfer->compute barrier chains into an execution dependency.
 """
 from __future__ import annotations
 
@@ -42,6 +48,10 @@ APPEND_WG = 256
 REDUCE_WG = 128
 MAX_GRID = 4096  # workgroups of the grid-stride shaders
 MIN_CHUNK = 512  # split-K: fewest tokens per split
+
+
+class DeviceOutOfMemory(PagedAttentionError):
+    """A device buffer could not be allocated (needs the patched Kompute; stock 0.9 crashes)."""
 
 
 def _env_int(name: str, default: int) -> int:
@@ -195,7 +205,17 @@ class VulkanBackend(PagedAttention):
     def _new_tensor(self, n: int, dtype, kind: str):
         kp = self._kp
         tt = {"storage": kp.TensorTypes.storage, "device": kp.TensorTypes.device}[kind]
-        return self._mgr.tensor_t(np.zeros(max(int(n), 1), dtype=dtype), tt)
+        try:
+            return self._mgr.tensor_t(np.zeros(max(int(n), 1), dtype=dtype), tt)
+        except RuntimeError as exc:
+            # Patched Kompute (ADR 0008) reports failed allocations instead of binding a null
+            # VkDeviceMemory, which segfaulted once the GPU was full (e.g. MLX in the process).
+            if "vkAllocateMemory" in str(exc) or "vkCreateBuffer" in str(exc):
+                raise DeviceOutOfMemory(
+                    f"Vulkan device memory exhausted allocating {int(n) * np.dtype(dtype).itemsize} "
+                    f"bytes on {self._device_name} ({exc}); free pools, use fewer blocks, or give "
+                    "other GPU users in this process (e.g. MLX's cache) less memory") from exc
+            raise
 
     def _buf(self, name: str, n: int, dtype=np.float32, kind: str = "device"):
         """Staging tensor `name` of the power-of-two size class holding n elements; (tensor, host
