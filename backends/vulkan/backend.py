@@ -39,7 +39,7 @@ import numpy as np
 
 from paged_attention.errors import InvalidInput, PagedAttentionError
 from paged_attention.interface import KVPool, LayerStep, PagedAttention, Plan
-from paged_attention.validation import DecodeArgs, PoolSpec
+from paged_attention.validation import DecodeArgs, PoolSpec, dtype_name
 
 from .shaders import ShaderCompiler
 
@@ -52,6 +52,30 @@ MIN_CHUNK = 512  # split-K: fewest tokens per split
 
 class DeviceOutOfMemory(PagedAttentionError):
     """A device buffer could not be allocated (needs the patched Kompute; stock 0.9 crashes)."""
+
+
+def _host(x) -> np.ndarray:
+    """A numpy view/copy of an input array; bfloat16 (MLX or ml_dtypes) is widened to float32."""
+    if dtype_name(x) == "bfloat16":
+        if type(x).__module__.startswith("mlx"):
+            import mlx.core as mx
+            return np.asarray(x.astype(mx.float32))
+        return np.asarray(x).astype(np.float32)
+    return np.asarray(x)
+
+
+def _out_dtype(q):
+    return np.float32 if dtype_name(q) == "bfloat16" else np.asarray(q).dtype
+
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        r[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return r
 
 
 def _env_int(name: str, default: int) -> int:
@@ -91,7 +115,8 @@ class VulkanPool(KVPool):
         self._backend = backend
         VulkanPool._next_uid += 1
         self.uid = VulkanPool._next_uid
-        self.f16 = spec.dtype == "float16"
+        self.f16 = spec.dtype in ("float16", "bfloat16")  # 16-bit elements, two per word
+        self.bf16 = spec.dtype == "bfloat16"
         vec = 8 if self.f16 else 4
         self.dp = -(-spec.head_dim // vec) * vec
         self.row_words = spec.num_kv_heads * self.dp * (2 if self.f16 else 4) // 4
@@ -131,8 +156,10 @@ class _Recorded:
 class VulkanBackend(PagedAttention):
     name = "vulkan"
     paths = ("fused", "splitk")
-    pool_dtypes = ("float16", "float32")
-    q_dtypes = ("float16", "float32")
+    pool_dtypes = ("float16", "bfloat16", "float32")
+    # bfloat16 inputs: MLX arrays (mx.bfloat16) or ml_dtypes.bfloat16 numpy arrays; outputs of a
+    # bfloat16 q come back as float32 numpy (numpy has no bfloat16 of its own).
+    q_dtypes = ("float16", "bfloat16", "float32")
 
     def __init__(self, device_index: int | None = None):
         import kp
@@ -355,7 +382,10 @@ class VulkanBackend(PagedAttention):
                                self._kp.OpTensorSyncLocal([tmp])], ["copy", "download"])
                 words = np.array(tmp.data(), dtype=np.uint32)
                 algo.destroy()
-                arr = words.view(np.float16 if pool.f16 else np.float32)
+                if pool.bf16:
+                    arr = (words.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+                else:
+                    arr = words.view(np.float16 if pool.f16 else np.float32)
                 arr = arr.reshape(s.num_blocks, s.block_size, s.num_kv_heads, pool.dp)[..., :s.head_dim]
                 out.append(np.ascontiguousarray(arr))
         finally:
@@ -364,8 +394,10 @@ class VulkanBackend(PagedAttention):
 
     def _pack_rows(self, pool: VulkanPool, x) -> np.ndarray:
         """[N, Hkv, D] array-like -> pool words [N * row_words] (padded, pool dtype)."""
-        x = np.asarray(x)
-        dt = np.float16 if pool.f16 else np.float32
+        x = _host(x)
+        if pool.bf16:
+            x = _to_bf16_bits(x)
+        dt = np.uint16 if pool.bf16 else np.float16 if pool.f16 else np.float32
         if pool.dp != pool.head_dim:
             padded = np.zeros(x.shape[:-1] + (pool.dp,), dtype=dt)
             padded[..., :pool.head_dim] = x
@@ -455,7 +487,8 @@ class VulkanBackend(PagedAttention):
         regs = group * nl * vec  # per-lane q and accumulator floats per token
         unroll = _env_int("PAGED_ATTENTION_VK_U", 8 if regs <= 32 else 4 if regs <= 64 else 2)
         return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size, "WG": ng * tpt,
-                "TPT": tpt, "F16": int(pool.f16), "U": unroll, "SPLITK": int(splitk)}
+                "TPT": tpt, "F16": int(pool.f16), "BF16": int(pool.bf16), "U": unroll,
+                "SPLITK": int(splitk)}
 
     # -- plan / run ------------------------------------------------------------------------------
     def _state(self, args: DecodeArgs, spec: PoolSpec, path: str, slots) -> _PlanState:
@@ -532,7 +565,7 @@ class VulkanBackend(PagedAttention):
         t0 = time.perf_counter()
         pool0: VulkanPool = items[0][0]
         hq, d = items[0][1].shape[1], pool0.head_dim
-        qdt = [np.asarray(it[1]).dtype for it in items]
+        qdt = [_out_dtype(it[1]) for it in items]
         if st.rows == 0:
             # Nothing to attend; still store the new tokens.
             for pool, _q, k, v in items:
@@ -556,7 +589,7 @@ class VulkanBackend(PagedAttention):
         d = items[0][0].head_dim
         for i, (pool, q, k, v) in enumerate(items):
             dst = rec.qview[i * rec.q_layer:(i + 1) * rec.q_layer].reshape(st.rcls, -1, pool.dp)
-            dst[:st.rows, :, :d] = np.asarray(q)
+            dst[:st.rows, :, :d] = _host(q)
             if writes and st.n:
                 w = st.n * pool.row_words
                 rec.kview[i * w:(i + 1) * w] = self._pack_rows(pool, k)

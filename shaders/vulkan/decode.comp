@@ -15,8 +15,8 @@
 //           the unnormalised partial accumulator plus (m, l) for splitk_reduce.comp.
 //
 // Defines (all set by the host): DP (padded head dim), G (query heads per KV head), HKV, BS (block
-// size), WG (workgroup size), OUT_F16, TPT (lanes per token, power of 2 <= subgroup size), F16 (1: fp16
-// pool, two halves per uint32), U (tokens per lane group per iteration), SPLITK.
+// size), WG (workgroup size), OUT_F16, TPT (lanes per token, power of 2 <= subgroup size), F16 (1: 16-bit
+// pool, two halves per uint32), BF16 (1: those halves are bfloat16), U (tokens per lane group per iteration), SPLITK.
 #extension GL_KHR_shader_subgroup_basic : enable
 #extension GL_KHR_shader_subgroup_shuffle : enable
 
@@ -67,7 +67,13 @@ shared float sh_l[NG];
 shared float sh_acc[NG * DP];
 
 void load_vec(VTYPE v, out float f[VEC]) {
-#if F16
+#if F16 && BF16
+    // bfloat16 is the top half of a float32: widening is a shift (low half first, little-endian).
+    for (int c = 0; c < 4; ++c) {
+        f[2 * c] = uintBitsToFloat(v[c] << 16);
+        f[2 * c + 1] = uintBitsToFloat(v[c] & 0xFFFF0000u);
+    }
+#elif F16
     for (int c = 0; c < 4; ++c) {
         vec2 h = unpackHalf2x16(v[c]);
         f[2 * c] = h.x;
