@@ -65,7 +65,17 @@ def _host(x) -> np.ndarray:
 
 
 def _out_dtype(q):
-    return np.float32 if dtype_name(q) == "bfloat16" else np.asarray(q).dtype
+    """What an output for q is cast to: a numpy dtype, or "mlx-bf16" for an MLX bfloat16 q."""
+    if dtype_name(q) == "bfloat16":
+        return "mlx-bf16" if type(q).__module__.startswith("mlx") else np.asarray(q).dtype
+    return np.asarray(q).dtype
+
+
+def _cast_out(o: np.ndarray, dt):
+    if isinstance(dt, str):  # MLX bfloat16 q: the same kind back, as `run` promises q's dtype
+        import mlx.core as mx
+        return mx.array(np.ascontiguousarray(o, dtype=np.float32)).astype(mx.bfloat16)
+    return np.array(o, dtype=dt, copy=True)
 
 
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -157,8 +167,9 @@ class VulkanBackend(PagedAttention):
     name = "vulkan"
     paths = ("fused", "splitk")
     pool_dtypes = ("float16", "bfloat16", "float32")
-    # bfloat16 inputs: MLX arrays (mx.bfloat16) or ml_dtypes.bfloat16 numpy arrays; outputs of a
-    # bfloat16 q come back as float32 numpy (numpy has no bfloat16 of its own).
+    # bfloat16 inputs: MLX arrays (mx.bfloat16) or ml_dtypes.bfloat16 numpy arrays (numpy has no
+    # bfloat16 of its own). The output keeps q's dtype and kind: an MLX bfloat16 q gives an
+    # mx.array back (the one exception to numpy outputs), an ml_dtypes q an ml_dtypes array.
     q_dtypes = ("float16", "bfloat16", "float32")
 
     def __init__(self, device_index: int | None = None):
@@ -439,6 +450,9 @@ class VulkanBackend(PagedAttention):
             ops.append(self._dispatch(algo, [p, 0, pool.block_words, pool.spec.num_blocks]))
         self._run_ops(ops, ["upload"] + (["barrier"] if self._bare else []) + ["copy_k", "copy_v"])
 
+    def to_numpy(self, x) -> np.ndarray:
+        return _host(x)  # bfloat16 outputs (MLX or ml_dtypes) come back as float32
+
     # -- attention ---------------------------------------------------------------------------------
     def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
         """The calibrated choice for this device when a selector table exists, else the heuristic."""
@@ -571,10 +585,10 @@ class VulkanBackend(PagedAttention):
             for pool, _q, k, v in items:
                 if writes and st.n:
                     self._write_kv(pool, st.slots_host.astype(np.int64), k, v)
-            return [np.zeros((0, hq, d), dtype=dt) for dt in qdt]
+            return [_cast_out(np.zeros((0, hq, d), np.float32), dt) for dt in qdt]
         fold = len(items) > 1  # a whole step uploads its tables in its one submission
         self._make_resident(st, submit=not fold)
-        out_f16 = all(dt == np.float16 for dt in qdt)
+        out_f16 = all(not isinstance(dt, str) and dt == np.float16 for dt in qdt)
         rec = self._recording([it[0] for it in items], st, hq, writes, out_f16, repeat)
         self._stage_inputs(rec, items, st, writes)
         t1 = time.perf_counter()
@@ -604,7 +618,7 @@ class VulkanBackend(PagedAttention):
             if rec.out_f16:
                 flat = flat.view(np.float16)
             o = flat.reshape(st.rcls, hq, -1)[:st.rows, :, :d]
-            outs.append(np.array(o, dtype=dt, copy=True))
+            outs.append(_cast_out(o, dt))
         return outs
 
     def _recording(self, pools, st: _PlanState, hq: int, writes: bool, out_f16: bool, repeat: int):
