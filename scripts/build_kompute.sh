@@ -124,7 +124,7 @@ edit("python/src/main.cpp", """PYBIND11_MODULE(kp, m)
       : mSrcStage(srcStage), mDstStage(dstStage), mSrcAccess(srcAccess), mDstAccess(dstAccess) {}
     void record(const vk::CommandBuffer& cb) override
     {
-        vk::MemoryBarrier mb(vk::AccessFlags(mSrcAccess), vk::AccessFlags(mDstAccess));
+        vk::MemoryBarrier mb{ vk::AccessFlags(mSrcAccess), vk::AccessFlags(mDstAccess) };
         cb.pipelineBarrier(vk::PipelineStageFlags(mSrcStage), vk::PipelineStageFlags(mDstStage),
                            vk::DependencyFlags(), 1, &mb, 0, nullptr, 0, nullptr);
     }
@@ -221,14 +221,18 @@ if [ -n "${KP_TARGET:-}" ]; then
   mkdir -p "$KP_TARGET" "$src/build"
   rm -f "$KP_TARGET"/kp.cpython-*.so  # a stock build there would shadow nothing, but be explicit
   log "building patched kp $KP_BUILD_VERSION into $KP_TARGET (cmake, $JOBS jobs)"
-  (cd "$src/build" && cmake .. -DKOMPUTE_OPT_INSTALL=OFF -DKOMPUTE_OPT_BUILD_PYTHON=ON \
+  if ! (cd "$src/build" && cmake .. -DKOMPUTE_OPT_INSTALL=OFF -DKOMPUTE_OPT_BUILD_PYTHON=ON \
       -DKOMPUTE_OPT_LOG_LEVEL=Off -DKOMPUTE_OPT_USE_SPDLOG=Off -DKOMPUTE_OPT_DISABLE_VULKAN_VERSION_CHECK=ON \
       -DKOMPUTE_OPT_USE_BUILT_IN_VULKAN_HEADER=OFF -DKOMPUTE_OPT_USE_BUILT_IN_FMT=OFF \
       -DKOMPUTE_OPT_USE_BUILT_IN_PYBIND11=OFF -DCMAKE_BUILD_TYPE=Release -DCMAKE_POSITION_INDEPENDENT_CODE=ON \
       -Dpybind11_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
       -DPYTHON_EXECUTABLE="$PY" -DPython_EXECUTABLE="$PY" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$KP_TARGET" \
-      ${KP_CMAKE_ARGS:-} > "$work/cmake.log" 2>&1 && make -j"$JOBS" > "$work/make.log" 2>&1) \
-    || { tail -30 "$work"/cmake.log "$work"/make.log 2>/dev/null >&2; echo "error: kp build failed" >&2; exit 1; }
+      ${KP_CMAKE_ARGS:-} > "$work/cmake.log" 2>&1 && make -j"$JOBS" > "$work/make.log" 2>&1); then
+    tail -30 "$work/cmake.log" >&2 || true
+    tail -30 "$work/make.log" >&2 || true
+    echo "error: kp build failed" >&2
+    exit 1
+  fi
   PYTHONPATH="$KP_TARGET" "$PY" -c 'import kp; assert kp.pa_patch_level >= 2; print("[build_kompute] patched kp (level", kp.pa_patch_level, ") in", kp.__file__)'
   exit 0
 fi

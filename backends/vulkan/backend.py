@@ -154,7 +154,8 @@ class _PlanState:
     """plan.device: a step's tables/lengths/slots (host copies and their size-class device
     buffers), its batch size class and split geometry. `token` marks whose tables a buffer holds."""
     __slots__ = ("token", "rows", "rcls", "maxb", "path", "window", "scale_bits", "nsplit", "chunk",
-                 "n", "tables_host", "lens_host", "slots_host", "tables", "lens", "slots")
+                 "n", "tables_host", "lens_host", "slots_host", "tables", "lens", "slots", "qt",
+                 "tcls", "tiles_host", "tiles")
 
 
 class _Recorded:
@@ -489,7 +490,7 @@ class VulkanBackend(PagedAttention):
             chunk = max(MIN_CHUNK, -(-(-(-span // want)) // 256) * 256)
         return max(1, -(-span // chunk)), chunk
 
-    def _decode_defines(self, pool: VulkanPool, group: int, splitk: bool) -> dict:
+    def _decode_defines(self, pool: VulkanPool, group: int, splitk: bool, qt: int = 1) -> dict:
         s = pool.spec
         vec = 8 if pool.f16 else 4
         nv = pool.dp // vec
@@ -498,14 +499,14 @@ class VulkanBackend(PagedAttention):
         wg = _env_int("PAGED_ATTENTION_VK_WG", 512 if self.subgroup_size >= 32 else 64)
         ng = max(1, min(wg // tpt, 4096 // pool.dp))  # shared memory: ng * dp floats <= 16 KiB
         nl = -(-nv // tpt)
-        regs = group * nl * vec  # per-lane q and accumulator floats per token
+        regs = group * qt * nl * vec  # per-lane q and accumulator floats per token
         unroll = _env_int("PAGED_ATTENTION_VK_U", 8 if regs <= 32 else 4 if regs <= 64 else 2)
         return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size, "WG": ng * tpt,
                 "TPT": tpt, "F16": int(pool.f16), "BF16": int(pool.bf16), "U": unroll,
-                "SPLITK": int(splitk)}
+                "SPLITK": int(splitk), "QT": qt}
 
     # -- plan / run ------------------------------------------------------------------------------
-    def _state(self, args: DecodeArgs, spec: PoolSpec, path: str, slots) -> _PlanState:
+    def _state(self, args: DecodeArgs, spec: PoolSpec, path: str, slots, query_lens=None) -> _PlanState:
         """Device state of one step: tables, lengths and slots written into the size-class staging
         buffers (uploaded by `_make_resident`), split geometry and the batch's size class."""
         st = _PlanState()
@@ -523,17 +524,37 @@ class VulkanBackend(PagedAttention):
         st.tables = self._buf("tables", st.rcls * max(1, st.maxb), np.int32)[0]
         st.lens = self._buf("lens", st.rcls, np.int32)[0]
         st.slots = self._buf("slots", st.n, np.int32)[0] if st.n else None
+        # Ragged plans (prefill chunks) on the fused path: tiles of up to QT queries of one
+        # sequence share each K/V load (decode.comp QT > 1).
+        st.qt, st.tcls, st.tiles_host, st.tiles = 1, 0, None, None
+        if path == "fused" and query_lens is not None and int(np.max(query_lens, initial=0)) > 1:
+            st.qt = self.query_tile(args.num_q_heads // spec.num_kv_heads)
+        if st.qt > 1:
+            tiles, r0 = [], 0
+            for n in np.asarray(query_lens).tolist():
+                tiles += [(r0 + i, min(st.qt, n - i)) for i in range(0, n, st.qt)]
+                r0 += n
+            st.tcls = _pow2_ceil(len(tiles))
+            st.tiles_host = np.zeros((st.tcls, 2), np.int32)  # padding tiles: count 0
+            st.tiles_host[:len(tiles)] = tiles
+            st.tiles_host = st.tiles_host.reshape(-1)
+            st.tiles = self._buf("tiles", 2 * st.tcls, np.int32)[0]
         return st
+
+    def query_tile(self, group: int) -> int:
+        """Queries per prefill workgroup: QT*G rows share each K/V load; 16 rows per workgroup
+        keeps the per-lane q and accumulators in registers at G=4, D=128 (ADR 0008)."""
+        return max(1, _env_int("PAGED_ATTENTION_VK_QT", min(8, max(1, 16 // max(1, group)))))
 
     def _prepare(self, plan: Plan):
         # The upload itself waits for the first run (`_make_resident`): a whole-step submission
         # carries it in its own upload, a per-layer run pays one extra submission per step.
         self._check_open()
-        return self._state(plan.args, plan.spec, plan.path, plan.slots)
+        return self._state(plan.args, plan.spec, plan.path, plan.slots, plan.query_lens)
 
     @staticmethod
     def _table_bufs(st: _PlanState) -> list:
-        return [st.tables, st.lens] + ([st.slots] if st.n else [])
+        return [st.tables, st.lens] + ([st.slots] if st.n else []) + ([st.tiles] if st.qt > 1 else [])
 
     def _make_resident(self, st: _PlanState, submit: bool = True) -> None:
         """Write the plan's tables/lengths/slots into their device buffers unless they hold them
@@ -546,6 +567,8 @@ class VulkanBackend(PagedAttention):
         self._view(st.lens)[:st.rcls] = st.lens_host
         if st.n:
             self._view(st.slots)[:st.n] = st.slots_host
+        if st.qt > 1:
+            self._view(st.tiles)[:st.tiles_host.size] = st.tiles_host
         if submit:
             self._run_ops([self._kp.OpTensorSyncDevice(bufs)], ["upload_tables"])
         for t in bufs:
@@ -627,7 +650,7 @@ class VulkanBackend(PagedAttention):
         and k/v written into those buffers. Single-layer recordings live on the pool (any number of
         layers stays recorded); whole-step recordings in a small LRU."""
         key = (st.path, st.rcls, st.maxb, hq, st.n if writes else 0, st.window, st.scale_bits,
-               st.nsplit, st.chunk, out_f16, repeat, len(pools))
+               st.nsplit, st.chunk, out_f16, repeat, len(pools), st.qt, st.tcls)
         cache = pools[0].recorded if len(pools) == 1 else self._steps
         full = key if len(pools) == 1 else key + (tuple(p.uid for p in pools),)
         rec = None if self.record_timestamps else cache.get(full)
@@ -682,11 +705,14 @@ class VulkanBackend(PagedAttention):
             if r:
                 add(self._barrier(), "barrier")
             for i, pool in enumerate(pools):
-                defines = self._decode_defines(pool, group, splitk)
+                defines = self._decode_defines(pool, group, splitk, st.qt)
                 defines["OUT_F16"] = int(out_f16 and not splitk)
                 tensors = [pool.k, pool.v, qt, st.tables, st.lens] + ([pot, pmt] if splitk else [ot])
+                if st.qt > 1:
+                    tensors.append(st.tiles)
+                wgx = (st.tcls if st.qt > 1 else rcls) * spec.num_kv_heads
                 algo = self._algorithm(pool.algos, "decode.comp", defines, tensors,
-                                       [rcls * spec.num_kv_heads, st.nsplit, 1], 10, "attn")
+                                       [wgx, st.nsplit, 1], 10, "attn")
                 out_off = i * rows * st.nsplit if splitk else i * per_layer
                 add(self._dispatch(algo, [i * per_layer, out_off, 0, st.maxb, spec.num_blocks,
                                           st.window, st.scale_bits, st.nsplit, st.chunk, 0]),
