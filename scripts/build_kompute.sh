@@ -158,7 +158,10 @@ class PaOpDispatchBare : public kp::OpBase
 
 PYBIND11_MODULE(kp, m)
 {
-    m.attr("pa_patch_level") = 2;
+""")
+# Registered after OpBase (pybind11 needs the base type first).
+edit("python/src/main.cpp", """    py::class_<kp::OpMult, kp::OpBase, std::shared_ptr<kp::OpMult>>(""",
+     """    m.attr("pa_patch_level") = 2;
     py::class_<PaOpGlobalBarrier, kp::OpBase, std::shared_ptr<PaOpGlobalBarrier>>(m, "OpGlobalBarrier")
       .def(py::init<uint32_t, uint32_t, uint32_t, uint32_t>(), py::arg("src_stage"),
            py::arg("dst_stage"), py::arg("src_access"), py::arg("dst_access"));
@@ -168,7 +171,7 @@ PYBIND11_MODULE(kp, m)
           std::vector<uint32_t> v((uint32_t*)info.ptr, ((uint32_t*)info.ptr) + info.size);
           return std::make_shared<PaOpDispatchBare>(a, v);
       }));
-""")
+    py::class_<kp::OpMult, kp::OpBase, std::shared_ptr<kp::OpMult>>(""")
 edit("python/src/main.cpp", """      .def("is_init", &kp::Tensor::isInit, DOC(kp, Tensor, isInit))
       .def("destroy", &kp::Tensor::destroy, DOC(kp, Tensor, destroy));""",
      """      .def("is_init", &kp::Tensor::isInit, DOC(kp, Tensor, isInit))
