@@ -27,6 +27,7 @@ set -euo pipefail
 
 PY=${1:?usage: scripts/build_kompute.sh PYTHON}
 # Absolute, because the build runs in another directory (the venv's symlink itself is kept).
+case "$PY" in */*) ;; *) PY=$(command -v "$PY") || { echo "error: $1 not found" >&2; exit 1; } ;; esac
 PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 KP_VERSION=${KP_VERSION:-0.9.0}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/paged-attention/wheels

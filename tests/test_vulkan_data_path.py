@@ -210,3 +210,29 @@ def test_bfloat16_pool_matches_reference(vk, q_dtype):
     assert out.dtype == (np.float32 if q_dtype == "bfloat16" else np.dtype(q_dtype))
     want = reference.decode(qh, kh, vh, tables, lens)
     assert reference.rms(out, want) < (1e-4 if q_dtype == "float32" else TOL)
+
+
+def test_kompute_patch_applies_to_the_sdist(tmp_path):
+    """The patch embedded in scripts/build_kompute.sh applies cleanly to the kp sdist (every edit
+    finds exactly one match) and produces the new ops and the checked allocations."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+    sdist = os.environ.get("KP_SDIST")
+    if not sdist or not Path(sdist).is_file():
+        pytest.skip("set KP_SDIST to a kp-0.9.0.tar.gz to check the patch against it")
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "build_kompute.sh").read_text()
+    patch = re.search(r"<<'PATCH_EOF'\n(.*?)\nPATCH_EOF", script, re.S).group(1)
+    with tarfile.open(sdist) as tf:
+        tf.extractall(tmp_path)
+    src = next(tmp_path.glob("kp-*"))
+    (tmp_path / "patch.py").write_text(patch)
+    r = subprocess.run([sys.executable, str(tmp_path / "patch.py"), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    main = (src / "python" / "src" / "main.cpp").read_text()
+    tensor = (src / "src" / "Tensor.cpp").read_text()
+    assert "OpGlobalBarrier" in main and "OpAlgoDispatchBare" in main and "pa_memory_flags" in main
+    assert "eHostCached" in tensor and tensor.count("paResult != vk::Result::eSuccess") == 2

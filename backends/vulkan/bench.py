@@ -60,7 +60,7 @@ def parse_args(argv):
     if a.preset == "h100":
         a.batch = a.batch or [1, 8, 32]
         a.context = a.context or [4096, 16384, 32768]
-        a.layers = a.layers or 32
+        a.layers = 32 if a.layers is None else a.layers
         a.iters = a.iters or 20
         a.step_context = a.step_context or 16384
         a.step_batch = a.step_batch or 8
@@ -68,7 +68,7 @@ def parse_args(argv):
     else:
         a.batch = a.batch or [1, 4]
         a.context = a.context or [512, 2048]
-        a.layers = a.layers or 4
+        a.layers = 4 if a.layers is None else a.layers
         a.iters = a.iters or 3
         a.prefill_tokens = a.prefill_tokens or 256
     a.step_context = a.step_context or max(a.context)

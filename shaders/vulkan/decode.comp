@@ -11,6 +11,8 @@
 //
 // SPLITK=0: writes the normalised output [B, HQ, DP]: float32, or with OUT_F16=1 fp16 pairs packed
 //           in uint32 words (half the bytes the host reads back when the caller's q is fp16).
+// QT>1:     ragged plans (prefill): workgroup (tile, h) serves a tile of up to QT queries of one
+//           sequence (tiles buffer), QT*G rows per K/V load, each row masked to its own range.
 // SPLITK=1: workgroup (b*HKV+h, s) covers tokens [start + s*chunk, start + (s+1)*chunk) and writes
 //           the unnormalised partial accumulator plus (m, l) for splitk_reduce.comp.
 //
