@@ -236,3 +236,21 @@ def test_kompute_patch_applies_to_the_sdist(tmp_path):
     tensor = (src / "src" / "Tensor.cpp").read_text()
     assert "OpGlobalBarrier" in main and "OpAlgoDispatchBare" in main and "pa_memory_flags" in main
     assert "eHostCached" in tensor and tensor.count("paResult != vk::Result::eSuccess") == 2
+
+
+def test_kernel_cache_bound_drops_recordings_with_their_kernels(vk, monkeypatch):
+    """Past the per-pool bound the pool's kernels and every recording go together (a recording
+    never outlives a pipeline it uses), and results stay right."""
+    import paged_attention.backends.vulkan.backend as vb
+    monkeypatch.setattr(vb, "MAX_POOL_ALGOS", 6)
+    rng = np.random.default_rng(7)
+    pool = vk.create_pool(8, BS, HKV, D, "float32")
+    vk.write_kv(pool, np.arange(100), rng.standard_normal((100, HKV, D)).astype(np.float32),
+                rng.standard_normal((100, HKV, D)).astype(np.float32))
+    kh, vh = pool.to_numpy()
+    table = np.arange(8, dtype=np.int32)
+    for t in (1, 2, 3, 5, 9, 17, 33, 65, 1, 2, 3):
+        q = rng.standard_normal((t, HQ, D)).astype(np.float32)
+        out = vk.prefill(q, pool, table, 100 - t)
+        assert len(pool.algos) <= 6
+        assert reference.rms(out, reference.prefill(q, kh, vh, table, 100 - t)) < 1e-4

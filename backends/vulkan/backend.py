@@ -288,14 +288,13 @@ class VulkanBackend(PagedAttention):
         algos.clear()
 
     def _algorithm(self, cache: dict, shader: str, defines: dict, tensors, wg, n_push: int, tag=""):
-        """Cached kp.Algorithm; `tag` names the role, the tensors' ids the buffers it binds. A
-        cache past MAX_POOL_ALGOS is emptied with every recording that may use it."""
+        """Cached kp.Algorithm; `tag` names the role, the tensors' ids the buffers it binds. The
+        bound (MAX_POOL_ALGOS) is enforced by `_record` before it starts, never here: an op list
+        being recorded may already hold algorithms of this cache."""
         key_s, spirv = self.compiler.compile(shader, **defines)
         key = (key_s, tuple(wg), tag, tuple(id(t) for t in tensors))
         algo = cache.get(key)
         if algo is None:
-            if len(cache) >= MAX_POOL_ALGOS:
-                self._drop_algos(cache)
             algo = self._mgr.algorithm(list(tensors), spirv, list(wg), np.zeros(0, np.float32),
                                        np.zeros(n_push, np.float32))
             cache[key] = algo
@@ -666,6 +665,10 @@ class VulkanBackend(PagedAttention):
 
     def _record(self, pools, st: _PlanState, hq: int, writes: bool, out_f16: bool, repeat: int):
         kp = self._kp
+        # A recording adds at most 2 algorithms per pool (append, attention) and one reduce.
+        for cache in [p.algos for p in pools] + [self._algos]:
+            if len(cache) > MAX_POOL_ALGOS - 3:
+                self._drop_algos(cache)
         pool0 = pools[0]
         spec = pool0.spec
         nl, dp, rcls = len(pools), pool0.dp, st.rcls
