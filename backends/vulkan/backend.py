@@ -359,8 +359,13 @@ class VulkanBackend(PagedAttention):
             return
         self._closed = True
         self._steps.clear()
+        for pool in self._pools_alive():  # the manager's destroy frees what they reference
+            pool.recorded.clear()
+            pool.algos.clear()
         self._algos.clear()
         self._staging.clear()
+        self._resident.clear()
+        self.algos_live = 0
         self._mgr.destroy()
         self._mgr = None
 
