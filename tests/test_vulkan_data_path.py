@@ -139,7 +139,7 @@ def test_patched_kompute_staging_prefers_cached_system_memory(vk):
     such a type exists (stock 0.9 takes the first host-visible type: BAR memory on the H100)."""
     import kp
     if not getattr(kp, "pa_patch_level", 0):
-        pytest.skip("stock kp installed; scripts/build_kompute.sh builds the patched 0.9.0+pa1")
+        pytest.skip("stock kp installed; scripts/build_kompute.sh builds the patched 0.9.0+pa2")
     host_visible, coherent, cached, device_local = 0x2, 0x4, 0x8, 0x1
     t = vk._new_tensor(16, np.float32, "device")
     primary, staging = t.pa_memory_flags()
