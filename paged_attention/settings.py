@@ -33,6 +33,9 @@ class Settings:
     vk_tpt: int | None = None               # VK_TPT: threads per token
     vk_wg: int | None = None                # VK_WG: workgroup size
     vk_unroll: int | None = None            # VK_U: token loop unroll
+    vk_query_tile: int | None = None        # VK_QT: prefill queries per workgroup (1: per query)
+    vk_split_occupancy: float = 4.0         # VK_SPLIT_OCC: split-K workgroups per compute unit
+    vk_stock_barriers: int = 0              # VK_STOCK_BARRIERS: 1 records Kompute's own barriers
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -55,7 +58,8 @@ ENV_NAMES = {
     "path": "PATH", "selector_dir": "SELECTOR_DIR", "mlx_compute_units": "MLX_COMPUTE_UNITS",
     "mlx_variant": "MLX_VARIANT", "mlx_splitk": "MLX_SPLITK", "vk_device": "VK_DEVICE",
     "vk_probe_timeout_s": "VK_PROBE_TIMEOUT", "vk_compute_units": "VK_CUS", "vk_chunk": "VK_CHUNK",
-    "vk_tpt": "VK_TPT", "vk_wg": "VK_WG", "vk_unroll": "VK_U",
+    "vk_tpt": "VK_TPT", "vk_wg": "VK_WG", "vk_unroll": "VK_U", "vk_query_tile": "VK_QT",
+    "vk_split_occupancy": "VK_SPLIT_OCC", "vk_stock_barriers": "VK_STOCK_BARRIERS",
 }
 
 _lock = threading.Lock()

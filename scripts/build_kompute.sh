@@ -2,6 +2,16 @@
 # Build and install Kompute's Python module `kp` (the Vulkan backend's runtime) into a venv.
 #
 #   scripts/build_kompute.sh PYTHON
+#   KP_SDIST=path/kp-0.9.0.tar.gz KP_TARGET=/tmp/site scripts/build_kompute.sh python3
+#
+# Kompute is patched (ADR 0008, `kp.pa_patch_level`): host-visible buffers prefer HOST_CACHED,
+# non-DEVICE_LOCAL memory (stock 0.9 picks resizable-BAR memory the host reads at ~45 MB/s), and
+# `kp.OpGlobalBarrier` / `kp.OpAlgoDispatchBare` let a sequence replace the per-tensor barriers of
+# every dispatch with one global barrier. The wheel's version is KP_VERSION+pa<level>.
+#
+# KP_TARGET mode (offline device machines without pip build tools): configures the patched source
+# with CMake and writes the `kp` extension straight into KP_TARGET (put it first on PYTHONPATH);
+# KP_CMAKE_ARGS passes header/library locations (-DVulkan_INCLUDE_DIR=..., -Dfmt_DIR=...).
 #
 # PYTHON is the venv's interpreter. Builds a real wheel from the kp sdist against the system
 # Vulkan headers (libvulkan-dev), system fmt (libfmt-dev) and pip's pybind11, caches it in
@@ -17,30 +27,241 @@ set -euo pipefail
 
 PY=${1:?usage: scripts/build_kompute.sh PYTHON}
 # Absolute, because the build runs in another directory (the venv's symlink itself is kept).
+case "$PY" in */*) ;; *) PY=$(command -v "$PY") || { echo "error: $1 not found" >&2; exit 1; } ;; esac
 PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 KP_VERSION=${KP_VERSION:-0.9.0}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/paged-attention/wheels
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
+PA_PATCH_LEVEL=2
+KP_BUILD_VERSION="$KP_VERSION+pa$PA_PATCH_LEVEL"
+
 log() { echo "[build_kompute] $*"; }
+
+# apply_patches SRC: the paged-attention patches to an unpacked sdist (fails loudly if the source
+# does not match what they expect).
+apply_patches() {
+  "$PY" - "$1" <<'PATCH_EOF'
+# paged-attention patches to Kompute 0.9.0 (ADR 0008). Applied to an unpacked sdist: python3 kp_patch.py SRC
+import sys
+src = sys.argv[1]
+
+
+def edit(rel, old, new, count=1):
+    path = f"{src}/{rel}"
+    s = open(path).read()
+    if s.count(old) != count:
+        sys.exit(f"kp patch: {rel}: expected {count} match(es) of {old[:60]!r}, found {s.count(old)}")
+    open(path, "w").write(s.replace(old, new))
+
+
+# 1. Memory type choice. Stock Kompute takes the first type with the required flags; on GPUs with a
+#    resizable BAR that is DEVICE_LOCAL|HOST_VISIBLE memory for host-visible buffers, which the host
+#    reads at tens of MB/s. Host-visible buffers now prefer HOST_CACHED and avoid DEVICE_LOCAL;
+#    device-local buffers avoid HOST_VISIBLE (BAR space is scarce). The chosen flags are recorded.
+edit("src/Tensor.cpp", """    uint32_t memoryTypeIndex = -1;
+    bool memoryTypeIndexFound = false;
+    for (uint32_t i = 0; i < memoryProperties.memoryTypeCount; i++) {
+        if (memoryRequirements.memoryTypeBits & (1 << i)) {
+            if (((memoryProperties.memoryTypes[i]).propertyFlags &
+                 memoryPropertyFlags) == memoryPropertyFlags) {
+                memoryTypeIndex = i;
+                memoryTypeIndexFound = true;
+                break;
+            }
+        }
+    }""", """    uint32_t memoryTypeIndex = -1;
+    bool memoryTypeIndexFound = false;
+    int bestScore = -1;
+    const bool wantHost = bool(memoryPropertyFlags & vk::MemoryPropertyFlagBits::eHostVisible);
+    for (uint32_t i = 0; i < memoryProperties.memoryTypeCount; i++) {
+        if (memoryRequirements.memoryTypeBits & (1 << i)) {
+            const vk::MemoryPropertyFlags f = memoryProperties.memoryTypes[i].propertyFlags;
+            if ((f & memoryPropertyFlags) == memoryPropertyFlags) {
+                int score = 0;
+                if (wantHost) {
+                    score += (f & vk::MemoryPropertyFlagBits::eHostCached) ? 2 : 0;
+                    score += (f & vk::MemoryPropertyFlagBits::eDeviceLocal) ? 0 : 1;
+                } else {
+                    score += (f & vk::MemoryPropertyFlagBits::eHostVisible) ? 0 : 1;
+                }
+                if (score > bestScore) {
+                    bestScore = score;
+                    memoryTypeIndex = i;
+                    memoryTypeIndexFound = true;
+                }
+            }
+        }
+    }
+    if (memoryTypeIndexFound) {
+        this->mPaMemoryFlags[memory.get() == this->mPrimaryMemory.get() ? 0 : 1] =
+          uint32_t(memoryProperties.memoryTypes[memoryTypeIndex].propertyFlags);
+    }""")
+edit("src/include/kompute/Tensor.hpp", """  protected:
+    // -------------- ALWAYS OWNED RESOURCES""", """    // paged-attention patch: property flags of the memory types chosen for the primary and
+    // staging buffers (0: none), and every memory type of the device.
+    uint32_t mPaMemoryFlags[2] = { 0, 0 };
+    std::vector<uint32_t> paMemoryTypes()
+    {
+        vk::PhysicalDeviceMemoryProperties p = this->mPhysicalDevice->getMemoryProperties();
+        std::vector<uint32_t> out;
+        for (uint32_t i = 0; i < p.memoryTypeCount; i++)
+            out.push_back(uint32_t(p.memoryTypes[i].propertyFlags));
+        return out;
+    }
+
+  protected:
+    // -------------- ALWAYS OWNED RESOURCES""")
+
+# 2. Ops the Python API lacks: a global memory barrier, and a dispatch that records no per-tensor
+#    barriers (stock OpAlgoDispatch records a transfer->compute buffer barrier for every bound
+#    tensor before every dispatch).
+edit("python/src/main.cpp", """PYBIND11_MODULE(kp, m)
+{
+""", """class PaOpGlobalBarrier : public kp::OpBase
+{
+  public:
+    PaOpGlobalBarrier(uint32_t srcStage, uint32_t dstStage, uint32_t srcAccess, uint32_t dstAccess)
+      : mSrcStage(srcStage), mDstStage(dstStage), mSrcAccess(srcAccess), mDstAccess(dstAccess) {}
+    void record(const vk::CommandBuffer& cb) override
+    {
+        vk::MemoryBarrier mb{ vk::AccessFlags(mSrcAccess), vk::AccessFlags(mDstAccess) };
+        cb.pipelineBarrier(vk::PipelineStageFlags(mSrcStage), vk::PipelineStageFlags(mDstStage),
+                           vk::DependencyFlags(), 1, &mb, 0, nullptr, 0, nullptr);
+    }
+    void preEval(const vk::CommandBuffer&) override {}
+    void postEval(const vk::CommandBuffer&) override {}
+
+  private:
+    uint32_t mSrcStage, mDstStage, mSrcAccess, mDstAccess;
+};
+
+class PaOpDispatchBare : public kp::OpBase
+{
+  public:
+    PaOpDispatchBare(std::shared_ptr<kp::Algorithm> algo, std::vector<uint32_t> push)
+      : mAlgo(algo), mPush(push) {}
+    void record(const vk::CommandBuffer& cb) override
+    {
+        if (!mPush.empty())
+            mAlgo->setPushConstants(mPush.data(), uint32_t(mPush.size()), sizeof(uint32_t));
+        mAlgo->recordBindCore(cb);
+        mAlgo->recordBindPush(cb);
+        mAlgo->recordDispatch(cb);
+    }
+    void preEval(const vk::CommandBuffer&) override {}
+    void postEval(const vk::CommandBuffer&) override {}
+
+  private:
+    std::shared_ptr<kp::Algorithm> mAlgo;
+    std::vector<uint32_t> mPush;
+};
+
+PYBIND11_MODULE(kp, m)
+{
+""")
+# Registered after OpBase (pybind11 needs the base type first).
+edit("python/src/main.cpp", """    py::class_<kp::OpMult, kp::OpBase, std::shared_ptr<kp::OpMult>>(""",
+     """    m.attr("pa_patch_level") = 2;
+    py::class_<PaOpGlobalBarrier, kp::OpBase, std::shared_ptr<PaOpGlobalBarrier>>(m, "OpGlobalBarrier")
+      .def(py::init<uint32_t, uint32_t, uint32_t, uint32_t>(), py::arg("src_stage"),
+           py::arg("dst_stage"), py::arg("src_access"), py::arg("dst_access"));
+    py::class_<PaOpDispatchBare, kp::OpBase, std::shared_ptr<PaOpDispatchBare>>(m, "OpAlgoDispatchBare")
+      .def(py::init([](std::shared_ptr<kp::Algorithm> a, const py::array_t<uint32_t>& push) {
+          const py::buffer_info info = push.request();
+          std::vector<uint32_t> v((uint32_t*)info.ptr, ((uint32_t*)info.ptr) + info.size);
+          return std::make_shared<PaOpDispatchBare>(a, v);
+      }));
+    py::class_<kp::OpMult, kp::OpBase, std::shared_ptr<kp::OpMult>>(""")
+edit("python/src/main.cpp", """      .def("is_init", &kp::Tensor::isInit, DOC(kp, Tensor, isInit))
+      .def("destroy", &kp::Tensor::destroy, DOC(kp, Tensor, destroy));""",
+     """      .def("is_init", &kp::Tensor::isInit, DOC(kp, Tensor, isInit))
+      .def("pa_memory_flags", [](kp::Tensor& self) {
+          return std::vector<uint32_t>{ self.mPaMemoryFlags[0], self.mPaMemoryFlags[1] };
+      })
+      .def("pa_memory_types", &kp::Tensor::paMemoryTypes)
+      .def("destroy", &kp::Tensor::destroy, DOC(kp, Tensor, destroy));""")
+# 3. Unchecked allocation results. Kompute calls the pointer forms of createBuffer/allocateMemory,
+#    which return a vk::Result it ignores: out of device memory left a null buffer/memory that
+#    was then bound and mapped (a segfault, e.g. with MLX's CUDA allocator holding the rest of the
+#    GPU). Both now raise (RuntimeError in Python) naming the size and the VkResult.
+edit("src/Tensor.cpp", """    this->mDevice->createBuffer(&bufferInfo, nullptr, buffer.get());""",
+     """    vk::Result paResult = this->mDevice->createBuffer(&bufferInfo, nullptr, buffer.get());
+    if (paResult != vk::Result::eSuccess) {
+        throw std::runtime_error("Kompute Tensor: vkCreateBuffer of " + std::to_string(bufferSize) +
+                                 " bytes failed: " + vk::to_string(paResult));
+    }""")
+edit("src/Tensor.cpp", """    this->mDevice->allocateMemory(&memoryAllocateInfo, nullptr, memory.get());""",
+     """    vk::Result paResult =
+      this->mDevice->allocateMemory(&memoryAllocateInfo, nullptr, memory.get());
+    if (paResult != vk::Result::eSuccess) {
+        throw std::runtime_error("Kompute Tensor: vkAllocateMemory of " +
+                                 std::to_string(memoryRequirements.size) + " bytes (memory type " +
+                                 std::to_string(memoryTypeIndex) + ") failed: " + vk::to_string(paResult));
+    }""")
+print("[build_kompute] applied the paged-attention patches (level 2) to", src)
+PATCH_EOF
+}
+
+unpack_sdist() {  # unpack_sdist WORKDIR -> prints the source dir
+  if [ -n "${KP_SDIST:-}" ]; then
+    cp "$KP_SDIST" "$1/kp-$KP_VERSION.tar.gz"
+  elif [ -f "$CACHE/kp-$KP_VERSION.tar.gz" ]; then
+    cp "$CACHE/kp-$KP_VERSION.tar.gz" "$1/"
+  else
+    log "downloading the kp $KP_VERSION sdist" >&2
+    "$PY" -m pip download -q --no-deps --no-binary=:all: -d "$1" "kp==$KP_VERSION" >&2
+    # Kept beside the wheels: offline rebuilds, and the test that the patch still applies.
+    mkdir -p "$CACHE" && cp "$1/kp-$KP_VERSION.tar.gz" "$CACHE/"
+  fi
+  tar xzf "$1"/kp-"$KP_VERSION".tar.gz -C "$1"
+  echo "$1/kp-$KP_VERSION"
+}
+
+if [ -n "${KP_TARGET:-}" ]; then
+  for tool in cmake make c++; do
+    command -v "$tool" >/dev/null || { echo "error: $tool is required to build kp" >&2; exit 1; }
+  done
+  work=$(mktemp -d "${TMPDIR:-/tmp}/kpbuild.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  src=$(unpack_sdist "$work")
+  apply_patches "$src"
+  mkdir -p "$KP_TARGET" "$src/build"
+  rm -f "$KP_TARGET"/kp.cpython-*.so  # a stock build there would shadow nothing, but be explicit
+  log "building patched kp $KP_BUILD_VERSION into $KP_TARGET (cmake, $JOBS jobs)"
+  if ! (cd "$src/build" && cmake .. -DKOMPUTE_OPT_INSTALL=OFF -DKOMPUTE_OPT_BUILD_PYTHON=ON \
+      -DKOMPUTE_OPT_LOG_LEVEL=Off -DKOMPUTE_OPT_USE_SPDLOG=Off -DKOMPUTE_OPT_DISABLE_VULKAN_VERSION_CHECK=ON \
+      -DKOMPUTE_OPT_USE_BUILT_IN_VULKAN_HEADER=OFF -DKOMPUTE_OPT_USE_BUILT_IN_FMT=OFF \
+      -DKOMPUTE_OPT_USE_BUILT_IN_PYBIND11=OFF -DCMAKE_BUILD_TYPE=Release -DCMAKE_POSITION_INDEPENDENT_CODE=ON \
+      -Dpybind11_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
+      -DPYTHON_EXECUTABLE="$PY" -DPython_EXECUTABLE="$PY" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$KP_TARGET" \
+      ${KP_CMAKE_ARGS:-} > "$work/cmake.log" 2>&1 && make -j"$JOBS" > "$work/make.log" 2>&1); then
+    tail -30 "$work/cmake.log" >&2 || true
+    tail -30 "$work/make.log" >&2 || true
+    echo "error: kp build failed" >&2
+    exit 1
+  fi
+  PYTHONPATH="$KP_TARGET" "$PY" -c 'import kp; assert kp.pa_patch_level >= 2; print("[build_kompute] patched kp (level", kp.pa_patch_level, ") in", kp.__file__)'
+  exit 0
+fi
 
 installed=$("$PY" - <<'EOF' 2>/dev/null || true
 import importlib.metadata as md
 try:
     import kp  # noqa: F401
-    print(md.version("kp"))
+    print(md.version("kp") if getattr(kp, "pa_patch_level", 0) else "stock")
 except Exception:
     pass
 EOF
 )
-if [ "$installed" = "$KP_VERSION" ]; then
-  log "kp $KP_VERSION already importable by $PY; nothing to do"
+if [ "$installed" = "$KP_BUILD_VERSION" ]; then
+  log "kp $KP_BUILD_VERSION already importable by $PY; nothing to do"
   exit 0
 fi
 
 pytag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 mkdir -p "$CACHE"
-wheel=$(ls "$CACHE"/kp-"$KP_VERSION"-"$pytag"-*.whl 2>/dev/null | head -1 || true)
+wheel=$(ls "$CACHE"/kp-"$KP_BUILD_VERSION"-"$pytag"-*.whl 2>/dev/null | head -1 || true)
 
 if [ -z "$wheel" ]; then
   for tool in cmake c++; do
@@ -55,18 +276,12 @@ if [ -z "$wheel" ]; then
 
   work=$(mktemp -d "${TMPDIR:-/tmp}/kpbuild.XXXXXX")
   trap 'rm -rf "$work"' EXIT
-  if [ -n "${KP_SDIST:-}" ]; then
-    cp "$KP_SDIST" "$work/kp-$KP_VERSION.tar.gz"
-  else
-    log "downloading the kp $KP_VERSION sdist"
-    "$PY" -m pip download -q --no-deps --no-binary=:all: -d "$work" "kp==$KP_VERSION"
-  fi
-  tar xzf "$work"/kp-"$KP_VERSION".tar.gz -C "$work"
-  src="$work/kp-$KP_VERSION"
+  src=$(unpack_sdist "$work")
+  apply_patches "$src"
 
   # Patch setup.py: drop the numpy<2 pin, replace its CMake arguments (upstream misses a comma and
   # would download Vulkan headers/fmt/pybind11) with offline ones, avoid distutils (gone in 3.12).
-  "$PY" - "$src/setup.py" "$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')" <<'EOF'
+  "$PY" - "$src/setup.py" "$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')" "$KP_VERSION" "$KP_BUILD_VERSION" <<'EOF'
 import re, sys
 path, pybind_dir = sys.argv[1], sys.argv[2]
 s = open(path).read()
@@ -87,15 +302,17 @@ s = (s[:start] + "cmake_args = [" + ", ".join("'" + a + "'" for a in args) + "]"
      + " + os.environ.get('KP_CMAKE_ARGS', '').split()" + s[end:])
 s = s.replace("build_args += ['--', '-j']", "build_args += ['--', '-j' + os.environ.get('JOBS', '2')]")
 s = s.replace("build_args += env['KOMPUTE_PYTHON_NUM_PARALLEL_THREADS']", "pass")
+s = s.replace("version='" + sys.argv[3] + "'", "version='" + sys.argv[4] + "'")
+assert sys.argv[4] in s
 assert "numpy<2" not in s and "LooseVersion" not in s
 open(path, "w").write(s)
 
 EOF
-  log "building kp $KP_VERSION wheel (offline, $JOBS jobs; a few minutes)"
+  log "building kp $KP_BUILD_VERSION wheel (offline, $JOBS jobs; a few minutes)"
   mkdir -p "$work/dist"
   (cd "$src" && JOBS=$JOBS "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-index -w "$work/dist" .) \
     > "$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; echo "error: kp build failed" >&2; exit 1; }
-  built=$(ls "$work"/dist/kp-"$KP_VERSION"-*.whl | head -1)
+  built=$(ls "$work"/dist/kp-"$KP_BUILD_VERSION"-*.whl | head -1)
   cp "$built" "$CACHE/"
   wheel="$CACHE/$(basename "$built")"
   log "cached $wheel"

@@ -5,21 +5,27 @@ Device tensors
              words; fp16 pools hold two halves per word (numpy's float16 -> uint32 view equals
              packHalf2x16), fp32 pools hold float bits. DP is the head dim padded to 8 (fp16) or
              4 (fp32) elements so every row can be read with 16-byte loads; padding stays zero.
-  staging    eDevice tensors shared by all layers, grown by doubling and reused across calls:
-             q (float32), knew/vnew (uint32 words), slots, tables, lens (int32), out (float32) and
-             the split-K scratch part_o/part_ml (eStorage).
-Submissions
-  A step (or a lone decode) is one kp.Sequence: upload staging -> KV append of every layer ->
-  barrier -> attention of every layer [-> barrier -> split-K reduce of every layer] -> download
-  out; one eval = one queue submit + one fence wait. Recorded sequences are cached by the step's
-  signature (pools, shapes, scale, window, split geometry), so a steady decode loop only writes
-  the staging memory and resubmits the recorded command buffer. kp.Algorithm objects (pipeline +
-  descriptor set) are cached per pool and per staging generation.
+  staging    eDevice tensors in power-of-two size classes, one per (role, class), kept until
+             close and shared by all layers: q (float32), knew/vnew (uint32 words), tables, lens,
+             slots (int32), out (float32, or fp16 pairs in uint32 when q is fp16) and the split-K
+             scratch part_o/part_ml (eStorage). A batch of N rows runs as its class (next power
+             of two); rows past N have length 0 and give zeros that are never read.
+Plan / run (ADR 0008)
+  plan() keeps the step's tables/lengths/slots (plan.device, a _PlanState); its first run writes
+  them into their class buffers (a whole decode_step carries them in its own upload, a run pays
+  one extra submission per step) and marks the buffers as holding that plan. Each run uploads
+  only q (and k/v), re-submits a sequence recorded once per (pool, batch class, table width,
+  scale, window, split geometry) and copies the used rows out once. Single-layer recordings live
+  on their pool (4 per pool), so any number of layers stays recorded; whole-step recordings sit
+  in an 8-entry LRU. kp.Algorithm objects are cached per pool, keyed by the buffers they bind, at
+  most MAX_POOL_ALGOS per pool, and destroyed with their pool. `counters()` reports them.
 Barriers
-  kp's OpAlgoDispatch only inserts transfer->compute barriers. Compute->compute ordering (append
-  before attention, split-K partials before the reduce) comes from an OpTensorSyncLocal on a
-  4-byte tensor, which records a compute->transfer barrier; the next dispatch's transfer->compute
-  barrier completes the execution dependency chain. (Kompute 0.9 exposes no global memory barrier.)
+  With the patched Kompute (scripts/build_kompute.sh, `kp.pa_patch_level`), a sequence records
+  one global barrier per phase (uploads -> appends -> attention -> reduce -> download) and
+  dispatches record none. With a stock kp, OpAlgoDispatch records a transfer->compute barrier per
+  bound tensor, and compute->compute ordering (append before attention, split-K partials before
+  the reduce) comes from an OpTensorSyncLocal on a 4-byte tensor, which records a compute->transfer
+  barrier that the next dispatch's transfer->compute barrier chains into an execution dependency.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import numpy as np
 from paged_attention import devices, settings
 from paged_attention.errors import InvalidInput, PagedAttentionError
 from paged_attention.interface import KVPool, LayerStep, PagedAttention, Plan
-from paged_attention.validation import DecodeArgs, PoolSpec
+from paged_attention.validation import DecodeArgs, PoolSpec, dtype_name
 
 from . import KNOWN_PATHS
 from .shaders import ShaderCompiler
@@ -46,8 +52,64 @@ MAX_GRID = 4096  # workgroups of the grid-stride shaders
 MIN_CHUNK = 512  # split-K: fewest tokens per split
 
 
+class DeviceOutOfMemory(PagedAttentionError):
+    """A device buffer could not be allocated (needs the patched Kompute; stock 0.9 crashes)."""
+
+
+def _host(x) -> np.ndarray:
+    """A numpy view/copy of an input array; bfloat16 (MLX or ml_dtypes) is widened to float32."""
+    if dtype_name(x) == "bfloat16":
+        if type(x).__module__.startswith("mlx"):
+            import mlx.core as mx
+            return np.asarray(x.astype(mx.float32))
+        return np.asarray(x).astype(np.float32)
+    return np.asarray(x)
+
+
+def _out_dtype(q):
+    """What an output for q is cast to: a numpy dtype, or "mlx-bf16" for an MLX bfloat16 q."""
+    if dtype_name(q) == "bfloat16":
+        return "mlx-bf16" if type(q).__module__.startswith("mlx") else np.asarray(q).dtype
+    return np.asarray(q).dtype
+
+
+def _cast_out(o: np.ndarray, dt):
+    if isinstance(dt, str):  # MLX bfloat16 q: the same kind back, as `run` promises q's dtype
+        import mlx.core as mx
+        return mx.array(np.ascontiguousarray(o, dtype=np.float32)).astype(mx.bfloat16)
+    return np.array(o, dtype=dt, copy=True)
+
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        r[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return r
+
+
 def _pow2_floor(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
+
+
+def _pow2_ceil(x: int) -> int:
+    return 1 << (max(1, int(x)) - 1).bit_length()
+
+
+# Vulkan stage and access bits for kp.OpGlobalBarrier (patched Kompute).
+_TRANSFER, _COMPUTE = 0x1000, 0x800
+_SHADER_READ, _SHADER_WRITE, _TRANSFER_READ, _TRANSFER_WRITE = 0x20, 0x40, 0x800, 0x1000
+_BARRIERS = {
+    # Opens every patched sequence: orders this submission's uploads and every earlier
+    # submission's shader writes before anything that follows.
+    "full": (_TRANSFER | _COMPUTE, _TRANSFER | _COMPUTE, _TRANSFER_WRITE | _SHADER_WRITE,
+             _SHADER_READ | _SHADER_WRITE | _TRANSFER_READ | _TRANSFER_WRITE),
+    "compute->compute": (_COMPUTE, _COMPUTE, _SHADER_WRITE, _SHADER_READ | _SHADER_WRITE),
+    "compute->transfer": (_COMPUTE, _TRANSFER, _SHADER_WRITE, _TRANSFER_READ),
+}
+MAX_POOL_ALGOS = 48  # kp.Algorithm objects per pool before its recordings and kernels are rebuilt
 
 
 class VulkanPool(KVPool):
@@ -60,7 +122,8 @@ class VulkanPool(KVPool):
         self._backend = backend
         VulkanPool._next_uid += 1
         self.uid = VulkanPool._next_uid
-        self.f16 = spec.dtype == "float16"
+        self.f16 = spec.dtype in ("float16", "bfloat16")  # 16-bit elements, two per word
+        self.bf16 = spec.dtype == "bfloat16"
         vec = 8 if self.f16 else 4
         self.dp = -(-spec.head_dim // vec) * vec
         self.row_words = spec.num_kv_heads * self.dp * (2 if self.f16 else 4) // 4
@@ -72,10 +135,11 @@ class VulkanPool(KVPool):
         self.k = backend._new_tensor(self.nwords, np.uint32, "storage")
         self.v = backend._new_tensor(self.nwords, np.uint32, "storage")
         self.algos: dict = {}
+        self.recorded: OrderedDict = OrderedDict()  # single-layer recordings (backend._recording)
         backend._fill_zero(self)
         # Recorded plans bind this pool's tensors: drop them as soon as the pool is dropped, so
         # its device memory is given back at once rather than when the plan LRU evicts them.
-        weakref.finalize(self, backend._forget_pool, self.uid)
+        weakref.finalize(self, backend._forget_pool, self.uid, self.algos)
 
     def to_numpy(self):
         # Same lock as the backend's public calls: a download records on the shared manager.
@@ -83,18 +147,28 @@ class VulkanPool(KVPool):
             return self._backend._download(self)
 
 
-class _Plan:
-    __slots__ = ("seq", "labels", "ops")
+class _PlanState:
+    """plan.device: a step's tables/lengths/slots (host copies and their size-class device
+    buffers), its batch size class and split geometry. `token` marks whose tables a buffer holds."""
+    __slots__ = ("token", "rows", "rcls", "maxb", "path", "window", "scale_bits", "nsplit", "chunk",
+                 "n", "tables_host", "lens_host", "slots_host", "tables", "lens", "slots", "qt",
+                 "tcls", "tiles_host", "tiles")
 
-    def __init__(self, seq, labels, ops):
-        self.seq, self.labels, self.ops = seq, labels, ops
+
+class _Recorded:
+    """A recorded kp.Sequence and the mapped staging views its inputs and outputs go through."""
+    __slots__ = ("seq", "labels", "ops", "qview", "kview", "vview", "oview", "q_layer", "o_layer",
+                 "out_f16")
 
 
 class VulkanBackend(PagedAttention):
     name = "vulkan"
     paths = KNOWN_PATHS
-    pool_dtypes = ("float16", "float32")
-    q_dtypes = ("float16", "float32")
+    pool_dtypes = ("float16", "bfloat16", "float32")
+    # bfloat16 inputs: MLX arrays (mx.bfloat16) or ml_dtypes.bfloat16 numpy arrays (numpy has no
+    # bfloat16 of its own). The output keeps q's dtype and kind: an MLX bfloat16 q gives an
+    # mx.array back (the one exception to numpy outputs), an ml_dtypes q an ml_dtypes array.
+    q_dtypes = ("float16", "bfloat16", "float32")
 
     def __init__(self, device_index: int | None = None):
         import kp
@@ -107,14 +181,21 @@ class VulkanBackend(PagedAttention):
         self.timestamps_supported = bool(props["timestamps_supported"])
         self.compiler = ShaderCompiler()
         self.submissions = 0            # queue submissions (kp Sequence evals) so far
+        self.recordings = 0             # kp Sequences recorded for attention so far
+        self.algos_live = 0             # kp.Algorithm objects alive (pipelines)
+        # Patched Kompute (scripts/build_kompute.sh, ADR 0008): one global barrier per phase
+        # instead of a barrier per bound tensor per dispatch.
+        self._bare = hasattr(kp, "OpAlgoDispatchBare") and hasattr(kp, "OpGlobalBarrier") \
+            and not settings.get().vk_stock_barriers
         self.record_timestamps = False  # bench: latch a timestamp after every recorded op
         self.last_timestamps: list[tuple[str, int]] | None = None
         self.last_host_s: dict | None = None
-        self._staging: dict[str, tuple] = {}
-        self._gen = 0
+        self._staging: dict[tuple, tuple] = {}
+        self._resident: dict[int, object] = {}
         self._algos: dict = {}
-        self._plans: OrderedDict = OrderedDict()
+        self._steps: OrderedDict = OrderedDict()
         self._closed = False
+        self._pool_refs: set = set()
         self._sync = self._new_tensor(1, np.uint32, "device")
         self.subgroup_size = self._probe_subgroup_size()
         self.compute_units = self._guess_compute_units()
@@ -160,58 +241,99 @@ class VulkanBackend(PagedAttention):
     def _new_tensor(self, n: int, dtype, kind: str):
         kp = self._kp
         tt = {"storage": kp.TensorTypes.storage, "device": kp.TensorTypes.device}[kind]
-        return self._mgr.tensor_t(np.zeros(max(int(n), 1), dtype=dtype), tt)
+        try:
+            return self._mgr.tensor_t(np.zeros(max(int(n), 1), dtype=dtype), tt)
+        except RuntimeError as exc:
+            # Patched Kompute (ADR 0008) reports failed allocations instead of binding a null
+            # VkDeviceMemory, which segfaulted once the GPU was full (e.g. MLX in the process).
+            if "vkAllocateMemory" in str(exc) or "vkCreateBuffer" in str(exc):
+                raise DeviceOutOfMemory(
+                    f"Vulkan device memory exhausted allocating {int(n) * np.dtype(dtype).itemsize} "
+                    f"bytes on {self._device_name} ({exc}); free pools, use fewer blocks, or give "
+                    "other GPU users in this process (e.g. MLX's cache) less memory") from exc
+            raise
 
     def _buf(self, name: str, n: int, dtype=np.float32, kind: str = "device"):
-        """Staging tensor `name` with room for n elements; (tensor, host view). Growing it bumps the
-        generation so algorithms and plans bound to the old tensor are rebuilt."""
-        cur = self._staging.get(name)
-        if cur is None or cur[2] < n:
-            cap = max(64, int(n), 2 * cur[2] if cur else 0)
-            if cur is not None:
-                self._invalidate()
-                cur[0].destroy()
+        """Staging tensor `name` of the power-of-two size class holding n elements; (tensor, host
+        view). One tensor per (name, class), kept until close: recordings bind them, and a copy
+        (OpTensorSyncDevice/Local moves the whole tensor) never moves more than 2x the data."""
+        cap = max(64, _pow2_ceil(n))
+        cur = self._staging.get((name, cap))
+        if cur is None:
             t = self._new_tensor(cap, dtype, kind)
-            view = t.data() if kind == "device" else None
-            self._staging[name] = cur = (t, view, cap)
-        return cur[0], cur[1]
+            cur = self._staging[(name, cap)] = (t, t.data() if kind == "device" else None)
+        return cur
 
-    def _forget_pool(self, uid: int) -> None:
-        for sig in [sig for sig in self._plans if uid in sig[1]]:
-            del self._plans[sig]
+    def _view(self, t):
+        return t.data()
 
-    def _invalidate(self):
-        self._gen += 1
-        self._plans.clear()
-        for a in self._algos.values():
-            a.destroy()
-        self._algos.clear()
+    def counters(self) -> dict:
+        """submissions (queue submits), recordings (attention sequences recorded), pipelines
+        (kp.Algorithm objects alive), staging_bytes, patched (Kompute patch in use)."""
+        return {"submissions": self.submissions, "recordings": self.recordings,
+                "pipelines": self.algos_live, "staging_bytes": sum(
+                    int(t.size()) * 4 for t, _v in self._staging.values()),
+                "patched": self._bare}
+
+    def _forget_pool(self, uid: int, algos: dict) -> None:
+        for sig in [sig for sig in self._steps if uid in sig[-1]]:
+            del self._steps[sig]
+        self.algos_live -= len(algos)
+        if not self._closed:
+            for a in algos.values():
+                a.destroy()
+        algos.clear()
 
     def _algorithm(self, cache: dict, shader: str, defines: dict, tensors, wg, n_push: int, tag=""):
-        """Cached kp.Algorithm; `tag` names the tensor set (e.g. 'k' or 'v' of one pool)."""
+        """Cached kp.Algorithm; `tag` names the role, the tensors' ids the buffers it binds. The
+        bound (MAX_POOL_ALGOS) is enforced by `_record` before it starts, never here: an op list
+        being recorded may already hold algorithms of this cache."""
         key_s, spirv = self.compiler.compile(shader, **defines)
-        key = (key_s, self._gen, tuple(wg), tag)
+        key = (key_s, tuple(wg), tag, tuple(id(t) for t in tensors))
         algo = cache.get(key)
         if algo is None:
-            for k in [k for k in cache if k[1] != self._gen]:  # drop algorithms of old staging
-                cache.pop(k).destroy()
             algo = self._mgr.algorithm(list(tensors), spirv, list(wg), np.zeros(0, np.float32),
                                        np.zeros(n_push, np.float32))
             cache[key] = algo
+            self.algos_live += 1
         return algo
 
-    def _dispatch(self, algo, push):
-        return self._kp.OpAlgoDispatch(algo, np.asarray(push, dtype=np.uint32))
+    def _drop_algos(self, cache: dict) -> None:
+        # Recorded command buffers reference these pipelines: forget every recording first.
+        self._steps.clear()
+        for pool in list(self._pools_alive()):
+            pool.recorded.clear()
+        for a in cache.values():
+            a.destroy()
+        self.algos_live -= len(cache)
+        cache.clear()
 
-    def _barrier(self):
-        # compute -> transfer barrier (+ a 4-byte copy); see the module docstring.
-        return self._kp.OpTensorSyncLocal([self._sync])
+    def _pools_alive(self):
+        return [p for p in (r() for r in self._pool_refs) if p is not None]
+
+    def _dispatch(self, algo, push):
+        push = np.asarray(push, dtype=np.uint32)
+        if self._bare:
+            return self._kp.OpAlgoDispatchBare(algo, push)
+        return self._kp.OpAlgoDispatch(algo, push)
+
+    def _barrier(self, kind: str = "compute->compute"):
+        if self._bare:
+            src, dst, sa, da = _BARRIERS[kind]
+            return self._kp.OpGlobalBarrier(src, dst, sa, da)
+        if kind == "compute->compute":
+            # compute -> transfer barrier (+ a 4-byte copy); see the module docstring.
+            return self._kp.OpTensorSyncLocal([self._sync])
+        raise AssertionError(kind)  # stock dispatch/sync ops record their own barriers
 
     def _run_ops(self, ops, labels=None):
+        labels = labels or ["op"] * len(ops)
+        if self._bare and not isinstance(ops[0], self._kp.OpGlobalBarrier):
+            ops, labels = [self._barrier("full")] + list(ops), ["barrier"] + list(labels)
         seq = self._mgr.sequence(0, len(ops) + 1) if self.record_timestamps else self._mgr.sequence()
         for op in ops:
             seq.record(op)
-        self._eval(seq, labels or ["op"] * len(ops))
+        self._eval(seq, labels)
         return seq
 
     def _eval(self, seq, labels):
@@ -233,16 +355,23 @@ class VulkanBackend(PagedAttention):
         if self._closed:
             return
         self._closed = True
-        self._plans.clear()
+        self._steps.clear()
+        for pool in self._pools_alive():  # the manager's destroy frees what they reference
+            pool.recorded.clear()
+            pool.algos.clear()
         self._algos.clear()
         self._staging.clear()
+        self._resident.clear()
+        self.algos_live = 0
         self._mgr.destroy()
         self._mgr = None
 
     # -- pools ------------------------------------------------------------------------------------
     def _create_pool(self, spec: PoolSpec) -> VulkanPool:
         self._check_open()
-        return VulkanPool(self, spec)
+        pool = VulkanPool(self, spec)
+        self._pool_refs.add(weakref.ref(pool, self._pool_refs.discard))
+        return pool
 
     def _fill_zero(self, pool: VulkanPool):
         ops = []
@@ -266,7 +395,10 @@ class VulkanBackend(PagedAttention):
                                self._kp.OpTensorSyncLocal([tmp])], ["copy", "download"])
                 words = np.array(tmp.data(), dtype=np.uint32)
                 algo.destroy()
-                arr = words.view(np.float16 if pool.f16 else np.float32)
+                if pool.bf16:
+                    arr = (words.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+                else:
+                    arr = words.view(np.float16 if pool.f16 else np.float32)
                 arr = arr.reshape(s.num_blocks, s.block_size, s.num_kv_heads, pool.dp)[..., :s.head_dim]
                 out.append(np.ascontiguousarray(arr))
         finally:
@@ -275,8 +407,10 @@ class VulkanBackend(PagedAttention):
 
     def _pack_rows(self, pool: VulkanPool, x) -> np.ndarray:
         """[N, Hkv, D] array-like -> pool words [N * row_words] (padded, pool dtype)."""
-        x = np.asarray(x)
-        dt = np.float16 if pool.f16 else np.float32
+        x = _host(x)
+        if pool.bf16:
+            x = _to_bf16_bits(x)
+        dt = np.uint16 if pool.bf16 else np.float16 if pool.f16 else np.float32
         if pool.dp != pool.head_dim:
             padded = np.zeros(x.shape[:-1] + (pool.dp,), dtype=dt)
             padded[..., :pool.head_dim] = x
@@ -293,15 +427,17 @@ class VulkanBackend(PagedAttention):
         kview[:n * pool.row_words] = self._pack_rows(pool, k)
         vview[:n * pool.row_words] = self._pack_rows(pool, v)
         sview[:n] = slots
-        ops = [self._kp.OpTensorSyncDevice([kt, vt, st]),
-               self._append_op(pool, n, 0, 0, "w_")]
-        self._run_ops(ops, ["upload", "append"])
+        ops = [self._kp.OpTensorSyncDevice([kt, vt, st])]
+        if self._bare:
+            ops.append(self._barrier("full"))
+        ops.append(self._append_op(pool, n, 0, 0, tensors=(kt, vt, st)))
+        self._run_ops(ops, ["upload"] + (["barrier"] if self._bare else []) + ["append"])
 
-    def _append_op(self, pool: VulkanPool, n: int, src_off: int, slot_off: int, prefix: str = ""):
-        kt, vt, st = (self._staging[prefix + x][0] for x in ("knew", "vnew", "slots"))
+    def _append_op(self, pool: VulkanPool, n: int, src_off: int, slot_off: int, tensors):
+        kt, vt, st = tensors
         algo = self._algorithm(pool.algos, "kv_append.comp", {"ROWW": pool.row_words, "WG": APPEND_WG},
                                [pool.k, pool.v, kt, vt, st], self._grid(n * pool.row_words, APPEND_WG), 4,
-                               "append" + prefix)
+                               "append")
         return self._dispatch(algo, [n, src_off, slot_off, pool.spec.num_slots])
 
     def _copy_blocks(self, pool: VulkanPool, src: np.ndarray, dst: np.ndarray) -> None:
@@ -309,12 +445,15 @@ class VulkanBackend(PagedAttention):
         p = int(src.shape[0])
         pt, pview = self._buf("pairs", 2 * p, np.int32)
         pview[:2 * p] = np.stack([src, dst], axis=1).reshape(-1)
-        ops = [self._kp.OpTensorSyncDevice([pt])]
+        ops = [self._kp.OpTensorSyncDevice([pt])] + ([self._barrier("full")] if self._bare else [])
         for tag, t in (("k", pool.k), ("v", pool.v)):
             algo = self._algorithm(pool.algos, "pool_ops.comp", {"WG": FILL_WG, "OP_BLOCKS": 1},
                                    [t, t, pt], self._grid(p * pool.block_words, FILL_WG), 4, tag)
             ops.append(self._dispatch(algo, [p, 0, pool.block_words, pool.spec.num_blocks]))
-        self._run_ops(ops, ["upload", "copy_k", "copy_v"])
+        self._run_ops(ops, ["upload"] + (["barrier"] if self._bare else []) + ["copy_k", "copy_v"])
+
+    def to_numpy(self, x) -> np.ndarray:
+        return _host(x)  # bfloat16 outputs (MLX or ml_dtypes) come back as float32
 
     # -- attention ---------------------------------------------------------------------------------
     def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
@@ -341,12 +480,17 @@ class VulkanBackend(PagedAttention):
         if not chunk:
             wgs = max(1, args.batch * spec.num_kv_heads)
             # ~1.5 workgroups per compute unit: fewer, longer splits beat many short ones on the
-            # H100 (each split pays its q load, lane-group merge and partial write).
-            want = max(1, -(-3 * self.compute_units // (2 * wgs)))
+            # H100 (each split pays its q load, lane-group merge and partial write). When the
+            # (sequence, KV head) workgroups fill under a quarter of the CUs (B=1..4 at Hkv=8),
+            # 1.5 per CU leaves most of each SM's thread slots and its memory parallelism idle
+            # (B=1 x 32k: 1.19 TB/s), so aim at SPLIT_OCC (default 4) workgroups per CU there.
+            per_cu = 1.5 if 4 * wgs > self.compute_units else \
+                settings.get().vk_split_occupancy
+            want = max(1, math.ceil(per_cu * self.compute_units / wgs))
             chunk = max(MIN_CHUNK, -(-(-(-span // want)) // 256) * 256)
         return max(1, -(-span // chunk)), chunk
 
-    def _decode_defines(self, pool: VulkanPool, group: int, splitk: bool) -> dict:
+    def _decode_defines(self, pool: VulkanPool, group: int, splitk: bool, qt: int = 1) -> dict:
         s = pool.spec
         vec = 8 if pool.f16 else 4
         nv = pool.dp // vec
@@ -356,18 +500,93 @@ class VulkanBackend(PagedAttention):
         wg = s_.vk_wg or (512 if self.subgroup_size >= 32 else 64)
         ng = max(1, min(wg // tpt, 4096 // pool.dp))  # shared memory: ng * dp floats <= 16 KiB
         nl = -(-nv // tpt)
-        regs = group * nl * vec  # per-lane q and accumulator floats per token
+        regs = group * qt * nl * vec  # per-lane q and accumulator floats per token
         unroll = s_.vk_unroll or (8 if regs <= 32 else 4 if regs <= 64 else 2)
         return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size, "WG": ng * tpt,
-                "TPT": tpt, "F16": int(pool.f16), "U": unroll, "SPLITK": int(splitk)}
+                "TPT": tpt, "F16": int(pool.f16), "BF16": int(pool.bf16), "U": unroll,
+                "SPLITK": int(splitk), "QT": qt}
+
+    # -- plan / run ------------------------------------------------------------------------------
+    def _state(self, args: DecodeArgs, spec: PoolSpec, path: str, slots, query_lens=None) -> _PlanState:
+        """Device state of one step: tables, lengths and slots written into the size-class staging
+        buffers (uploaded by `_make_resident`), split geometry and the batch's size class."""
+        st = _PlanState()
+        st.token = object()
+        st.rows, st.maxb = args.batch, int(args.block_tables.shape[1])
+        st.rcls = _pow2_ceil(st.rows)
+        st.path, st.window = path, args.window or 0
+        st.scale_bits = int(np.float32(args.scale).view(np.uint32))
+        st.nsplit, st.chunk = self.split_geometry(args, spec) if path == "splitk" else (1, 0)
+        st.n = 0 if slots is None else int(slots.shape[0])
+        st.tables_host = np.ascontiguousarray(args.block_tables, dtype=np.int32).reshape(-1)
+        st.lens_host = np.zeros(st.rcls, np.int32)  # rows past N see nothing: their outputs are zeros
+        st.lens_host[:st.rows] = args.context_lens
+        st.slots_host = None if slots is None else np.ascontiguousarray(slots, dtype=np.int32)
+        st.tables = self._buf("tables", st.rcls * max(1, st.maxb), np.int32)[0]
+        st.lens = self._buf("lens", st.rcls, np.int32)[0]
+        st.slots = self._buf("slots", st.n, np.int32)[0] if st.n else None
+        # Ragged plans (prefill chunks) on the fused path: tiles of up to QT queries of one
+        # sequence share each K/V load (decode.comp QT > 1).
+        st.qt, st.tcls, st.tiles_host, st.tiles = 1, 0, None, None
+        if path == "fused" and query_lens is not None and int(np.max(query_lens, initial=0)) > 1:
+            st.qt = self.query_tile(args.num_q_heads // spec.num_kv_heads)
+        if st.qt > 1:
+            tiles, r0 = [], 0
+            for n in np.asarray(query_lens).tolist():
+                tiles += [(r0 + i, min(st.qt, n - i)) for i in range(0, n, st.qt)]
+                r0 += n
+            st.tcls = _pow2_ceil(len(tiles))
+            st.tiles_host = np.zeros((st.tcls, 2), np.int32)  # padding tiles: count 0
+            st.tiles_host[:len(tiles)] = tiles
+            st.tiles_host = st.tiles_host.reshape(-1)
+            st.tiles = self._buf("tiles", 2 * st.tcls, np.int32)[0]
+        return st
+
+    def query_tile(self, group: int) -> int:
+        """Queries per prefill workgroup: QT*G rows share each K/V load; 16 rows per workgroup
+        keeps the per-lane q and accumulators in registers at G=4, D=128 (ADR 0008)."""
+        return max(1, settings.get().vk_query_tile or min(8, max(1, 16 // max(1, group))))
+
+    def _prepare(self, plan: Plan):
+        # The upload itself waits for the first run (`_make_resident`): a whole-step submission
+        # carries it in its own upload, a per-layer run pays one extra submission per step.
+        self._check_open()
+        return self._state(plan.args, plan.spec, plan.path, plan.slots, plan.query_lens)
+
+    @staticmethod
+    def _table_bufs(st: _PlanState) -> list:
+        return [st.tables, st.lens] + ([st.slots] if st.n else []) + ([st.tiles] if st.qt > 1 else [])
+
+    def _make_resident(self, st: _PlanState, submit: bool = True) -> None:
+        """Write the plan's tables/lengths/slots into their device buffers unless they hold them
+        already (another plan of the same size class may have overwritten them). submit=False:
+        the caller's own sequence uploads them."""
+        bufs = self._table_bufs(st)
+        if all(self._resident.get(id(t)) is st.token for t in bufs):
+            return
+        self._view(st.tables)[:st.tables_host.size] = st.tables_host
+        self._view(st.lens)[:st.rcls] = st.lens_host
+        if st.n:
+            self._view(st.slots)[:st.n] = st.slots_host
+        if st.qt > 1:
+            self._view(st.tiles)[:st.tiles_host.size] = st.tiles_host
+        if submit:
+            self._run_ops([self._kp.OpTensorSyncDevice(bufs)], ["upload_tables"])
+        for t in bufs:
+            self._resident[id(t)] = st.token
+
+    def _run(self, plan: Plan, q, pool: VulkanPool, k, v):
+        st = plan.device
+        return self._execute([(pool, q, k, v)], st, k is not None)[0]
 
     def _decode(self, path: str, q, pool: VulkanPool, args: DecodeArgs):
-        return self._execute([(pool, q, None, None)], None, args, path)[0]
+        return self._execute([(pool, q, None, None)], self._state(args, pool.spec, path, None), False)[0]
 
     def _decode_repeated(self, q, pool: VulkanPool, args: DecodeArgs, path: str, repeat: int):
         """Benchmark helper: the attention recorded `repeat` times back to back (a barrier between
         repetitions) in one submission, so the GPU stays busy and each repetition is timed."""
-        return self._execute([(pool, q, None, None)], None, args, path, repeat=repeat)[0]
+        st = self._state(args, pool.spec, path, None)
+        return self._execute([(pool, q, None, None)], st, False, repeat=repeat)[0]
 
     def _decode_step(self, layers: list[LayerStep], plans: list[Plan]) -> list:
         plan = plans[0]
@@ -375,122 +594,154 @@ class VulkanBackend(PagedAttention):
         if any(p is not plan for p in plans) or (plan.slots is not None and not writes):
             # Heterogeneous layers (geometries, or some without new rows): one submission each.
             return super()._decode_step(layers, plans)
-        return self._execute([(l.pool, l.q, l.k, l.v) for l in layers],
-                             plan.slots if writes else None, plan.args, plan.path)
+        return self._execute([(l.pool, l.q, l.k, l.v) for l in layers], plan.device, writes)
 
-    def _execute(self, items, slots, args: DecodeArgs, path: str, repeat: int = 1) -> list:
-        """KV append (when slots is given) + attention for every layer in items, one submission."""
+    def _execute(self, items, st: _PlanState, writes: bool, repeat: int = 1) -> list:
+        """KV append (when `writes`) + attention for every layer in items: one submission of a
+        recorded sequence. The steps: stage inputs, find or record the sequence, submit, read."""
         self._check_open()
         t0 = time.perf_counter()
-        kp = self._kp
         pool0: VulkanPool = items[0][0]
-        spec = pool0.spec
-        b, hq, d, dp = args.batch, args.num_q_heads, spec.head_dim, pool0.dp
-        qdt = [np.asarray(it[1]).dtype for it in items]
-        n = 0 if slots is None else int(slots.shape[0])
-        if b == 0:
+        hq, d = items[0][1].shape[1], pool0.head_dim
+        qdt = [_out_dtype(it[1]) for it in items]
+        if st.rows == 0:
             # Nothing to attend; still store the new tokens.
             for pool, _q, k, v in items:
-                if n:
-                    self._write_kv(pool, slots, k, v)
-            return [np.zeros((0, hq, d), dtype=dt) for dt in qdt]
-        nl = len(items)
-        group = hq // spec.num_kv_heads
-        maxb = args.block_tables.shape[1]
-        splitk = path == "splitk"
-        nsplit, chunk = self.split_geometry(args, spec) if splitk else (1, 0)
-        rows = b * hq
-        per_layer = rows * dp
+                if writes and st.n:
+                    self._write_kv(pool, st.slots_host.astype(np.int64), k, v)
+            return [_cast_out(np.zeros((0, hq, d), np.float32), dt) for dt in qdt]
+        fold = len(items) > 1  # a whole step uploads its tables in its one submission
+        self._make_resident(st, submit=not fold)
+        out_f16 = all(not isinstance(dt, str) and dt == np.float16 for dt in qdt)
+        rec = self._recording([it[0] for it in items], st, hq, writes, out_f16, repeat)
+        self._stage_inputs(rec, items, st, writes)
+        t1 = time.perf_counter()
+        self._eval(rec.seq, rec.labels)
+        t2 = time.perf_counter()
+        outs = self._read_outputs(rec, st, len(items), hq, d, qdt)
+        self.last_host_s = {"prepare": t1 - t0, "submit_wait": t2 - t1, "outputs": time.perf_counter() - t2}
+        return outs
 
-        # Staging (grow first: growth invalidates cached algorithms and plans).
+    def _stage_inputs(self, rec: _Recorded, items, st: _PlanState, writes: bool) -> None:
+        """q (float32, padded head dim) and the new k/v rows into the mapped staging memory."""
+        d = items[0][0].head_dim
+        for i, (pool, q, k, v) in enumerate(items):
+            dst = rec.qview[i * rec.q_layer:(i + 1) * rec.q_layer].reshape(st.rcls, -1, pool.dp)
+            dst[:st.rows, :, :d] = _host(q)
+            if writes and st.n:
+                w = st.n * pool.row_words
+                rec.kview[i * w:(i + 1) * w] = self._pack_rows(pool, k)
+                rec.vview[i * w:(i + 1) * w] = self._pack_rows(pool, v)
+
+    def _read_outputs(self, rec: _Recorded, st: _PlanState, nl: int, hq: int, d: int, qdt) -> list:
+        """One copy of the used rows out of the mapped staging memory per layer (fp16 words when
+        every q is fp16), straight into the caller's dtype."""
+        outs = []
+        for i, dt in enumerate(qdt):
+            flat = rec.oview[i * rec.o_layer:(i + 1) * rec.o_layer]
+            if rec.out_f16:
+                flat = flat.view(np.float16)
+            o = flat.reshape(st.rcls, hq, -1)[:st.rows, :, :d]
+            outs.append(_cast_out(o, dt))
+        return outs
+
+    def _recording(self, pools, st: _PlanState, hq: int, writes: bool, out_f16: bool, repeat: int):
+        """The recorded sequence for these pools and this batch shape. It binds only size-class
+        buffers, so every later step with the same shape re-runs it with new tables, lengths, q
+        and k/v written into those buffers. Single-layer recordings live on the pool (any number of
+        layers stays recorded); whole-step recordings in a small LRU."""
+        key = (st.path, st.rcls, st.maxb, hq, st.n if writes else 0, st.window, st.scale_bits,
+               st.nsplit, st.chunk, out_f16, repeat, len(pools), st.qt, st.tcls)
+        cache = pools[0].recorded if len(pools) == 1 else self._steps
+        full = key if len(pools) == 1 else key + (tuple(p.uid for p in pools),)
+        rec = None if self.record_timestamps else cache.get(full)
+        if rec is not None:
+            cache.move_to_end(full)
+            return rec
+        rec = self._record(pools, st, hq, writes, out_f16, repeat)
+        if not self.record_timestamps:
+            cache[full] = rec
+            while len(cache) > (4 if len(pools) == 1 else 8):
+                cache.popitem(last=False)
+        return rec
+
+    def _record(self, pools, st: _PlanState, hq: int, writes: bool, out_f16: bool, repeat: int):
+        kp = self._kp
+        # A recording adds at most 2 algorithms per pool (append, attention) and one reduce.
+        for cache in [p.algos for p in pools] + [self._algos]:
+            if len(cache) > MAX_POOL_ALGOS - 3:
+                self._drop_algos(cache)
+        pool0 = pools[0]
+        spec = pool0.spec
+        nl, dp, rcls = len(pools), pool0.dp, st.rcls
+        group = hq // spec.num_kv_heads
+        splitk = st.path == "splitk"
+        rows = rcls * hq
+        per_layer = rows * dp
+        n = st.n if writes else 0
         qt, qview = self._buf("q", nl * per_layer, np.float32)
-        ot, oview = self._buf("out", nl * per_layer, np.float32)
-        tt, tview = self._buf("tables", b * maxb, np.int32)
-        lt, lview = self._buf("lens", b, np.int32)
+        if out_f16:
+            ot, oview = self._buf("out16", nl * per_layer // 2, np.uint32)
+        else:
+            ot, oview = self._buf("out", nl * per_layer, np.float32)
+        kt = vt = kview = vview = None
         if n:
             kt, kview = self._buf("knew", nl * n * pool0.row_words, np.uint32)
             vt, vview = self._buf("vnew", nl * n * pool0.row_words, np.uint32)
-            st, sview = self._buf("slots", n, np.int32)
         if splitk:
-            pot, _ = self._buf("part_o", nl * rows * nsplit * dp, np.float32, "storage")
-            pmt, _ = self._buf("part_ml", nl * rows * nsplit * 2, np.float32, "storage")
+            pot, _ = self._buf("part_o", nl * rows * st.nsplit * dp, np.float32, "storage")
+            pmt, _ = self._buf("part_ml", nl * rows * st.nsplit * 2, np.float32, "storage")
+        ops, labels = [], []
 
-        for i, (pool, q, k, v) in enumerate(items):
-            qa = np.asarray(q)
-            dst = qview[i * per_layer:(i + 1) * per_layer].reshape(b, hq, dp)
-            dst[..., :d] = qa
-            if dp != d:
-                dst[..., d:] = 0.0
-            if n:
-                w = n * pool.row_words
-                kview[i * w:(i + 1) * w] = self._pack_rows(pool, k)
-                vview[i * w:(i + 1) * w] = self._pack_rows(pool, v)
-        tview[:b * maxb] = args.block_tables.reshape(-1)
-        lview[:b] = args.context_lens
+        def add(op, label):
+            ops.append(op)
+            labels.append(label)
+
+        tables = self._table_bufs(st) if nl > 1 else []
+        add(kp.OpTensorSyncDevice([qt] + ([kt, vt] if n else []) + tables), "upload")
+        if self._bare:
+            add(self._barrier("full"), "barrier")
         if n:
-            sview[:n] = slots
-
-        sig = (path, tuple(it[0].uid for it in items), b, hq, maxb, n, args.window, args.scale,
-               nsplit, chunk, self._gen, repeat)
-        plan = None if self.record_timestamps else self._plans.get(sig)
-        if plan is None:
-            ops, labels = [], []
-            uploads = [qt, tt, lt] + ([kt, vt, st] if n else [])
-            ops.append(kp.OpTensorSyncDevice(uploads))
-            labels.append("upload")
-            if n:
-                for i, (pool, *_rest) in enumerate(items):
-                    ops.append(self._append_op(pool, n, i * n * pool.row_words, 0))
-                    labels.append(f"append{i}")
-                ops.append(self._barrier())
-                labels.append("barrier")
-            scale_bits = int(np.float32(args.scale).view(np.uint32))
-            for r in range(repeat):
-                if r:
-                    ops.append(self._barrier())
-                    labels.append("barrier")
-                for i, (pool, *_rest) in enumerate(items):
-                    defines = self._decode_defines(pool, group, splitk)
-                    tensors = [pool.k, pool.v, qt, tt, lt] + ([pot, pmt] if splitk else [ot])
-                    wg = [b * spec.num_kv_heads, nsplit, 1]
-                    algo = self._algorithm(pool.algos, "decode.comp", defines, tensors, wg, 10, "attn")
-                    out_off = i * rows * nsplit if splitk else i * per_layer
-                    ops.append(self._dispatch(algo, [i * per_layer, out_off, 0, maxb, spec.num_blocks,
-                                                     args.window or 0, scale_bits, nsplit, chunk, 0]))
-                    labels.append(f"attn{i}.{r}")
-                if splitk:
-                    ops.append(self._barrier())
-                    labels.append("barrier")
-                    ralgo = self._algorithm(self._algos, "splitk_reduce.comp", {"DP": dp, "WG": REDUCE_WG},
-                                            [pot, pmt, ot], [rows, 1, 1], 4, "reduce")
-                    for i in range(nl):
-                        ops.append(self._dispatch(ralgo, [i * rows * nsplit, i * per_layer, nsplit, rows]))
-                        labels.append(f"reduce{i}.{r}")
-            ops.append(kp.OpTensorSyncLocal([ot]))
-            labels.append("download")
-            seq = self._mgr.sequence(0, len(ops) + 1) if self.record_timestamps else self._mgr.sequence()
-            for op in ops:
-                seq.record(op)
-            plan = _Plan(seq, labels, ops)
-            if not self.record_timestamps:
-                self._plans[sig] = plan
-                while len(self._plans) > 8:
-                    self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(sig)
-        t1 = time.perf_counter()
-        self._eval(plan.seq, plan.labels)
-        t2 = time.perf_counter()
-
-        # One sequential copy out of the mapped staging memory first: it is host-coherent but
-        # usually uncached (write-combined), where scattered reads are very slow.
-        flat = np.array(oview[:nl * per_layer], copy=True)
-        outs = []
-        for i, dt in enumerate(qdt):
-            o = flat[i * per_layer:(i + 1) * per_layer].reshape(b, hq, dp)[..., :d]
-            outs.append(o.astype(dt, copy=True))
-        self.last_host_s = {"prepare": t1 - t0, "submit_wait": t2 - t1, "outputs": time.perf_counter() - t2}
-        return outs
+            for i, pool in enumerate(pools):
+                add(self._append_op(pool, n, i * n * pool.row_words, 0, tensors=(kt, vt, st.slots)),
+                    f"append{i}")
+            add(self._barrier(), "barrier")
+        for r in range(repeat):
+            if r:
+                add(self._barrier(), "barrier")
+            for i, pool in enumerate(pools):
+                defines = self._decode_defines(pool, group, splitk, st.qt)
+                defines["OUT_F16"] = int(out_f16 and not splitk)
+                tensors = [pool.k, pool.v, qt, st.tables, st.lens] + ([pot, pmt] if splitk else [ot])
+                if st.qt > 1:
+                    tensors.append(st.tiles)
+                wgx = (st.tcls if st.qt > 1 else rcls) * spec.num_kv_heads
+                algo = self._algorithm(pool.algos, "decode.comp", defines, tensors,
+                                       [wgx, st.nsplit, 1], 10, "attn")
+                out_off = i * rows * st.nsplit if splitk else i * per_layer
+                add(self._dispatch(algo, [i * per_layer, out_off, 0, st.maxb, spec.num_blocks,
+                                          st.window, st.scale_bits, st.nsplit, st.chunk, 0]),
+                    f"attn{i}.{r}")
+            if splitk:
+                add(self._barrier(), "barrier")
+                ralgo = self._algorithm(self._algos, "splitk_reduce.comp",
+                                        {"DP": dp, "WG": REDUCE_WG, "OUT_F16": int(out_f16)},
+                                        [pot, pmt, ot], [rows, 1, 1], 4, "reduce")
+                for i in range(nl):
+                    add(self._dispatch(ralgo, [i * rows * st.nsplit, i * per_layer, st.nsplit, rows]),
+                        f"reduce{i}.{r}")
+        if self._bare:
+            add(self._barrier("compute->transfer"), "barrier")
+        add(kp.OpTensorSyncLocal([ot]), "download")
+        seq = self._mgr.sequence(0, len(ops) + 1) if self.record_timestamps else self._mgr.sequence()
+        for op in ops:
+            seq.record(op)
+        self.recordings += 1
+        rec = _Recorded()
+        rec.seq, rec.labels, rec.ops = seq, labels, ops
+        rec.qview, rec.kview, rec.vview, rec.oview = qview, kview, vview, oview
+        rec.q_layer, rec.o_layer, rec.out_f16 = per_layer, per_layer // (2 if out_f16 else 1), out_f16
+        return rec
 
     # -- internals for tests and benchmarks ---------------------------------------------------------
     def _decode_unchecked(self, q, pool: VulkanPool, block_tables, context_lens, *, scale=None,
@@ -503,7 +754,7 @@ class VulkanBackend(PagedAttention):
         args = DecodeArgs(batch=q.shape[0], num_q_heads=q.shape[1], block_tables=bt, context_lens=lens,
                           scale=float(scale if scale is not None else 1 / math.sqrt(pool.head_dim)),
                           window=window)
-        return self._execute([(pool, q, None, None)], None, args, path)[0]
+        return self._execute([(pool, q, None, None)], self._state(args, pool.spec, path, None), False)[0]
 
     # -- lab capabilities (interface.py): timestamp queries -------------------------------------
     @property

@@ -1,12 +1,16 @@
 #version 450
 // Split-K reduction: merges the NSPLIT partial (m, l, unnormalised o) of each (b, query head) row
 // written by decode.comp (SPLITK=1) into the normalised output. One workgroup per row, threads
-// over the head dim. Defines: DP (padded head dim), WG.
+// over the head dim. Defines: DP (padded head dim), WG, OUT_F16 (fp16 pairs packed in uint32).
 layout(local_size_x = WG) in;
 
 layout(std430, binding = 0) readonly buffer PartO { float part_o[]; };
 layout(std430, binding = 1) readonly buffer PartML { float part_ml[]; };
+#if OUT_F16
+layout(std430, binding = 2) writeonly buffer Out { uint outbuf[]; };
+#else
 layout(std430, binding = 2) writeonly buffer Out { float outbuf[]; };
+#endif
 
 layout(push_constant) uniform Params {
     uint part_off;  // partial row offset of this layer
@@ -23,9 +27,18 @@ void main() {
     for (uint s = 0u; s < pc.nsplit; ++s) M = max(M, part_ml[(p0 + s) * 2u]);
     float L = 0.0;
     for (uint s = 0u; s < pc.nsplit; ++s) L += part_ml[(p0 + s) * 2u + 1u] * exp(part_ml[(p0 + s) * 2u] - M);
+#if OUT_F16
+    for (uint d = 2u * gl_LocalInvocationID.x; d < DP; d += 2u * WG) {
+        vec2 o = vec2(0.0);
+        for (uint s = 0u; s < pc.nsplit; ++s)
+            o += vec2(part_o[(p0 + s) * DP + d], part_o[(p0 + s) * DP + d + 1u]) * exp(part_ml[(p0 + s) * 2u] - M);
+        outbuf[(pc.out_off + row * DP + d) / 2u] = packHalf2x16(L == 0.0 ? vec2(0.0) : o / L);
+    }
+#else
     for (uint d = gl_LocalInvocationID.x; d < DP; d += WG) {
         float o = 0.0;
         for (uint s = 0u; s < pc.nsplit; ++s) o += part_o[(p0 + s) * DP + d] * exp(part_ml[(p0 + s) * 2u] - M);
         outbuf[pc.out_off + row * DP + d] = L == 0.0 ? 0.0 : o / L;  // NaN (from a NaN q) stays NaN
     }
+#endif
 }

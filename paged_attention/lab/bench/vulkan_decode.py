@@ -57,19 +57,22 @@ def parse_args(argv):
                    help="skip the numpy reference above this many B*ctx tokens")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds of GPU warm-up before each timing")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--prefill-tokens", type=int, help="prompt length of the prefill timing")
     a = p.parse_args(argv)
     if a.preset == "h100":
         a.batch = a.batch or [1, 8, 32]
         a.context = a.context or [4096, 16384, 32768]
-        a.layers = a.layers or 32
+        a.layers = 32 if a.layers is None else a.layers
         a.iters = a.iters or 20
         a.step_context = a.step_context or 16384
         a.step_batch = a.step_batch or 8
+        a.prefill_tokens = a.prefill_tokens or 2048
     else:
         a.batch = a.batch or [1, 4]
         a.context = a.context or [512, 2048]
-        a.layers = a.layers or 4
+        a.layers = 4 if a.layers is None else a.layers
         a.iters = a.iters or 3
+        a.prefill_tokens = a.prefill_tokens or 256
     a.step_context = a.step_context or max(a.context)
     a.step_batch = a.step_batch or max(a.batch)
     return a
@@ -186,6 +189,100 @@ def bench_step(be, a, rng):
     return res
 
 
+def bench_readback(be, mib=16, iters=5):
+    """Host read rate of the mapped output staging memory (what every run's output copy pays)."""
+    n = mib * (1 << 20) // 4
+    t, view = be._buf("bench_readback", n, np.float32)
+    be._run_ops([be._kp.OpTensorSyncLocal([t])], ["download"])
+    secs = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        np.array(view[:n], copy=True)
+        secs.append(time.perf_counter() - t0)
+    flags = t.pa_memory_flags() if hasattr(t, "pa_memory_flags") else None
+    return {"mib": mib, "gbs": n * 4 / float(np.median(secs)) / 1e9,
+            "staging_flags": None if flags is None else hex(flags[1])}
+
+
+def bench_model_loop(be, a, rng, kernel_us):
+    """Model-like serial loop through plan/run: one plan per step, layer i's q is layer i-1's
+    output (so nothing overlaps), KV append every layer. Compared with layers x one kernel."""
+    dt = np.dtype(a.dtype)
+    batch, ctx = a.step_batch, a.step_context
+    tables, lens = make_tables(batch, ctx, a.block_size, rng)
+    pools = [be.create_pool(tables.size, a.block_size, a.kv_heads, a.head_dim, a.dtype)
+             for _ in range(a.layers)]
+    slots = (tables[np.arange(batch), (lens - 1) // a.block_size].astype(np.int64) * a.block_size
+             + (lens - 1) % a.block_size)
+    kv = rng.standard_normal((batch, a.kv_heads, a.head_dim)).astype(dt)
+    q0 = rng.standard_normal((batch, a.q_heads, a.head_dim)).astype(dt)
+
+    def step():
+        plan = be.plan(pools[0], tables, lens, num_q_heads=a.q_heads, slot_mapping=slots)
+        x = q0
+        for pool in pools:
+            x = be.run(plan, x, pool, kv, kv)
+        return x
+    warm_up(step, a.warmup)
+    c0 = be.counters()
+    walls = []
+    for _ in range(max(3, a.iters // 4)):
+        t0 = time.perf_counter()
+        step()
+        walls.append(time.perf_counter() - t0)
+    c1 = be.counters()
+    wall = float(np.median(walls)) * 1e3
+    del pools
+    return {"layers": a.layers, "batch": batch, "context": ctx, "wall_ms": wall,
+            "sum_kernels_ms": a.layers * kernel_us / 1e3,
+            "ratio": wall / (a.layers * kernel_us / 1e3) if kernel_us else None,
+            "recordings_per_step": (c1["recordings"] - c0["recordings"]) / len(walls),
+            "submissions_per_step": (c1["submissions"] - c0["submissions"]) / len(walls)}
+
+
+def bench_tiny(be, a, rng, iters=300):
+    """Per-layer round trip of a tiny run (B=1, ctx 16): host cost of plan/run per layer."""
+    dt = np.dtype(a.dtype)
+    pool = be.create_pool(4, a.block_size, a.kv_heads, a.head_dim, a.dtype)
+    tables = np.arange(4, dtype=np.int32)[None, :1 + 15 // a.block_size]
+    lens = np.array([16])
+    q = rng.standard_normal((1, a.q_heads, a.head_dim)).astype(dt)
+    plan = be.plan(pool, tables, lens, num_q_heads=a.q_heads)
+    for _ in range(20):
+        be.run(plan, q, pool)
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        be.run(plan, q, pool)
+        ts.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(50):
+        be.decode(q, pool, tables, lens)
+    return {"run_us": float(np.median(ts)) * 1e6, "decode_us": (time.perf_counter() - t0) / 50 * 1e6}
+
+
+def bench_prefill(be, a, rng, tokens):
+    """Prefill of one `tokens`-token prompt (K/V already written): wall time of prefill()."""
+    dt = np.dtype(a.dtype)
+    nb = -(-tokens // a.block_size)
+    pool = be.create_pool(nb, a.block_size, a.kv_heads, a.head_dim, a.dtype)
+    fill_pool(be, pool, nb * a.block_size, rng, dt)
+    table = np.arange(nb, dtype=np.int32)
+    q = rng.standard_normal((tokens, a.q_heads, a.head_dim)).astype(dt)
+    out = be.prefill(q, pool, table, 0)
+    walls = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        be.prefill(q, pool, table, 0)
+        walls.append(time.perf_counter() - t0)
+    from paged_attention import reference as ref
+    rms = None
+    if tokens <= 4096:
+        k, v = pool.to_numpy()
+        rms = ref.rms(out, ref.prefill(q, k, v, table, 0))
+    return {"tokens": tokens, "wall_ms": float(np.median(walls)) * 1e3, "rms": rms}
+
+
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -215,6 +312,10 @@ def main(argv=None) -> int:
                       f"{r['kernel_us']:.1f} | {r['gbs']:.4g} | {fmt(r['peak_frac'] and 100 * r['peak_frac'], '.1f')} | "
                       f"{r['wall_us']:.0f} | {r['nsplit']} | {fmt(r['rms'], '.2e')} | {fmt(r['ref_ms'], '.0f')} |",
                       flush=True)
+    extra = {"readback": bench_readback(be)}
+    print(f"readback: {extra['readback']['gbs']:.2f} GB/s reading {extra['readback']['mib']} MiB of mapped "
+          f"staging (staging memory flags {extra['readback']['staging_flags']}; kp patched: "
+          f"{be.counters()['patched']})", flush=True)
     step = None
     if a.layers:
         step = bench_step(be, a, rng)
@@ -222,6 +323,34 @@ def main(argv=None) -> int:
               f"path={step['path']}: {step['submissions_per_step']:.0f} submission(s)/step, "
               f"GPU {step['gpu_ms']:.2f} ms ({step['gbs']:.0f} GB/s), wall {step['wall_ms']:.2f} ms "
               f"(backend host breakdown ms: " + ", ".join(f"{k} {v:.2f}" for k, v in step["host_ms"].items()) + ")")
+        one = [r for r in rows if r["batch"] == step["batch"] and r["context"] == step["context"]
+               and r["path"] == step["path"]]
+        kernel_us = one[0]["kernel_us"] if one else None
+        if kernel_us:
+            step["sum_kernels_ms"] = step["layers"] * kernel_us / 1e3
+            print(f"step GPU vs sum of its kernels: {step['gpu_ms']:.2f} / {step['sum_kernels_ms']:.2f} ms = "
+                  f"{step['gpu_ms'] / step['sum_kernels_ms']:.2f}x (target <= 1.15); wall vs GPU "
+                  f"{step['wall_ms'] / step['gpu_ms']:.2f}x (target <= 1.3)", flush=True)
+        loop = bench_model_loop(be, a, rng, kernel_us or 0.0)
+        extra["model_loop"] = loop
+        print(f"model-like serial loop via plan/run: {loop['layers']} layers B={loop['batch']} "
+              f"ctx={loop['context']}: wall {loop['wall_ms']:.2f} ms vs sum of kernels "
+              f"{loop['sum_kernels_ms']:.2f} ms = {fmt(loop['ratio'], '.2f')}x (target <= 1.5); "
+              f"{loop['submissions_per_step']:.0f} submissions, {loop['recordings_per_step']:.0f} "
+              f"recordings per step", flush=True)
+    tiny = bench_tiny(be, a, rng)
+    extra["tiny"] = tiny
+    print(f"tiny round trip (B=1, ctx 16): run {tiny['run_us']:.0f} us per layer (target <= 150), "
+          f"decode() {tiny['decode_us']:.0f} us per call", flush=True)
+    for r in rows:
+        if r["batch"] == 1 and r["context"] == max(a.context) and r["path"] == "splitk":
+            print(f"B=1 x {r['context']} split-K: {r['gbs'] / 1e3:.2f} TB/s, nsplit {r['nsplit']} "
+                  f"(target >= 1.5 TB/s on the H100)")
+    pf = bench_prefill(be, a, rng, a.prefill_tokens)
+    extra["prefill"] = pf
+    print(f"prefill of a {pf['tokens']}-token prompt: {pf['wall_ms']:.1f} ms (rms vs ref "
+          f"{fmt(pf['rms'], '.2e')})", flush=True)
+    print("counters:", be.counters())
     # Cross-check of the assumed tick period: the GPU time of a submission cannot exceed its wall time.
     if rows:
         r = max(rows, key=lambda r: r["kernel_us"])
@@ -229,7 +358,8 @@ def main(argv=None) -> int:
               f"{r['wall_us']:.0f} us (ratio {r['kernel_us'] / r['wall_us']:.2f}, must be <= 1)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": be.device, "args": vars(a), "points": rows, "step": step}, f, indent=1)
+            json.dump({"device": be.device, "args": vars(a), "points": rows, "step": step, **extra}, f,
+                      indent=1)
     be.close()
     return 0
 
