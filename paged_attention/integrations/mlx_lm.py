@@ -294,7 +294,9 @@ class PagedLayerCache:
         be = st.backend
         plan = st.plan_for(self.layer, hq, scale)
         if be.array_type is not mx.array:
-            q, k, v = (np.asarray(x) for x in (q, k, v))
+            # numpy has no bfloat16: widen (exactly) to float32; the pool rounds k, v back.
+            q, k, v = (np.asarray(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)
+                       for x in (q, k, v))
         out = be.run(plan, q, st.groups[st.group_of[self.layer]].pools[self.layer], k, v)
         out = _to_mx(out, queries.dtype)
         return out.reshape(b, length, hq, d).transpose(0, 2, 1, 3)
