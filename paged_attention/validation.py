@@ -34,8 +34,9 @@ def shape_of(x, name: str) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def host_ints(x, name: str, ndim: int) -> np.ndarray:
-    """Copy a small integer array to the host as int64, checking rank and integrality."""
+def host_ints(x, name: str, ndim: int, cast: bool = True) -> np.ndarray:
+    """A small integer array on the host as int64 (cast=False: in its own integer dtype),
+    checking rank and integrality."""
     try:
         arr = np.asarray(x)
     except Exception as exc:  # noqa: BLE001
@@ -44,7 +45,7 @@ def host_ints(x, name: str, ndim: int) -> np.ndarray:
         raise InvalidInput(f"{name}: expected {ndim}-D integer array, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise InvalidInput(f"{name}: expected an integer dtype, got {arr.dtype}")
-    return arr.astype(np.int64, copy=False)
+    return arr.astype(np.int64, copy=False) if cast or not arr.size else arr
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,9 @@ def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, 
                  num_q_heads: int) -> DecodeArgs:
     """Block tables [B, max_blocks], context lengths [B], scale and window (host-side, O(B * max_blocks)).
     `batch` None takes B from the tables."""
-    tables = host_ints(block_tables, "block_tables", 2)
+    # The table keeps its integer dtype (no int64 copy): it is the one large input, checked once
+    # per step, so every pass over it counts (ADR 0007).
+    tables = host_ints(block_tables, "block_tables", 2, cast=False)
     lens = host_ints(context_lens, "context_lens", 1)
     if batch is None:
         batch = tables.shape[0]
@@ -147,10 +150,12 @@ def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, 
         raise InvalidInput(
             f"context_lens: expected values in [0, {capacity}] (max_blocks {tables.shape[1]} x "
             f"block_size {spec.block_size}), got range [{lens.min()}, {lens.max()}]")
+    # Entries past ceil(context / block_size) may hold anything: zero them, then every entry
+    # must be a block id.
     used = np.arange(tables.shape[1])[None, :] < -(-lens[:, None] // spec.block_size)
-    bad = used & ((tables < 0) | (tables >= spec.num_blocks))
-    if bad.any():
-        b, j = map(int, np.argwhere(bad)[0])
+    masked = np.where(used, tables, 0)
+    if masked.size and (masked.min() < 0 or masked.max() >= spec.num_blocks):
+        b, j = map(int, np.argwhere((masked < 0) | (masked >= spec.num_blocks))[0])
         raise InvalidInput(
             f"block_tables: entry [{b}, {j}] = {tables[b, j]} is outside [0, {spec.num_blocks})")
     if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
@@ -165,7 +170,7 @@ def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, 
     return DecodeArgs(
         batch=batch,
         num_q_heads=num_q_heads,
-        block_tables=np.where(used, tables, 0).astype(np.int32),
+        block_tables=masked.astype(np.int32, copy=False),
         context_lens=lens.astype(np.int32),
         scale=float(scale),
         # A window wider than the table's capacity attends to everything, like the capacity:

@@ -82,8 +82,9 @@ class MLXBackend(PagedAttention):
     def _prepare(self, plan: Plan) -> "_StepPlan":
         write = None
         if plan.slots is not None and plan.slots.size:
-            write = (mx.array(plan.slots // plan.spec.block_size),
-                     mx.array(plan.slots % plan.spec.block_size))
+            # One array, two views (block, offset): one allocation per step instead of two.
+            both = mx.array(np.stack(np.divmod(plan.slots, plan.spec.block_size)).astype(np.int32))
+            write = (both[0], both[1])
         if plan.path == "fused":
             from .fused import DecodePlan  # lazily: it compiles kernels and is GPU-only
             attend = DecodePlan.from_spec(self.kernel_api, plan.args, plan.spec)
