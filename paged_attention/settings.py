@@ -34,7 +34,7 @@ class Settings:
     vk_wg: int | None = None                # VK_WG: workgroup size
     vk_unroll: int | None = None            # VK_U: token loop unroll
     vk_query_tile: int | None = None        # VK_QT: prefill queries per workgroup (1: per query)
-    vk_split_occupancy: float = 4.0         # VK_SPLIT_OCC: split-K workgroups per compute unit
+    vk_split_occupancy: float = 2.0         # VK_SPLIT_OCC: split-K workgroups per compute unit
     vk_stock_barriers: int = 0              # VK_STOCK_BARRIERS: 1 records Kompute's own barriers
 
     @classmethod

@@ -483,7 +483,8 @@ class VulkanBackend(PagedAttention):
             # H100 (each split pays its q load, lane-group merge and partial write). When the
             # (sequence, KV head) workgroups fill under a quarter of the CUs (B=1..4 at Hkv=8),
             # 1.5 per CU leaves most of each SM's thread slots and its memory parallelism idle
-            # (B=1 x 32k: 1.19 TB/s), so aim at SPLIT_OCC (default 4) workgroups per CU there.
+            # (B=1 x 32k: 1.19 TB/s), so aim at SPLIT_OCC (default 2: 32 splits there, ADR 0008)
+            # workgroups per CU.
             per_cu = 1.5 if 4 * wgs > self.compute_units else \
                 settings.get().vk_split_occupancy
             want = max(1, math.ceil(per_cu * self.compute_units / wgs))
