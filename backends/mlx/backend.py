@@ -97,12 +97,9 @@ class MLXBackend(PagedAttention):
         if k is not None and step.write is not None:
             # Index assignment lowers to a scatter whose input is the pool itself; with no other
             # reference alive MLX donates the buffer, so only the touched slots are written.
-            # Donation is MLX's choice at eval time: on CUDA a finished command's references are
-            # dropped by a callback that can lag mx.eval, and then the scatter copies the whole
-            # pool. On the H100, writes to one pool right after each other's eval copied 8-13%
-            # of the time (1 in ~1800 after mx.synchronize()); a 32-layer decode_step loop, where
-            # 31 other layers run between two writes to a pool, copied none in 40 steps.
-            # tests/backends/test_mlx.py checks the in-place case.
+            # Donation is MLX's choice at eval time, and on CUDA it can lag (a whole-pool copy
+            # now and then when one pool is written back to back; never in a layer loop):
+            # measurements in ADR 0004, "Pool writes"; tests/backends/test_mlx.py checks it.
             blocks, offsets = step.write
             k, v = as_mx(k), as_mx(v)
             pool.k[blocks, offsets] = k if k.dtype == step.dtype else k.astype(step.dtype)

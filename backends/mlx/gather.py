@@ -15,10 +15,9 @@ from paged_attention.validation import DecodeArgs
 
 def compute_dtype(pool_dtype):
     """dtype the attention runs in: float32 on every device. In fp16/bf16, MLX's SDPA loses the
-    precision of large logits (ulp 32 at 4e4) or overflows (q.k > 65504 -> inf -> NaN) on the
-    CPU, and measured 0.032 RMS from the float64 reference on CUDA (tests/reliability/test_numerics.py,
-    huge logits). The gather path is the correctness reference and fallback, so it pays the
-    wider copy."""
+    precision of large logits or overflows (q.k > 65504 -> inf -> NaN); the gather path is the
+    correctness reference and fallback, so it pays the wider copy. Measurements: ADR 0002,
+    "Gather computes in float32"."""
     return mx.float32
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -97,18 +96,22 @@ def test_decisions_are_cached_and_invalidated_by_new_table():
     assert selector.choose_path(be, args_for(1, 200), SPEC) == "gather"
 
 
-def test_selection_cost_microbenchmark():
+def test_selection_is_decided_once_per_shape(monkeypatch):
+    """The per-call cost of path="auto" is a dict lookup: the calibration table is consulted once
+    per shape key, however many calls follow (a count, not a timing: timings belong to
+    benchmarks, and a timed test fails on a loaded CI machine)."""
     selector.write_table(synthetic_table())
     be = FakeBackend()
-    a = args_for(4, 3000)
-    selector.choose_path(be, a, SPEC)
-    n = 100_000
-    t0 = time.perf_counter()
-    for _ in range(n):
-        selector.choose_path(be, a, SPEC)
-    per_call_us = (time.perf_counter() - t0) / n * 1e6
-    print(f"cached path selection: {per_call_us:.2f} us per call over {n} calls")
-    assert per_call_us < 10.0   # a few microseconds; generous for loaded CI machines
+    lookups = []
+    real = selector.CalibrationTable.lookup
+    monkeypatch.setattr(selector.CalibrationTable, "lookup",
+                        lambda self, *a, **k: lookups.append(a) or real(self, *a, **k))
+    a, b = args_for(4, 3000), args_for(1, 200)
+    first = selector.choose_path(be, a, SPEC)
+    for _ in range(1000):
+        assert selector.choose_path(be, a, SPEC) == first
+        selector.choose_path(be, b, SPEC)
+    assert len(lookups) == 2
 
 
 def test_env_override_is_honoured():
