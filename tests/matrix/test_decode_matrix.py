@@ -28,25 +28,30 @@ def grid_id(p):
     return f"{dtype[5:]}-B{b}-g{g}-D{d}-bs{bs}-{'w' + str(w) if w else 'full'}"
 
 
-@pytest.mark.parametrize("cfg", GRID, ids=[grid_id(p) for p in GRID])
-def test_fragmented_decode_matches_reference(impl, cfg, record_property):
+def run_matrix(impl, cfg, record_property, max_chunk: int = 0, tag: str = "") -> None:
+    """STEPS fragmented steps of one configuration, each checked against the reference; the
+    worst RMS goes to the session summary (conftest) under backend-path[-tag] and dtype."""
     backend, path = impl
     dtype, batch, group, head_dim, block_size, window = cfg
-    seed = zlib.crc32(grid_id(cfg).encode())
+    seed = zlib.crc32((tag + grid_id(cfg)).encode())
     wl = DecodeWorkload(backend, WorkloadConfig(
         batch=batch, num_kv_heads=2, group_size=group, head_dim=head_dim, block_size=block_size,
-        dtype=dtype, window=window, seed=seed), path=path)
+        dtype=dtype, window=window, seed=seed, max_chunk=max_chunk), path=path)
     worst = 0.0
     for _ in range(STEPS):
         r = wl.step()
         assert r.out.shape == r.ref.shape
         assert r.rms < TOLERANCE, f"step {r.step}: RMS {r.rms:.2e} >= {TOLERANCE}"
         worst = max(worst, r.rms)
-    # Summarised per backend/path and dtype at the end of the session (conftest).
-    record_property("matrix", (f"{backend.name}-{path}", dtype, worst))
+    record_property("matrix", (f"{backend.name}-{path}{tag and '-' + tag}", dtype, worst))
     assert wl.steps_done == STEPS
     wl.close()
     assert wl.manager.num_free == wl.num_blocks
+
+
+@pytest.mark.parametrize("cfg", GRID, ids=[grid_id(p) for p in GRID])
+def test_fragmented_decode_matches_reference(impl, cfg, record_property):
+    run_matrix(impl, cfg, record_property)
 
 
 RAGGED_GRID = list(itertools.product(
@@ -63,18 +68,4 @@ RAGGED_GRID = list(itertools.product(
 def test_fragmented_ragged_plan_run_matches_reference(impl, cfg, record_property):
     """plan/run with mixed rows every step: new prompts prefill in chunks of up to 12 tokens beside
     running decodes (and idle sequences with no query); run() writes each step's K/V first."""
-    backend, path = impl
-    dtype, batch, group, head_dim, block_size, window = cfg
-    seed = zlib.crc32(("ragged-" + grid_id(cfg)).encode())
-    wl = DecodeWorkload(backend, WorkloadConfig(
-        batch=batch, num_kv_heads=2, group_size=group, head_dim=head_dim, block_size=block_size,
-        dtype=dtype, window=window, seed=seed, max_chunk=12), path=path)
-    worst = 0.0
-    for _ in range(STEPS):
-        r = wl.step()
-        assert r.out.shape == r.ref.shape
-        assert r.rms < TOLERANCE, f"step {r.step}: RMS {r.rms:.2e} >= {TOLERANCE}"
-        worst = max(worst, r.rms)
-    record_property("matrix", (f"{backend.name}-{path}-ragged", dtype, worst))
-    wl.close()
-    assert wl.manager.num_free == wl.num_blocks
+    run_matrix(impl, cfg, record_property, max_chunk=12, tag="ragged")
