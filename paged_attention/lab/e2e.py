@@ -91,8 +91,8 @@ class Point:
                 be.write_kv(pool, s, kv[:s.size], kv[:s.size])
         self.len = ctx
         self.q0 = _native(be, rng.standard_normal((batch, HQ, D)).astype(np.float16))
-        self.host_run_s = 0.0
-        self.runs = 0
+        self.host_run_s = self.host_plan_s = 0.0
+        self.runs = self.plans = 0
         # The kernel loop's plan, made once outside the timed steps (it repeats the same step).
         lens, slots = self._next()
         self.len = ctx
@@ -112,8 +112,11 @@ class Point:
     def api_step(self):
         be = self.be
         lens, slots = self._next()
+        t0 = time.perf_counter()
         plan = be.plan(self.pools[0], self.tables, lens, num_q_heads=HQ, slot_mapping=slots,
                        path=self.path)
+        self.host_plan_s += time.perf_counter() - t0
+        self.plans += 1
         x = self.q0
         for i in range(self.layers):
             kv = x[:, :HKV]
@@ -208,11 +211,13 @@ def bench_point(be, path, batch, ctx, cfg) -> dict:
     t = time_interleaved(fns, cfg["steps"], cfg["warmup"])
     # Host time per run(), over the timed and warm-up api steps alike.
     host_us = 1e6 * p.host_run_s / max(1, p.runs)
+    plan_us = 1e6 * p.host_plan_s / max(1, p.plans)
     row = {"backend": be.name, "path": path, "batch": batch, "context": ctx,
            "layers": cfg["layers"], "pools": p.num_pools,
            "api_ms": 1e3 * t["api"], "fresh_ms": 1e3 * t["fresh"], "run_ms": 1e3 * t["run"],
            "kernel_ms": 1e3 * t["kernel"],
            "api_over_kernel": t["api"] / t["kernel"], "host_us_per_run": host_us,
+           "host_us_per_plan": plan_us,
            "api_tbs": p.kv_bytes_per_step() / t["api"] / 1e12,
            "kernel_tbs": p.kv_bytes_per_step() / t["kernel"] / 1e12}
     if "sdpa" in t:
@@ -289,7 +294,7 @@ def main(argv=None) -> int:
                       f"kernel call {h['kernel_call_us']:.1f}), decode {h['decode_us']:.1f} "
                       f"us, run/decode {h['run_over_decode']:.3f}", flush=True)
             print(f"{'backend/path':16s} {'B':>3s} {'ctx':>6s} {'api ms':>9s} {'fresh ms':>9s} {'run ms':>9s} {'kernel ms':>9s} "
-                  f"{'api/kern':>8s} {'sdpa ms':>8s} {'api/sdpa':>8s} {'TB/s':>6s} {'host us/run':>11s}")
+                  f"{'api/kern':>8s} {'sdpa ms':>8s} {'api/sdpa':>8s} {'TB/s':>6s} {'host us/run':>11s} {'us/plan':>8s}")
             for batch in cfg["batches"]:
                 for ctx in cfg["contexts"]:
                     c = dict(cfg, sdpa=not a.no_sdpa and has_sdpa_baseline(be))
@@ -299,7 +304,7 @@ def main(argv=None) -> int:
                     print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} {r['fresh_ms']:9.2f} {r['run_ms']:9.2f} "
                           f"{r['kernel_ms']:9.2f} {r['api_over_kernel']:8.3f} "
                           f"{r.get('sdpa_ms', float('nan')):8.2f} {r.get('api_over_sdpa', float('nan')):8.3f} "
-                          f"{r['api_tbs']:6.3f} {r['host_us_per_run']:11.1f}{peak}", flush=True)
+                          f"{r['api_tbs']:6.3f} {r['host_us_per_run']:11.1f} {r['host_us_per_plan']:8.1f}{peak}", flush=True)
         be.close()
     if a.json:
         with open(a.json, "w") as f:
