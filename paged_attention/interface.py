@@ -442,6 +442,10 @@ class PagedAttention(ABC):
         """Block until `outs` (arrays this backend returned) and pending writes to `pools` are
         computed. Synchronous backends have nothing to wait for."""
 
+    def submit(self, outs: Sequence = ()) -> None:
+        """Start computing `outs` without waiting for them (lazy backends), so the host can
+        prepare the next step's plan meanwhile. Synchronous backends have computed them already."""
+
     def from_numpy(self, x: np.ndarray, dtype: str):
         """`x` as a query array of this backend in `dtype` (16-bit float or float32 on the host;
         bfloat16 becomes float32 where the array type has none)."""

@@ -80,17 +80,20 @@ class MLXBackend(PagedAttention):
         return np.asarray(x)
 
     def _prepare(self, plan: Plan) -> "_StepPlan":
+        # The write's (block, offset) per new row, as int32 [2, S].
         write = None
         if plan.slots is not None and plan.slots.size:
-            # One array, two views (block, offset): one allocation per step instead of two.
-            both = mx.array(np.stack(np.divmod(plan.slots, plan.spec.block_size)).astype(np.int32))
-            write = (both[0], both[1])
+            write = np.stack(np.divmod(plan.slots, plan.spec.block_size)).astype(np.int32)
         if plan.path == "fused":
             from .fused import DecodePlan  # lazily: it compiles kernels and is GPU-only
-            attend = DecodePlan.from_spec(self.kernel_api, plan.args, plan.spec)
+            # The write indices ride in the plan's one device array (ADR 0007).
+            attend = DecodePlan.from_spec(self.kernel_api, plan.args, plan.spec, extra=write)
+            both = None if write is None else attend.extra.reshape(write.shape)
         else:
             attend = GatherPlan(plan.args, plan.query_lens, plan.spec.block_size)
-        return _StepPlan(write, attend, DTYPES[plan.spec.dtype])
+            both = None if write is None else mx.array(write)
+        return _StepPlan(None if both is None else (both[0], both[1]), attend,
+                         DTYPES[plan.spec.dtype])
 
     def _run(self, plan: Plan, q, pool, k, v):
         step = plan.device
@@ -115,6 +118,9 @@ class MLXBackend(PagedAttention):
     # -- lab capabilities (interface.py): lazy arrays, an allocator with a cache ----------------
     def synchronize(self, outs=(), pools=()):
         mx.eval(*outs, *[a for p in pools for a in (p.k, p.v)])
+
+    def submit(self, outs=()):
+        mx.async_eval(*outs)
 
     def from_numpy(self, x, dtype):
         a = mx.array(np.asarray(x, np.float32)).astype(DTYPES[dtype])

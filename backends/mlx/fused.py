@@ -223,7 +223,10 @@ class DecodePlan:
     def __init__(self, api: str, block_tables: np.ndarray, context_lens: np.ndarray,
                  scale: float, window: int | None, *, num_blocks: int, block_size: int,
                  num_kv_heads: int, num_q_heads: int, head_dim: int, pool_dtype,
-                 partitions: int | None = None, variant: dict | None = None):
+                 partitions: int | None = None, variant: dict | None = None,
+                 extra: np.ndarray | None = None):
+        """extra: int32 host data of the caller's to upload in the same device array
+        (`self.extra`, a view), e.g. the step's write indices."""
         self.api = api
         self.batch = int(context_lens.shape[0])
         self.num_q_heads = num_q_heads
@@ -238,17 +241,21 @@ class DecodePlan:
         tables = np.asarray(block_tables, dtype=np.int32)
         if tables.ndim != 2 or tables.shape[1] == 0:
             tables = np.zeros((self.batch, 1), np.int32)
-        # One device array for tables, lengths and parameters, viewed three ways: each new
-        # array costs an allocation and a host->device transfer per step (MLX CUDA: ~30 us per
-        # small array on the H100, ADR 0007).
+        # ONE device array per step for the caller's extra ints, tables, lengths, parameters and
+        # the scale (its float32 bits), viewed five ways: on the H100 every mx.array made from
+        # host data inside a decode loop cost ~0.1-0.5 ms of host time (ADR 0007).
         nt = tables.size
+        extra = np.zeros(0, np.int32) if extra is None else np.asarray(extra, np.int32).reshape(-1)
         params = np.array([num_blocks, tables.shape[1], window or 0, self.part_size,
                            self.num_parts], np.int32)
-        ints = mx.array(np.concatenate([tables.reshape(-1), lens, params]))
-        self.tables = ints[:nt].reshape(tables.shape)
-        self.lens = ints[nt:nt + self.batch]
-        self.params = ints[nt + self.batch:]
-        self.scale = mx.array(np.array([scale], np.float32))
+        scale_bits = np.array([scale], np.float32).view(np.int32)
+        ints = mx.array(np.concatenate([extra, tables.reshape(-1), lens, params, scale_bits]))
+        o = extra.size
+        self.extra = ints[:o]
+        self.tables = ints[o:o + nt].reshape(tables.shape)
+        self.lens = ints[o + nt:o + nt + self.batch]
+        self.params = ints[o + nt + self.batch:-1]
+        self.scale = ints[-1:].view(mx.float32)
         self._launches: dict = {}
 
     @classmethod
@@ -260,12 +267,13 @@ class DecodePlan:
                    head_dim=d, pool_dtype=k_pool.dtype, partitions=partitions, variant=variant)
 
     @classmethod
-    def from_spec(cls, api: str, args: DecodeArgs, spec, partitions=None):
+    def from_spec(cls, api: str, args: DecodeArgs, spec, partitions=None, extra=None):
         """The plan for decode rows `args` over pools of geometry `spec` (a PoolSpec)."""
         return cls(api, args.block_tables, args.context_lens, args.scale, args.window,
                    num_blocks=spec.num_blocks, block_size=spec.block_size,
                    num_kv_heads=spec.num_kv_heads, num_q_heads=args.num_q_heads,
-                   head_dim=spec.head_dim, pool_dtype=DTYPES[spec.dtype], partitions=partitions)
+                   head_dim=spec.head_dim, pool_dtype=DTYPES[spec.dtype], partitions=partitions,
+                   extra=extra)
 
     def partial_bytes(self) -> int:
         """Device bytes of the split-K partials (0 without a split)."""
