@@ -189,7 +189,7 @@ def choose_partitions(batch: int, groups_per_seq: int, max_tokens: int, tile: in
         return shape(max(1, int(partitions)))
     slots = max(1, units * CTAS_PER_UNIT)
     # Every candidate count at once (numpy): plan() runs this once per step, up to 128 options
-    # at 32k tokens, and a Python loop over them cost ~0.3 ms of host time per step.
+    # at 32k tokens, where a Python loop over them was a large share of plan() (ADR 0007).
     n = np.arange(1, max(1, max_tokens // MIN_PART_TOKENS) + 1, dtype=np.int64)
     part = -(-(-(-max_tokens // n)) // tile) * tile
     count = -(-max_tokens // part)
@@ -242,8 +242,8 @@ class DecodePlan:
         if tables.ndim != 2 or tables.shape[1] == 0:
             tables = np.zeros((self.batch, 1), np.int32)
         # ONE device array per step for the caller's extra ints, tables, lengths, parameters and
-        # the scale (its float32 bits), viewed five ways: on the H100 every mx.array made from
-        # host data inside a decode loop cost ~0.1-0.5 ms of host time (ADR 0007).
+        # the scale (its float32 bits), viewed five ways: every mx.array made from host data
+        # costs the step an upload of its own (measured in ADR 0007).
         nt = tables.size
         extra = np.zeros(0, np.int32) if extra is None else np.asarray(extra, np.int32).reshape(-1)
         params = np.array([num_blocks, tables.shape[1], window or 0, self.part_size,

@@ -479,12 +479,11 @@ class VulkanBackend(PagedAttention):
         chunk = settings.get().vk_chunk
         if not chunk:
             wgs = max(1, args.batch * spec.num_kv_heads)
-            # ~1.5 workgroups per compute unit: fewer, longer splits beat many short ones on the
-            # H100 (each split pays its q load, lane-group merge and partial write). When the
-            # (sequence, KV head) workgroups fill under a quarter of the CUs (B=1..4 at Hkv=8),
-            # 1.5 per CU leaves most of each SM's thread slots and its memory parallelism idle
-            # (B=1 x 32k: 1.19 TB/s), so aim at SPLIT_OCC (default 2: 32 splits there, ADR 0008)
-            # workgroups per CU.
+            # ~1.5 workgroups per compute unit: fewer, longer splits beat many short ones (each
+            # split pays its q load, lane-group merge and partial write). When the (sequence,
+            # KV head) workgroups fill under a quarter of the CUs (B=1..4 at Hkv=8), that leaves
+            # most of each SM idle, so aim at SPLIT_OCC (default 2) per CU there. Measurements:
+            # ADR 0008, section 4.
             per_cu = 1.5 if 4 * wgs > self.compute_units else \
                 settings.get().vk_split_occupancy
             want = max(1, math.ceil(per_cu * self.compute_units / wgs))
