@@ -243,13 +243,10 @@ class PagedAttention(ABC):
         int [max_blocks]. Returns [T, Hq, D] in q's dtype. A one-sequence ragged plan.
         """
         self._check_pool(pool)
-        # check_prefill keeps prefill's own error messages (start_pos, T, capacity).
-        args = check_prefill(q, pool.spec, block_table, start_pos, scale, window, self.q_dtypes)
-        t = args.batch
-        table = host_ints(block_table, "block_table", 1)[None]
+        t, hq, table = check_prefill(q, pool.spec, block_table, start_pos, self.q_dtypes)
         # An empty chunk sees nothing: context 0 keeps its table out of the id checks, as before.
-        plan = self._make_plan(pool.spec, table, np.array([start_pos + t if t else 0]),
-                               args.num_q_heads, np.array([t]), None, scale, window, path)
+        plan = self._make_plan(pool.spec, table[None], np.array([start_pos + t if t else 0]), hq,
+                               np.array([t]), None, scale, window, path)
         return self._run(plan, q, pool, None, None)
 
     @_serialized

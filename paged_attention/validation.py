@@ -246,24 +246,20 @@ def check_kv(spec: PoolSpec, n: int, k, v, kv_dtypes=FLOAT_DTYPES) -> None:
             raise InvalidInput(f"{name}: expected a float dtype in {kv_dtypes}, got {dtype_name(x)}")
 
 
-def check_prefill(q, spec: PoolSpec, block_table, start_pos, scale, window,
-                  q_dtypes=FLOAT_DTYPES) -> DecodeArgs:
-    """Validate a prefill call and express it as T decode queries sharing one block table:
-    query i sees context start_pos + i + 1, which is exactly the causal mask."""
-    q_shape = shape_of(q, "q")
-    if len(q_shape) != 3:
-        raise InvalidInput(f"q: expected [T, Hq, D], got shape {q_shape}")
+def check_prefill(q, spec: PoolSpec, block_table, start_pos, q_dtypes=FLOAT_DTYPES
+                  ) -> tuple[int, int, np.ndarray]:
+    """A prefill call's own checks: q [T, Hq, D], block_table [max_blocks] and a start_pos whose
+    chunk fits the table. Returns (T, Hq, table); the table's ids are checked by the plan (the
+    chunk is a one-sequence ragged step: query i sees context start_pos + i + 1)."""
+    t, hq = check_q(q, spec, q_dtypes, form="[T, Hq, D]")
     table = host_ints(block_table, "block_table", 1)
     if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
         raise InvalidInput(f"start_pos: expected an int >= 0, got {start_pos!r}")
-    t = q_shape[0]
     capacity = table.shape[0] * spec.block_size
     if start_pos + t > capacity:  # also for T = 0: a start past the table is a caller's bug
         raise InvalidInput(f"start_pos + T: {start_pos} + {t} tokens exceed block_table's capacity "
                            f"of {capacity} ({table.shape[0]} blocks x {spec.block_size})")
-    tables = np.broadcast_to(table, (t, table.shape[0]))
-    lens = np.arange(start_pos + 1, start_pos + t + 1)
-    return check_decode(q, spec, tables, lens, scale, window, q_dtypes)
+    return t, hq, table
 
 
 def check_write(spec: PoolSpec, slot_mapping, k, v, kv_dtypes=FLOAT_DTYPES) -> np.ndarray:

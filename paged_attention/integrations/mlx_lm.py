@@ -20,7 +20,6 @@ Three layers, each usable alone:
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
