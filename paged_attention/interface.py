@@ -18,8 +18,7 @@ from . import devices, settings
 from .errors import InvalidInput, UnsupportedPath
 from .validation import (FLOAT_DTYPES, DecodeArgs, PoolSpec, check_copy_pairs, check_kv,
                          check_num_q_heads, check_pool_spec, check_prefill, check_q,
-                         dtype_name,
-                         check_query_lens, check_slots, check_tables, check_write, host_ints,
+                         check_query_lens, check_slots, check_tables, check_write, dtype_name,
                          query_rows)
 
 PATH_ENV = "PAGED_ATTENTION_PATH"
@@ -391,8 +390,10 @@ class PagedAttention(ABC):
     @abstractmethod
     def _copy_blocks(self, pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None: ...
 
-    @abstractmethod
-    def _decode(self, path: str, q, pool: KVPool, args: DecodeArgs): ...
+    def _decode(self, path: str, q, pool: KVPool, args: DecodeArgs):
+        """Attention of the decode rows `args`: the kernel the default `_run` calls. A backend
+        implements this, or overrides `_run` (and then never needs it)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _run nor _decode")
 
     def _prepare(self, plan: Plan) -> Any:
         """The backend's per-step work for `plan` (device copies of tables and lengths, kernel

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 
 from paged_attention.interface import KVPool, PagedAttention, Plan
-from paged_attention.validation import DecodeArgs, PoolSpec
+from paged_attention.validation import PoolSpec
 
 from . import KNOWN_PATHS
 from .arrays import DTYPES, as_mx, gpu_kind
@@ -108,12 +108,6 @@ class MLXBackend(PagedAttention):
             pool.k[blocks, offsets] = k if k.dtype == step.dtype else k.astype(step.dtype)
             pool.v[blocks, offsets] = v if v.dtype == step.dtype else v.astype(step.dtype)
         return step.attend(as_mx(q), pool.k, pool.v)
-
-    def _decode(self, path, q, pool, args: DecodeArgs):
-        # Only reached through the generic plan machinery's fallbacks; plan/run is the one path.
-        return self._run(self._make_plan(pool.spec, args.block_tables, args.context_lens,
-                                         args.num_q_heads, None, None, args.scale, args.window,
-                                         path), q, pool, None, None)
 
     # -- lab capabilities (interface.py): lazy arrays, an allocator with a cache ----------------
     def synchronize(self, outs=(), pools=()):

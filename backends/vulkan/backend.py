@@ -579,9 +579,6 @@ class VulkanBackend(PagedAttention):
         st = plan.device
         return self._execute([(pool, q, k, v)], st, k is not None)[0]
 
-    def _decode(self, path: str, q, pool: VulkanPool, args: DecodeArgs):
-        return self._execute([(pool, q, None, None)], self._state(args, pool.spec, path, None), False)[0]
-
     def _decode_repeated(self, q, pool: VulkanPool, args: DecodeArgs, path: str, repeat: int):
         """Benchmark helper: the attention recorded `repeat` times back to back (a barrier between
         repetitions) in one submission, so the GPU stays busy and each repetition is timed."""

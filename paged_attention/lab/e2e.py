@@ -96,10 +96,9 @@ class Point:
         self.run_s: list[float] = []   # host seconds of each run() / plan() in the api loop
         self.plan_s: list[float] = []
         # The kernel loop's plan, made once outside the timed steps (it repeats the same step).
-        lens, slots = self._next()
-        self.len = ctx
-        self.kernel_plan = be.plan(self.pools[0], self.tables, lens, num_q_heads=HQ,
-                                   slot_mapping=slots, path=path)
+        saved = self.len
+        self.kernel_plan = self._plan_next()
+        self.len = saved
         self.fresh_plans: list = []
         self._pending = None
 
@@ -112,68 +111,54 @@ class Point:
             self.len = self.ctx
         return lens, slots
 
-    def api_step(self):
-        be = self.be
+    def _plan_next(self):
+        """plan() for the next step (one appended token per sequence)."""
         lens, slots = self._next()
-        t0 = time.perf_counter()
-        plan = be.plan(self.pools[0], self.tables, lens, num_q_heads=HQ, slot_mapping=slots,
-                       path=self.path)
-        self.plan_s.append(time.perf_counter() - t0)
+        return self.be.plan(self.pools[0], self.tables, lens, num_q_heads=HQ, slot_mapping=slots,
+                            path=self.path)
+
+    def _layers(self, plan, call, timed: bool = False):
+        """The serial chain: layer i's q, k and v come from layer i-1's output. timed: each
+        call's host seconds go to run_s."""
         x = self.q0
         for i in range(self.layers):
             kv = x[:, :HKV]
             t0 = time.perf_counter()
-            x = be.run(plan, x, self.pools[i % self.num_pools], kv, kv)
-            self.run_s.append(time.perf_counter() - t0)
-        return be.to_numpy(x)
+            x = call(plan, x, self.pools[i % self.num_pools], kv, kv)
+            if timed:
+                self.run_s.append(time.perf_counter() - t0)
+        return x
+
+    def api_step(self):
+        t0 = time.perf_counter()
+        plan = self._plan_next()
+        self.plan_s.append(time.perf_counter() - t0)
+        return self.be.to_numpy(self._layers(plan, self.be.run, timed=True))
 
     def overlap_step(self):
         """The api loop as a serving engine runs it: the step's layers are submitted, then the
         NEXT step's plan is made on the host while the device works (its tables and slots do not
         depend on this step's outputs), then the outputs are read."""
-        be = self.be
-        plan = self._pending or self._plan_next()
-        x = self.q0
-        for i in range(self.layers):
-            kv = x[:, :HKV]
-            x = be.run(plan, x, self.pools[i % self.num_pools], kv, kv)
-        be.submit([x])
+        x = self._layers(self._pending or self._plan_next(), self.be.run)
+        self.be.submit([x])
         self._pending = self._plan_next()
-        return be.to_numpy(x)
-
-    def _plan_next(self):
-        lens, slots = self._next()
-        return self.be.plan(self.pools[0], self.tables, lens, num_q_heads=HQ, slot_mapping=slots,
-                            path=self.path)
+        return self.be.to_numpy(x)
 
     def kernel_step(self, checked: bool = False):
         """The kernel loop (`_run`, no checks); checked=True: the same through run(), so the
         difference is run()'s O(1) checks and api - run is what plan() costs per step."""
-        be, plan = self.be, self.kernel_plan
-        call = be.run if checked else be._run
-        x = self.q0
-        for i in range(self.layers):
-            kv = x[:, :HKV]
-            x = call(plan, x, self.pools[i % self.num_pools], kv, kv)
-        return be.to_numpy(x)
+        return self.be.to_numpy(self._layers(self.kernel_plan,
+                                             self.be.run if checked else self.be._run))
 
     def make_fresh_plans(self, n: int) -> None:
         """n plans of successive steps, made before timing: `fresh_step` runs each once, so its
         difference to `run` is what a step's new device arrays cost, apart from plan()'s host work."""
         saved = self.len
-        for _ in range(n):
-            lens, slots = self._next()
-            self.fresh_plans.append(self.be.plan(self.pools[0], self.tables, lens, num_q_heads=HQ,
-                                                 slot_mapping=slots, path=self.path))
+        self.fresh_plans.extend(self._plan_next() for _ in range(n))
         self.len = saved
 
     def fresh_step(self):
-        be, plan = self.be, self.fresh_plans.pop()
-        x = self.q0
-        for i in range(self.layers):
-            kv = x[:, :HKV]
-            x = be.run(plan, x, self.pools[i % self.num_pools], kv, kv)
-        return be.to_numpy(x)
+        return self.be.to_numpy(self._layers(self.fresh_plans.pop(), self.be.run))
 
     def kv_bytes_per_step(self) -> int:
         return self.layers * self.batch * self.ctx * HKV * D * 2 * 2
