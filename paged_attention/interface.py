@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -344,7 +344,9 @@ class PagedAttention(ABC):
                     kv_shape=None if slots is None else (int(slots.shape[0]), spec.num_kv_heads,
                                                          spec.head_dim))
         device = self._prepare(plan)
-        return plan if device is None else replace(plan, device=device)
+        if device is not None:   # set once, before anyone else sees the plan (no second copy)
+            object.__setattr__(plan, "device", device)
+        return plan
 
     def _check_run(self, plan: Plan, q, pool: KVPool, k, v) -> None:
         """The O(1) checks of `run`: nothing here reads device data or walks a table. The common

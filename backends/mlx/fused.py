@@ -216,6 +216,20 @@ def _kernel(api: str, kernel: str, split: bool):
     raise UnsupportedPath(f"no custom-kernel API {api!r}; expected 'metal' or 'cuda'")
 
 
+# plan() runs once per decode step and its host time is on the step's critical path (ADR
+# 0007): what depends only on the geometry is decided once. The split-K decision is taken for
+# the attended length rounded up to whole tiles, so it is reused for `tile` steps in a row
+# (partitions past a sequence's end are empty, as they are for the shorter rows of a batch).
+@functools.lru_cache(maxsize=256)
+def _step_config(head_dim, block_size, num_kv_heads, group, pool_dtype, _settings) -> KernelConfig:
+    return kernel_config(head_dim, block_size, num_kv_heads, group, pool_dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _step_partitions(batch, groups, tiles, tile, units, partitions, _settings) -> tuple[int, int]:
+    return choose_partitions(batch, groups, tiles * tile, tile, units, partitions)
+
+
 class DecodePlan:
     """Device inputs shared by every layer of one decode step: block tables, context lengths,
     scalar parameters and the split-K decision. Build once per step, call once per layer."""
@@ -230,27 +244,30 @@ class DecodePlan:
         self.api = api
         self.batch = int(context_lens.shape[0])
         self.num_q_heads = num_q_heads
-        self.cfg = kernel_config(head_dim, block_size, num_kv_heads, num_q_heads // num_kv_heads,
-                                 pool_dtype, variant)
+        group = num_q_heads // num_kv_heads
+        self.cfg = kernel_config(head_dim, block_size, num_kv_heads, group, pool_dtype, variant) \
+            if variant else _step_config(head_dim, block_size, num_kv_heads, group, pool_dtype,
+                                         settings.get())
         lens = np.asarray(context_lens, dtype=np.int32)
-        attended = lens if window is None else np.minimum(lens, window)
-        max_tokens = int(attended.max(initial=0))
-        self.num_parts, self.part_size = choose_partitions(
-            self.batch, num_kv_heads * self.cfg.num_chunks, max_tokens, self.cfg.tile,
-            compute_units(api), partitions)
+        max_tokens = int(lens.max(initial=0))
+        if window is not None:
+            max_tokens = min(max_tokens, window)
+        self.num_parts, self.part_size = _step_partitions(
+            self.batch, num_kv_heads * self.cfg.num_chunks, -(-max_tokens // self.cfg.tile),
+            self.cfg.tile, compute_units(api), partitions, settings.get())
         tables = np.asarray(block_tables, dtype=np.int32)
         if tables.ndim != 2 or tables.shape[1] == 0:
             tables = np.zeros((self.batch, 1), np.int32)
         # ONE device array per step for the caller's extra ints, tables, lengths, parameters and
-        # the scale (its float32 bits), viewed five ways: every mx.array made from host data
-        # costs the step an upload of its own (measured in ADR 0007).
-        nt = tables.size
+        # the scale (its float32 bits), viewed five ways: on CUDA an mx.array made from host data
+        # lives in managed memory and costs the step about the same whatever its size, so the
+        # count matters, not the bytes (measured in ADR 0007).
         extra = np.zeros(0, np.int32) if extra is None else np.asarray(extra, np.int32).reshape(-1)
         params = np.array([num_blocks, tables.shape[1], window or 0, self.part_size,
                            self.num_parts], np.int32)
         scale_bits = np.array([scale], np.float32).view(np.int32)
         ints = mx.array(np.concatenate([extra, tables.reshape(-1), lens, params, scale_bits]))
-        o = extra.size
+        o, nt = extra.size, tables.size
         self.extra = ints[:o]
         self.tables = ints[o:o + nt].reshape(tables.shape)
         self.lens = ints[o + nt:o + nt + self.batch]

@@ -329,3 +329,28 @@ def test_stream_read_probe_reads_every_vector():
     want = np.array([np.bitwise_xor.reduce(vec[t::threads]) if t < len(vec) else 0
                      for t in range(threads)], dtype=np.uint32)
     assert np.array_equal(got, want)
+
+
+def test_plan_decisions_follow_settings_and_cover_the_context():
+    """DecodePlan caches its kernel config and split-K choice per geometry (plan() is on every
+    step's critical path): a settings override still takes effect, and the partitions, chosen
+    for the length rounded up to whole tiles, always cover the attended tokens."""
+    from paged_attention import settings
+
+    def plan(lens, window=None):
+        lens = np.asarray(lens, np.int32)
+        tables = np.zeros((lens.size, 2048), np.int32)
+        return DecodePlan("cuda", tables, lens, 0.125, window, num_blocks=4096, block_size=16,
+                          num_kv_heads=8, num_q_heads=32, head_dim=128, pool_dtype=mx.float16)
+    with settings.override(mlx_splitk="3"):
+        assert plan([32768]).num_parts == 3
+    from paged_attention.backends.mlx.fused import compute_units
+    p = plan([32768])   # a whole number of tiles: the same choice as the uncached heuristic
+    assert (p.num_parts, p.part_size) == choose_partitions(
+        1, 8 * p.cfg.num_chunks, 32768, p.cfg.tile, compute_units("cuda"))
+    with settings.override(mlx_splitk="off"):
+        assert plan([32768]).num_parts == 1
+    for n in (1, 255, 4097, 30001, 32768):
+        for window in (None, 1000):
+            p = plan([n, n // 2], window)
+            assert p.num_parts * p.part_size >= min(n, window or n)
