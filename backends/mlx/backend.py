@@ -10,6 +10,7 @@ from paged_attention.validation import PoolSpec
 from . import KNOWN_PATHS
 from .arrays import DTYPES, as_mx, gpu_kind
 from .gather import GatherPlan
+from .mixed import MixedPlan
 
 class MLXPool(KVPool):
     def __init__(self, spec: PoolSpec):
@@ -86,9 +87,17 @@ class MLXBackend(PagedAttention):
             write = np.stack(np.divmod(plan.slots, plan.spec.block_size)).astype(np.int32)
         if plan.path == "fused":
             from .fused import DecodePlan  # lazily: it compiles kernels and is GPU-only
-            # The write indices ride in the plan's one device array (ADR 0007).
-            attend = DecodePlan.from_spec(self.kernel_api, plan.args, plan.spec, extra=write)
-            both = None if write is None else attend.extra.reshape(write.shape)
+
+            def decode(rows):
+                # The write indices ride in the plan's one device array (ADR 0007).
+                return DecodePlan.from_spec(self.kernel_api, rows, plan.spec, extra=write)
+            if plan.query_lens is None or not (plan.query_lens > 1).any():
+                attend = fused = decode(plan.args)
+            else:   # prompt chunks: one SDPA each, the decode rows fused (mixed.py)
+                attend = MixedPlan(plan.args, plan.query_lens, plan.spec.block_size, decode)
+                fused = attend.decode
+            both = None if write is None else (
+                mx.array(write) if fused is None else fused.extra.reshape(write.shape))
         else:
             attend = GatherPlan(plan.args, plan.query_lens, plan.spec.block_size)
             both = None if write is None else mx.array(write)

@@ -148,12 +148,12 @@ def run_mlx_lm(model, prompts, max_tokens):
     return n, dt, peak
 
 
-def run_paged(model, prompts, max_tokens, backend, path, block_size):
+def run_paged(model, prompts, max_tokens, backend, path, block_size, batch_tokens=2048):
     import mlx.core as mx
     from ..integrations import mlx_lm as pl
     eng = pl.Engine(model, backend=backend, path=path, block_size=block_size,
                     num_blocks=pl.blocks_needed(prompts, max_tokens, block_size),
-                    max_batch_tokens=2048)
+                    max_batch_tokens=batch_tokens)
     for p in prompts:
         eng.add_request(p, max_tokens)
     t0 = time.perf_counter()
@@ -161,6 +161,33 @@ def run_paged(model, prompts, max_tokens, backend, path, block_size):
     mx.synchronize()
     dt = time.perf_counter() - t0
     return eng.stats.tokens_generated, dt, eng.stats.peak_kv_bytes
+
+
+def sequences_fitting(prompts, max_tokens: int, block_size: int, kv_bytes: int, config: dict,
+                      itemsize: int, seed: int = 0) -> int:
+    """How many requests like `prompts` (their common prefix shared, each with its own random
+    suffix of the same length, room for max_tokens) the paged cache admits in kv_bytes of KV:
+    the block manager's own admission, prefix cache included, not a formula."""
+    import os
+
+    import numpy as np
+
+    from ..block_manager import BlockManager
+    from ..errors import PoolExhausted
+    per_block = (2 * block_size * config["num_key_value_heads"] * config["head_dim"] * itemsize
+                 * config["num_hidden_layers"])
+    bm = BlockManager(kv_bytes // per_block, block_size)
+    prefix = list(os.path.commonprefix([list(p) for p in prompts]))
+    rng = np.random.default_rng(seed)
+    for i in range(10**6):
+        n = len(prompts[i % len(prompts)])
+        ids = prefix + rng.integers(0, config["vocab_size"], n - len(prefix)).tolist()
+        try:
+            bm.add_sequence(i, token_ids=ids, max_cached_tokens=n - 1)
+            bm.append_slots(i, max_tokens)
+        except PoolExhausted:
+            return i
+    return i
 
 
 def bench_main(argv) -> int:
@@ -174,7 +201,13 @@ def bench_main(argv) -> int:
     ap.add_argument("--impls", default=None,
                     help="comma list of backend:path (default: every available one + mlx-lm)")
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--lengths", default=None,
+                    help="prompt lengths LO-HI in tokens (default: 1024-4096 on h100, 32-256 on cpu)")
+    ap.add_argument("--batch-tokens", type=int, default=2048,
+                    help="the paged engine's max tokens per step (prefill chunks + decode rows)")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="skip the untimed first run per impl")
     a = ap.parse_args(argv)
     from .. import registry
     if a.preset == "h100":
@@ -186,6 +219,8 @@ def bench_main(argv) -> int:
         for name in registry.available_backends():
             be = registry.get_backend(name)
             default_impls += [f"{name}:{p}" for p in be.paths]
+    if a.lengths:
+        lo, hi = (int(x) for x in a.lengths.split("-"))
     impls = a.impls.split(",") if a.impls else default_impls
     batches = [int(b) for b in (a.batches or "1,8,32").split(",")]
     t0 = time.perf_counter()
@@ -196,6 +231,18 @@ def bench_main(argv) -> int:
     print(f"{'impl':16s} {'B':>3s} {'lengths':8s} {'prefix':6s} {'tok/s':>9s} {'s':>7s} "
           f"{'peak KV MiB':>11s}", flush=True)
     rows = []
+    if a.warmup:
+        # One untimed run per impl on the first configuration: the process's first run pays
+        # one-time compilation (kernels, graphs) that would otherwise land in the first row.
+        warm = _prompts(batches[0], False, False, lo, hi, cfg["vocab_size"], seed=batches[0])
+        for impl in impls:
+            t1 = time.perf_counter()
+            if impl == "mlx-lm":
+                run_mlx_lm(model, warm, steps)
+            else:
+                backend, path = impl.split(":")
+                run_paged(model, warm, steps, backend, path, a.block_size, a.batch_tokens)
+            print(f"# warm-up {impl}: {time.perf_counter() - t1:.1f} s (untimed)", flush=True)
     for b in batches:
         for ragged in (False, True):
             for shared in (False, True):
@@ -206,13 +253,24 @@ def bench_main(argv) -> int:
                     else:
                         backend, path = impl.split(":")
                         n, dt, peak = run_paged(model, prompts, steps, backend, path,
-                                                a.block_size)
-                    row = dict(impl=impl, batch=b, ragged=ragged, shared_prefix=shared,
-                               tokens=n, seconds=dt, tokens_per_s=n / dt, peak_kv_bytes=peak)
+                                                a.block_size, a.batch_tokens)
+                    row = dict(impl=impl, batch=b, lengths=f"{lo}-{hi}", ragged=ragged,
+                               shared_prefix=shared, tokens=n, seconds=dt, tokens_per_s=n / dt, peak_kv_bytes=peak)
                     rows.append(row)
                     print(f"{impl:16s} {b:3d} {'ragged' if ragged else 'uniform':8s} "
                           f"{'50%' if shared else '-':6s} {n / dt:9.1f} {dt:7.2f} "
                           f"{peak / 2**20:11.2f}", flush=True)
+                base = [r for r in rows[-len(impls):] if r["impl"] == "mlx-lm"]
+                if shared and base:
+                    # Concurrency in the same memory: what mlx-lm's cache peaked at for b
+                    # sequences, filled by the paged cache's own admission.
+                    fit = sequences_fitting(prompts, steps, a.block_size,
+                                            base[0]["peak_kv_bytes"], cfg, 2 if dtype != "float32"
+                                            else 4)
+                    base[0]["paged_sequences_in_same_kv"] = fit
+                    print(f"{'':16s} {b:3d} paged cache admits {fit} such sequences in mlx-lm's "
+                          f"{base[0]['peak_kv_bytes'] / 2**20:.0f} MiB ({fit / b:.2f}x)",
+                          flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

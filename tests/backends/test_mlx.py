@@ -85,3 +85,42 @@ def test_auto_never_picks_fused_for_a_head_dim_it_cannot_run(monkeypatch):
         be.decode_step([pa.LayerStep(np.zeros((1, 4, 20), np.float32), pool, kv, kv)], [0],
                        [[0]], [1], path="fused")
     assert all(np.array_equal(b, np.array(a)) for b, a in zip(before, (pool.k, pool.v)))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("qlens", [[9], [1, 1, 6, 1, 3], [1, 1, 1, 8, 12], [0, 7, 1, 0, 2]])
+def test_mixed_plan_chunks_match_the_reference(dtype, window, qlens):
+    """The fused path's ragged step (backends/mlx/mixed.py): prompt chunks run as one causal
+    SDPA each over their gathered blocks (prefixes, windows, GQA), decode rows through the
+    decode callable, and the rows come back in order. Runs on any MLX device: the decode rows
+    go through the gather plan here (the fused kernel's own ragged runs are in the matrix)."""
+    from paged_attention import reference
+    from paged_attention.backends.mlx.gather import GatherPlan
+    from paged_attention.backends.mlx.mixed import MixedPlan
+    from paged_attention.validation import PoolSpec, check_query_lens, check_tables, query_rows
+    rng = np.random.default_rng(len(qlens) * 7 + (window or 0))
+    bs, hkv, group, d = 4, 2, 3, 32
+    qlens = np.asarray(qlens)
+    lens = qlens + rng.integers(0, 30, qlens.size)            # a cached prefix before each chunk
+    need = -(-lens // bs)
+    nb = int(need.sum()) + 3
+    tables = np.zeros((qlens.size, int(need.max()) + 1), np.int32)
+    perm, at = rng.permutation(nb), 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[at:at + n]
+        at += n
+    mxd = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}[dtype]
+    k = rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)
+    kx, vx = mx.array(k).astype(mxd), mx.array(v).astype(mxd)
+    q = rng.standard_normal((int(qlens.sum()), hkv * group, d)).astype(np.float32)
+    spec = PoolSpec(nb, bs, hkv, d, dtype)
+    args = check_tables(spec, tables, lens, None, None, window, hkv * group)
+    rows = query_rows(args, check_query_lens(qlens, args.context_lens))
+    plan = MixedPlan(rows, qlens.astype(np.int32), bs, lambda r: GatherPlan(r, None, bs))
+    out = np.array(plan(mx.array(q).astype(mxd), kx, vx).astype(mx.float32))
+    want = reference.ragged(q, np.array(kx.astype(mx.float32)), np.array(vx.astype(mx.float32)),
+                            tables, lens, qlens, window=window)
+    assert out.shape == want.shape
+    assert np.sqrt(np.mean((out - want) ** 2)) < 5e-3

@@ -1,0 +1,100 @@
+"""A ragged step on the fused path: decode rows through the fused kernel, prefill chunks through
+one causal SDPA each over the chunk's blocks gathered once.
+
+The fused kernel serves any row as a decode query, so a prompt chunk of T queries could run as T
+rows; but each row then reads its whole context, O(T x context) bytes per layer, where a
+prompt's attention is compute-bound and reads its context once. So a step that mixes both
+(continuous batching: running decodes and prompt chunks in one plan) splits its rows once per
+step, here, and every layer runs one kernel launch for all decode rows plus one SDPA per chunk.
+Measurements: ADR 0009, "Prefill chunks".
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from paged_attention.validation import DecodeArgs
+
+
+def _rows(args: DecodeArgs, idx: np.ndarray) -> DecodeArgs:
+    return DecodeArgs(batch=int(idx.size), num_q_heads=args.num_q_heads,
+                      block_tables=np.ascontiguousarray(args.block_tables[idx]),
+                      context_lens=np.ascontiguousarray(args.context_lens[idx]),
+                      scale=args.scale, window=args.window)
+
+
+class Chunk:
+    """T consecutive queries of one sequence whose context ends at `context` (its last query's
+    position + 1): keys [0, context) gathered from its blocks, causal with the queries aligned
+    to the end (query j sees positions < context - T + j + 1), optionally windowed."""
+
+    def __init__(self, table: np.ndarray, context: int, queries: int, block_size: int,
+                 window: int | None, scale: float):
+        self.context, self.queries, self.scale = context, queries, scale
+        first = 0 if window is None else max(0, context - queries + 1 - window)
+        # Blocks before the first visible position of the first query are never read.
+        b0, b1 = first // block_size, -(-context // block_size)
+        self.offset = first - b0 * block_size            # keys to drop from the first block
+        self.keys = context - first                      # keys kept
+        self.table = mx.array(np.ascontiguousarray(table[b0:b1], np.int32))
+        self.mask = "causal"     # MLX aligns it to the end of the keys when T < keys
+        if window is not None and window < context:
+            q_pos = np.arange(context - queries, context)[:, None]
+            k_pos = np.arange(first, context)[None, :]
+            self.mask = mx.array((k_pos <= q_pos) & (k_pos > q_pos - window))
+
+    def __call__(self, q: mx.array, k_pool: mx.array, v_pool: mx.array) -> mx.array:
+        """q [T, Hq, D] -> [T, Hq, D] in q's dtype."""
+        _, bs, hkv, d = k_pool.shape
+        dtype = mx.float32 if mx.float32 in (q.dtype, k_pool.dtype) else k_pool.dtype
+
+        def keys(pool):
+            kv = mx.take(pool, self.table, axis=0).reshape(-1, hkv, d)
+            kv = kv[self.offset:self.offset + self.keys]
+            return kv.transpose(1, 0, 2)[None].astype(dtype)   # [1, Hkv, keys, D]
+        out = mx.fast.scaled_dot_product_attention(
+            q.transpose(1, 0, 2)[None].astype(dtype), keys(k_pool), keys(v_pool),
+            scale=self.scale, mask=self.mask)
+        return out[0].transpose(1, 0, 2).astype(q.dtype)
+
+
+class MixedPlan:
+    """One ragged step on the fused path. `decode` builds the fused kernel's plan for the decode
+    rows (a callable q [Nd, Hq, D] -> [Nd, Hq, D], with the step's extra ints as `.extra`), or
+    is not called when there are none."""
+
+    def __init__(self, rows: DecodeArgs, query_lens: np.ndarray, block_size: int, decode):
+        qlens = query_lens.astype(np.int64)
+        first = np.cumsum(qlens) - qlens
+        is_chunk = np.repeat(qlens > 1, qlens)                      # per row
+        dec = np.flatnonzero(~is_chunk)
+        self.num_rows = rows.batch
+        self.decode = decode(_rows(rows, dec)) if dec.size else None
+        self.dec_rows = dec.size
+        self.dec_prefix = bool(dec.size == 0 or dec[-1] == dec.size - 1)
+        self.dec_index = None if self.dec_prefix else mx.array(dec.astype(np.int32))
+        self.chunks = []        # (first row, Chunk)
+        for b in np.flatnonzero(qlens > 1):
+            r0, t = int(first[b]), int(qlens[b])
+            self.chunks.append((r0, Chunk(rows.block_tables[r0 + t - 1],
+                                          int(rows.context_lens[r0 + t - 1]), t, block_size,
+                                          rows.window, rows.scale)))
+        # Output rows in order: decode rows first, then the chunks; `order` puts them back.
+        pos = np.empty(rows.batch, np.int64)
+        pos[dec] = np.arange(dec.size)
+        at = dec.size
+        for r0, c in self.chunks:
+            pos[r0:r0 + c.queries] = np.arange(at, at + c.queries)
+            at += c.queries
+        self.order = None if np.array_equal(pos, np.arange(rows.batch)) else \
+            mx.array(pos.astype(np.int32))
+
+    def __call__(self, q: mx.array, k_pool: mx.array, v_pool: mx.array) -> mx.array:
+        """q [N, Hq, D] -> [N, Hq, D] in q's dtype."""
+        parts = []
+        if self.decode is not None:
+            qd = q[:self.dec_rows] if self.dec_prefix else mx.take(q, self.dec_index, axis=0)
+            parts.append(self.decode(qd, k_pool, v_pool))
+        parts += [c(q[r0:r0 + c.queries], k_pool, v_pool) for r0, c in self.chunks]
+        out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+        return out if self.order is None else mx.take(out, self.order, axis=0)
