@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import devices, settings
+from . import devices, host_arrays, settings
 from .errors import InvalidInput, UnsupportedPath
 from .validation import (FLOAT_DTYPES, DecodeArgs, PoolSpec, check_copy_pairs, check_kv,
                          check_num_q_heads, check_pool_spec, check_prefill, check_q,
@@ -284,7 +284,7 @@ class PagedAttention(ABC):
 
     def to_numpy(self, x) -> np.ndarray:
         """A host numpy copy of one of this backend's arrays (bfloat16 comes back as float32)."""
-        return np.asarray(x)
+        return host_arrays.host(x)
 
     @property
     def known_paths(self) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from paged_attention import reference
+from paged_attention.host_arrays import cast_out, from_bf16_bits, host, out_dtype, to_bf16_bits
 from paged_attention.interface import KVPool, PagedAttention
 from paged_attention.validation import DecodeArgs, PoolSpec
 
@@ -15,19 +16,37 @@ def probe() -> str | None:
 
 
 class NumpyPool(KVPool):
+    """K and V as numpy arrays of the pool's dtype; a bfloat16 pool holds the bit patterns as
+    uint16 (numpy has no bfloat16), rounded to nearest even on write."""
+
     def __init__(self, spec: PoolSpec):
         super().__init__(spec, "numpy")
-        self.k = np.zeros(spec.shape, dtype=spec.dtype)
-        self.v = np.zeros(spec.shape, dtype=spec.dtype)
+        self.bf16 = spec.dtype == "bfloat16"
+        dtype = np.uint16 if self.bf16 else spec.dtype
+        self.k = np.zeros(spec.shape, dtype=dtype)
+        self.v = np.zeros(spec.shape, dtype=dtype)
+
+    def store(self, x) -> np.ndarray:
+        """New rows in the pool's storage dtype."""
+        x = host(x)
+        return to_bf16_bits(x) if self.bf16 else x.astype(self.dtype, copy=False)
+
+    def values(self, a: np.ndarray) -> np.ndarray:
+        """Stored elements as numbers (bfloat16 widened to float32, exactly)."""
+        return from_bf16_bits(a) if self.bf16 else a
 
     def to_numpy(self):
-        return self.k.copy(), self.v.copy()
+        """(k, v) copies; a bfloat16 pool's come back as float32."""
+        return self.values(self.k).copy(), self.values(self.v).copy()
 
 
 class Backend(PagedAttention):
     name = "numpy"
     paths = KNOWN_PATHS
-    q_dtypes = ("float16", "float32", "float64")
+    pool_dtypes = ("float16", "bfloat16", "float32")
+    # bfloat16 inputs: MLX arrays or ml_dtypes numpy arrays (widened exactly to float32);
+    # outputs keep q's dtype and kind (host_arrays.cast_out).
+    q_dtypes = ("float16", "bfloat16", "float32", "float64")
 
     @property
     def device(self) -> str:
@@ -38,17 +57,22 @@ class Backend(PagedAttention):
 
     def _write_kv(self, pool, slots, k, v):
         b, off = np.divmod(slots, pool.block_size)
-        pool.k[b, off] = np.asarray(k)
-        pool.v[b, off] = np.asarray(v)
+        pool.k[b, off] = pool.store(k)
+        pool.v[b, off] = pool.store(v)
 
     def _copy_blocks(self, pool, src, dst):
         pool.k[dst] = pool.k[src]
         pool.v[dst] = pool.v[src]
 
     def _decode(self, path, q, pool, args: DecodeArgs):
-        out = reference.decode(q, pool.k, pool.v, args.block_tables, args.context_lens,
+        k, v, tables = pool.k, pool.v, args.block_tables
+        if pool.bf16:   # widen only the blocks this call reads (tables renumbered to them)
+            used, tables = np.unique(tables, return_inverse=True)
+            tables = tables.reshape(args.block_tables.shape)
+            k, v = pool.values(pool.k[used]), pool.values(pool.v[used])
+        out = reference.decode(host(q), k, v, tables, args.context_lens,
                                scale=args.scale, window=args.window)
-        return out.astype(np.asarray(q).dtype)
+        return cast_out(out, out_dtype(q))
 
     # -- lab capabilities (interface.py) --------------------------------------------------------
     def peak_memory_of(self, fn):

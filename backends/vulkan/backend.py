@@ -39,8 +39,9 @@ import numpy as np
 
 from paged_attention import devices, settings
 from paged_attention.errors import InvalidInput, PagedAttentionError
+from paged_attention.host_arrays import cast_out, host, out_dtype, to_bf16_bits
 from paged_attention.interface import KVPool, LayerStep, PagedAttention, Plan
-from paged_attention.validation import DecodeArgs, PoolSpec, dtype_name
+from paged_attention.validation import DecodeArgs, PoolSpec
 
 from . import KNOWN_PATHS
 from .shaders import ShaderCompiler
@@ -54,40 +55,6 @@ MIN_CHUNK = 512  # split-K: fewest tokens per split
 
 class DeviceOutOfMemory(PagedAttentionError):
     """A device buffer could not be allocated (needs the patched Kompute; stock 0.9 crashes)."""
-
-
-def _host(x) -> np.ndarray:
-    """A numpy view/copy of an input array; bfloat16 (MLX or ml_dtypes) is widened to float32."""
-    if dtype_name(x) == "bfloat16":
-        if type(x).__module__.startswith("mlx"):
-            import mlx.core as mx
-            return np.asarray(x.astype(mx.float32))
-        return np.asarray(x).astype(np.float32)
-    return np.asarray(x)
-
-
-def _out_dtype(q):
-    """What an output for q is cast to: a numpy dtype, or "mlx-bf16" for an MLX bfloat16 q."""
-    if dtype_name(q) == "bfloat16":
-        return "mlx-bf16" if type(q).__module__.startswith("mlx") else np.asarray(q).dtype
-    return np.asarray(q).dtype
-
-
-def _cast_out(o: np.ndarray, dt):
-    if isinstance(dt, str):  # MLX bfloat16 q: the same kind back, as `run` promises q's dtype
-        import mlx.core as mx
-        return mx.array(np.ascontiguousarray(o, dtype=np.float32)).astype(mx.bfloat16)
-    return np.array(o, dtype=dt, copy=True)
-
-
-def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        r[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
-    return r
 
 
 def _pow2_floor(x: int) -> int:
@@ -407,9 +374,9 @@ class VulkanBackend(PagedAttention):
 
     def _pack_rows(self, pool: VulkanPool, x) -> np.ndarray:
         """[N, Hkv, D] array-like -> pool words [N * row_words] (padded, pool dtype)."""
-        x = _host(x)
+        x = host(x)
         if pool.bf16:
-            x = _to_bf16_bits(x)
+            x = to_bf16_bits(x)
         dt = np.uint16 if pool.bf16 else np.float16 if pool.f16 else np.float32
         if pool.dp != pool.head_dim:
             padded = np.zeros(x.shape[:-1] + (pool.dp,), dtype=dt)
@@ -451,9 +418,6 @@ class VulkanBackend(PagedAttention):
                                    [t, t, pt], self._grid(p * pool.block_words, FILL_WG), 4, tag)
             ops.append(self._dispatch(algo, [p, 0, pool.block_words, pool.spec.num_blocks]))
         self._run_ops(ops, ["upload"] + (["barrier"] if self._bare else []) + ["copy_k", "copy_v"])
-
-    def to_numpy(self, x) -> np.ndarray:
-        return _host(x)  # bfloat16 outputs (MLX or ml_dtypes) come back as float32
 
     # -- attention ---------------------------------------------------------------------------------
     def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
@@ -600,13 +564,13 @@ class VulkanBackend(PagedAttention):
         t0 = time.perf_counter()
         pool0: VulkanPool = items[0][0]
         hq, d = items[0][1].shape[1], pool0.head_dim
-        qdt = [_out_dtype(it[1]) for it in items]
+        qdt = [out_dtype(it[1]) for it in items]
         if st.rows == 0:
             # Nothing to attend; still store the new tokens.
             for pool, _q, k, v in items:
                 if writes and st.n:
                     self._write_kv(pool, st.slots_host.astype(np.int64), k, v)
-            return [_cast_out(np.zeros((0, hq, d), np.float32), dt) for dt in qdt]
+            return [cast_out(np.zeros((0, hq, d), np.float32), dt) for dt in qdt]
         fold = len(items) > 1  # a whole step uploads its tables in its one submission
         self._make_resident(st, submit=not fold)
         out_f16 = all(not isinstance(dt, str) and dt == np.float16 for dt in qdt)
@@ -624,7 +588,7 @@ class VulkanBackend(PagedAttention):
         d = items[0][0].head_dim
         for i, (pool, q, k, v) in enumerate(items):
             dst = rec.qview[i * rec.q_layer:(i + 1) * rec.q_layer].reshape(st.rcls, -1, pool.dp)
-            dst[:st.rows, :, :d] = _host(q)
+            dst[:st.rows, :, :d] = host(q)
             if writes and st.n:
                 w = st.n * pool.row_words
                 rec.kview[i * w:(i + 1) * w] = self._pack_rows(pool, k)
@@ -639,7 +603,7 @@ class VulkanBackend(PagedAttention):
             if rec.out_f16:
                 flat = flat.view(np.float16)
             o = flat.reshape(st.rcls, hq, -1)[:st.rows, :, :d]
-            outs.append(_cast_out(o, dt))
+            outs.append(cast_out(o, dt))
         return outs
 
     def _recording(self, pools, st: _PlanState, hq: int, writes: bool, out_f16: bool, repeat: int):

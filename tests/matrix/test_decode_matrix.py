@@ -20,12 +20,22 @@ GRID = list(itertools.product(
     (64, 128),               # head_dim
     (16, 32),                # block_size
     (None, 40),              # sliding window
+)) + list(itertools.product(
+    ("bfloat16",),           # bfloat16 pools (q float32 holding bf16 values): a smaller grid,
+    (1, 8),                  # since bf16 shares fp16's storage and paths on every backend
+    (1, 4),
+    (64, 128),
+    (16,),
+    (None, 40),
 ))
+
+
+SHORT = {"float16": "16", "float32": "32", "bfloat16": "bf16"}
 
 
 def grid_id(p):
     dtype, b, g, d, bs, w = p
-    return f"{dtype[5:]}-B{b}-g{g}-D{d}-bs{bs}-{'w' + str(w) if w else 'full'}"
+    return f"{SHORT[dtype]}-B{b}-g{g}-D{d}-bs{bs}-{'w' + str(w) if w else 'full'}"
 
 
 def run_matrix(impl, cfg, record_property, max_chunk: int = 0, tag: str = "") -> None:
@@ -33,6 +43,8 @@ def run_matrix(impl, cfg, record_property, max_chunk: int = 0, tag: str = "") ->
     worst RMS goes to the session summary (conftest) under backend-path[-tag] and dtype."""
     backend, path = impl
     dtype, batch, group, head_dim, block_size, window = cfg
+    if dtype not in backend.pool_dtypes:
+        pytest.skip(f"backend {backend.name!r} has no {dtype} pools")
     seed = zlib.crc32((tag + grid_id(cfg)).encode())
     wl = DecodeWorkload(backend, WorkloadConfig(
         batch=batch, num_kv_heads=2, group_size=group, head_dim=head_dim, block_size=block_size,
@@ -61,7 +73,7 @@ RAGGED_GRID = list(itertools.product(
     (64, 128),               # head_dim
     (16,),                   # block_size
     (None, 40),              # sliding window
-))
+)) + list(itertools.product(("bfloat16",), (3, 8), (4,), (64, 128), (16,), (None, 40)))
 
 
 @pytest.mark.parametrize("cfg", RAGGED_GRID, ids=[grid_id(p) for p in RAGGED_GRID])
