@@ -13,7 +13,8 @@ block 16. Variants timed, in turns step by step so drift hits them alike:
 
   api     plan() once + run() per layer: what a model calls
   overlap the api loop as a serving engine runs it: the layers are submitted (`submit`), and the
-          next step's plan is made while the device works, then the outputs are read
+          next step's plan is made while the device works, then the outputs are read (mlx-lm's
+          own generate_step orders a step so: step t+1 is built before step t's token is read)
   fresh   plans of successive steps made before timing, one per step, run() per layer: api -
           fresh is plan()'s host work, fresh - run what a step's new device arrays cost
   run     one plan made outside the timed step, run() per layer: run - kernel is run()'s checks
@@ -23,7 +24,8 @@ block 16. Variants timed, in turns step by step so drift hits them alike:
           same serial chain, no paging and no append: the contiguous-cache baseline
 
 Reported per point: ms per step (median), api/kernel and api/sdpa, effective TB/s (K+V bytes
-read per step / step time) next to --peak-tbs, and host us per run() (time spent inside the
+read per step / step time) next to the device's peak (paged_attention.devices; the preset's
+where the device is unknown), and host us per run() (time spent inside the
 run() calls / layers). `--host` adds the CPU issue-cost check: plan(), run() and decode() host
 time at B=32 x 2048 blocks without evaluating anything. See adr/0007-plan-run.md.
 """
@@ -291,7 +293,10 @@ def main(argv=None) -> int:
             continue
         be = pa.get_backend(name)
         paths = [p for p in (a.paths.split(",") if a.paths else be.paths) if p in be.paths]
-        print(f"# {name} on {be.device}: paths {paths}")
+        # The device's own peak where it is known (the preset's is the H100's).
+        known = pa.devices.peak_bandwidth(be.device)
+        peak_tbs = known / 1e12 if known else cfg["peak_tbs"]
+        print(f"# {name} on {be.device}: paths {paths}; peak {peak_tbs or '?'} TB/s")
         for path in paths:
             if a.host:
                 h = host_costs(be, path)
@@ -307,7 +312,8 @@ def main(argv=None) -> int:
                     c = dict(cfg, sdpa=not a.no_sdpa and has_sdpa_baseline(be))
                     r = bench_point(be, path, batch, ctx, c)
                     rows.append(r)
-                    peak = f" ({100 * r['api_tbs'] / cfg['peak_tbs']:.0f}% peak)" if cfg["peak_tbs"] else ""
+                    peak = f" ({100 * r['api_tbs'] / peak_tbs:.0f}% of {peak_tbs:.2f})" \
+                        if peak_tbs else ""
                     print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} {r['overlap_ms']:9.2f} {r['fresh_ms']:9.2f} {r['run_ms']:9.2f} "
                           f"{r['kernel_ms']:9.2f} {r['api_over_kernel']:8.3f} {r['overlap_over_kernel']:8.3f} "
                           f"{r.get('sdpa_ms', float('nan')):8.2f} {r.get('api_over_sdpa', float('nan')):8.3f} "
