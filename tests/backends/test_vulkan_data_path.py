@@ -175,43 +175,6 @@ def test_failed_allocation_is_a_clear_error(vk, monkeypatch):
 
 
 
-@pytest.mark.parametrize("q_dtype", ["float32", "float16", "bfloat16"])
-def test_bfloat16_pool_matches_reference(vk, q_dtype):
-    """bf16 pools hold two bfloat16 per uint32 word (widened by a 16-bit shift in the shader);
-    inputs may be float32/float16 numpy or bfloat16 MLX arrays; the output keeps q's dtype."""
-    rng = np.random.default_rng(5)
-    b, width, d = 3, 3, 40  # odd head dim: padded to 48 elements
-    pool = vk.create_pool(b * width, BS, HKV, d, "bfloat16")
-    tables = rng.permutation(b * width).astype(np.int32).reshape(b, width)
-    lens = np.array([7, 33, 48])
-    slots = np.concatenate([tables[i, np.arange(n) // BS] * BS + np.arange(n) % BS for i, n in enumerate(lens)])
-    k = rng.standard_normal((slots.size, HKV, d)).astype(np.float32)
-    v = rng.standard_normal((slots.size, HKV, d)).astype(np.float32)
-    q = rng.standard_normal((b, HQ, d)).astype(np.float32)
-    if q_dtype == "bfloat16":
-        mx = pytest.importorskip("mlx.core", reason="bfloat16 inputs come from MLX (numpy has none)")
-        k, v, q = (mx.array(x).astype(mx.bfloat16) for x in (k, v, q))
-        qh = np.asarray(q.astype(mx.float32))
-    else:
-        q = q.astype(q_dtype)
-        qh = q.astype(np.float32)
-    vk.write_kv(pool, slots, k, v)
-    kh, vh = pool.to_numpy()
-    assert kh.dtype == np.float32
-    # Stored values are bf16: the low 16 bits of every float are zero, and they round k.
-    assert not (kh.view(np.uint32) & 0xFFFF).any()
-    kin = np.asarray(k.astype(mx.float32)) if q_dtype == "bfloat16" else k
-    blk, off = np.divmod(slots, BS)
-    assert np.abs(kh[blk, off] - kin).max() <= np.abs(kin).max() * 2 ** -8
-    out = vk.decode(q, pool, tables, lens)
-    if q_dtype == "bfloat16":
-        assert out.dtype == mx.bfloat16
-        out = vk.to_numpy(out)
-    assert out.dtype == (np.float32 if q_dtype == "bfloat16" else np.dtype(q_dtype))
-    want = reference.decode(qh, kh, vh, tables, lens)
-    assert reference.rms(out, want) < (1e-4 if q_dtype == "float32" else TOL)
-
-
 def test_kompute_patch_applies_to_the_sdist(tmp_path):
     """The patch embedded in scripts/build_kompute.sh applies cleanly to the kp sdist (every edit
     finds exactly one match) and produces the new ops and the checked allocations."""
