@@ -45,7 +45,7 @@ class Chunk:
 
     def __call__(self, q: mx.array, k_pool: mx.array, v_pool: mx.array) -> mx.array:
         """q [T, Hq, D] -> [T, Hq, D] in q's dtype."""
-        _, bs, hkv, d = k_pool.shape
+        _, _, hkv, d = k_pool.shape
         dtype = mx.float32 if mx.float32 in (q.dtype, k_pool.dtype) else k_pool.dtype
 
         def keys(pool):
