@@ -75,11 +75,6 @@ class MLXBackend(PagedAttention):
     # -- plan/run: host work once per step, nothing but device work per layer -----------------
     array_type = mx.array
 
-    def to_numpy(self, x) -> np.ndarray:
-        if isinstance(x, mx.array) and x.dtype == mx.bfloat16:
-            x = x.astype(mx.float32)
-        return np.asarray(x)
-
     def _prepare(self, plan: Plan) -> "_StepPlan":
         # The write's (block, offset) per new row, as int32 [2, S].
         write = None

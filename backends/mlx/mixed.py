@@ -30,7 +30,7 @@ class Chunk:
 
     def __init__(self, table: np.ndarray, context: int, queries: int, block_size: int,
                  window: int | None, scale: float):
-        self.context, self.queries, self.scale = context, queries, scale
+        self.queries, self.scale = queries, scale
         first = 0 if window is None else max(0, context - queries + 1 - window)
         # Blocks before the first visible position of the first query are never read.
         b0, b1 = first // block_size, -(-context // block_size)
@@ -68,7 +68,6 @@ class MixedPlan:
         first = np.cumsum(qlens) - qlens
         is_chunk = np.repeat(qlens > 1, qlens)                      # per row
         dec = np.flatnonzero(~is_chunk)
-        self.num_rows = rows.batch
         self.decode = decode(_rows(rows, dec)) if dec.size else None
         self.dec_rows = dec.size
         self.dec_prefix = bool(dec.size == 0 or dec[-1] == dec.size - 1)

@@ -230,6 +230,13 @@ def bench_main(argv) -> int:
           f"{steps} new tokens each", flush=True)
     print(f"{'impl':16s} {'B':>3s} {'lengths':8s} {'prefix':6s} {'tok/s':>9s} {'s':>7s} "
           f"{'peak KV MiB':>11s}", flush=True)
+    def run_impl(impl, prompts):
+        """(tokens generated, seconds, peak KV bytes) of one impl: 'mlx-lm' or backend:path."""
+        if impl == "mlx-lm":
+            return run_mlx_lm(model, prompts, steps)
+        backend, path = impl.split(":")
+        return run_paged(model, prompts, steps, backend, path, a.block_size, a.batch_tokens)
+
     rows = []
     if a.warmup:
         # One untimed run per impl on the first configuration: the process's first run pays
@@ -237,25 +244,17 @@ def bench_main(argv) -> int:
         warm = _prompts(batches[0], False, False, lo, hi, cfg["vocab_size"], seed=batches[0])
         for impl in impls:
             t1 = time.perf_counter()
-            if impl == "mlx-lm":
-                run_mlx_lm(model, warm, steps)
-            else:
-                backend, path = impl.split(":")
-                run_paged(model, warm, steps, backend, path, a.block_size, a.batch_tokens)
+            run_impl(impl, warm)
             print(f"# warm-up {impl}: {time.perf_counter() - t1:.1f} s (untimed)", flush=True)
     for b in batches:
         for ragged in (False, True):
             for shared in (False, True):
                 prompts = _prompts(b, ragged, shared, lo, hi, cfg["vocab_size"], seed=b)
                 for impl in impls:
-                    if impl == "mlx-lm":
-                        n, dt, peak = run_mlx_lm(model, prompts, steps)
-                    else:
-                        backend, path = impl.split(":")
-                        n, dt, peak = run_paged(model, prompts, steps, backend, path,
-                                                a.block_size, a.batch_tokens)
+                    n, dt, peak = run_impl(impl, prompts)
                     row = dict(impl=impl, batch=b, lengths=f"{lo}-{hi}", ragged=ragged,
-                               shared_prefix=shared, tokens=n, seconds=dt, tokens_per_s=n / dt, peak_kv_bytes=peak)
+                               shared_prefix=shared, tokens=n, seconds=dt, tokens_per_s=n / dt,
+                               peak_kv_bytes=peak)
                     rows.append(row)
                     print(f"{impl:16s} {b:3d} {'ragged' if ragged else 'uniform':8s} "
                           f"{'50%' if shared else '-':6s} {n / dt:9.1f} {dt:7.2f} "

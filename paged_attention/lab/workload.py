@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import reference
 from ..block_manager import BlockManager
+from ..host_arrays import from_bf16_bits, to_bf16_bits
 from ..interface import PagedAttention
 
 NP_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}
@@ -21,14 +22,12 @@ NP_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float3
 def representable(x: np.ndarray, dtype: str) -> np.ndarray:
     """x rounded to values `dtype` holds exactly, stored in the mirror's numpy dtype.
 
-    numpy has no bfloat16: round float32 to nearest-even on the top 16 bits instead, so the
-    mirror holds exactly what a bfloat16 pool holds.
+    numpy has no bfloat16: the mirror holds float32 rounded the way the backends round a
+    bfloat16 pool's rows (host_arrays), so it holds exactly what such a pool holds.
     """
     if dtype != "bfloat16":
         return x.astype(NP_DTYPES[dtype])
-    u = x.astype(np.float32).view(np.uint32)
-    u = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return u.view(np.float32)
+    return from_bf16_bits(to_bf16_bits(x))
 
 
 @dataclass
