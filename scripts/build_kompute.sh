@@ -7,7 +7,8 @@
 # Kompute is patched (ADR 0008, `kp.pa_patch_level`): host-visible buffers prefer HOST_CACHED,
 # non-DEVICE_LOCAL memory (stock 0.9 picks resizable-BAR memory the host reads at ~45 MB/s), and
 # `kp.OpGlobalBarrier` / `kp.OpAlgoDispatchBare` let a sequence replace the per-tensor barriers of
-# every dispatch with one global barrier. The wheel's version is KP_VERSION+pa<level>.
+# every dispatch with one global barrier, and `Sequence.pa_eval_poll` waits for a submission by
+# polling its fence instead of sleeping in vkWaitForFences. The wheel's version is KP_VERSION+pa<level>.
 #
 # KP_TARGET mode (offline device machines without pip build tools): configures the patched source
 # with CMake and writes the `kp` extension straight into KP_TARGET (put it first on PYTHONPATH);
@@ -33,7 +34,7 @@ KP_VERSION=${KP_VERSION:-0.9.0}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/paged-attention/wheels
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
-PA_PATCH_LEVEL=2
+PA_PATCH_LEVEL=3
 KP_BUILD_VERSION="$KP_VERSION+pa$PA_PATCH_LEVEL"
 
 log() { echo "[build_kompute] $*"; }
@@ -162,7 +163,7 @@ PYBIND11_MODULE(kp, m)
 """)
 # Registered after OpBase (pybind11 needs the base type first).
 edit("python/src/main.cpp", """    py::class_<kp::OpMult, kp::OpBase, std::shared_ptr<kp::OpMult>>(""",
-     """    m.attr("pa_patch_level") = 2;
+     """    m.attr("pa_patch_level") = 3;
     py::class_<PaOpGlobalBarrier, kp::OpBase, std::shared_ptr<PaOpGlobalBarrier>>(m, "OpGlobalBarrier")
       .def(py::init<uint32_t, uint32_t, uint32_t, uint32_t>(), py::arg("src_stage"),
            py::arg("dst_stage"), py::arg("src_access"), py::arg("dst_access"));
@@ -199,7 +200,51 @@ edit("src/Tensor.cpp", """    this->mDevice->allocateMemory(&memoryAllocateInfo,
                                  std::to_string(memoryRequirements.size) + " bytes (memory type " +
                                  std::to_string(memoryTypeIndex) + ") failed: " + vk::to_string(paResult));
     }""")
-print("[build_kompute] applied the paged-attention patches (level 2) to", src)
+# 4. A submission's wait that polls the fence (vkGetFenceStatus) for up to spin_ns before the
+#    blocking vkWaitForFences. A per-layer loop submits, waits and reads back once per layer, so
+#    the time a blocking wait takes to wake the thread is paid per layer (ADR 0008 measures it).
+#    The GIL is released while waiting.
+edit("src/include/kompute/Sequence.hpp", """    std::shared_ptr<Sequence> evalAwait(uint64_t waitFor = UINT64_MAX);""",
+     """    std::shared_ptr<Sequence> evalAwait(uint64_t waitFor = UINT64_MAX);
+
+    // paged-attention patch: evalAsync, then poll the fence for up to spinNs nanoseconds before
+    // the blocking evalAwait.
+    std::shared_ptr<Sequence> paEvalPoll(uint64_t spinNs);""")
+edit("src/Sequence.cpp", """#include "kompute/Sequence.hpp"
+""", """#include "kompute/Sequence.hpp"
+
+#include <chrono>
+""")
+edit("src/Sequence.cpp", """bool
+Sequence::isRunning() const""", """std::shared_ptr<Sequence>
+Sequence::paEvalPoll(uint64_t spinNs)
+{
+    this->evalAsync();
+    const auto start = std::chrono::steady_clock::now();
+    const auto budget = std::chrono::nanoseconds(spinNs);
+    while (this->mDevice->getFenceStatus(this->mFence) == vk::Result::eNotReady &&
+           std::chrono::steady_clock::now() - start < budget) {
+    }
+    return this->evalAwait();
+}
+
+bool
+Sequence::isRunning() const""")
+edit("python/src/main.cpp", """      .def(
+        "eval_await",
+        [](kp::Sequence& self) { return self.evalAwait(); },
+        DOC(kp, Sequence, evalAwait))""", """      .def(
+        "eval_await",
+        [](kp::Sequence& self) { return self.evalAwait(); },
+        DOC(kp, Sequence, evalAwait))
+      .def(
+        "pa_eval_poll",
+        [](kp::Sequence& self, uint64_t spinNs) {
+            py::gil_scoped_release release;
+            self.paEvalPoll(spinNs);
+        },
+        py::arg("spin_ns"))""")
+print("[build_kompute] applied the paged-attention patches (level 3) to", src)
 PATCH_EOF
 }
 
@@ -241,7 +286,7 @@ if [ -n "${KP_TARGET:-}" ]; then
     echo "error: kp build failed" >&2
     exit 1
   fi
-  PYTHONPATH="$KP_TARGET" "$PY" -c 'import kp; assert kp.pa_patch_level >= 2; print("[build_kompute] patched kp (level", kp.pa_patch_level, ") in", kp.__file__)'
+  PYTHONPATH="$KP_TARGET" "$PY" -c 'import kp; assert kp.pa_patch_level >= 3; print("[build_kompute] patched kp (level", kp.pa_patch_level, ") in", kp.__file__)'
   exit 0
 fi
 

@@ -6,10 +6,17 @@ Device tensors
              packHalf2x16), fp32 pools hold float bits. DP is the head dim padded to 8 (fp16) or
              4 (fp32) elements so every row can be read with 16-byte loads; padding stays zero.
   staging    eDevice tensors in power-of-two size classes, one per (role, class), kept until
-             close and shared by all layers: q (float32), knew/vnew (uint32 words), tables, lens,
-             slots (int32), out (float32, or fp16 pairs in uint32 when q is fp16) and the split-K
+             close and shared by all layers: q (float32, or fp16 pairs when q is fp16), knew/vnew (uint32 words), tables, lens,
+             slots, tiles (int32), out (float32, or fp16 pairs in uint32 when q is fp16) and the split-K
              scratch part_o/part_ml (eStorage). A batch of N rows runs as its class (next power
              of two); rows past N have length 0 and give zeros that are never read.
+Kernels
+  decode.comp   one workgroup per (query row, KV head[, split]): decode rows and the split-K pass.
+  prefill.comp  ragged plans (any query_lens > 1) on the fused path: one workgroup per (query
+                tile, KV head), flash-attention style. A tile is up to QT queries of one sequence
+                (`tiles`: first row, count; built per plan, longest contexts first); QT*G rows
+                share each K/V load (`query_tile`: PREFILL_ROWS rows, within 48 KiB of shared
+                memory). QT 1 (PAGED_ATTENTION_VK_QT=1, or a head too wide) keeps decode.comp.
 Plan / run (ADR 0008)
   plan() keeps the step's tables/lengths/slots (plan.device, a _PlanState); its first run writes
   them into their class buffers (a whole decode_step carries them in its own upload, a run pays
@@ -77,6 +84,37 @@ _BARRIERS = {
     "compute->transfer": (_COMPUTE, _TRANSFER, _SHADER_WRITE, _TRANSFER_READ),
 }
 MAX_POOL_ALGOS = 48  # kp.Algorithm objects per pool before its recordings and kernels are rebuilt
+PREFILL_WG = 128            # prefill.comp workgroup size
+PREFILL_ROWS = 32           # prefill.comp query rows (queries x heads) per workgroup, the default
+PREFILL_SHARED = 48 * 1024  # shared-memory budget: the most NVIDIA gives a workgroup without opt-in
+
+
+def _padded_dim(spec: PoolSpec) -> int:
+    """Head dim padded to whole 16-byte vectors: 8 16-bit elements or 4 float32 (VulkanPool.dp)."""
+    vec = 8 if spec.dtype in ("float16", "bfloat16") else 4
+    return -(-spec.head_dim // vec) * vec
+
+
+def _prefill_layout(group: int, dp: int, qt: int) -> dict | None:
+    """prefill.comp's tile geometry for QT queries of G heads at padded head dim DP, or None when
+    it does not fit PREFILL_SHARED. The S = QK^T phase splits the workgroup into 8 key groups x
+    WG/8 row groups (rows padded to RWP, a multiple of WG/8); the PV phase into NDG vec4-column
+    groups x NRG row groups. KT (keys per tile) is the largest of 32/16/8 that fits: Q and the
+    K/V tile stay fp32 in shared memory, so wide heads get short key tiles."""
+    nsr = PREFILL_WG // 8
+    rwp = -(-qt * group // nsr) * nsr
+    if rwp > PREFILL_WG:  # bounds the per-thread register blocks (RB, ORB rows)
+        return None
+    ndv = dp // 4
+    qsv = ndv | 1
+    for kt in (32, 16, 8):
+        if 16 * qsv * (rwp + kt) + 4 * rwp * (kt + 10) <= PREFILL_SHARED:  # prefill.comp's arrays
+            break
+    else:
+        return None
+    ndg = min(_pow2_floor(ndv), 16)
+    nrg = math.gcd(PREFILL_WG // ndg, rwp)
+    return {"QT": qt, "KT": kt, "WG": PREFILL_WG, "NDG": ndg, "NRG": nrg}
 
 
 class VulkanPool(KVPool):
@@ -154,6 +192,7 @@ class VulkanBackend(PagedAttention):
         # instead of a barrier per bound tensor per dispatch.
         self._bare = hasattr(kp, "OpAlgoDispatchBare") and hasattr(kp, "OpGlobalBarrier") \
             and not settings.get().vk_stock_barriers
+        self._poll_ns = settings.get().vk_spin_us * 1000 if hasattr(kp.Sequence, "pa_eval_poll") else 0
         self.record_timestamps = False  # bench: latch a timestamp after every recorded op
         self.last_timestamps: list[tuple[str, int]] | None = None
         self.last_host_s: dict | None = None
@@ -304,7 +343,12 @@ class VulkanBackend(PagedAttention):
         return seq
 
     def _eval(self, seq, labels):
-        seq.eval()
+        if self._poll_ns:
+            # Patched Kompute: poll the fence, then sleep; the blocking wait alone wakes the
+            # thread late, and a per-layer loop pays that once per layer (ADR 0008).
+            seq.pa_eval_poll(self._poll_ns)
+        else:
+            seq.eval()
         self.submissions += 1
         if self.record_timestamps:
             ts = [int(t) for t in seq.get_timestamps()]
@@ -454,7 +498,7 @@ class VulkanBackend(PagedAttention):
             chunk = max(MIN_CHUNK, -(-(-(-span // want)) // 256) * 256)
         return max(1, -(-span // chunk)), chunk
 
-    def _decode_defines(self, pool: VulkanPool, group: int, splitk: bool, qt: int = 1) -> dict:
+    def _decode_defines(self, pool: VulkanPool, group: int, splitk: bool) -> dict:
         s = pool.spec
         vec = 8 if pool.f16 else 4
         nv = pool.dp // vec
@@ -464,11 +508,11 @@ class VulkanBackend(PagedAttention):
         wg = s_.vk_wg or (512 if self.subgroup_size >= 32 else 64)
         ng = max(1, min(wg // tpt, 4096 // pool.dp))  # shared memory: ng * dp floats <= 16 KiB
         nl = -(-nv // tpt)
-        regs = group * qt * nl * vec  # per-lane q and accumulator floats per token
+        regs = group * nl * vec  # per-lane q and accumulator floats per token
         unroll = s_.vk_unroll or (8 if regs <= 32 else 4 if regs <= 64 else 2)
         return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size, "WG": ng * tpt,
                 "TPT": tpt, "F16": int(pool.f16), "BF16": int(pool.bf16), "U": unroll,
-                "SPLITK": int(splitk), "QT": qt}
+                "SPLITK": int(splitk)}
 
     # -- plan / run ------------------------------------------------------------------------------
     def _state(self, args: DecodeArgs, spec: PoolSpec, path: str, slots, query_lens=None) -> _PlanState:
@@ -490,15 +534,19 @@ class VulkanBackend(PagedAttention):
         st.lens = self._buf("lens", st.rcls, np.int32)[0]
         st.slots = self._buf("slots", st.n, np.int32)[0] if st.n else None
         # Ragged plans (prefill chunks) on the fused path: tiles of up to QT queries of one
-        # sequence share each K/V load (decode.comp QT > 1).
+        # sequence share each K/V load (prefill.comp); qt 1 keeps decode.comp, one query each.
         st.qt, st.tcls, st.tiles_host, st.tiles = 1, 0, None, None
         if path == "fused" and query_lens is not None and int(np.max(query_lens, initial=0)) > 1:
-            st.qt = self.query_tile(args.num_q_heads // spec.num_kv_heads)
+            st.qt = self.query_tile(args.num_q_heads // spec.num_kv_heads, spec)
         if st.qt > 1:
             tiles, r0 = [], 0
             for n in np.asarray(query_lens).tolist():
                 tiles += [(r0 + i, min(st.qt, n - i)) for i in range(0, n, st.qt)]
                 r0 += n
+            tiles = np.array(tiles, np.int32).reshape(-1, 2)
+            # Longest contexts first (a tile's last row has the longest): the GPU starts
+            # workgroups roughly in index order, so the heaviest ones do not trail the grid.
+            tiles = tiles[np.argsort(-st.lens_host[tiles[:, 0] + tiles[:, 1] - 1], kind="stable")]
             st.tcls = _pow2_ceil(len(tiles))
             st.tiles_host = np.zeros((st.tcls, 2), np.int32)  # padding tiles: count 0
             st.tiles_host[:len(tiles)] = tiles
@@ -506,10 +554,20 @@ class VulkanBackend(PagedAttention):
             st.tiles = self._buf("tiles", 2 * st.tcls, np.int32)[0]
         return st
 
-    def query_tile(self, group: int) -> int:
-        """Queries per prefill workgroup: QT*G rows share each K/V load; 16 rows per workgroup
-        keeps the per-lane q and accumulators in registers at G=4, D=128 (ADR 0008)."""
-        return max(1, settings.get().vk_query_tile or min(8, max(1, 16 // max(1, group))))
+    def query_tile(self, group: int, spec: PoolSpec) -> int:
+        """Queries per prefill.comp workgroup: PREFILL_ROWS query rows (QT*G) share each K/V
+        load; PAGED_ATTENTION_VK_QT overrides (1: decode.comp, one query per workgroup). Lowered
+        until the tile fits the shared-memory budget; 1 when not even two queries fit."""
+        qt = settings.get().vk_query_tile or max(2, PREFILL_ROWS // max(1, group))
+        dp = _padded_dim(spec)
+        while qt > 1 and _prefill_layout(group, dp, qt) is None:
+            qt -= 1
+        return max(1, qt)
+
+    def _prefill_defines(self, pool: VulkanPool, group: int, qt: int) -> dict:
+        s = pool.spec
+        return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size,
+                "F16": int(pool.f16), "BF16": int(pool.bf16), **_prefill_layout(group, pool.dp, qt)}
 
     def _prepare(self, plan: Plan):
         # The upload itself waits for the first run (`_make_resident`): a whole-step submission
@@ -584,7 +642,8 @@ class VulkanBackend(PagedAttention):
         return outs
 
     def _stage_inputs(self, rec: _Recorded, items, st: _PlanState, writes: bool) -> None:
-        """q (float32, padded head dim) and the new k/v rows into the mapped staging memory."""
+        """q (padded head dim; fp16 when every q is fp16, else float32) and the new k/v rows into
+        the mapped staging memory."""
         d = items[0][0].head_dim
         for i, (pool, q, k, v) in enumerate(items):
             dst = rec.qview[i * rec.q_layer:(i + 1) * rec.q_layer].reshape(st.rcls, -1, pool.dp)
@@ -640,10 +699,15 @@ class VulkanBackend(PagedAttention):
         rows = rcls * hq
         per_layer = rows * dp
         n = st.n if writes else 0
-        qt, qview = self._buf("q", nl * per_layer, np.float32)
         if out_f16:
+            # Every q is fp16: q goes up and the output comes back as fp16 pairs, so the host
+            # neither widens q nor narrows the output (numpy's float16 casts cost more than the
+            # copies: ADR 0008).
+            qt, qview = self._buf("q16", nl * per_layer // 2, np.uint32)
+            qview = qview.view(np.float16)
             ot, oview = self._buf("out16", nl * per_layer // 2, np.uint32)
         else:
+            qt, qview = self._buf("q", nl * per_layer, np.float32)
             ot, oview = self._buf("out", nl * per_layer, np.float32)
         kt = vt = kview = vview = None
         if n:
@@ -671,13 +735,17 @@ class VulkanBackend(PagedAttention):
             if r:
                 add(self._barrier(), "barrier")
             for i, pool in enumerate(pools):
-                defines = self._decode_defines(pool, group, splitk, st.qt)
-                defines["OUT_F16"] = int(out_f16 and not splitk)
                 tensors = [pool.k, pool.v, qt, st.tables, st.lens] + ([pot, pmt] if splitk else [ot])
-                if st.qt > 1:
+                if st.qt > 1:  # ragged plan: one workgroup per (query tile, KV head)
+                    shader, defines = "prefill.comp", self._prefill_defines(pool, group, st.qt)
                     tensors.append(st.tiles)
-                wgx = (st.tcls if st.qt > 1 else rcls) * spec.num_kv_heads
-                algo = self._algorithm(pool.algos, "decode.comp", defines, tensors,
+                    wgx = st.tcls * spec.num_kv_heads
+                else:
+                    shader, defines = "decode.comp", self._decode_defines(pool, group, splitk)
+                    wgx = rcls * spec.num_kv_heads
+                defines["OUT_F16"] = int(out_f16 and not splitk)
+                defines["Q_F16"] = int(out_f16)
+                algo = self._algorithm(pool.algos, shader, defines, tensors,
                                        [wgx, st.nsplit, 1], 10, "attn")
                 out_off = i * rows * st.nsplit if splitk else i * per_layer
                 add(self._dispatch(algo, [i * per_layer, out_off, 0, st.maxb, spec.num_blocks,

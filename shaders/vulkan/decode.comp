@@ -11,14 +11,13 @@
 //
 // SPLITK=0: writes the normalised output [B, HQ, DP]: float32, or with OUT_F16=1 fp16 pairs packed
 //           in uint32 words (half the bytes the host reads back when the caller's q is fp16).
-// QT>1:     ragged plans (prefill): workgroup (tile, h) serves a tile of up to QT queries of one
-//           sequence (tiles buffer), QT*G rows per K/V load, each row masked to its own range.
 // SPLITK=1: workgroup (b*HKV+h, s) covers tokens [start + s*chunk, start + (s+1)*chunk) and writes
 //           the unnormalised partial accumulator plus (m, l) for splitk_reduce.comp.
 //
 // Defines (all set by the host): DP (padded head dim), G (query heads per KV head), HKV, BS (block
-// size), WG (workgroup size), OUT_F16, TPT (lanes per token, power of 2 <= subgroup size), F16 (1: 16-bit
-// pool, two halves per uint32), BF16 (1: those halves are bfloat16), U (tokens per lane group per iteration), SPLITK.
+// size), WG (workgroup size), OUT_F16, Q_F16 (q staged as fp16 pairs), TPT (lanes per token, power
+// of 2 <= subgroup size), F16 (1: 16-bit pool, two halves per uint32), BF16 (1: those halves are
+// bfloat16), U (tokens per lane group per iteration), SPLITK.
 #extension GL_KHR_shader_subgroup_basic : enable
 #extension GL_KHR_shader_subgroup_shuffle : enable
 
@@ -33,17 +32,24 @@
 #define NL ((NV + TPT - 1) / TPT)     // vectors per lane
 #define NG (WG / TPT)                 // lane groups per workgroup
 #define HQ (HKV * G)
-#ifndef QT
-#define QT 1
-#endif
-#define RW (QT * G)                   // query rows per workgroup: QT queries x G heads
 #define NEG_BIG (-1.0e30)
 
 layout(local_size_x = WG) in;
 
 layout(std430, binding = 0) readonly buffer KPool { VTYPE kpool[]; };
 layout(std430, binding = 1) readonly buffer VPool { VTYPE vpool[]; };
+#if Q_F16
+// q staged as fp16 pairs in uint32 words (the caller's q was fp16): half the bytes the host
+// writes, and no float16 -> float32 conversion on the host (ADR 0008).
+layout(std430, binding = 2) readonly buffer Q { uint qbuf[]; };
+float q_at(uint i) {
+    vec2 p = unpackHalf2x16(qbuf[i >> 1u]);
+    return (i & 1u) == 0u ? p.x : p.y;
+}
+#else
 layout(std430, binding = 2) readonly buffer Q { float qbuf[]; };
+float q_at(uint i) { return qbuf[i]; }
+#endif
 layout(std430, binding = 3) readonly buffer Tables { int tables[]; };
 layout(std430, binding = 4) readonly buffer Lens { int lens[]; };
 #if OUT_F16 && !SPLITK
@@ -53,10 +59,6 @@ layout(std430, binding = 5) writeonly buffer Out { float outbuf[]; };
 #endif
 #if SPLITK
 layout(std430, binding = 6) writeonly buffer PartML { float part_ml[]; };
-#elif QT > 1
-// Query tiles of a ragged plan: (first row, row count <= QT) per tile, rows of one sequence, so
-// the workgroup loads each K/V row once for all its queries (prefill). Count 0: padding tile.
-layout(std430, binding = 6) readonly buffer Tiles { int tiles[]; };
 #endif
 
 layout(push_constant) uniform Params {
@@ -99,56 +101,36 @@ void main() {
     const uint lane = tid % TPT;
     const uint lg = tid / TPT;
     const uint bh = gl_WorkGroupID.x;
+    const uint b = bh / HKV;
     const uint h = bh % HKV;
     const float scale = uintBitsToFloat(pc.scale_bits);
-#if QT > 1
-    const uint b = uint(tiles[2u * (bh / HKV)]);      // first query row of the tile
-    const uint cnt = uint(tiles[2u * (bh / HKV) + 1u]);
-    if (cnt == 0u) return;                            // whole workgroup: no barrier is skipped
-#else
-    const uint b = bh / HKV;
-    const uint cnt = 1u;
-#endif
 
-    // Each row's context range, clamped to what the table can address; the workgroup walks
-    // their union and masks each row to its own range (causal prefill rows end at different L).
-    uint rs[QT];
-    uint re[QT];
-    uint start = 0xFFFFFFFFu;
-    uint end = 0u;
-    for (int j = 0; j < QT; ++j) {
-        uint L = uint(j) < cnt ? uint(max(lens[pc.lens_off + b + uint(j)], 0)) : 0u;
-        L = min(L, pc.maxb * BS);
-        rs[j] = (pc.window > 0u && L > pc.window) ? L - pc.window : 0u;
-        re[j] = L;
-        if (uint(j) < cnt) {
-            start = min(start, rs[j]);
-            end = max(end, L);
-        }
-    }
-    start = min(start, end);
+    // Context range, clamped to what the table can address.
+    uint L = uint(max(lens[pc.lens_off + b], 0));
+    L = min(L, pc.maxb * BS);
+    uint start = (pc.window > 0u && L > pc.window) ? L - pc.window : 0u;
+    uint end = L;
 #if SPLITK
     const uint split = gl_WorkGroupID.y;
     start = start + split * pc.chunk;
     end = min(end, start + pc.chunk);
 #endif
 
-    // This lane's slice of the RW query rows (query j, head g at r = j*G + g), pre-scaled.
-    float qr[RW][NL * VEC];
-    for (int r = 0; r < RW; ++r) {
-        uint j = uint(r / G);
-        uint qbase = pc.q_off + ((b + j) * HQ + h * G + uint(r % G)) * DP;
+    // This lane's slice of the G query heads, pre-scaled.
+    float qr[G][NL * VEC];
+    for (int g = 0; g < G; ++g) {
+        uint qbase = pc.q_off + (b * HQ + h * G + uint(g)) * DP;
         for (int i = 0; i < NL; ++i) {
             uint vi = lane + uint(i) * TPT;
             for (int e = 0; e < VEC; ++e)
-                qr[r][i * VEC + e] = (vi < NV && j < cnt) ? qbuf[qbase + vi * VEC + uint(e)] * scale : 0.0;
+                qr[g][i * VEC + e] = (vi < NV) ? q_at(qbase + vi * VEC + uint(e)) * scale : 0.0;
         }
     }
 
-    float m[RW];
-    float l[RW];
-    float acc[RW][NL * VEC];
-    for (int g = 0; g < RW; ++g) {
+    float m[G];
+    float l[G];
+    float acc[G][NL * VEC];
+    for (int g = 0; g < G; ++g) {
         m[g] = NEG_BIG;
         l[g] = 0.0;
         for (int j = 0; j < NL * VEC; ++j) acc[g][j] = 0.0;
@@ -162,11 +144,9 @@ void main() {
         VTYPE kv[U][NL];
         VTYPE vv[U][NL];
         bool valid[U];
-        uint tok[U];
         // Issue all loads of the U tokens first.
         for (int u = 0; u < U; ++u) {
             uint t = base + lg + uint(u) * NG;
-            tok[u] = t;
             valid[u] = t < end;
             uint tt = valid[u] ? t : start;
             uint blk = min(uint(tables[tab_base + tt / BS]), last_block);  // clamp: never leave the pool
@@ -179,7 +159,7 @@ void main() {
             }
         }
         // Scores.
-        float s[U][RW];
+        float s[U][G];
         for (int u = 0; u < U; ++u) {
             float kf[NL * VEC];
             for (int i = 0; i < NL; ++i) {
@@ -187,13 +167,11 @@ void main() {
                 load_vec(kv[u][i], f);
                 for (int e = 0; e < VEC; ++e) kf[i * VEC + e] = f[e];
             }
-            for (int g = 0; g < RW; ++g) {
+            for (int g = 0; g < G; ++g) {
                 float d = 0.0;
                 for (int j = 0; j < NL * VEC; ++j) d += qr[g][j] * kf[j];
                 for (uint off = TPT / 2u; off > 0u; off >>= 1u) d += subgroupShuffleXor(d, off);
-                const int qj = g / G;
-                bool in_row = valid[u] && tok[u] >= rs[qj] && tok[u] < re[qj];
-                s[u][g] = in_row ? d : -1.0 / 0.0;
+                s[u][g] = valid[u] ? d : -1.0 / 0.0;
             }
         }
         // Online softmax update, one rescale per U tokens.
@@ -205,7 +183,7 @@ void main() {
                 for (int e = 0; e < VEC; ++e) vf[u][i * VEC + e] = f[e];
             }
         }
-        for (int g = 0; g < RW; ++g) {
+        for (int g = 0; g < G; ++g) {
             float mx = m[g];
             for (int u = 0; u < U; ++u) mx = max(mx, s[u][g]);
             float corr = exp(m[g] - mx);
@@ -225,8 +203,8 @@ void main() {
         }
     }
 
-    // Merge the NG lane groups, one query row at a time (uniform loop: barriers inside).
-    for (int g = 0; g < RW; ++g) {
+    // Merge the NG lane groups, one query head at a time.
+    for (int g = 0; g < G; ++g) {
         if (lane == 0u) {
             sh_m[lg] = m[g];
             sh_l[lg] = l[g];
@@ -241,8 +219,7 @@ void main() {
         for (uint j = 0u; j < NG; ++j) M = max(M, sh_m[j]);
         float Lsum = 0.0;
         for (uint j = 0u; j < NG; ++j) Lsum += sh_l[j] * exp(sh_m[j] - M);
-        const uint row = (b + uint(g / G)) * HQ + h * G + uint(g % G);
-        const bool live = uint(g / G) < cnt;
+        const uint row = b * HQ + h * G + uint(g);
 #if OUT_F16 && !SPLITK
         // Two adjacent elements per thread, one packed word (DP is a multiple of 8 or 4: even).
         for (uint d = 2u * tid; d < DP; d += 2u * WG) {
@@ -253,7 +230,7 @@ void main() {
                 o1 += sh_acc[j * DP + d + 1u] * w;
             }
             vec2 o = Lsum == 0.0 ? vec2(0.0) : vec2(o0, o1) / Lsum;
-            if (live) outbuf[(pc.out_off + row * DP + d) / 2u] = packHalf2x16(o);
+            outbuf[(pc.out_off + row * DP + d) / 2u] = packHalf2x16(o);
         }
 #else
         for (uint d = tid; d < DP; d += WG) {
@@ -263,7 +240,7 @@ void main() {
             outbuf[(pc.out_off + row * pc.nsplit + split) * DP + d] = o;
 #else
             // Lsum == 0: empty range -> zeros. A NaN/inf q makes Lsum NaN, which must come out NaN.
-            if (live) outbuf[pc.out_off + row * DP + d] = Lsum == 0.0 ? 0.0 : o / Lsum;
+            outbuf[pc.out_off + row * DP + d] = Lsum == 0.0 ? 0.0 : o / Lsum;
 #endif
         }
 #endif

@@ -134,12 +134,85 @@ def test_ragged_plan_matches_reference(vk):
     assert reference.rms(again, want) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_ragged_plan_runs_the_prefill_kernel(vk, monkeypatch, dtype):
+    """A ragged plan on the fused path dispatches prefill.comp (one workgroup per query tile and
+    KV head): a 300-token prompt chunk after 37 cached tokens (many key tiles, a window that
+    starts mid-tile and rows whose ranges differ within a tile) beside a decode row and an idle
+    sequence, checked against the reference (and a NaN in q gives a NaN row, as decode.comp).
+    PAGED_ATTENTION_VK_QT=1 keeps decode.comp."""
+    rng = np.random.default_rng(11)
+    hq, hkv, d, window = 9, 3, 40, 100  # G=3: tiles of 10 queries (30 rows, padded to 32)
+    width = 24
+    pool = vk.create_pool(3 * width, BS, hkv, d, dtype)
+    tables = rng.permutation(3 * width).astype(np.int32).reshape(3, width)
+    ql = np.array([300, 1, 0])
+    lens = np.array([337, 90, 5])
+    slots = np.concatenate([tables[i, np.arange(n) // BS] * BS + np.arange(n) % BS
+                            for i, n in enumerate(lens)])
+    vk.write_kv(pool, slots, rng.standard_normal((slots.size, hkv, d)).astype(np.float32),
+                rng.standard_normal((slots.size, hkv, d)).astype(np.float32))
+    kh, vh = pool.to_numpy()
+    q = rng.standard_normal((int(ql.sum()), hq, d)).astype(np.float32)
+    want = reference.ragged(q, kh, vh, tables, lens, ql, window=window)
+    tol = 1e-4 if dtype == "float32" else TOL
+    compiled = []
+    compile_ = vk.compiler.compile
+    monkeypatch.setattr(vk.compiler, "compile",
+                        lambda name, **defines: compiled.append(name) or compile_(name, **defines))
+    plan = vk.plan(pool, tables, lens, num_q_heads=hq, query_lens=ql, window=window, path="fused")
+    assert plan.device.qt == vk.query_tile(hq // hkv, pool.spec) == 10
+    out = vk.run(plan, q, pool)
+    assert compiled == ["prefill.comp"], compiled
+    assert reference.rms(out, want) < tol
+    bad = q.copy()
+    bad[7, 4, 3] = np.nan  # that (query, head) row comes out NaN, no other row changes
+    out = vk.run(plan, bad, pool)
+    assert np.isnan(out[7, 4]).all()
+    out[7, 4] = want[7, 4]
+    assert reference.rms(out, want) < tol
+    compiled.clear()
+    from paged_attention import settings
+    with settings.override(vk_query_tile=1):
+        plan = vk.plan(pool, tables, lens, num_q_heads=hq, query_lens=ql, window=window, path="fused")
+    out = vk.run(plan, q, pool)
+    assert compiled == ["decode.comp"], compiled
+    assert reference.rms(out, want) < tol
+
+
+def test_prefill_kernel_clamps_like_the_decode_kernel(vk):
+    """Unvalidated tables and lengths (block ids past the pool or negative, lengths past the
+    table or negative): prefill.comp clamps them exactly as decode.comp does (block ids below
+    num_blocks, lengths to the table's reach), so it never reads outside the pool or the table
+    and both kernels give the same rows."""
+    from paged_attention import settings
+    from paged_attention.validation import DecodeArgs
+    rng = np.random.default_rng(12)
+    pool = vk.create_pool(4, BS, HKV, D, "float32")
+    vk.write_kv(pool, np.arange(4 * BS), rng.standard_normal((4 * BS, HKV, D)).astype(np.float32),
+                rng.standard_normal((4 * BS, HKV, D)).astype(np.float32))
+    ql = np.array([40, 3])
+    tables = np.repeat(np.array([[2, 9, -3], [1, 0, 77]], np.int32), ql, axis=0)  # one per row
+    lens = np.concatenate([np.arange(1, 41) * 2, [-5, 0, 1000]]).astype(np.int32)  # table: 48
+    q = rng.standard_normal((int(ql.sum()), HQ, D)).astype(np.float32)
+    args = DecodeArgs(batch=q.shape[0], num_q_heads=HQ, block_tables=tables, context_lens=lens,
+                      scale=D ** -0.5, window=None)
+    outs = []
+    for qt in (None, 1):
+        with settings.override(vk_query_tile=qt):
+            st = vk._state(args, pool.spec, "fused", None, ql)
+        assert (st.qt > 1) == (qt is None)
+        outs.append(vk._execute([(pool, q, None, None)], st, False)[0])
+    assert np.isfinite(outs[0]).all() and not outs[0][40:42].any()  # empty ranges: zeros
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
 def test_patched_kompute_staging_prefers_cached_system_memory(vk):
     """ADR 0008: host-visible staging memory prefers HOST_CACHED and avoids DEVICE_LOCAL where
     such a type exists (stock 0.9 takes the first host-visible type: BAR memory on the H100)."""
     import kp
     if not getattr(kp, "pa_patch_level", 0):
-        pytest.skip("stock kp installed; scripts/build_kompute.sh builds the patched 0.9.0+pa2")
+        pytest.skip("stock kp installed; scripts/build_kompute.sh builds the patched 0.9.0+pa3")
     host_visible, coherent, cached, device_local = 0x2, 0x4, 0x8, 0x1
     t = vk._new_tensor(16, np.float32, "device")
     primary, staging = t.pa_memory_flags()
@@ -151,6 +224,40 @@ def test_patched_kompute_staging_prefers_cached_system_memory(vk):
         assert not staging & device_local, (hex(staging), [hex(f) for f in types])
     assert vk.counters()["patched"] is True
     t.destroy()
+
+
+def test_polled_fence_wait_gives_the_same_answers(monkeypatch):
+    """Patch level 3: a submission polls its fence (PAGED_ATTENTION_VK_SPIN_US) before the
+    blocking wait; the sequences, outputs and counters are those of the blocking wait."""
+    import kp
+    from paged_attention import settings
+    from paged_attention.backends.vulkan import Backend
+    if getattr(kp, "pa_patch_level", 0) < 3:
+        pytest.skip("kp without patch level 3; scripts/build_kompute.sh builds the patched 0.9.0+pa3")
+    rng = np.random.default_rng(5)
+    tables = np.array([[3, 1, 0], [2, 4, 5]], np.int32)
+    lens = np.array([40, 33])
+    q = rng.standard_normal((2, HQ, D)).astype(np.float16)
+    kv = rng.standard_normal((6 * BS, HKV, D)).astype(np.float16)
+    outs = []
+    for spin_us in (0, 50_000):
+        with settings.override(vk_spin_us=spin_us):
+            be = Backend()
+        try:
+            assert be._poll_ns == spin_us * 1000
+            evals, blocking = [], kp.Sequence.eval
+            monkeypatch.setattr(kp.Sequence, "eval", lambda self: evals.append(1) or blocking(self))
+            pool = be.create_pool(6, BS, HKV, D, "float16")
+            be.write_kv(pool, np.arange(6 * BS), kv, kv)
+            outs.append(be.decode(q, pool, tables, lens))
+            kh, vh = pool.to_numpy()
+            assert np.abs(kh).max() > 0  # the writes ran
+            assert reference.rms(outs[-1], reference.decode(q, kh, vh, tables, lens)) < 5e-3
+            assert bool(evals) == (spin_us == 0)  # the blocking path is kp's own eval()
+            monkeypatch.undo()
+        finally:
+            be.close()
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_failed_allocation_is_a_clear_error(vk, monkeypatch):

@@ -261,26 +261,60 @@ def bench_tiny(be, a, rng, iters=300):
     return {"run_us": float(np.median(ts)) * 1e6, "decode_us": (time.perf_counter() - t0) / 50 * 1e6}
 
 
-def bench_prefill(be, a, rng, tokens):
-    """Prefill of one `tokens`-token prompt (K/V already written): wall time of prefill()."""
+def bench_submit(be, iters=300):
+    """Round trip of a near-empty submission (a 4-byte download): what every run() pays for its
+    submit and fence wait, with the blocking wait and with the polled one (patched Kompute)."""
+    seq = be._mgr.sequence()
+    seq.record(be._kp.OpTensorSyncLocal([be._sync]))
+    res = {}
+    polled = be._poll_ns
+    for name, ns in (("blocking_us", 0), ("polled_us", polled)):
+        if name == "polled_us" and not ns:
+            res[name] = None
+            continue
+        be._poll_ns = ns
+        ts = []
+        for i in range(iters + 20):
+            t0 = time.perf_counter()
+            be._eval(seq, ["download"])
+            if i >= 20:
+                ts.append(time.perf_counter() - t0)
+        res[name] = float(np.median(ts)) * 1e6
+    be._poll_ns = polled
+    return res
+
+
+def bench_prefill(be, a, rng, tokens, baseline=True):
+    """Prefill of one `tokens`-token prompt (K/V already written): wall time of prefill(), with
+    the query-tiled kernel and (baseline) with one query per workgroup, the kernel before it."""
+    from paged_attention import settings
     dt = np.dtype(a.dtype)
     nb = -(-tokens // a.block_size)
     pool = be.create_pool(nb, a.block_size, a.kv_heads, a.head_dim, a.dtype)
     fill_pool(be, pool, nb * a.block_size, rng, dt)
     table = np.arange(nb, dtype=np.int32)
     q = rng.standard_normal((tokens, a.q_heads, a.head_dim)).astype(dt)
-    out = be.prefill(q, pool, table, 0)
-    walls = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        be.prefill(q, pool, table, 0)
-        walls.append(time.perf_counter() - t0)
+
+    def timed():
+        out = be.prefill(q, pool, table, 0)
+        walls = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            be.prefill(q, pool, table, 0)
+            walls.append(time.perf_counter() - t0)
+        return out, float(np.median(walls)) * 1e3
+    out, wall = timed()
+    base = None
+    if baseline:
+        with settings.override(vk_query_tile=1):
+            _, base = timed()
     from paged_attention import reference as ref
     rms = None
     if tokens <= 4096:
         k, v = pool.to_numpy()
         rms = ref.rms(out, ref.prefill(q, k, v, table, 0))
-    return {"tokens": tokens, "wall_ms": float(np.median(walls)) * 1e3, "rms": rms}
+    return {"tokens": tokens, "wall_ms": wall, "per_query_ms": base,
+            "speedup": base / wall if base else None, "rms": rms}
 
 
 def fmt(v, spec):
@@ -316,7 +350,7 @@ def main(argv=None) -> int:
     print(f"readback: {extra['readback']['gbs']:.2f} GB/s reading {extra['readback']['mib']} MiB of mapped "
           f"staging (staging memory flags {extra['readback']['staging_flags']}; kp patched: "
           f"{be.counters()['patched']})", flush=True)
-    step = None
+    step, kernel_us = None, None
     if a.layers:
         step = bench_step(be, a, rng)
         print(f"decode step: {step['layers']} layers, B={step['batch']}, ctx={step['context']}, "
@@ -342,13 +376,29 @@ def main(argv=None) -> int:
     extra["tiny"] = tiny
     print(f"tiny round trip (B=1, ctx 16): run {tiny['run_us']:.0f} us per layer (target <= 150), "
           f"decode() {tiny['decode_us']:.0f} us per call", flush=True)
+    if be._poll_ns:  # A/B: the same with kp's blocking fence wait
+        polled, be._poll_ns = be._poll_ns, 0
+        blocking = {"tiny": bench_tiny(be, a, rng)}
+        if a.layers:
+            blocking["model_loop"] = bench_model_loop(be, a, rng, kernel_us or 0.0)
+        be._poll_ns = polled
+        extra["blocking_wait"] = blocking
+        print(f"with the blocking fence wait instead: tiny run {blocking['tiny']['run_us']:.0f} us, "
+              f"decode() {blocking['tiny']['decode_us']:.0f} us" + (
+                  f", model-like loop {blocking['model_loop']['wall_ms']:.2f} ms" if a.layers else ""),
+              flush=True)
     for r in rows:
         if r["batch"] == 1 and r["context"] == max(a.context) and r["path"] == "splitk":
             print(f"B=1 x {r['context']} split-K: {r['gbs'] / 1e3:.2f} TB/s, nsplit {r['nsplit']} "
                   f"(target >= 1.5 TB/s on the H100)")
+    sub = bench_submit(be)
+    extra["submit"] = sub
+    print(f"submission round trip (4-byte download): blocking wait {sub['blocking_us']:.0f} us, "
+          f"polled {fmt(sub['polled_us'], '.0f')} us", flush=True)
     pf = bench_prefill(be, a, rng, a.prefill_tokens)
     extra["prefill"] = pf
-    print(f"prefill of a {pf['tokens']}-token prompt: {pf['wall_ms']:.1f} ms (rms vs ref "
+    print(f"prefill of a {pf['tokens']}-token prompt: {pf['wall_ms']:.1f} ms, one query per workgroup "
+          f"{fmt(pf['per_query_ms'], '.1f')} ms ({fmt(pf['speedup'], '.1f')}x; target >= 10x) (rms vs ref "
           f"{fmt(pf['rms'], '.2e')})", flush=True)
     print("counters:", be.counters())
     # Cross-check of the assumed tick period: the GPU time of a submission cannot exceed its wall time.
