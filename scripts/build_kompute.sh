@@ -34,7 +34,7 @@ KP_VERSION=${KP_VERSION:-0.9.0}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/paged-attention/wheels
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
-PA_PATCH_LEVEL=3
+PA_PATCH_LEVEL=4
 KP_BUILD_VERSION="$KP_VERSION+pa$PA_PATCH_LEVEL"
 
 log() { echo "[build_kompute] $*"; }
@@ -163,7 +163,7 @@ PYBIND11_MODULE(kp, m)
 """)
 # Registered after OpBase (pybind11 needs the base type first).
 edit("python/src/main.cpp", """    py::class_<kp::OpMult, kp::OpBase, std::shared_ptr<kp::OpMult>>(""",
-     """    m.attr("pa_patch_level") = 3;
+     """    m.attr("pa_patch_level") = 4;
     py::class_<PaOpGlobalBarrier, kp::OpBase, std::shared_ptr<PaOpGlobalBarrier>>(m, "OpGlobalBarrier")
       .def(py::init<uint32_t, uint32_t, uint32_t, uint32_t>(), py::arg("src_stage"),
            py::arg("dst_stage"), py::arg("src_access"), py::arg("dst_access"));
@@ -201,35 +201,74 @@ edit("src/Tensor.cpp", """    this->mDevice->allocateMemory(&memoryAllocateInfo,
                                  std::to_string(memoryTypeIndex) + ") failed: " + vk::to_string(paResult));
     }""")
 # 4. A submission's wait that polls the fence (vkGetFenceStatus) for up to spin_ns before the
-#    blocking vkWaitForFences. A per-layer loop submits, waits and reads back once per layer, so
-#    the time a blocking wait takes to wake the thread is paid per layer (ADR 0008 measures it).
-#    The GIL is released while waiting.
+#    blocking vkWaitForFences, on a fence kept by the sequence (reset, not created and destroyed
+#    per submission as evalAsync/evalAwait do). A per-layer loop submits, waits and reads back
+#    once per layer, so whatever a submission's round trip costs is paid per layer (ADR 0008
+#    measures it). Returns the host nanoseconds spent submitting and waiting; the GIL is released.
 edit("src/include/kompute/Sequence.hpp", """    std::shared_ptr<Sequence> evalAwait(uint64_t waitFor = UINT64_MAX);""",
      """    std::shared_ptr<Sequence> evalAwait(uint64_t waitFor = UINT64_MAX);
 
-    // paged-attention patch: evalAsync, then poll the fence for up to spinNs nanoseconds before
-    // the blocking evalAwait.
-    std::shared_ptr<Sequence> paEvalPoll(uint64_t spinNs);""")
+    // paged-attention patch: submit on the sequence's own fence, then poll it for up to spinNs
+    // nanoseconds before a blocking wait. Returns {submit ns, wait ns}.
+    std::vector<uint64_t> paEvalPoll(uint64_t spinNs);""")
+edit("src/include/kompute/Sequence.hpp", """    vk::Fence mFence;
+""", """    vk::Fence mFence;
+    vk::Fence mPaFence;  // paged-attention patch: paEvalPoll's reusable fence
+""")
 edit("src/Sequence.cpp", """#include "kompute/Sequence.hpp"
 """, """#include "kompute/Sequence.hpp"
 
 #include <chrono>
 """)
 edit("src/Sequence.cpp", """bool
-Sequence::isRunning() const""", """std::shared_ptr<Sequence>
+Sequence::isRunning() const""", """std::vector<uint64_t>
 Sequence::paEvalPoll(uint64_t spinNs)
 {
-    this->evalAsync();
-    const auto start = std::chrono::steady_clock::now();
-    const auto budget = std::chrono::nanoseconds(spinNs);
-    while (this->mDevice->getFenceStatus(this->mFence) == vk::Result::eNotReady &&
-           std::chrono::steady_clock::now() - start < budget) {
+    using clock = std::chrono::steady_clock;
+    if (this->isRecording()) {
+        this->end();
     }
-    return this->evalAwait();
+    if (this->mIsRunning) {
+        throw std::runtime_error("Kompute Sequence paEvalPoll called while an eval is running");
+    }
+    for (size_t i = 0; i < this->mOperations.size(); i++) {
+        this->mOperations[i]->preEval(*this->mCommandBuffer);
+    }
+    const auto t0 = clock::now();
+    if (!this->mPaFence) {
+        this->mPaFence = this->mDevice->createFence(vk::FenceCreateInfo());
+    } else {
+        (void)this->mDevice->resetFences(1, &this->mPaFence);
+    }
+    vk::SubmitInfo submitInfo(0, nullptr, nullptr, 1, this->mCommandBuffer.get());
+    this->mComputeQueue->submit(1, &submitInfo, this->mPaFence);
+    const auto t1 = clock::now();
+    while (this->mDevice->getFenceStatus(this->mPaFence) == vk::Result::eNotReady &&
+           clock::now() - t1 < std::chrono::nanoseconds(spinNs)) {
+    }
+    vk::Result result = this->mDevice->waitForFences(1, &this->mPaFence, VK_TRUE, UINT64_MAX);
+    if (result != vk::Result::eSuccess) {
+        throw std::runtime_error("Kompute Sequence paEvalPoll: vkWaitForFences failed: " +
+                                 vk::to_string(result));
+    }
+    const auto t2 = clock::now();
+    for (size_t i = 0; i < this->mOperations.size(); i++) {
+        this->mOperations[i]->postEval(*this->mCommandBuffer);
+    }
+    return { uint64_t(std::chrono::nanoseconds(t1 - t0).count()),
+             uint64_t(std::chrono::nanoseconds(t2 - t1).count()) };
 }
 
 bool
 Sequence::isRunning() const""")
+edit("src/Sequence.cpp", """    if (this->mFreeCommandBuffer) {
+        KP_LOG_INFO("Freeing CommandBuffer");""", """    if (this->mPaFence) {
+        this->mDevice->destroy(this->mPaFence, (vk::Optional<const vk::AllocationCallbacks>)nullptr);
+        this->mPaFence = nullptr;
+    }
+
+    if (this->mFreeCommandBuffer) {
+        KP_LOG_INFO("Freeing CommandBuffer");""")
 edit("python/src/main.cpp", """      .def(
         "eval_await",
         [](kp::Sequence& self) { return self.evalAwait(); },
@@ -241,10 +280,10 @@ edit("python/src/main.cpp", """      .def(
         "pa_eval_poll",
         [](kp::Sequence& self, uint64_t spinNs) {
             py::gil_scoped_release release;
-            self.paEvalPoll(spinNs);
+            return self.paEvalPoll(spinNs);
         },
         py::arg("spin_ns"))""")
-print("[build_kompute] applied the paged-attention patches (level 3) to", src)
+print("[build_kompute] applied the paged-attention patches (level 4) to", src)
 PATCH_EOF
 }
 
@@ -286,7 +325,7 @@ if [ -n "${KP_TARGET:-}" ]; then
     echo "error: kp build failed" >&2
     exit 1
   fi
-  PYTHONPATH="$KP_TARGET" "$PY" -c 'import kp; assert kp.pa_patch_level >= 3; print("[build_kompute] patched kp (level", kp.pa_patch_level, ") in", kp.__file__)'
+  PYTHONPATH="$KP_TARGET" "$PY" -c 'import kp; assert kp.pa_patch_level >= 4; print("[build_kompute] patched kp (level", kp.pa_patch_level, ") in", kp.__file__)'
   exit 0
 fi
 

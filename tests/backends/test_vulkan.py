@@ -255,8 +255,8 @@ def test_build_script_is_a_no_op_when_kp_is_installed():
         version = md.version("kp")
     except md.PackageNotFoundError:
         pytest.skip("kp is importable but was not installed as a package (no metadata)")
-    if version != "0.9.0+pa3":
-        pytest.skip(f"kp {version} installed, the script builds the patched 0.9.0+pa3 (ADR 0008)")
+    if version != "0.9.0+pa4":
+        pytest.skip(f"kp {version} installed, the script builds the patched 0.9.0+pa4 (ADR 0008)")
     r = subprocess.run(["bash", str(ROOT / "scripts" / "build_kompute.sh"), sys.executable],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr

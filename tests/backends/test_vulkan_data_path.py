@@ -22,20 +22,32 @@ def vk():
     be.close()
 
 
-def test_forty_layer_plan_run_loop_reaches_a_steady_state(vk):
+def test_forty_layer_plan_run_loop_reaches_a_steady_state(vk, monkeypatch):
     """Plan once per step, run 40 layers (append + attend): after the first step nothing is
-    recorded again and each step costs one table upload plus one submission per layer."""
+    recorded again, no kp.Sequence is created (the table upload is a recorded sequence too),
+    and each step costs one table upload plus one submission per layer."""
     rng = np.random.default_rng(0)
     layers, b, width = 40, 2, 4
+    made, sequence = [], vk._mgr.sequence
+
+    class Counting:  # kp.Manager's attributes are read-only: wrap it
+        def sequence(self, *a):
+            made.append(1)
+            return sequence(*a)
+
+        def __getattr__(self, name):
+            return getattr(mgr, name)
+    mgr = vk._mgr
+    monkeypatch.setattr(vk, "_mgr", Counting())
     pools = [vk.create_pool(b * width, BS, HKV, D, "float16") for _ in range(layers)]
     tables = np.arange(b * width, dtype=np.int32).reshape(b, width)  # fixed width: one shape
     mirror = [[np.zeros(p.spec.shape, np.float16) for _ in range(2)] for p in pools]
     lens = np.array([5, 9])
-    per_step, recs = [], []
+    per_step, recs, seqs = [], [], []
     for step in range(4):
         lens = lens + 1
         slots = tables[np.arange(b), (lens - 1) // BS] * BS + (lens - 1) % BS
-        c0 = vk.counters()
+        c0, made0 = vk.counters(), len(made)
         plan = vk.plan(pools[0], tables, lens, num_q_heads=HQ, slot_mapping=slots)
         outs = []
         for i, pool in enumerate(pools):
@@ -48,7 +60,9 @@ def test_forty_layer_plan_run_loop_reaches_a_steady_state(vk):
         c1 = vk.counters()
         per_step.append(c1["submissions"] - c0["submissions"])
         recs.append(c1["recordings"] - c0["recordings"])
+        seqs.append(len(made) - made0)
     assert recs[0] == layers and recs[1:] == [0, 0, 0], recs
+    assert seqs[1:] == [0, 0, 0], seqs
     assert per_step[1:] == [layers + 1] * 3, per_step  # tables once + one per layer
     for i in (0, 17, 39):
         q, out = outs[i]
@@ -212,7 +226,7 @@ def test_patched_kompute_staging_prefers_cached_system_memory(vk):
     such a type exists (stock 0.9 takes the first host-visible type: BAR memory on the H100)."""
     import kp
     if not getattr(kp, "pa_patch_level", 0):
-        pytest.skip("stock kp installed; scripts/build_kompute.sh builds the patched 0.9.0+pa3")
+        pytest.skip("stock kp installed; scripts/build_kompute.sh builds the patched 0.9.0+pa4")
     host_visible, coherent, cached, device_local = 0x2, 0x4, 0x8, 0x1
     t = vk._new_tensor(16, np.float32, "device")
     primary, staging = t.pa_memory_flags()
@@ -232,8 +246,8 @@ def test_polled_fence_wait_gives_the_same_answers(monkeypatch):
     import kp
     from paged_attention import settings
     from paged_attention.backends.vulkan import Backend
-    if getattr(kp, "pa_patch_level", 0) < 3:
-        pytest.skip("kp without patch level 3; scripts/build_kompute.sh builds the patched 0.9.0+pa3")
+    if getattr(kp, "pa_patch_level", 0) < 4:
+        pytest.skip("kp without patch level 4; scripts/build_kompute.sh builds the patched 0.9.0+pa4")
     rng = np.random.default_rng(5)
     tables = np.array([[3, 1, 0], [2, 4, 5]], np.int32)
     lens = np.array([40, 33])
