@@ -6,10 +6,10 @@ Device tensors
              packHalf2x16), fp32 pools hold float bits. DP is the head dim padded to 8 (fp16) or
              4 (fp32) elements so every row can be read with 16-byte loads; padding stays zero.
   staging    eDevice tensors in power-of-two size classes, one per (role, class), kept until
-             close and shared by all layers: q (float32, or fp16 pairs when q is fp16), knew/vnew (uint32 words), tables, lens,
-             slots, tiles (int32), out (float32, or fp16 pairs in uint32 when q is fp16) and the split-K
-             scratch part_o/part_ml (eStorage). A batch of N rows runs as its class (next power
-             of two); rows past N have length 0 and give zeros that are never read.
+             close and shared by all layers: q and out (float32, or fp16 pairs in uint32 words
+             when every q is fp16), knew/vnew (uint32 words), tables, lens, slots, tiles (int32)
+             and the split-K scratch part_o/part_ml (eStorage). A batch of N rows runs as its
+             class (next power of two); rows past N have length 0 and give zeros never read.
 Kernels
   decode.comp   one workgroup per (query row, KV head[, split]): decode rows and the split-K pass.
   prefill.comp  ragged plans (any query_lens > 1) on the fused path: one workgroup per (query
@@ -129,8 +129,7 @@ class VulkanPool(KVPool):
         self.uid = VulkanPool._next_uid
         self.f16 = spec.dtype in ("float16", "bfloat16")  # 16-bit elements, two per word
         self.bf16 = spec.dtype == "bfloat16"
-        vec = 8 if self.f16 else 4
-        self.dp = -(-spec.head_dim // vec) * vec
+        self.dp = _padded_dim(spec)
         self.row_words = spec.num_kv_heads * self.dp * (2 if self.f16 else 4) // 4
         self.block_words = spec.block_size * self.row_words
         self.nwords = spec.num_blocks * self.block_words
@@ -163,7 +162,7 @@ class _PlanState:
 class _Recorded:
     """A recorded kp.Sequence and the mapped staging views its inputs and outputs go through."""
     __slots__ = ("seq", "labels", "ops", "qview", "kview", "vview", "oview", "q_layer", "o_layer",
-                 "out_f16")
+                 "f16_io")
 
 
 class VulkanBackend(PagedAttention):
@@ -198,7 +197,7 @@ class VulkanBackend(PagedAttention):
         self.last_timestamps: list[tuple[str, int]] | None = None
         self.last_host_s: dict | None = None
         self._staging: dict[tuple, tuple] = {}
-        self._uploads: dict[tuple, object] = {}  # _run_recorded's sequences
+        self._uploads: dict[tuple, tuple] = {}  # _run_recorded's (sequence, labels)
         self._resident: dict[int, object] = {}
         self._algos: dict = {}
         self._steps: OrderedDict = OrderedDict()
@@ -334,13 +333,19 @@ class VulkanBackend(PagedAttention):
             return self._kp.OpTensorSyncLocal([self._sync])
         raise AssertionError(kind)  # stock dispatch/sync ops record their own barriers
 
-    def _run_ops(self, ops, labels=None):
+    def _sequence(self, ops, labels=None):
+        """(a kp.Sequence recording ops, their labels); a patched submission opens with the full
+        barrier."""
         labels = labels or ["op"] * len(ops)
         if self._bare and not isinstance(ops[0], self._kp.OpGlobalBarrier):
             ops, labels = [self._barrier("full")] + list(ops), ["barrier"] + list(labels)
         seq = self._mgr.sequence(0, len(ops) + 1) if self.record_timestamps else self._mgr.sequence()
         for op in ops:
             seq.record(op)
+        return seq, labels
+
+    def _run_ops(self, ops, labels=None):
+        seq, labels = self._sequence(ops, labels)
         self._eval(seq, labels)
         return seq
 
@@ -349,16 +354,11 @@ class VulkanBackend(PagedAttention):
         per key and re-submitted. A new kp.Sequence costs a command pool, a command buffer and a
         recording; on the H200 a fresh sequence's round trip took ~1 ms against ~30 us for a
         recorded one (ADR 0008)."""
-        if self.record_timestamps:
+        if self.record_timestamps:  # timestamps need a sequence with a query pool
             return self._run_ops(make_ops(), labels)
-        seq = self._uploads.get(key)
-        if seq is None:
-            ops = make_ops()
-            if self._bare:
-                ops = [self._barrier("full")] + ops
-            seq = self._uploads[key] = self._mgr.sequence()
-            for op in ops:
-                seq.record(op)
+        if key not in self._uploads:
+            self._uploads[key] = self._sequence(make_ops(), labels)
+        seq, labels = self._uploads[key]
         self._eval(seq, labels)
         return seq
 
@@ -653,8 +653,8 @@ class VulkanBackend(PagedAttention):
             return [cast_out(np.zeros((0, hq, d), np.float32), dt) for dt in qdt]
         fold = len(items) > 1  # a whole step uploads its tables in its one submission
         self._make_resident(st, submit=not fold)
-        out_f16 = all(not isinstance(dt, str) and dt == np.float16 for dt in qdt)
-        rec = self._recording([it[0] for it in items], st, hq, writes, out_f16, repeat)
+        f16_io = all(not isinstance(dt, str) and dt == np.float16 for dt in qdt)
+        rec = self._recording([it[0] for it in items], st, hq, writes, f16_io, repeat)
         self._stage_inputs(rec, items, st, writes)
         t1 = time.perf_counter()
         self._eval(rec.seq, rec.labels)
@@ -681,33 +681,33 @@ class VulkanBackend(PagedAttention):
         outs = []
         for i, dt in enumerate(qdt):
             flat = rec.oview[i * rec.o_layer:(i + 1) * rec.o_layer]
-            if rec.out_f16:
+            if rec.f16_io:
                 flat = flat.view(np.float16)
             o = flat.reshape(st.rcls, hq, -1)[:st.rows, :, :d]
             outs.append(cast_out(o, dt))
         return outs
 
-    def _recording(self, pools, st: _PlanState, hq: int, writes: bool, out_f16: bool, repeat: int):
+    def _recording(self, pools, st: _PlanState, hq: int, writes: bool, f16_io: bool, repeat: int):
         """The recorded sequence for these pools and this batch shape. It binds only size-class
         buffers, so every later step with the same shape re-runs it with new tables, lengths, q
         and k/v written into those buffers. Single-layer recordings live on the pool (any number of
         layers stays recorded); whole-step recordings in a small LRU."""
         key = (st.path, st.rcls, st.maxb, hq, st.n if writes else 0, st.window, st.scale_bits,
-               st.nsplit, st.chunk, out_f16, repeat, len(pools), st.qt, st.tcls)
+               st.nsplit, st.chunk, f16_io, repeat, len(pools), st.qt, st.tcls)
         cache = pools[0].recorded if len(pools) == 1 else self._steps
         full = key if len(pools) == 1 else key + (tuple(p.uid for p in pools),)
         rec = None if self.record_timestamps else cache.get(full)
         if rec is not None:
             cache.move_to_end(full)
             return rec
-        rec = self._record(pools, st, hq, writes, out_f16, repeat)
+        rec = self._record(pools, st, hq, writes, f16_io, repeat)
         if not self.record_timestamps:
             cache[full] = rec
             while len(cache) > (4 if len(pools) == 1 else 8):
                 cache.popitem(last=False)
         return rec
 
-    def _record(self, pools, st: _PlanState, hq: int, writes: bool, out_f16: bool, repeat: int):
+    def _record(self, pools, st: _PlanState, hq: int, writes: bool, f16_io: bool, repeat: int):
         kp = self._kp
         # A recording adds at most 2 algorithms per pool (append, attention) and one reduce.
         for cache in [p.algos for p in pools] + [self._algos]:
@@ -721,7 +721,7 @@ class VulkanBackend(PagedAttention):
         rows = rcls * hq
         per_layer = rows * dp
         n = st.n if writes else 0
-        if out_f16:
+        if f16_io:
             # Every q is fp16: q goes up and the output comes back as fp16 pairs, so the host
             # neither widens q nor narrows the output (numpy's float16 casts cost more than the
             # copies: ADR 0008).
@@ -765,8 +765,8 @@ class VulkanBackend(PagedAttention):
                 else:
                     shader, defines = "decode.comp", self._decode_defines(pool, group, splitk)
                     wgx = rcls * spec.num_kv_heads
-                defines["OUT_F16"] = int(out_f16 and not splitk)
-                defines["Q_F16"] = int(out_f16)
+                defines["OUT_F16"] = int(f16_io and not splitk)
+                defines["Q_F16"] = int(f16_io)
                 algo = self._algorithm(pool.algos, shader, defines, tensors,
                                        [wgx, st.nsplit, 1], 10, "attn")
                 out_off = i * rows * st.nsplit if splitk else i * per_layer
@@ -776,7 +776,7 @@ class VulkanBackend(PagedAttention):
             if splitk:
                 add(self._barrier(), "barrier")
                 ralgo = self._algorithm(self._algos, "splitk_reduce.comp",
-                                        {"DP": dp, "WG": REDUCE_WG, "OUT_F16": int(out_f16)},
+                                        {"DP": dp, "WG": REDUCE_WG, "OUT_F16": int(f16_io)},
                                         [pot, pmt, ot], [rows, 1, 1], 4, "reduce")
                 for i in range(nl):
                     add(self._dispatch(ralgo, [i * rows * st.nsplit, i * per_layer, st.nsplit, rows]),
@@ -791,7 +791,7 @@ class VulkanBackend(PagedAttention):
         rec = _Recorded()
         rec.seq, rec.labels, rec.ops = seq, labels, ops
         rec.qview, rec.kview, rec.vview, rec.oview = qview, kview, vview, oview
-        rec.q_layer, rec.o_layer, rec.out_f16 = per_layer, per_layer // (2 if out_f16 else 1), out_f16
+        rec.q_layer, rec.o_layer, rec.f16_io = per_layer, per_layer // (2 if f16_io else 1), f16_io
         return rec
 
     # -- internals for tests and benchmarks ---------------------------------------------------------

@@ -62,7 +62,7 @@ layout(std430, binding = 6) writeonly buffer PartML { float part_ml[]; };
 #endif
 
 layout(push_constant) uniform Params {
-    uint q_off;       // float offset of this layer's q [B, HQ, DP]
+    uint q_off;       // element offset of this layer's q [B, HQ, DP]
     uint out_off;     // fused: float offset of the output; split-K: partial row offset
     uint tab_off;     // int offset of the block tables [B, maxb]
     uint maxb;        // block-table width

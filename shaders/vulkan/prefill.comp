@@ -88,7 +88,7 @@ layout(std430, binding = 5) writeonly buffer Out { vec4 outbuf[]; };
 layout(std430, binding = 6) readonly buffer Tiles { int tiles[]; };
 
 layout(push_constant) uniform Params {
-    uint q_off;       // float offset of this layer's q [rows, HQ, DP]
+    uint q_off;       // element offset of this layer's q [rows, HQ, DP]
     uint out_off;     // element offset of the output
     uint tab_off;     // int offset of the block tables [B, maxb]
     uint maxb;        // block-table width

@@ -241,8 +241,9 @@ def test_patched_kompute_staging_prefers_cached_system_memory(vk):
 
 
 def test_polled_fence_wait_gives_the_same_answers(monkeypatch):
-    """Patch level 3: a submission polls its fence (PAGED_ATTENTION_VK_SPIN_US) before the
-    blocking wait; the sequences, outputs and counters are those of the blocking wait."""
+    """Patch level 4: a submission polls a fence its sequence keeps (PAGED_ATTENTION_VK_SPIN_US)
+    before a blocking wait; VK_SPIN_US=0 goes through kp's own eval(). Both give the reference's
+    answer and the same outputs."""
     import kp
     from paged_attention import settings
     from paged_attention.backends.vulkan import Backend
