@@ -92,19 +92,9 @@ class Plan:
 
 
 
-_DTYPE_NAMES: dict = {}
-
-
-def _dtype(x) -> str:
-    """dtype_name, memoised per dtype object (run() checks it per layer)."""
-    dt = getattr(x, "dtype", None)
-    try:
-        name = _DTYPE_NAMES.get(dt)
-    except TypeError:  # an unhashable dtype: name it the slow way
-        return dtype_name(x)
-    if name is None:
-        name = _DTYPE_NAMES[dt] = dtype_name(x)
-    return name
+@functools.lru_cache(maxsize=None)
+def _float_only(dtypes: tuple) -> tuple:
+    return tuple(d for d in dtypes if d in FLOAT_DTYPES)  # run() asks per layer: computed once
 
 
 def _shape(x) -> tuple | None:
@@ -144,7 +134,7 @@ class PagedAttention(ABC):
     def kv_dtypes(self) -> tuple[str, ...]:
         """dtypes write_kv accepts for new k/v: the float dtypes the backend also takes for q
         (a backend that cannot read bfloat16 arrays must reject them before writing anything)."""
-        return tuple(d for d in self.q_dtypes if d in FLOAT_DTYPES)
+        return _float_only(self.q_dtypes)
 
     @property
     @abstractmethod
@@ -359,7 +349,7 @@ class PagedAttention(ABC):
                 pool.spec is not plan.spec and pool.spec != plan.spec):
             self._check_pool(pool)
             raise InvalidInput(f"pool: geometry {pool.spec} does not match the plan's {plan.spec}")
-        if _shape(q) != plan.q_shape or _dtype(q) not in self.q_dtypes:
+        if _shape(q) != plan.q_shape or dtype_name(q) not in self.q_dtypes:
             check_q(q, plan.spec, self.q_dtypes, rows=plan.num_rows, num_q_heads=plan.num_q_heads,
                     form="[N, Hq, D]")
         if k is None and v is None:
@@ -369,9 +359,10 @@ class PagedAttention(ABC):
         if plan.slots is None:
             raise InvalidInput("k, v: the plan has no slot_mapping to write them at; pass "
                                "slot_mapping to plan()")
+        kv_dtypes = self.kv_dtypes
         if (_shape(k) != plan.kv_shape or _shape(v) != plan.kv_shape
-                or _dtype(k) not in self.kv_dtypes or _dtype(v) not in self.kv_dtypes):
-            check_kv(plan.spec, plan.slots.shape[0], k, v, self.kv_dtypes)
+                or dtype_name(k) not in kv_dtypes or dtype_name(v) not in kv_dtypes):
+            check_kv(plan.spec, plan.slots.shape[0], k, v, kv_dtypes)
 
     def close(self) -> None:
         """Release device resources. The backend is unusable afterwards."""

@@ -18,10 +18,20 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(x) -> str:
-    """'float16' for numpy, MLX ('mlx.core.float16') and plain strings alike."""
+    """'float16' for numpy, MLX ('mlx.core.float16') and plain strings alike. Memoised per dtype
+    object: str() of a numpy dtype costs microseconds, and run() asks several times per layer."""
     dt = getattr(x, "dtype", x)
-    return str(dt).rsplit(".", 1)[-1]
+    try:
+        return _DTYPE_NAMES[dt]
+    except KeyError:
+        name = _DTYPE_NAMES[dt] = str(dt).rsplit(".", 1)[-1]
+        return name
+    except TypeError:  # unhashable: name it without the memo
+        return str(dt).rsplit(".", 1)[-1]
 
 
 def shape_of(x, name: str) -> tuple[int, ...]:

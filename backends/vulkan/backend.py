@@ -199,6 +199,7 @@ class VulkanBackend(PagedAttention):
         self._staging: dict[tuple, tuple] = {}
         self._uploads: dict[tuple, tuple] = {}  # _run_recorded's (sequence, labels)
         self._resident: dict[int, object] = {}
+        self._resident_last = None  # token of the plan whose tables were uploaded last
         self._algos: dict = {}
         self._steps: OrderedDict = OrderedDict()
         self._closed = False
@@ -394,6 +395,7 @@ class VulkanBackend(PagedAttention):
         self._uploads.clear()
         self._staging.clear()
         self._resident.clear()
+        self._resident_last = None
         self.algos_live = 0
         self._mgr.destroy()
         self._mgr = None
@@ -448,6 +450,17 @@ class VulkanBackend(PagedAttention):
             padded[..., :pool.head_dim] = x
             x = padded
         return np.ascontiguousarray(x, dtype=dt).reshape(-1).view(np.uint32)
+
+    def _put_rows(self, pool: VulkanPool, dst: np.ndarray, x) -> None:
+        """_pack_rows straight into dst (uint32 words of mapped staging): one copy, not two. The
+        staging is shared by pools of other row layouts, so the padding is written too."""
+        if pool.bf16:
+            dst[:] = self._pack_rows(pool, x)
+            return
+        rows = dst.view(np.float16 if pool.f16 else np.float32).reshape(-1, pool.spec.num_kv_heads, pool.dp)
+        rows[..., :pool.head_dim] = host(x)
+        if pool.dp != pool.head_dim:
+            rows[..., pool.head_dim:] = 0
 
     def _write_kv(self, pool: VulkanPool, slots: np.ndarray, k, v) -> None:
         self._check_open()
@@ -604,8 +617,11 @@ class VulkanBackend(PagedAttention):
         """Write the plan's tables/lengths/slots into their device buffers unless they hold them
         already (another plan of the same size class may have overwritten them). submit=False:
         the caller's own sequence uploads them."""
+        if self._resident_last is st.token:  # nothing has been uploaded since this plan's tables
+            return
         bufs = self._table_bufs(st)
         if all(self._resident.get(id(t)) is st.token for t in bufs):
+            self._resident_last = st.token
             return
         self._view(st.tables)[:st.tables_host.size] = st.tables_host
         self._view(st.lens)[:st.rcls] = st.lens_host
@@ -618,6 +634,7 @@ class VulkanBackend(PagedAttention):
                                lambda: [self._kp.OpTensorSyncDevice(bufs)], ["upload_tables"])
         for t in bufs:
             self._resident[id(t)] = st.token
+        self._resident_last = st.token
 
     def _run(self, plan: Plan, q, pool: VulkanPool, k, v):
         st = plan.device
@@ -672,8 +689,8 @@ class VulkanBackend(PagedAttention):
             dst[:st.rows, :, :d] = host(q)
             if writes and st.n:
                 w = st.n * pool.row_words
-                rec.kview[i * w:(i + 1) * w] = self._pack_rows(pool, k)
-                rec.vview[i * w:(i + 1) * w] = self._pack_rows(pool, v)
+                self._put_rows(pool, rec.kview[i * w:(i + 1) * w], k)
+                self._put_rows(pool, rec.vview[i * w:(i + 1) * w], v)
 
     def _read_outputs(self, rec: _Recorded, st: _PlanState, nl: int, hq: int, d: int, qdt) -> list:
         """One copy of the used rows out of the mapped staging memory per layer (fp16 words when

@@ -221,6 +221,38 @@ def test_prefill_kernel_clamps_like_the_decode_kernel(vk):
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("order", ["narrow_first", "wide_first"])
+def test_run_writes_rows_of_every_layout_through_shared_staging(vk, order):
+    """run() writes new k/v straight into the shared knew/vnew staging; pools of other row layouts
+    (padded head dims, fp32, bf16) use the same size-class buffers in turn, so each write must
+    lay out its own rows, padding included: the stored rows and the outputs match the reference."""
+    rng = np.random.default_rng(11)
+    b, width = 3, 2
+    geos = [(128, "float16"), (100, "float16"), (36, "float32"), (100, "bfloat16"), (20, "float32")]
+    if order == "wide_first":
+        geos = geos[::-1]
+    tables = rng.permutation(b * width).astype(np.int32).reshape(b, width)
+    lens = np.array([3, 17, 30])
+    slots = tables[np.arange(b), (lens - 1) // BS] * BS + (lens - 1) % BS
+    for step in range(2):
+        for d, dtype in geos:
+            pool = vk.create_pool(b * width, BS, HKV, d, dtype)
+            plan = vk.plan(pool, tables, lens, num_q_heads=HQ, slot_mapping=slots)
+            np_dt = np.float32 if dtype == "bfloat16" else np.dtype(dtype)
+            q = rng.standard_normal((b, HQ, d)).astype(np_dt)
+            k = rng.standard_normal((b, HKV, d)).astype(np_dt)
+            v = rng.standard_normal((b, HKV, d)).astype(np_dt)
+            out = vk.run(plan, q, pool, k, v)
+            kh, vh = pool.to_numpy()
+            blk, off = np.divmod(slots, BS)
+            tol = 1e-2 if dtype == "bfloat16" else 1e-3
+            np.testing.assert_allclose(kh[blk, off], k, atol=tol, rtol=tol)
+            np.testing.assert_allclose(vh[blk, off], v, atol=tol, rtol=tol)
+            assert not kh[~np.isin(np.arange(b * width * BS), slots).reshape(kh.shape[:2])].any()
+            want = reference.decode(q, kh, vh, tables, lens)
+            assert reference.rms(out, want) < TOL, (d, dtype)
+
+
 def test_patched_kompute_staging_prefers_cached_system_memory(vk):
     """ADR 0008: host-visible staging memory prefers HOST_CACHED and avoids DEVICE_LOCAL where
     such a type exists (stock 0.9 takes the first host-visible type: BAR memory on the H100)."""

@@ -217,25 +217,48 @@ def bench_model_loop(be, a, rng, kernel_us):
     kv = rng.standard_normal((batch, a.kv_heads, a.head_dim)).astype(dt)
     q0 = rng.standard_normal((batch, a.q_heads, a.head_dim)).astype(dt)
 
-    def step():
+    phases: list[dict] = []
+
+    def step(log=False):
+        t0 = time.perf_counter()
         plan = be.plan(pools[0], tables, lens, num_q_heads=a.q_heads, slot_mapping=slots)
+        acc = {"plan": time.perf_counter() - t0, "prepare": 0.0, "submit": 0.0, "wait": 0.0,
+               "outputs": 0.0}
         x = q0
         for pool in pools:
             x = be.run(plan, x, pool, kv, kv)
+            if log:
+                h = be.last_host_s
+                acc["prepare"] += h["prepare"]
+                acc["outputs"] += h["outputs"]
+                if be._poll_ns:  # the patched eval splits its time: submitting, then waiting
+                    acc["submit"] += be.last_submit_wait_ns[0] / 1e9
+                    acc["wait"] += be.last_submit_wait_ns[1] / 1e9
+                else:
+                    acc["wait"] += h["submit_wait"]
+        if log:
+            phases.append(acc)
         return x
     warm_up(step, a.warmup)
     c0 = be.counters()
     walls = []
     for _ in range(max(3, a.iters // 4)):
         t0 = time.perf_counter()
-        step()
+        step(log=True)
         walls.append(time.perf_counter() - t0)
     c1 = be.counters()
     wall = float(np.median(walls)) * 1e3
+    # Where a layer's time goes (us per layer, medians over steps): plan() once per step, run()'s
+    # own Python before the submission (prepare) and after it (outputs), the submission and the
+    # fence wait (GPU work of the layer's submission plus the round trip), and the rest (run()'s
+    # checks, the loop itself).
+    per_layer = {k: float(np.median([p[k] for p in phases])) * 1e6 / a.layers for k in phases[0]}
+    per_layer["other"] = wall * 1e3 / a.layers - sum(per_layer.values())
     del pools
     return {"layers": a.layers, "batch": batch, "context": ctx, "wall_ms": wall,
             "sum_kernels_ms": a.layers * kernel_us / 1e3,
             "ratio": wall / (a.layers * kernel_us / 1e3) if kernel_us else None,
+            "per_layer_us": per_layer,
             "recordings_per_step": (c1["recordings"] - c0["recordings"]) / len(walls),
             "submissions_per_step": (c1["submissions"] - c0["submissions"]) / len(walls)}
 
@@ -381,6 +404,8 @@ def main(argv=None) -> int:
               f"{loop['sum_kernels_ms']:.2f} ms = {fmt(loop['ratio'], '.2f')}x (target <= 1.5); "
               f"{loop['submissions_per_step']:.0f} submissions, {loop['recordings_per_step']:.0f} "
               f"recordings per step", flush=True)
+        print("  per layer, us: " + ", ".join(f"{k} {v:.1f}" for k, v in loop["per_layer_us"].items())
+              + f" (kernel {kernel_us or 0:.1f})", flush=True)
     tiny = bench_tiny(be, a, rng)
     extra["tiny"] = tiny
     print(f"tiny round trip (B=1, ctx 16): run {tiny['run_us']:.0f} us per layer (target <= 150), "
