@@ -92,6 +92,9 @@ class Plan:
 
 
 
+_SPECS: dict = {}
+
+
 @functools.lru_cache(maxsize=None)
 def _float_only(dtypes: tuple) -> tuple:
     return tuple(d for d in dtypes if d in FLOAT_DTYPES)  # run() asks per layer: computed once
@@ -152,6 +155,9 @@ class PagedAttention(ABC):
     def create_pool(self, num_blocks, block_size, num_kv_heads, head_dim, dtype="float16") -> KVPool:
         """A zero-filled pool pair for one layer."""
         spec = check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, self.pool_dtypes)
+        # One object per geometry: run() then matches a layer's pool to its plan by identity
+        # (a dataclass __eq__ per layer costs more than every other check of run()).
+        spec = _SPECS.setdefault(spec, spec)
         pool = self._create_pool(spec)
         pool._owner_token = self._pool_token
         return pool

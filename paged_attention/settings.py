@@ -37,6 +37,7 @@ class Settings:
     vk_split_occupancy: float = 2.0         # VK_SPLIT_OCC: split-K workgroups per compute unit
     vk_stock_barriers: int = 0              # VK_STOCK_BARRIERS: 1 records Kompute's own barriers
     vk_spin_us: int = 2000                  # VK_SPIN_US: poll a submission's fence this long before sleeping
+    vk_host_io: int = 1                     # VK_HOST_IO: 0 copies q/k/v/out through device buffers
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -61,7 +62,7 @@ ENV_NAMES = {
     "vk_probe_timeout_s": "VK_PROBE_TIMEOUT", "vk_compute_units": "VK_CUS", "vk_chunk": "VK_CHUNK",
     "vk_tpt": "VK_TPT", "vk_wg": "VK_WG", "vk_unroll": "VK_U", "vk_query_tile": "VK_QT",
     "vk_split_occupancy": "VK_SPLIT_OCC", "vk_stock_barriers": "VK_STOCK_BARRIERS",
-    "vk_spin_us": "VK_SPIN_US",
+    "vk_spin_us": "VK_SPIN_US", "vk_host_io": "VK_HOST_IO",
 }
 
 _lock = threading.Lock()

@@ -5,10 +5,12 @@ Device tensors
              words; fp16 pools hold two halves per word (numpy's float16 -> uint32 view equals
              packHalf2x16), fp32 pools hold float bits. DP is the head dim padded to 8 (fp16) or
              4 (fp32) elements so every row can be read with 16-byte loads; padding stays zero.
-  staging    eDevice tensors in power-of-two size classes, one per (role, class), kept until
+  staging    tensors in power-of-two size classes, one per (role, class, kind), kept until
              close and shared by all layers: q and out (float32, or fp16 pairs in uint32 words
-             when every q is fp16), knew/vnew (uint32 words), tables, lens, slots, tiles (int32)
-             and the split-K scratch part_o/part_ml (eStorage). A batch of N rows runs as its
+             when every q is fp16) and knew/vnew (uint32 words), eHost tensors the shaders read
+             and write in place with the patched Kompute (VK_HOST_IO, the default), else
+             eDevice tensors copied in and out; tables, lens, slots, tiles (int32, eDevice);
+             the split-K scratch part_o/part_ml (eStorage). A batch of N rows runs as its
              class (next power of two); rows past N have length 0 and give zeros never read.
 Kernels
   decode.comp   one workgroup per (query row, KV head[, split]): decode rows and the split-K pass.
@@ -58,6 +60,7 @@ APPEND_WG = 256
 REDUCE_WG = 128
 MAX_GRID = 4096  # workgroups of the grid-stride shaders
 MIN_CHUNK = 512  # split-K: fewest tokens per split
+_F16 = np.dtype(np.float16)
 
 
 class DeviceOutOfMemory(PagedAttentionError):
@@ -73,7 +76,8 @@ def _pow2_ceil(x: int) -> int:
 
 
 # Vulkan stage and access bits for kp.OpGlobalBarrier (patched Kompute).
-_TRANSFER, _COMPUTE = 0x1000, 0x800
+_TRANSFER, _COMPUTE, _HOST = 0x1000, 0x800, 0x4000
+_HOST_READ = 0x2000
 _SHADER_READ, _SHADER_WRITE, _TRANSFER_READ, _TRANSFER_WRITE = 0x20, 0x40, 0x800, 0x1000
 _BARRIERS = {
     # Opens every patched sequence: orders this submission's uploads and every earlier
@@ -82,6 +86,8 @@ _BARRIERS = {
              _SHADER_READ | _SHADER_WRITE | _TRANSFER_READ | _TRANSFER_WRITE),
     "compute->compute": (_COMPUTE, _COMPUTE, _SHADER_WRITE, _SHADER_READ | _SHADER_WRITE),
     "compute->transfer": (_COMPUTE, _TRANSFER, _SHADER_WRITE, _TRANSFER_READ),
+    # Closes a host-I/O sequence: shader writes to host memory, then read by the host.
+    "compute->host": (_COMPUTE, _HOST, _SHADER_WRITE, _HOST_READ),
 }
 MAX_POOL_ALGOS = 48  # kp.Algorithm objects per pool before its recordings and kernels are rebuilt
 PREFILL_WG = 128            # prefill.comp workgroup size
@@ -156,12 +162,12 @@ class _PlanState:
     buffers), its batch size class and split geometry. `token` marks whose tables a buffer holds."""
     __slots__ = ("token", "rows", "rcls", "maxb", "path", "window", "scale_bits", "nsplit", "chunk",
                  "n", "tables_host", "lens_host", "slots_host", "tables", "lens", "slots", "qt",
-                 "tcls", "tiles_host", "tiles")
+                 "tcls", "tiles_host", "tiles", "keys")
 
 
 class _Recorded:
     """A recorded kp.Sequence and the mapped staging views its inputs and outputs go through."""
-    __slots__ = ("seq", "labels", "ops", "qview", "kview", "vview", "oview", "q_layer", "o_layer",
+    __slots__ = ("seq", "labels", "ops", "qrows", "krows", "vrows", "orows", "kview", "vview",
                  "f16_io")
 
 
@@ -192,6 +198,10 @@ class VulkanBackend(PagedAttention):
         self._bare = hasattr(kp, "OpAlgoDispatchBare") and hasattr(kp, "OpGlobalBarrier") \
             and not settings.get().vk_stock_barriers
         self._poll_ns = settings.get().vk_spin_us * 1000 if hasattr(kp.Sequence, "pa_eval_poll") else 0
+        # Patched Kompute: recorded attention binds q, new k/v and the output in host memory
+        # (cached system memory, kp's eHost tensors) to the shaders, so a layer's submission has
+        # no upload or download copy and no transfer barriers (ADR 0008).
+        self._host_io = self._bare and bool(settings.get().vk_host_io)
         self.last_submit_wait_ns = None  # host ns submitting / waiting, last polled submission
         self.record_timestamps = False  # bench: latch a timestamp after every recorded op
         self.last_timestamps: list[tuple[str, int]] | None = None
@@ -248,7 +258,8 @@ class VulkanBackend(PagedAttention):
 
     def _new_tensor(self, n: int, dtype, kind: str):
         kp = self._kp
-        tt = {"storage": kp.TensorTypes.storage, "device": kp.TensorTypes.device}[kind]
+        tt = {"storage": kp.TensorTypes.storage, "device": kp.TensorTypes.device,
+              "host": kp.TensorTypes.host}[kind]
         try:
             return self._mgr.tensor_t(np.zeros(max(int(n), 1), dtype=dtype), tt)
         except RuntimeError as exc:
@@ -266,10 +277,10 @@ class VulkanBackend(PagedAttention):
         view). One tensor per (name, class), kept until close: recordings bind them, and a copy
         (OpTensorSyncDevice/Local moves the whole tensor) never moves more than 2x the data."""
         cap = max(64, _pow2_ceil(n))
-        cur = self._staging.get((name, cap))
+        cur = self._staging.get((name, cap, kind))
         if cur is None:
             t = self._new_tensor(cap, dtype, kind)
-            cur = self._staging[(name, cap)] = (t, t.data() if kind == "device" else None)
+            cur = self._staging[(name, cap, kind)] = (t, None if kind == "storage" else t.data())
         return cur
 
     def _view(self, t):
@@ -451,16 +462,15 @@ class VulkanBackend(PagedAttention):
             x = padded
         return np.ascontiguousarray(x, dtype=dt).reshape(-1).view(np.uint32)
 
-    def _put_rows(self, pool: VulkanPool, dst: np.ndarray, x) -> None:
-        """_pack_rows straight into dst (uint32 words of mapped staging): one copy, not two. The
-        staging is shared by pools of other row layouts, so the padding is written too."""
-        if pool.bf16:
-            dst[:] = self._pack_rows(pool, x)
-            return
-        rows = dst.view(np.float16 if pool.f16 else np.float32).reshape(-1, pool.spec.num_kv_heads, pool.dp)
-        rows[..., :pool.head_dim] = host(x)
-        if pool.dp != pool.head_dim:
-            rows[..., pool.head_dim:] = 0
+    @staticmethod
+    def _put_rows(pool: VulkanPool, rows: np.ndarray, x) -> None:
+        """_pack_rows straight into rows ([N, Hkv, DP] view of mapped staging in the pool's fp16
+        or fp32 dtype): one copy, not two. The staging is shared by pools of other row layouts,
+        so the padding is written too."""
+        d = pool.spec.head_dim
+        rows[..., :d] = host(x)
+        if pool.dp != d:
+            rows[..., d:] = 0
 
     def _write_kv(self, pool: VulkanPool, slots: np.ndarray, k, v) -> None:
         self._check_open()
@@ -554,6 +564,7 @@ class VulkanBackend(PagedAttention):
         buffers (uploaded by `_make_resident`), split geometry and the batch's size class."""
         st = _PlanState()
         st.token = object()
+        st.keys = {}  # _recording's cache keys, per (pools, hq, writes, f16_io, repeat)
         st.rows, st.maxb = args.batch, int(args.block_tables.shape[1])
         st.rcls = _pow2_ceil(st.rows)
         st.path, st.window = path, args.window or 0
@@ -670,7 +681,7 @@ class VulkanBackend(PagedAttention):
             return [cast_out(np.zeros((0, hq, d), np.float32), dt) for dt in qdt]
         fold = len(items) > 1  # a whole step uploads its tables in its one submission
         self._make_resident(st, submit=not fold)
-        f16_io = all(not isinstance(dt, str) and dt == np.float16 for dt in qdt)
+        f16_io = all(dt is _F16 for dt in qdt)  # a byte-swapped float16 q takes the float32 path
         rec = self._recording([it[0] for it in items], st, hq, writes, f16_io, repeat)
         self._stage_inputs(rec, items, st, writes)
         t1 = time.perf_counter()
@@ -683,36 +694,38 @@ class VulkanBackend(PagedAttention):
     def _stage_inputs(self, rec: _Recorded, items, st: _PlanState, writes: bool) -> None:
         """q (padded head dim; fp16 when every q is fp16, else float32) and the new k/v rows into
         the mapped staging memory."""
-        d = items[0][0].head_dim
+        d, rows = items[0][0].head_dim, st.rows
         for i, (pool, q, k, v) in enumerate(items):
-            dst = rec.qview[i * rec.q_layer:(i + 1) * rec.q_layer].reshape(st.rcls, -1, pool.dp)
-            dst[:st.rows, :, :d] = host(q)
+            rec.qrows[i][:rows, :, :d] = host(q)
             if writes and st.n:
-                w = st.n * pool.row_words
-                self._put_rows(pool, rec.kview[i * w:(i + 1) * w], k)
-                self._put_rows(pool, rec.vview[i * w:(i + 1) * w], v)
+                if rec.krows is None:  # bfloat16 pools: rounded to bit patterns first
+                    w = st.n * pool.row_words
+                    rec.kview[i * w:(i + 1) * w] = self._pack_rows(pool, k)
+                    rec.vview[i * w:(i + 1) * w] = self._pack_rows(pool, v)
+                else:
+                    self._put_rows(pool, rec.krows[i], k)
+                    self._put_rows(pool, rec.vrows[i], v)
 
     def _read_outputs(self, rec: _Recorded, st: _PlanState, nl: int, hq: int, d: int, qdt) -> list:
         """One copy of the used rows out of the mapped staging memory per layer (fp16 words when
         every q is fp16), straight into the caller's dtype."""
-        outs = []
-        for i, dt in enumerate(qdt):
-            flat = rec.oview[i * rec.o_layer:(i + 1) * rec.o_layer]
-            if rec.f16_io:
-                flat = flat.view(np.float16)
-            o = flat.reshape(st.rcls, hq, -1)[:st.rows, :, :d]
-            outs.append(cast_out(o, dt))
-        return outs
+        return [cast_out(rec.orows[i][:st.rows, :, :d], dt) for i, dt in enumerate(qdt)]
 
     def _recording(self, pools, st: _PlanState, hq: int, writes: bool, f16_io: bool, repeat: int):
         """The recorded sequence for these pools and this batch shape. It binds only size-class
         buffers, so every later step with the same shape re-runs it with new tables, lengths, q
         and k/v written into those buffers. Single-layer recordings live on the pool (any number of
         layers stays recorded); whole-step recordings in a small LRU."""
-        key = (st.path, st.rcls, st.maxb, hq, st.n if writes else 0, st.window, st.scale_bits,
-               st.nsplit, st.chunk, f16_io, repeat, len(pools), st.qt, st.tcls)
+        memo = (hq, writes, f16_io, repeat) if len(pools) == 1 else None
+        full = st.keys.get(memo) if memo else None
+        if full is None:
+            full = (st.path, st.rcls, st.maxb, hq, st.n if writes else 0, st.window, st.scale_bits,
+                    st.nsplit, st.chunk, f16_io, repeat, len(pools), st.qt, st.tcls)
+            if len(pools) == 1:
+                st.keys[memo] = full
+            else:
+                full += (tuple(p.uid for p in pools),)
         cache = pools[0].recorded if len(pools) == 1 else self._steps
-        full = key if len(pools) == 1 else key + (tuple(p.uid for p in pools),)
         rec = None if self.record_timestamps else cache.get(full)
         if rec is not None:
             cache.move_to_end(full)
@@ -738,20 +751,21 @@ class VulkanBackend(PagedAttention):
         rows = rcls * hq
         per_layer = rows * dp
         n = st.n if writes else 0
+        io = "host" if self._host_io else "device"
         if f16_io:
             # Every q is fp16: q goes up and the output comes back as fp16 pairs, so the host
             # neither widens q nor narrows the output (numpy's float16 casts cost more than the
             # copies: ADR 0008).
-            qt, qview = self._buf("q16", nl * per_layer // 2, np.uint32)
+            qt, qview = self._buf("q16", nl * per_layer // 2, np.uint32, io)
             qview = qview.view(np.float16)
-            ot, oview = self._buf("out16", nl * per_layer // 2, np.uint32)
+            ot, oview = self._buf("out16", nl * per_layer // 2, np.uint32, io)
         else:
-            qt, qview = self._buf("q", nl * per_layer, np.float32)
-            ot, oview = self._buf("out", nl * per_layer, np.float32)
+            qt, qview = self._buf("q", nl * per_layer, np.float32, io)
+            ot, oview = self._buf("out", nl * per_layer, np.float32, io)
         kt = vt = kview = vview = None
         if n:
-            kt, kview = self._buf("knew", nl * n * pool0.row_words, np.uint32)
-            vt, vview = self._buf("vnew", nl * n * pool0.row_words, np.uint32)
+            kt, kview = self._buf("knew", nl * n * pool0.row_words, np.uint32, io)
+            vt, vview = self._buf("vnew", nl * n * pool0.row_words, np.uint32, io)
         if splitk:
             pot, _ = self._buf("part_o", nl * rows * st.nsplit * dp, np.float32, "storage")
             pmt, _ = self._buf("part_ml", nl * rows * st.nsplit * 2, np.float32, "storage")
@@ -762,7 +776,9 @@ class VulkanBackend(PagedAttention):
             labels.append(label)
 
         tables = self._table_bufs(st) if nl > 1 else []
-        add(kp.OpTensorSyncDevice([qt] + ([kt, vt] if n else []) + tables), "upload")
+        uploads = ([] if self._host_io else [qt] + ([kt, vt] if n else [])) + tables
+        if uploads:
+            add(kp.OpTensorSyncDevice(uploads), "upload")
         if self._bare:
             add(self._barrier("full"), "barrier")
         if n:
@@ -798,17 +814,29 @@ class VulkanBackend(PagedAttention):
                 for i in range(nl):
                     add(self._dispatch(ralgo, [i * rows * st.nsplit, i * per_layer, st.nsplit, rows]),
                         f"reduce{i}.{r}")
-        if self._bare:
-            add(self._barrier("compute->transfer"), "barrier")
-        add(kp.OpTensorSyncLocal([ot]), "download")
+        if self._host_io:
+            add(self._barrier("compute->host"), "barrier")
+        else:
+            if self._bare:
+                add(self._barrier("compute->transfer"), "barrier")
+            add(kp.OpTensorSyncLocal([ot]), "download")
         seq = self._mgr.sequence(0, len(ops) + 1) if self.record_timestamps else self._mgr.sequence()
         for op in ops:
             seq.record(op)
         self.recordings += 1
         rec = _Recorded()
         rec.seq, rec.labels, rec.ops = seq, labels, ops
-        rec.qview, rec.kview, rec.vview, rec.oview = qview, kview, vview, oview
-        rec.q_layer, rec.o_layer, rec.f16_io = per_layer, per_layer // (2 if f16_io else 1), f16_io
+        # Per-layer views of the mapped staging, made once: [rcls, Hq, DP] q and output rows,
+        # [n, Hkv, DP] new k/v rows in the pool's dtype (bfloat16 pools write words: kview).
+        rec.qrows = [qview[i * per_layer:(i + 1) * per_layer].reshape(rcls, hq, dp) for i in range(nl)]
+        if f16_io:
+            oview = oview.view(np.float16)
+        rec.orows = [oview[i * per_layer:(i + 1) * per_layer].reshape(rcls, hq, dp) for i in range(nl)]
+        rec.kview, rec.vview, rec.krows, rec.vrows, rec.f16_io = kview, vview, None, None, f16_io
+        if n and not pool0.bf16:
+            w, dt = n * pool0.row_words, np.float16 if pool0.f16 else np.float32
+            rec.krows, rec.vrows = ([view[i * w:(i + 1) * w].view(dt).reshape(n, spec.num_kv_heads, dp)
+                                     for i in range(nl)] for view in (kview, vview))
         return rec
 
     # -- internals for tests and benchmarks ---------------------------------------------------------

@@ -307,6 +307,50 @@ def test_polled_fence_wait_gives_the_same_answers(monkeypatch):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_host_io_binds_host_memory_and_gives_the_same_answers(dtype):
+    """Patched Kompute: a recorded attention binds q, new k/v and the output in host memory
+    (PAGED_ATTENTION_VK_HOST_IO=1, no upload/download copies in the sequence); VK_HOST_IO=0
+    copies them through device buffers. Same writes, same outputs, both the reference's."""
+    import kp
+    from paged_attention import settings
+    from paged_attention.backends.vulkan import Backend
+    if not hasattr(kp, "OpGlobalBarrier"):
+        pytest.skip("kp without the paged-attention patch; scripts/build_kompute.sh builds it")
+    rng = np.random.default_rng(9)
+    b, width = 3, 3
+    tables = rng.permutation(b * width).astype(np.int32).reshape(b, width)
+    lens = np.array([17, 40, 5])
+    slots = tables[np.arange(b), (lens - 1) // BS] * BS + (lens - 1) % BS
+    old = np.arange(b * width * BS)
+    kv0 = rng.standard_normal((old.size, HKV, D)).astype(dtype)
+    q = rng.standard_normal((b, HQ, D)).astype(dtype)
+    k, v = (rng.standard_normal((b, HKV, D)).astype(dtype) for _ in range(2))
+    outs, pools = [], []
+    for host_io in (1, 0):
+        with settings.override(vk_host_io=host_io):
+            be = Backend()
+        try:
+            assert be._host_io == bool(host_io)
+            pool = be.create_pool(b * width, BS, HKV, D, dtype)
+            be.write_kv(pool, old, kv0, kv0)
+            for path in ("fused", "splitk"):
+                plan = be.plan(pool, tables, lens, num_q_heads=HQ, slot_mapping=slots, path=path)
+                outs.append(be.run(plan, q, pool, k, v))
+                rec = next(reversed(pool.recorded.values()))
+                assert ("upload" in rec.labels, "download" in rec.labels) == (not host_io,) * 2
+            kh, vh = pool.to_numpy()
+            pools.append((kh, vh))
+            want = reference.decode(q, kh, vh, tables, lens)
+            assert reference.rms(outs[-1], want) < TOL and reference.rms(outs[-2], want) < TOL
+        finally:
+            be.close()
+    np.testing.assert_array_equal(pools[0][0], pools[1][0])
+    np.testing.assert_array_equal(pools[0][1], pools[1][1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    np.testing.assert_array_equal(outs[1], outs[3])
+
+
 def test_failed_allocation_is_a_clear_error(vk, monkeypatch):
     """The patched Kompute raises RuntimeError naming vkAllocateMemory where stock 0.9 bound a
     null VkDeviceMemory (the MLX + Kompute segfault); the backend turns it into DeviceOutOfMemory
