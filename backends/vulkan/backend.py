@@ -48,7 +48,7 @@ import numpy as np
 
 from paged_attention import devices, settings
 from paged_attention.errors import InvalidInput, PagedAttentionError
-from paged_attention.host_arrays import cast_out, host, out_dtype, to_bf16_bits
+from paged_attention.host_arrays import cast_out, copy_into, host, out_dtype, to_bf16_bits
 from paged_attention.interface import KVPool, LayerStep, PagedAttention, Plan
 from paged_attention.validation import DecodeArgs, PoolSpec
 
@@ -696,7 +696,7 @@ class VulkanBackend(PagedAttention):
         the mapped staging memory."""
         d, rows = items[0][0].head_dim, st.rows
         for i, (pool, q, k, v) in enumerate(items):
-            rec.qrows[i][:rows, :, :d] = host(q)
+            copy_into(rec.qrows[i][:rows, :, :d], host(q))
             if writes and st.n:
                 if rec.krows is None:  # bfloat16 pools: rounded to bit patterns first
                     w = st.n * pool.row_words
