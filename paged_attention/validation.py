@@ -141,6 +141,13 @@ def check_q(q, spec: PoolSpec, q_dtypes=FLOAT_DTYPES, rows: int | None = None,
     return n, hq
 
 
+def _out_of_range(a: np.ndarray, n: int) -> bool:
+    """Any entry outside [0, n)? One pass for signed ints: negatives read as unsigned are huge."""
+    if a.dtype.kind == "i" and a.dtype.itemsize in (4, 8):
+        return bool(a.view(np.dtype(f"u{a.dtype.itemsize}")).max() >= n)
+    return bool(a.min() < 0 or a.max() >= n)
+
+
 def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, scale, window,
                  num_q_heads: int) -> DecodeArgs:
     """Block tables [B, max_blocks], context lengths [B], scale and window (host-side, O(B * max_blocks)).
@@ -161,10 +168,13 @@ def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, 
             f"context_lens: expected values in [0, {capacity}] (max_blocks {tables.shape[1]} x "
             f"block_size {spec.block_size}), got range [{lens.min()}, {lens.max()}]")
     # Entries past ceil(context / block_size) may hold anything: zero them, then every entry
-    # must be a block id.
-    used = np.arange(tables.shape[1])[None, :] < -(-lens[:, None] // spec.block_size)
-    masked = np.where(used, tables, 0)
-    if masked.size and (masked.min() < 0 or masked.max() >= spec.num_blocks):
+    # must be a block id. When every row fills the table (e.g. equal lengths) nothing is masked.
+    used_blocks = -(-lens // spec.block_size)
+    if batch and int(used_blocks.min()) >= tables.shape[1]:
+        masked = tables
+    else:
+        masked = np.where(np.arange(tables.shape[1])[None, :] < used_blocks[:, None], tables, 0)
+    if masked.size and _out_of_range(masked, spec.num_blocks):
         b, j = map(int, np.argwhere((masked < 0) | (masked >= spec.num_blocks))[0])
         raise InvalidInput(
             f"block_tables: entry [{b}, {j}] = {tables[b, j]} is outside [0, {spec.num_blocks})")
@@ -180,7 +190,9 @@ def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, 
     return DecodeArgs(
         batch=batch,
         num_q_heads=num_q_heads,
-        block_tables=masked.astype(np.int32, copy=False),
+        # Checked in its own dtype above, then int32; a copy, so the plan never aliases the
+        # caller's array.
+        block_tables=masked.astype(np.int32, copy=masked is tables),
         context_lens=lens.astype(np.int32),
         scale=float(scale),
         # A window wider than the table's capacity attends to everything, like the capacity:
