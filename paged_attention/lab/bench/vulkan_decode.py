@@ -190,18 +190,21 @@ def bench_step(be, a, rng):
 
 
 def bench_readback(be, mib=16, iters=5):
-    """Host read rate of the mapped output staging memory (what every run's output copy pays)."""
+    """Host read rate of the memory a run's outputs are read from: host-memory output buffers
+    with host I/O (the shaders write them), else the staging of a device buffer after its copy."""
     n = mib * (1 << 20) // 4
-    t, view = be._buf("bench_readback", n, np.float32)
-    be._run_ops([be._kp.OpTensorSyncLocal([t])], ["download"])
+    kind = "host" if be._host_io else "device"
+    t, view = be._buf("bench_readback", n, np.float32, kind)
+    be._run_ops([be._barrier("compute->host")] if be._host_io else [be._kp.OpTensorSyncLocal([t])],
+                ["barrier" if be._host_io else "download"])
     secs = []
     for _ in range(iters):
         t0 = time.perf_counter()
         np.array(view[:n], copy=True)
         secs.append(time.perf_counter() - t0)
     flags = t.pa_memory_flags() if hasattr(t, "pa_memory_flags") else None
-    return {"mib": mib, "gbs": n * 4 / float(np.median(secs)) / 1e9,
-            "staging_flags": None if flags is None else hex(flags[1])}
+    return {"mib": mib, "gbs": n * 4 / float(np.median(secs)) / 1e9, "buffer": kind,
+            "staging_flags": None if flags is None else hex(flags[0 if be._host_io else 1])}
 
 
 def bench_model_loop(be, a, rng, kernel_us):
@@ -386,7 +389,7 @@ def main(argv=None) -> int:
                       flush=True)
     extra = {"readback": bench_readback(be)}
     print(f"readback: {extra['readback']['gbs']:.2f} GB/s reading {extra['readback']['mib']} MiB of mapped "
-          f"staging (staging memory flags {extra['readback']['staging_flags']}; kp patched: "
+          f"{extra['readback']['buffer']} buffer memory (memory flags {extra['readback']['staging_flags']}; kp patched: "
           f"{be.counters()['patched']})", flush=True)
     step, kernel_us = None, None
     if a.layers:
