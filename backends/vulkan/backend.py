@@ -167,8 +167,7 @@ class _PlanState:
 
 class _Recorded:
     """A recorded kp.Sequence and the mapped staging views its inputs and outputs go through."""
-    __slots__ = ("seq", "labels", "ops", "qrows", "krows", "vrows", "orows", "kview", "vview",
-                 "f16_io")
+    __slots__ = ("seq", "labels", "ops", "qrows", "krows", "vrows", "orows")
 
 
 class VulkanBackend(PagedAttention):
@@ -450,25 +449,21 @@ class VulkanBackend(PagedAttention):
             tmp.destroy()
         return out[0], out[1]
 
-    def _pack_rows(self, pool: VulkanPool, x) -> np.ndarray:
-        """[N, Hkv, D] array-like -> pool words [N * row_words] (padded, pool dtype)."""
-        x = host(x)
-        if pool.bf16:
-            x = to_bf16_bits(x)
+    @staticmethod
+    def _rows(pool: VulkanPool, words: np.ndarray) -> np.ndarray:
+        """[N, Hkv, DP] view of pool-layout uint32 words in the pool's element type (float16,
+        float32, or bfloat16 bit patterns as uint16)."""
         dt = np.uint16 if pool.bf16 else np.float16 if pool.f16 else np.float32
-        if pool.dp != pool.head_dim:
-            padded = np.zeros(x.shape[:-1] + (pool.dp,), dtype=dt)
-            padded[..., :pool.head_dim] = x
-            x = padded
-        return np.ascontiguousarray(x, dtype=dt).reshape(-1).view(np.uint32)
+        return words.view(dt).reshape(-1, pool.spec.num_kv_heads, pool.dp)
 
     @staticmethod
     def _put_rows(pool: VulkanPool, rows: np.ndarray, x) -> None:
-        """_pack_rows straight into rows ([N, Hkv, DP] view of mapped staging in the pool's fp16
-        or fp32 dtype): one copy, not two. The staging is shared by pools of other row layouts,
-        so the padding is written too."""
+        """x [N, Hkv, D] (array-like) into rows (a `_rows` view of mapped staging), converted to
+        the pool's element type in one copy. Staging is shared by pools of other row layouts, so
+        the padding is written too."""
         d = pool.spec.head_dim
-        rows[..., :d] = host(x)
+        x = host(x)
+        rows[..., :d] = to_bf16_bits(x) if pool.bf16 else x
         if pool.dp != d:
             rows[..., d:] = 0
 
@@ -479,8 +474,8 @@ class VulkanBackend(PagedAttention):
         kt, kview = self._buf("w_knew", n * pool.row_words, np.uint32)
         vt, vview = self._buf("w_vnew", n * pool.row_words, np.uint32)
         st, sview = self._buf("w_slots", n, np.int32)
-        kview[:n * pool.row_words] = self._pack_rows(pool, k)
-        vview[:n * pool.row_words] = self._pack_rows(pool, v)
+        self._put_rows(pool, self._rows(pool, kview[:n * pool.row_words]), k)
+        self._put_rows(pool, self._rows(pool, vview[:n * pool.row_words]), v)
         sview[:n] = slots
         ops = [self._kp.OpTensorSyncDevice([kt, vt, st])]
         if self._bare:
@@ -698,13 +693,8 @@ class VulkanBackend(PagedAttention):
         for i, (pool, q, k, v) in enumerate(items):
             copy_into(rec.qrows[i][:rows, :, :d], host(q))
             if writes and st.n:
-                if rec.krows is None:  # bfloat16 pools: rounded to bit patterns first
-                    w = st.n * pool.row_words
-                    rec.kview[i * w:(i + 1) * w] = self._pack_rows(pool, k)
-                    rec.vview[i * w:(i + 1) * w] = self._pack_rows(pool, v)
-                else:
-                    self._put_rows(pool, rec.krows[i], k)
-                    self._put_rows(pool, rec.vrows[i], v)
+                self._put_rows(pool, rec.krows[i], k)
+                self._put_rows(pool, rec.vrows[i], v)
 
     def _read_outputs(self, rec: _Recorded, st: _PlanState, nl: int, hq: int, d: int, qdt) -> list:
         """One copy of the used rows out of the mapped staging memory per layer (fp16 words when
@@ -827,16 +817,16 @@ class VulkanBackend(PagedAttention):
         rec = _Recorded()
         rec.seq, rec.labels, rec.ops = seq, labels, ops
         # Per-layer views of the mapped staging, made once: [rcls, Hq, DP] q and output rows,
-        # [n, Hkv, DP] new k/v rows in the pool's dtype (bfloat16 pools write words: kview).
+        # [n, Hkv, DP] new k/v rows in the pool's element type.
         rec.qrows = [qview[i * per_layer:(i + 1) * per_layer].reshape(rcls, hq, dp) for i in range(nl)]
         if f16_io:
             oview = oview.view(np.float16)
         rec.orows = [oview[i * per_layer:(i + 1) * per_layer].reshape(rcls, hq, dp) for i in range(nl)]
-        rec.kview, rec.vview, rec.krows, rec.vrows, rec.f16_io = kview, vview, None, None, f16_io
-        if n and not pool0.bf16:
-            w, dt = n * pool0.row_words, np.float16 if pool0.f16 else np.float32
-            rec.krows, rec.vrows = ([view[i * w:(i + 1) * w].view(dt).reshape(n, spec.num_kv_heads, dp)
-                                     for i in range(nl)] for view in (kview, vview))
+        rec.krows = rec.vrows = None
+        if n:
+            w = n * pool0.row_words
+            rec.krows, rec.vrows = ([self._rows(pool0, view[i * w:(i + 1) * w]) for i in range(nl)]
+                                    for view in (kview, vview))
         return rec
 
     # -- internals for tests and benchmarks ---------------------------------------------------------

@@ -26,6 +26,11 @@ from paged_attention import devices
 from ..timing import round_robin, wall, warm_up
 
 
+def medians(rows: list[dict], scale: float) -> dict:
+    """Per-key median of a list of same-keyed dicts of seconds, times `scale`."""
+    return {k: float(np.median([r[k] for r in rows])) * scale for k in rows[0]}
+
+
 def peak_gbs(device: str) -> float | None:
     peak = devices.peak_bandwidth(device)
     return None if peak is None else peak / 1e9
@@ -173,7 +178,7 @@ def bench_step(be, a, rng):
         walls.append(time.perf_counter() - t0)
         hosts.append(be.last_host_s)
     res["submissions_per_step"] = (be.submissions - s0) / a.iters
-    res["host_ms"] = {k: float(np.median([h[k] for h in hosts])) * 1e3 for k in hosts[0]}
+    res["host_ms"] = medians(hosts, 1e3)
     be.record_timestamps = True
     gpu = []
     for _ in range(max(3, a.iters // 4)):
@@ -244,30 +249,24 @@ def bench_model_loop(be, a, rng, kernel_us):
         return x
     warm_up(step, a.warmup)
     c0 = be.counters()
-    walls, logged = [], []
-    for _ in range(max(3, a.iters // 4)):
-        t0 = time.perf_counter()
-        step()
-        walls.append(time.perf_counter() - t0)
+    # The breakdown has its own steps (logging costs time too), taking turns with the plain ones.
+    n = max(3, a.iters // 4)
+    times = round_robin({"plain": wall(step), "logged": wall(lambda: step(log=True))}, n)
     c1 = be.counters()
-    for _ in range(max(3, a.iters // 4)):  # the breakdown's own steps: logging costs time too
-        t0 = time.perf_counter()
-        step(log=True)
-        logged.append(time.perf_counter() - t0)
-    wall = float(np.median(walls)) * 1e3
+    wall_ms = float(np.median(times["plain"])) * 1e3
     # Where a layer's time goes (us per layer, medians over the logged steps): plan() once per
     # step, run()'s own Python before the submission (prepare) and after it (outputs), the
     # submission and the fence wait (GPU work of the layer's submission plus the round trip), and
     # the rest (run()'s checks, the loop itself, the logging).
-    per_layer = {k: float(np.median([p[k] for p in phases])) * 1e6 / a.layers for k in phases[0]}
-    per_layer["other"] = float(np.median(logged)) * 1e6 / a.layers - sum(per_layer.values())
+    per_layer = medians(phases, 1e6 / a.layers)
+    per_layer["other"] = float(np.median(times["logged"])) * 1e6 / a.layers - sum(per_layer.values())
     del pools
-    return {"layers": a.layers, "batch": batch, "context": ctx, "wall_ms": wall,
+    return {"layers": a.layers, "batch": batch, "context": ctx, "wall_ms": wall_ms,
             "sum_kernels_ms": a.layers * kernel_us / 1e3,
-            "ratio": wall / (a.layers * kernel_us / 1e3) if kernel_us else None,
+            "ratio": wall_ms / (a.layers * kernel_us / 1e3) if kernel_us else None,
             "per_layer_us": per_layer,
-            "recordings_per_step": (c1["recordings"] - c0["recordings"]) / len(walls),
-            "submissions_per_step": (c1["submissions"] - c0["submissions"]) / len(walls)}
+            "recordings_per_step": (c1["recordings"] - c0["recordings"]) / (2 * n),
+            "submissions_per_step": (c1["submissions"] - c0["submissions"]) / (2 * n)}
 
 
 def bench_tiny(be, a, rng, iters=300):
@@ -341,8 +340,7 @@ def bench_prefill(be, a, rng, tokens, baseline=True):
             if be.has_device_timer:
                 gpu.append(be.device_time(lambda: be.prefill(q, pool, table, 0))[1])
         gpu_ms = float(np.median(gpu)) * 1e3 if gpu and None not in gpu else None
-        host_ms = {k: float(np.median([h[k] for h in hosts])) * 1e3 for k in hosts[0]}
-        return out, float(np.median(walls)) * 1e3, gpu_ms, host_ms
+        return out, float(np.median(walls)) * 1e3, gpu_ms, medians(hosts, 1e3)
     out, wall, kernel, host_ms = timed()
     base = base_kernel = None
     if baseline:
