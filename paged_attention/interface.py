@@ -148,6 +148,7 @@ class PagedAttention(ABC):
         self = super().__new__(cls)
         self._call_lock = threading.RLock()  # see _serialized: public calls are thread-safe
         self._pool_token = object()          # marks the pools this instance created
+        self._resolved_paths: dict = {}      # see resolve_path
         return self
 
     # -- pools ---------------------------------------------------------------------------------
@@ -301,6 +302,17 @@ class PagedAttention(ABC):
     def resolve_path(self, path: str, args: DecodeArgs, spec: PoolSpec, *more: PoolSpec) -> str:
         """'auto' -> $PAGED_ATTENTION_PATH if set, else the selector's choice (moved to the first
         path that handles every given pool geometry); explicit paths are checked."""
+        chosen = settings.get().path if path == "auto" else path
+        if not chosen:   # the selector looks at the step itself
+            return self._resolve_path(path, args, spec, *more)
+        # Decided by names and geometry alone: once per combination (plan() runs every step).
+        key = (chosen, spec, more, self.paths)
+        hit = self._resolved_paths.get(key)
+        if hit is None:
+            hit = self._resolved_paths[key] = self._resolve_path(chosen, args, spec, *more)
+        return hit
+
+    def _resolve_path(self, path: str, args: DecodeArgs, spec: PoolSpec, *more: PoolSpec) -> str:
         auto = False
         if path == "auto":
             path = settings.get().path

@@ -53,7 +53,7 @@ def host_ints(x, name: str, ndim: int, cast: bool = True) -> np.ndarray:
         raise InvalidInput(f"{name}: expected an integer array, got {type(x).__name__}") from exc
     if arr.ndim != ndim:
         raise InvalidInput(f"{name}: expected {ndim}-D integer array, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    if arr.size and arr.dtype.kind not in "iu":   # (bool is not an integer here)
         raise InvalidInput(f"{name}: expected an integer dtype, got {arr.dtype}")
     return arr.astype(np.int64, copy=False) if cast or not arr.size else arr
 
@@ -99,7 +99,8 @@ def check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, suppo
 
 @dataclass(frozen=True)
 class DecodeArgs:
-    """Validated decode inputs. block_tables has every unused entry replaced by 0."""
+    """Validated decode inputs. Every entry of block_tables is a block id of the pool (unused
+    entries that were not are replaced by 0)."""
 
     batch: int
     num_q_heads: int
@@ -155,7 +156,7 @@ def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, 
     # The table keeps its integer dtype (no int64 copy): it is the one large input, checked once
     # per step, so every pass over it counts (ADR 0007).
     tables = host_ints(block_tables, "block_tables", 2, cast=False)
-    lens = host_ints(context_lens, "context_lens", 1)
+    lens = host_ints(context_lens, "context_lens", 1, cast=False)
     if batch is None:
         batch = tables.shape[0]
     if tables.shape[0] != batch:
@@ -167,17 +168,17 @@ def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, 
         raise InvalidInput(
             f"context_lens: expected values in [0, {capacity}] (max_blocks {tables.shape[1]} x "
             f"block_size {spec.block_size}), got range [{lens.min()}, {lens.max()}]")
-    # Entries past ceil(context / block_size) may hold anything: zero them, then every entry
-    # must be a block id. When every row fills the table (e.g. equal lengths) nothing is masked.
-    used_blocks = -(-lens // spec.block_size)
-    if batch and int(used_blocks.min()) >= tables.shape[1]:
-        masked = tables
-    else:
-        masked = np.where(np.arange(tables.shape[1])[None, :] < used_blocks[:, None], tables, 0)
+    # Entries past ceil(context / block_size) may hold anything. A table whose every entry is a
+    # block id (the usual case) is taken as it is; otherwise the unused entries are zeroed and
+    # then every entry must be a block id. Either way every entry a kernel may read is in range.
+    masked = tables
     if masked.size and _out_of_range(masked, spec.num_blocks):
-        b, j = map(int, np.argwhere((masked < 0) | (masked >= spec.num_blocks))[0])
-        raise InvalidInput(
-            f"block_tables: entry [{b}, {j}] = {tables[b, j]} is outside [0, {spec.num_blocks})")
+        used_blocks = -(-lens.astype(np.int64) // spec.block_size)
+        masked = np.where(np.arange(tables.shape[1])[None, :] < used_blocks[:, None], tables, 0)
+        if _out_of_range(masked, spec.num_blocks):
+            b, j = map(int, np.argwhere((masked < 0) | (masked >= spec.num_blocks))[0])
+            raise InvalidInput(
+                f"block_tables: entry [{b}, {j}] = {tables[b, j]} is outside [0, {spec.num_blocks})")
     if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
                                or window < 1):
         raise InvalidInput(f"window: expected None or an int >= 1, got {window!r}")
@@ -252,8 +253,10 @@ def check_slots(spec: PoolSpec, slot_mapping) -> np.ndarray:
         raise InvalidInput(
             f"slot_mapping: expected values in [0, {spec.num_slots}), got range "
             f"[{slots.min()}, {slots.max()}]")
-    if np.unique(slots).size != n:
-        raise InvalidInput("slot_mapping: slots must be distinct within one call")
+    if n > 1:
+        ordered = np.sort(slots)
+        if (ordered[1:] == ordered[:-1]).any():
+            raise InvalidInput("slot_mapping: slots must be distinct within one call")
     return slots
 
 

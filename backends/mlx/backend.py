@@ -76,28 +76,29 @@ class MLXBackend(PagedAttention):
     array_type = mx.array
 
     def _prepare(self, plan: Plan) -> "_StepPlan":
-        # The write's (block, offset) per new row, as int32 [2, S].
-        write = None
-        if plan.slots is not None and plan.slots.size:
-            write = np.stack(np.divmod(plan.slots, plan.spec.block_size)).astype(np.int32)
+        slots = plan.slots if plan.slots is not None and plan.slots.size else None
+        fused = None
         if plan.path == "fused":
             from .fused import DecodePlan  # lazily: it compiles kernels and is GPU-only
 
             def decode(rows):
                 # The write indices ride in the plan's one device array (ADR 0007).
-                return DecodePlan.from_spec(self.kernel_api, rows, plan.spec, extra=write)
+                return DecodePlan.from_spec(self.kernel_api, rows, plan.spec, slots=slots)
             if plan.query_lens is None or not (plan.query_lens > 1).any():
                 attend = fused = decode(plan.args)
             else:   # prompt chunks: one SDPA each, the decode rows fused (mixed.py)
                 attend = MixedPlan(plan.args, plan.query_lens, plan.spec.block_size, decode)
                 fused = attend.decode
-            both = None if write is None else (
-                mx.array(write) if fused is None else fused.extra.reshape(write.shape))
         else:
             attend = GatherPlan(plan.args, plan.query_lens, plan.spec.block_size)
-            both = None if write is None else mx.array(write)
-        return _StepPlan(None if both is None else (both[0], both[1]), attend,
-                         DTYPES[plan.spec.dtype])
+        if slots is None:
+            write = None
+        elif fused is not None:
+            write = fused.write
+        else:   # (block, offset) of each new row, int32 [2, S]
+            both = mx.array(np.stack(np.divmod(slots, plan.spec.block_size)).astype(np.int32))
+            write = (both[0], both[1])
+        return _StepPlan(write, attend, DTYPES[plan.spec.dtype])
 
     def _run(self, plan: Plan, q, pool, k, v):
         step = plan.device

@@ -230,6 +230,15 @@ def _step_partitions(batch, groups, tiles, tile, units, partitions, _settings) -
     return choose_partitions(batch, groups, tiles * tile, tile, units, partitions)
 
 
+STEP_HEADER = 8   # pa_step: [num_blocks, MB, window, part_size, num_parts, scale bits, L, T]
+
+
+@functools.lru_cache(maxsize=64)
+def _float_bits(x: float) -> int:
+    """The int32 with x's float32 bits (the kernels read the scale out of the int array)."""
+    return int(np.array(x, np.float32).view(np.int32))
+
+
 class DecodePlan:
     """Device inputs shared by every layer of one decode step: block tables, context lengths,
     scalar parameters and the split-K decision. Build once per step, call once per layer."""
@@ -238,41 +247,45 @@ class DecodePlan:
                  scale: float, window: int | None, *, num_blocks: int, block_size: int,
                  num_kv_heads: int, num_q_heads: int, head_dim: int, pool_dtype,
                  partitions: int | None = None, variant: dict | None = None,
-                 extra: np.ndarray | None = None):
-        """extra: int32 host data of the caller's to upload in the same device array
-        (`self.extra`, a view), e.g. the step's write indices."""
+                 slots: np.ndarray | None = None):
+        """slots: int [S], the step's write slots; their (block, offset) ride in the same device
+        array and come back as `self.write` (two int32 [S] device views), else None."""
+        context_lens, block_tables = np.asarray(context_lens), np.asarray(block_tables)
         self.api = api
-        self.batch = int(context_lens.shape[0])
+        self.batch = batch = int(context_lens.shape[0])
         self.num_q_heads = num_q_heads
         group = num_q_heads // num_kv_heads
         self.cfg = kernel_config(head_dim, block_size, num_kv_heads, group, pool_dtype, variant) \
             if variant else _step_config(head_dim, block_size, num_kv_heads, group, pool_dtype,
                                          settings.get())
-        lens = np.asarray(context_lens, dtype=np.int32)
-        max_tokens = int(lens.max(initial=0))
+        max_tokens = int(context_lens.max(initial=0))
         if window is not None:
             max_tokens = min(max_tokens, window)
         self.num_parts, self.part_size = _step_partitions(
-            self.batch, num_kv_heads * self.cfg.num_chunks, -(-max_tokens // self.cfg.tile),
+            batch, num_kv_heads * self.cfg.num_chunks, -(-max_tokens // self.cfg.tile),
             self.cfg.tile, compute_units(api), partitions, settings.get())
-        tables = np.asarray(block_tables, dtype=np.int32)
-        if tables.ndim != 2 or tables.shape[1] == 0:
-            tables = np.zeros((self.batch, 1), np.int32)
-        # ONE device array per step for the caller's extra ints, tables, lengths, parameters and
-        # the scale (its float32 bits), viewed five ways: on CUDA an mx.array made from host data
-        # lives in managed memory and costs the step about the same whatever its size, so the
-        # count matters, not the bytes (measured in ADR 0007).
-        extra = np.zeros(0, np.int32) if extra is None else np.asarray(extra, np.int32).reshape(-1)
-        params = np.array([num_blocks, tables.shape[1], window or 0, self.part_size,
-                           self.num_parts], np.int32)
-        scale_bits = np.array([scale], np.float32).view(np.int32)
-        ints = mx.array(np.concatenate([extra, tables.reshape(-1), lens, params, scale_bits]))
-        o, nt = extra.size, tables.size
-        self.extra = ints[:o]
-        self.tables = ints[o:o + nt].reshape(tables.shape)
-        self.lens = ints[o + nt:o + nt + self.batch]
-        self.params = ints[o + nt + self.batch:-1]
-        self.scale = ints[-1:].view(mx.float32)
+        mb = block_tables.shape[1] if block_tables.ndim == 2 else 0
+        if mb == 0:
+            block_tables, mb = None, 1   # an all-empty step: one zero entry per row
+        # ONE device array per step (pa_step, layout in paged_decode.body), filled in place on
+        # the host and read by every kernel of the step without a view per input: on CUDA an
+        # mx.array made from host data lives in managed memory and costs the step about the same
+        # whatever its size, and inside the serial loop every MLX op plan() adds costs ~10 us
+        # of host time (ADR 0007).
+        n = 0 if slots is None else slots.shape[0]
+        tables_at = STEP_HEADER + batch
+        write_at = tables_at + batch * mb
+        ints = np.zeros(write_at + 2 * n, np.int32) if block_tables is None else \
+            np.empty(write_at + 2 * n, np.int32)
+        ints[:STEP_HEADER] = (num_blocks, mb, window or 0, self.part_size, self.num_parts,
+                              _float_bits(scale), STEP_HEADER, tables_at)
+        ints[STEP_HEADER:tables_at] = context_lens
+        if block_tables is not None:
+            ints[tables_at:write_at].reshape(batch, mb)[...] = block_tables
+        if n:
+            np.divmod(slots, block_size, out=(ints[write_at:write_at + n], ints[write_at + n:]))
+        self.ints = mx.array(ints)
+        self.write = (self.ints[write_at:write_at + n], self.ints[write_at + n:]) if n else None
         self._launches: dict = {}
 
     @classmethod
@@ -284,13 +297,13 @@ class DecodePlan:
                    head_dim=d, pool_dtype=k_pool.dtype, partitions=partitions, variant=variant)
 
     @classmethod
-    def from_spec(cls, api: str, args: DecodeArgs, spec, partitions=None, extra=None):
+    def from_spec(cls, api: str, args: DecodeArgs, spec, partitions=None, slots=None):
         """The plan for decode rows `args` over pools of geometry `spec` (a PoolSpec)."""
         return cls(api, args.block_tables, args.context_lens, args.scale, args.window,
                    num_blocks=spec.num_blocks, block_size=spec.block_size,
                    num_kv_heads=spec.num_kv_heads, num_q_heads=args.num_q_heads,
                    head_dim=spec.head_dim, pool_dtype=DTYPES[spec.dtype], partitions=partitions,
-                   extra=extra)
+                   slots=slots)
 
     def partial_bytes(self) -> int:
         """Device bytes of the split-K partials (0 without a split)."""
@@ -312,13 +325,13 @@ class DecodePlan:
         if batch == 0:
             return lambda q, k, v: mx.zeros(q.shape, dtype=q.dtype)
         shape = (batch, hq, d)
-        tables, lens, params, scale = self.tables, self.lens, self.params, self.scale
+        ints = self.ints
         common = dict(template=cfg.template(pool_dtype, q_dtype), grid=cfg.grid(self.num_parts, batch),
                       threadgroup=(cfg.threads, 1, 1))
         if self.num_parts == 1:
             decode = _kernel(self.api, "decode", False)
             return lambda q, k, v: decode(
-                inputs=[q, k, v, tables, lens, params, scale], output_shapes=[shape],
+                inputs=[q, k, v, ints], output_shapes=[shape],
                 output_dtypes=[q_dtype], **common)[0]
         decode = _kernel(self.api, "decode", True)
         reduce = _kernel(self.api, "reduce", False)
@@ -328,10 +341,10 @@ class DecodePlan:
                          output_shapes=[shape], output_dtypes=[q_dtype])
 
         def split(q, k, v):
-            o_part, ml_part = decode(inputs=[q, k, v, tables, lens, params, scale],
+            o_part, ml_part = decode(inputs=[q, k, v, ints],
                                      output_shapes=part_shapes,
                                      output_dtypes=[mx.float32, mx.float32], **common)
-            return reduce(inputs=[o_part, ml_part, lens, params], **reduce_kw)[0]
+            return reduce(inputs=[o_part, ml_part, ints], **reduce_kw)[0]
         return split
 
 

@@ -23,8 +23,8 @@ KERNELS = {"decode": "paged_decode.body", "reduce": "paged_reduce.body",
 
 # Kernel signatures (the MLX wrappers generate the function head from these names).
 INPUTS = {
-    "decode": ["q", "k_pool", "v_pool", "block_tables", "context_lens", "pa_params", "pa_scale"],
-    "reduce": ["o_part", "ml_part", "context_lens", "pa_params"],
+    "decode": ["q", "k_pool", "v_pool", "pa_step"],
+    "reduce": ["o_part", "ml_part", "pa_step"],
 }
 INPUTS["stream_read"] = ["x", "pa_params"]  # the read-bandwidth probe (paged_attention/lab/bench/mlx_ceiling.py)
 OUTPUTS = {

@@ -60,7 +60,7 @@ class Chunk:
 
 class MixedPlan:
     """One ragged step on the fused path. `decode` builds the fused kernel's plan for the decode
-    rows (a callable q [Nd, Hq, D] -> [Nd, Hq, D], with the step's extra ints as `.extra`), or
+    rows (a callable q [Nd, Hq, D] -> [Nd, Hq, D], with the step's write indices as `.write`), or
     is not called when there are none."""
 
     def __init__(self, rows: DecodeArgs, query_lens: np.ndarray, block_size: int, decode):

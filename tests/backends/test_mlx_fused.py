@@ -246,7 +246,7 @@ def test_both_targets_share_the_body(kernel, split):
     names = set(re.findall(r"\bPA_\w+|\bpa_\w+", code(shared)))
     local = set(re.findall(r"constexpr int (PA_\w+)", shared)) | \
         set(re.findall(r"PA_SHARED float (pa_\w+)", shared)) | set(re.findall(r"#define (PA_\w+)", shared)) \
-        | {"PA_SPLIT", "pa_params", "pa_scale"}
+        | {"PA_SPLIT", "pa_params", "pa_step"}
     for api in ks.TARGETS:
         header, body = ks.kernel_source(api, kernel, split)
         provided = defined_names(header) | set(re.findall(r"const int (pa_\w+)", body))
@@ -257,8 +257,7 @@ def test_translation_units_are_well_formed():
     cfg = kernel_config(128, 16, 8, 4, mx.float16)
     tmpl = [(n, str(v).rsplit(".", 1)[-1] if not isinstance(v, int) else v)
             for n, v in cfg.template(mx.float16, mx.float16)]
-    ins = {"q": "float16", "k_pool": "float16", "v_pool": "float16", "block_tables": "int32",
-           "context_lens": "int32", "pa_params": "int32", "pa_scale": "float32"}
+    ins = {"q": "float16", "k_pool": "float16", "v_pool": "float16", "pa_step": "int32"}
     metal = ks.metal_translation_unit("decode", False, ins, {"out": "float16"}, tmpl)
     cuda = ks.cuda_translation_unit("decode", False, ins, {"out": "float16"}, tmpl)
     assert "[[threadgroup_position_in_grid]]" in metal and "template <typename T, typename OutT, int D" in metal
@@ -273,8 +272,7 @@ def test_cuda_source_compiles_without_spills(tmp_path, dtype, d, group):
     cfg = kernel_config(d, 16, 8, group, MX[dtype])
     tmpl = [(n, dtype if n == "T" else "float32" if n == "OutT" else v)
             for n, v in cfg.template(None, None)]
-    ins = {"q": "float32", "k_pool": dtype, "v_pool": dtype, "block_tables": "int32",
-           "context_lens": "int32", "pa_params": "int32", "pa_scale": "float32"}
+    ins = {"q": "float32", "k_pool": dtype, "v_pool": dtype, "pa_step": "int32"}
     for split in (False, True):
         outs = {"o_part": "float32", "ml_part": "float32"} if split else {"out": "float32"}
         src = tmp_path / f"k{int(split)}.cu"
@@ -354,3 +352,30 @@ def test_plan_decisions_follow_settings_and_cover_the_context():
         for window in (None, 1000):
             p = plan([n, n // 2], window)
             assert p.num_parts * p.part_size >= min(n, window or n)
+
+
+def test_step_array_layout():
+    """Every kernel of a step reads one int32 array in place (paged_decode.body): the header,
+    then the lengths and tables at the offsets it names, then the write indices the pool
+    scatters use. Built on any MLX device (nothing is launched)."""
+    from paged_attention.backends.mlx.fused import STEP_HEADER
+    tables = np.array([[3, 9, 4], [7, 0, 1]], np.int32)
+    lens = np.array([40, 17], np.int32)
+    slots = np.array([39 + 3 * 16 - 16, 16], np.int64)
+    p = DecodePlan("cuda", tables, lens, 0.125, 100, num_blocks=64, block_size=16,
+                   num_kv_heads=2, num_q_heads=8, head_dim=64, pool_dtype=mx.float16, slots=slots)
+    ints = np.array(p.ints)
+    assert list(ints[:5]) == [64, 3, 100, p.part_size, p.num_parts]
+    assert ints[5:6].view(np.float32)[0] == np.float32(0.125)
+    lens_at, tables_at = ints[6], ints[7]
+    assert lens_at == STEP_HEADER
+    np.testing.assert_array_equal(ints[lens_at:lens_at + 2], lens)
+    np.testing.assert_array_equal(ints[tables_at:tables_at + 6].reshape(2, 3), tables)
+    np.testing.assert_array_equal(np.array(p.write[0]), slots // 16)
+    np.testing.assert_array_equal(np.array(p.write[1]), slots % 16)
+    empty = DecodePlan("cuda", np.zeros((2, 0), np.int32), np.zeros(2, np.int32), 0.5, None,
+                       num_blocks=64, block_size=16, num_kv_heads=2, num_q_heads=8, head_dim=64,
+                       pool_dtype=mx.float16)
+    e = np.array(empty.ints)
+    assert e[1] == 1 and e[2] == 0 and empty.write is None
+    np.testing.assert_array_equal(e[e[7]:e[7] + 2], [0, 0])   # one zero entry per row

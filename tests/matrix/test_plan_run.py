@@ -159,3 +159,38 @@ def test_native_arrays_pass_through(backend, rng):
     out = backend.run(plan, native(q), pool)
     assert isinstance(out, native)
     assert np.allclose(backend.to_numpy(out), want, atol=1e-6)
+
+
+def test_path_resolution_is_memoised_but_follows_settings(backend, rng):
+    """plan() resolves a path named outright once per geometry (it runs every step): a bad name
+    still raises every time, and $PAGED_ATTENTION_PATH (settings) still steers path='auto'."""
+    from paged_attention import settings
+    pool = make_pool(backend, rng)
+    for path in backend.paths:
+        for _ in range(2):
+            assert backend.plan(pool, TABLES, LENS, num_q_heads=2 * HKV, path=path).path == path
+        with settings.override(path=path):
+            assert backend.plan(pool, TABLES, LENS, num_q_heads=2 * HKV).path == path
+    for _ in range(2):
+        with pytest.raises(pa.UnsupportedPath, match="no_such_path"):
+            backend.plan(pool, TABLES, LENS, num_q_heads=2 * HKV, path="no_such_path")
+
+
+def test_unused_table_entries_never_change_the_output(backend, rng):
+    """Entries past a row's used blocks may hold anything: block ids (taken as they are) or
+    garbage (zeroed); either way the plan attends the same blocks."""
+    pool = make_pool(backend, rng)
+    q = rng.standard_normal((2, 2 * HKV, D)).astype(np.float32)
+    lens = np.array([5, 2], np.int32)           # rows use 2 and 1 of their 3 entries
+    valid = TABLES.copy()                       # unused entries are block ids
+    garbage = TABLES.copy()
+    garbage[0, 2], garbage[1, 1:] = -5, 10**6
+    outs = []
+    for tables in (valid, garbage):
+        plan = backend.plan(pool, tables, lens, num_q_heads=2 * HKV)
+        assert (plan.args.block_tables >= 0).all() and (plan.args.block_tables < NB).all()
+        outs.append(backend.to_numpy(backend.run(plan, q, pool)))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    k, v = pool.to_numpy()
+    want = reference.decode(q, k.reshape(NB, BS, HKV, D), v.reshape(NB, BS, HKV, D), valid, lens)
+    np.testing.assert_allclose(outs[0], want, rtol=2e-3, atol=2e-3)

@@ -1,6 +1,7 @@
 """check_tables: the one O(B * max_blocks) check of a step (plan()). Entries past a row's used
-blocks are ignored and zeroed, every used entry must be a block id in the table's own dtype
-(before the int32 cast), and the plan's table never aliases the caller's array."""
+blocks are ignored (kept when every entry is a block id, else zeroed), every used entry must be
+a block id in the table's own dtype (before the int32 cast), and the plan's table never aliases
+the caller's array."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,3 +39,10 @@ def test_entries_past_the_used_blocks_are_ignored_and_zeroed():
     args = check(tables, np.array([3, 12]))
     np.testing.assert_array_equal(args.block_tables, [[1, 0, 0], [3, 4, 5]])
     assert tables[0, 1] == -7  # the caller's array is untouched
+
+
+def test_unused_entries_that_are_block_ids_are_kept():
+    tables = np.array([[1, 8, 9], [3, 4, 5]], np.int64)   # row 0 uses one block; all are ids
+    args = check(tables, np.array([3, 12]))
+    np.testing.assert_array_equal(args.block_tables, tables)
+    assert args.block_tables.dtype == np.int32 and not np.shares_memory(args.block_tables, tables)
