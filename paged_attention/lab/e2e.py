@@ -18,10 +18,10 @@ block 16. Variants timed, in turns step by step so drift hits them alike:
   fresh   plans of successive steps made before timing, one per step, run() per layer: api -
           fresh is plan()'s host work, fresh - run what a step's new device arrays cost
   run     one plan made outside the timed step, run() per layer: run - kernel is run()'s checks
-  upload  the kernel loop plus what any caller of the kernels must do per step: the step's
-          lengths and slots packed and uploaded by the backend's `_prepare` hook, no validation
-          and no plan() call. api - upload is the API's own cost; upload - kernel what the
-          device's per-step inputs cost (on MLX CUDA: managed memory, ADR 0007)
+  inputs  the kernel loop plus what any caller of the kernels must do per step: the step's
+          lengths and slots made into device inputs by the backend's `_prepare` hook, no
+          validation and no plan() call. api - inputs is the API's own cost; inputs - kernel
+          what the device's per-step inputs cost (on MLX CUDA: ADR 0007)
   kernel  the same loop through the backend's `_run` hook with the plan made once outside the
           timed step: the backend's kernels and nothing else (no validation, no plan)
   sdpa    MLX only: mx.fast.scaled_dot_product_attention over contiguous [B, Hkv, T, D] K/V,
@@ -157,7 +157,7 @@ class Point:
         return self.be.to_numpy(self._layers(self.kernel_plan,
                                              self.be.run if checked else self.be._run))
 
-    def upload_step(self):
+    def inputs_step(self):
         """The kernel loop with this step's inputs made by the backend hook alone: `_prepare` of
         the kernel plan with the new lengths and slots swapped in (nothing validated)."""
         lens, slots = self._next()
@@ -227,7 +227,7 @@ def bench_point(be, path, batch, ctx, cfg) -> dict:
               cfg["budget_gib"])
     p.make_fresh_plans(cfg["steps"] + cfg["warmup"])
     fns = {"api": p.api_step, "overlap": p.overlap_step, "fresh": p.fresh_step,
-           "run": lambda: p.kernel_step(checked=True), "upload": p.upload_step,
+           "run": lambda: p.kernel_step(checked=True), "inputs": p.inputs_step,
            "kernel": p.kernel_step}
     if cfg.get("sdpa"):
         fns["sdpa"] = sdpa_step_fn(batch, ctx, cfg["layers"], cfg["budget_gib"])
@@ -240,8 +240,8 @@ def bench_point(be, path, batch, ctx, cfg) -> dict:
            "api_ms": 1e3 * t["api"], "overlap_ms": 1e3 * t["overlap"],
            "overlap_over_kernel": t["overlap"] / t["kernel"],
            "fresh_ms": 1e3 * t["fresh"], "run_ms": 1e3 * t["run"],
-           "upload_ms": 1e3 * t["upload"], "kernel_ms": 1e3 * t["kernel"],
-           "api_over_kernel": t["api"] / t["kernel"], "api_over_upload": t["api"] / t["upload"],
+           "inputs_ms": 1e3 * t["inputs"], "kernel_ms": 1e3 * t["kernel"],
+           "api_over_kernel": t["api"] / t["kernel"], "api_over_inputs": t["api"] / t["inputs"],
            "host_us_per_run": host_us,
            "host_us_per_plan": plan_us,
            "api_tbs": p.kv_bytes_per_step() / t["api"] / 1e12,
@@ -322,8 +322,8 @@ def main(argv=None) -> int:
                       f"{h['plan_us']:.1f} us, run {h['run_us']:.1f} us (checks {h['check_us']:.1f}, "
                       f"kernel call {h['kernel_call_us']:.1f}), decode {h['decode_us']:.1f} "
                       f"us, run/decode {h['run_over_decode']:.3f}", flush=True)
-            print(f"{'backend/path':16s} {'B':>3s} {'ctx':>6s} {'api ms':>9s} {'overlap':>9s} {'fresh ms':>9s} {'run ms':>9s} {'upload':>9s} {'kernel ms':>9s} "
-                  f"{'api/kern':>8s} {'api/upld':>8s} {'ovl/kern':>8s} {'sdpa ms':>8s} {'api/sdpa':>8s} {'TB/s':>6s} {'host us/run':>11s} {'us/plan':>8s}")
+            print(f"{'backend/path':16s} {'B':>3s} {'ctx':>6s} {'api ms':>9s} {'overlap':>9s} {'fresh ms':>9s} {'run ms':>9s} {'inputs':>9s} {'kernel ms':>9s} "
+                  f"{'api/kern':>8s} {'api/inpt':>8s} {'ovl/kern':>8s} {'sdpa ms':>8s} {'api/sdpa':>8s} {'TB/s':>6s} {'host us/run':>11s} {'us/plan':>8s}")
             for batch in cfg["batches"]:
                 for ctx in cfg["contexts"]:
                     c = dict(cfg, sdpa=not a.no_sdpa and has_sdpa_baseline(be))
@@ -331,8 +331,8 @@ def main(argv=None) -> int:
                     rows.append(r)
                     peak = f" ({100 * r['api_tbs'] / peak_tbs:.0f}% of {peak_tbs:.2f})" \
                         if peak_tbs else ""
-                    print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} {r['overlap_ms']:9.2f} {r['fresh_ms']:9.2f} {r['run_ms']:9.2f} {r['upload_ms']:9.2f} "
-                          f"{r['kernel_ms']:9.2f} {r['api_over_kernel']:8.3f} {r['api_over_upload']:8.3f} {r['overlap_over_kernel']:8.3f} "
+                    print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} {r['overlap_ms']:9.2f} {r['fresh_ms']:9.2f} {r['run_ms']:9.2f} {r['inputs_ms']:9.2f} "
+                          f"{r['kernel_ms']:9.2f} {r['api_over_kernel']:8.3f} {r['api_over_inputs']:8.3f} {r['overlap_over_kernel']:8.3f} "
                           f"{r.get('sdpa_ms', float('nan')):8.2f} {r.get('api_over_sdpa', float('nan')):8.3f} "
                           f"{r['api_tbs']:6.3f} {r['host_us_per_run']:11.1f} {r['host_us_per_plan']:8.1f}{peak}", flush=True)
         be.close()

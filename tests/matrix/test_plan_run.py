@@ -194,3 +194,39 @@ def test_unused_table_entries_never_change_the_output(backend, rng):
     k, v = pool.to_numpy()
     want = reference.decode(q, k.reshape(NB, BS, HKV, D), v.reshape(NB, BS, HKV, D), valid, lens)
     np.testing.assert_allclose(outs[0], want, rtol=2e-3, atol=2e-3)
+
+
+def test_decode_loop_of_growing_sequences_matches_reference(impl, rng):
+    """A model's decode loop: each step every sequence gains one token (written by run() at the
+    plan's slots, then attended), a sequence crossing into a new block gets one appended to its
+    table row (so some steps reuse the last step's table and some change it)."""
+    backend, path = impl
+    nb = 24
+    pool = backend.create_pool(nb, BS, HKV, D, "float32")
+    free = list(rng.permutation(nb))
+    lens = np.array([3, 7, 1], np.int32)
+    tables = np.zeros((3, 6), np.int32)
+    for b, n in enumerate(lens):
+        tables[b, :-(-n // BS)] = [free.pop() for _ in range(-(-n // BS))]
+    k_all = np.zeros((nb * BS, HKV, D), np.float32)
+    v_all = np.zeros_like(k_all)
+    pos = np.concatenate([tables[b, np.arange(n) // BS] * BS + np.arange(n) % BS
+                          for b, n in enumerate(lens)])
+    k_all[pos] = rng.standard_normal((pos.size, HKV, D))
+    v_all[pos] = rng.standard_normal((pos.size, HKV, D))
+    backend.write_kv(pool, pos, k_all[pos], v_all[pos])
+    for step in range(14):
+        for b, n in enumerate(lens):
+            if n % BS == 0:                        # the new token opens a block
+                tables[b, n // BS] = free.pop()
+        slots = tables[np.arange(3), lens // BS].astype(np.int64) * BS + lens % BS
+        lens = lens + 1
+        plan = backend.plan(pool, tables, lens, num_q_heads=2 * HKV, slot_mapping=slots, path=path)
+        q = rng.standard_normal((3, 2 * HKV, D)).astype(np.float32)
+        k = rng.standard_normal((3, HKV, D)).astype(np.float32)
+        v = rng.standard_normal((3, HKV, D)).astype(np.float32)
+        k_all[slots], v_all[slots] = k, v
+        out = backend.to_numpy(backend.run(plan, q, pool, k, v))
+        want = reference.decode(q, k_all.reshape(nb, BS, HKV, D), v_all.reshape(nb, BS, HKV, D),
+                                tables, lens)
+        assert reference.rms(out, want) < 1e-3, f"step {step}"
