@@ -164,7 +164,7 @@ def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, 
     if lens.shape[0] != batch:
         raise InvalidInput(f"context_lens: expected [B={batch}], got shape {lens.shape}")
     capacity = tables.shape[1] * spec.block_size
-    if batch and (lens.min() < 0 or lens.max() > capacity):
+    if batch and _out_of_range(lens, capacity + 1):
         raise InvalidInput(
             f"context_lens: expected values in [0, {capacity}] (max_blocks {tables.shape[1]} x "
             f"block_size {spec.block_size}), got range [{lens.min()}, {lens.max()}]")
@@ -249,7 +249,7 @@ def check_slots(spec: PoolSpec, slot_mapping) -> np.ndarray:
     """slot_mapping [N]: distinct slots inside the pool; int64 [N]."""
     slots = host_ints(slot_mapping, "slot_mapping", 1)
     n = slots.shape[0]
-    if n and (slots.min() < 0 or slots.max() >= spec.num_slots):
+    if n and _out_of_range(slots, spec.num_slots):
         raise InvalidInput(
             f"slot_mapping: expected values in [0, {spec.num_slots}), got range "
             f"[{slots.min()}, {slots.max()}]")
@@ -310,7 +310,7 @@ def check_copy_pairs(spec: PoolSpec, pairs) -> tuple[np.ndarray, np.ndarray]:
         raise InvalidInput(f"pairs: expected integer (src, dst) pairs of shape [P, 2], got "
                            f"shape {arr.shape} dtype {arr.dtype}")
     arr = arr.astype(np.int64)
-    if arr.size and (arr.min() < 0 or arr.max() >= spec.num_blocks):
+    if arr.size and _out_of_range(arr, spec.num_blocks):
         raise InvalidInput(f"pairs: block ids must lie in [0, {spec.num_blocks})")
     src, dst = arr[:, 0], arr[:, 1]
     if np.unique(dst).size != dst.size:

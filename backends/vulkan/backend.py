@@ -559,7 +559,7 @@ class VulkanBackend(PagedAttention):
         buffers (uploaded by `_make_resident`), split geometry and the batch's size class."""
         st = _PlanState()
         st.token = object()
-        st.keys = {}  # _recording's cache keys, per (pools, hq, writes, f16_io, repeat)
+        st.keys = {}  # _recording's cache keys, per (hq, writes, f16_io, repeat, layers)
         st.rows, st.maxb = args.batch, int(args.block_tables.shape[1])
         st.rcls = _pow2_ceil(st.rows)
         st.path, st.window = path, args.window or 0
@@ -706,15 +706,13 @@ class VulkanBackend(PagedAttention):
         buffers, so every later step with the same shape re-runs it with new tables, lengths, q
         and k/v written into those buffers. Single-layer recordings live on the pool (any number of
         layers stays recorded); whole-step recordings in a small LRU."""
-        memo = (hq, writes, f16_io, repeat) if len(pools) == 1 else None
-        full = st.keys.get(memo) if memo else None
-        if full is None:
-            full = (st.path, st.rcls, st.maxb, hq, st.n if writes else 0, st.window, st.scale_bits,
-                    st.nsplit, st.chunk, f16_io, repeat, len(pools), st.qt, st.tcls)
-            if len(pools) == 1:
-                st.keys[memo] = full
-            else:
-                full += (tuple(p.uid for p in pools),)
+        memo = (hq, writes, f16_io, repeat, len(pools))
+        key = st.keys.get(memo)
+        if key is None:
+            key = st.keys[memo] = (st.path, st.rcls, st.maxb, hq, st.n if writes else 0, st.window,
+                                   st.scale_bits, st.nsplit, st.chunk, f16_io, repeat, len(pools),
+                                   st.qt, st.tcls)
+        full = key if len(pools) == 1 else key + (tuple(p.uid for p in pools),)
         cache = pools[0].recorded if len(pools) == 1 else self._steps
         rec = None if self.record_timestamps else cache.get(full)
         if rec is not None:
