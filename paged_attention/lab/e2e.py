@@ -24,6 +24,14 @@ block 16. Variants timed, in turns step by step so drift hits them alike:
           what the device's per-step inputs cost (on MLX CUDA: ADR 0007)
   kernel  the same loop through the backend's `_run` hook with the plan made once outside the
           timed step: the backend's kernels and nothing else (no validation, no plan)
+  pipe, pipe_kernel
+          api and kernel in mlx-lm's generate_step order: step t+1, plan() included, is built
+          on step t's still-lazy output (layer 0's q is step t's last output) and submitted
+          before step t's output is read; timed over blocks of steps, the two alternating
+          (pipe/pipe_kernel is the API's cost in the order a model's loop runs). Where
+          --budget-gib gives fewer pools than layers, a pool written twice in a step while
+          the previous step is in flight is copied whole by MLX: both absolute pipe times
+          grow, the ratio does not (ADR 0007)
   sdpa    MLX only: mx.fast.scaled_dot_product_attention over contiguous [B, Hkv, T, D] K/V,
           same serial chain, no paging and no append: the contiguous-cache baseline
 
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import statistics
 import sys
@@ -53,6 +62,7 @@ PRESETS = {
                 budget_gib=1.0, peak_tbs=None, paths=None),
 }
 HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, "float16"
+PIPE_BLOCKS = 3
 
 
 def _native(be, x: np.ndarray):
@@ -124,10 +134,10 @@ class Point:
         return self.be.plan(self.pools[0], self.tables, lens, num_q_heads=HQ, slot_mapping=slots,
                             path=self.path)
 
-    def _layers(self, plan, call, timed: bool = False):
-        """The serial chain: layer i's q, k and v come from layer i-1's output. timed: each
-        call's host seconds go to run_s."""
-        x = self.q0
+    def _layers(self, plan, call, timed: bool = False, x=None):
+        """The serial chain: layer i's q, k and v come from layer i-1's output; layer 0's from
+        x (default q0). timed: each call's host seconds go to run_s."""
+        x = self.q0 if x is None else x
         for i in range(self.layers):
             kv = x[:, :HKV]
             t0 = time.perf_counter()
@@ -166,6 +176,28 @@ class Point:
                                    slots=slots, device=None)
         object.__setattr__(plan, "device", self.be._prepare(plan))
         return self.be.to_numpy(self._layers(plan, self.be._run))
+
+    def _submitted(self, x, api: bool):
+        """One step built on x and submitted: plan() + run() per layer (api), else the kernel
+        plan through `_run`."""
+        plan, call = (self._plan_next(), self.be.run) if api else (self.kernel_plan, self.be._run)
+        x = self._layers(plan, call, x=x)
+        self.be.submit([x])
+        return x
+
+    def pipelined(self, steps: int, api: bool) -> float:
+        """Seconds per step over `steps` steps in mlx-lm's generate_step order: step t+1 (its
+        plan() too) is built on step t's still-lazy output and submitted before step t's output
+        is read, so the host builds one step while the device runs the previous one. Fill and
+        drain are inside the timing."""
+        t0 = time.perf_counter()
+        x = self._submitted(self.q0, api)
+        for _ in range(steps - 1):
+            nxt = self._submitted(x, api)
+            self.be.to_numpy(x)
+            x = nxt
+        self.be.to_numpy(x)
+        return (time.perf_counter() - t0) / steps
 
     def make_fresh_plans(self, n: int) -> None:
         """n plans of successive steps, made before timing: `fresh_step` runs each once, so its
@@ -223,6 +255,11 @@ def time_interleaved(fns: dict, steps: int, warmup: int) -> dict:
 
 
 def bench_point(be, path, batch, ctx, cfg) -> dict:
+    # Each point starts with nothing cached from the previous ones (their pools and SDPA
+    # caches): in one process, what an earlier point left in the allocator's cache slowed a
+    # later point's host work (ADR 0007).
+    gc.collect()
+    be.release_cached_memory()
     p = Point(be, path, batch, ctx, cfg["layers"], cfg["steps"] + cfg["warmup"] + 2,
               cfg["budget_gib"])
     p.make_fresh_plans(cfg["steps"] + cfg["warmup"])
@@ -232,6 +269,15 @@ def bench_point(be, path, batch, ctx, cfg) -> dict:
     if cfg.get("sdpa"):
         fns["sdpa"] = sdpa_step_fn(batch, ctx, cfg["layers"], cfg["budget_gib"])
     t = time_interleaved(fns, cfg["steps"], cfg["warmup"])
+    # The pipelined pair keeps a step in flight across calls, so it cannot take turns with the
+    # others step by step: whole blocks alternate instead (median of the blocks).
+    pipe = {True: [], False: []}
+    for block in range(1 + PIPE_BLOCKS):
+        for api in (True, False):
+            s = p.pipelined(max(2, cfg["steps"]), api)
+            if block:   # the first block of each warms up
+                pipe[api].append(s)
+    t["pipe"], t["pipe_kernel"] = (statistics.median(pipe[api]) for api in (True, False))
     # Medians: the first calls record kernels and compile shaders.
     host_us = 1e6 * statistics.median(p.run_s)
     plan_us = 1e6 * statistics.median(p.plan_s)
@@ -239,6 +285,8 @@ def bench_point(be, path, batch, ctx, cfg) -> dict:
            "layers": cfg["layers"], "pools": p.num_pools,
            "api_ms": 1e3 * t["api"], "overlap_ms": 1e3 * t["overlap"],
            "overlap_over_kernel": t["overlap"] / t["kernel"],
+           "pipe_ms": 1e3 * t["pipe"], "pipe_kernel_ms": 1e3 * t["pipe_kernel"],
+           "pipe_over_kernel": t["pipe"] / t["pipe_kernel"],
            "fresh_ms": 1e3 * t["fresh"], "run_ms": 1e3 * t["run"],
            "inputs_ms": 1e3 * t["inputs"], "kernel_ms": 1e3 * t["kernel"],
            "api_over_kernel": t["api"] / t["kernel"], "api_over_inputs": t["api"] / t["inputs"],
@@ -323,7 +371,7 @@ def main(argv=None) -> int:
                       f"kernel call {h['kernel_call_us']:.1f}), decode {h['decode_us']:.1f} "
                       f"us, run/decode {h['run_over_decode']:.3f}", flush=True)
             print(f"{'backend/path':16s} {'B':>3s} {'ctx':>6s} {'api ms':>9s} {'overlap':>9s} {'fresh ms':>9s} {'run ms':>9s} {'inputs':>9s} {'kernel ms':>9s} "
-                  f"{'api/kern':>8s} {'api/inpt':>8s} {'ovl/kern':>8s} {'sdpa ms':>8s} {'api/sdpa':>8s} {'TB/s':>6s} {'host us/run':>11s} {'us/plan':>8s}")
+                  f"{'api/kern':>8s} {'api/inpt':>8s} {'ovl/kern':>8s} {'pipe ms':>8s} {'pip/pipk':>8s} {'sdpa ms':>8s} {'api/sdpa':>8s} {'TB/s':>6s} {'host us/run':>11s} {'us/plan':>8s}")
             for batch in cfg["batches"]:
                 for ctx in cfg["contexts"]:
                     c = dict(cfg, sdpa=not a.no_sdpa and has_sdpa_baseline(be))
@@ -333,6 +381,7 @@ def main(argv=None) -> int:
                         if peak_tbs else ""
                     print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} {r['overlap_ms']:9.2f} {r['fresh_ms']:9.2f} {r['run_ms']:9.2f} {r['inputs_ms']:9.2f} "
                           f"{r['kernel_ms']:9.2f} {r['api_over_kernel']:8.3f} {r['api_over_inputs']:8.3f} {r['overlap_over_kernel']:8.3f} "
+                          f"{r['pipe_ms']:8.2f} {r['pipe_over_kernel']:8.3f} "
                           f"{r.get('sdpa_ms', float('nan')):8.2f} {r.get('api_over_sdpa', float('nan')):8.3f} "
                           f"{r['api_tbs']:6.3f} {r['host_us_per_run']:11.1f} {r['host_us_per_plan']:8.1f}{peak}", flush=True)
         be.close()

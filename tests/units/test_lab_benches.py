@@ -31,8 +31,10 @@ def test_bench_e2e_reports_every_variant(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [(r["batch"], r["context"]) for r in data["rows"]] == [(1, 48), (2, 48)]
     for r in data["rows"]:
-        for key in ("api_ms", "overlap_ms", "fresh_ms", "run_ms", "inputs_ms", "kernel_ms"):
+        for key in ("api_ms", "overlap_ms", "fresh_ms", "run_ms", "inputs_ms", "kernel_ms",
+                    "pipe_ms", "pipe_kernel_ms"):
             assert r[key] > 0
+        assert abs(r["pipe_over_kernel"] - r["pipe_ms"] / r["pipe_kernel_ms"]) < 1e-9
         assert abs(r["api_over_kernel"] - r["api_ms"] / r["kernel_ms"]) < 1e-9
         assert abs(r["api_over_inputs"] - r["api_ms"] / r["inputs_ms"]) < 1e-9
     assert "numpy/reference" in capsys.readouterr().out
