@@ -38,3 +38,26 @@ def test_bench_e2e_reports_every_variant(tmp_path, capsys):
         assert abs(r["api_over_kernel"] - r["api_ms"] / r["kernel_ms"]) < 1e-9
         assert abs(r["api_over_inputs"] - r["api_ms"] / r["inputs_ms"]) < 1e-9
     assert "numpy/reference" in capsys.readouterr().out
+
+
+def test_host_costs_caps_slow_calls_at_the_time_budget(monkeypatch):
+    """`--host` figures: every call is timed; a call slower than budget_s / repeats is repeated
+    only 5 times (a synchronous backend runs the attention in run() and decode()), a fast one
+    `repeats` times."""
+    import paged_attention as pa
+    be = pa.get_backend("numpy")
+    calls = {"decode": 0}
+    real_decode = be.decode
+
+    def counted(*args, **kwargs):
+        calls["decode"] += 1
+        return real_decode(*args, **kwargs)
+    monkeypatch.setattr(be, "decode", counted)
+    out = e2e.host_costs(be, "reference", batch=2, blocks=4, repeats=50, budget_s=0.0)
+    assert calls["decode"] == 5
+    for key in ("plan_us", "run_us", "check_us", "kernel_call_us", "decode_us"):
+        assert out[key] > 0
+    assert abs(out["run_over_decode"] - out["run_us"] / out["decode_us"]) < 1e-9
+    calls["decode"] = 0
+    e2e.host_costs(be, "reference", batch=2, blocks=4, repeats=12, budget_s=60.0)
+    assert calls["decode"] == 12
