@@ -55,6 +55,8 @@ import numpy as np
 
 import paged_attention as pa
 
+from .timing import round_robin, wall
+
 PRESETS = {
     "h100": dict(batches=[1, 8, 32], contexts=[4096, 16384, 32768], layers=32, steps=8,
                  warmup=3, budget_gib=24.0, peak_tbs=3.35, paths=None),
@@ -240,20 +242,6 @@ def sdpa_step_fn(batch: int, ctx: int, layers: int, budget_gib: float, seed: int
     return step
 
 
-def time_interleaved(fns: dict, steps: int, warmup: int) -> dict:
-    """Median seconds per call of each fn, the fns taking turns call by call."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(steps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def bench_point(be, path, batch, ctx, cfg) -> dict:
     # Each point starts with nothing cached from the previous ones (their pools and SDPA
     # caches): in one process, what an earlier point left in the allocator's cache slowed a
@@ -268,16 +256,14 @@ def bench_point(be, path, batch, ctx, cfg) -> dict:
            "kernel": p.kernel_step}
     if cfg.get("sdpa"):
         fns["sdpa"] = sdpa_step_fn(batch, ctx, cfg["layers"], cfg["budget_gib"])
-    t = time_interleaved(fns, cfg["steps"], cfg["warmup"])
+    times = round_robin({k: wall(fn) for k, fn in fns.items()}, cfg["steps"], cfg["warmup"])
     # The pipelined pair keeps a step in flight across calls, so it cannot take turns with the
-    # others step by step: whole blocks alternate instead (median of the blocks).
-    pipe = {True: [], False: []}
-    for block in range(1 + PIPE_BLOCKS):
-        for api in (True, False):
-            s = p.pipelined(max(2, cfg["steps"]), api)
-            if block:   # the first block of each warms up
-                pipe[api].append(s)
-    t["pipe"], t["pipe_kernel"] = (statistics.median(pipe[api]) for api in (True, False))
+    # others step by step: whole blocks alternate instead (median of the blocks; the first
+    # block of each warms up).
+    n = max(2, cfg["steps"])
+    times.update(round_robin({"pipe": lambda: p.pipelined(n, True),
+                              "pipe_kernel": lambda: p.pipelined(n, False)}, PIPE_BLOCKS, 1))
+    t = {k: statistics.median(v) for k, v in times.items()}
     # Medians: the first calls record kernels and compile shaders.
     host_us = 1e6 * statistics.median(p.run_s)
     plan_us = 1e6 * statistics.median(p.plan_s)
@@ -305,9 +291,9 @@ def host_costs(be, path: str, batch: int = 32, blocks: int = 2048, repeats: int 
                budget_s: float = 1.0) -> dict:
     """Host time of plan(), run() and decode() at B x `blocks` blocks, nothing evaluated on a
     lazy backend: what issuing a layer costs the CPU. Each figure is the median of `repeats`
-    calls, fewer (at least 5) where one call takes longer than budget_s / repeats: a synchronous
-    backend (Vulkan) runs the attention inside run() and decode(), and on a CPU device 200 of
-    those at this size take many minutes."""
+    calls, fewer (at least 5) once the calls have taken budget_s together: a synchronous backend
+    (Vulkan) runs the attention inside run() and decode(), and on a CPU device 200 of those at
+    this size take many minutes."""
     rng = np.random.default_rng(0)
     num_blocks = batch * blocks
     pool = be.create_pool(num_blocks, BS, HKV, D, DTYPE)
@@ -316,13 +302,7 @@ def host_costs(be, path: str, batch: int = 32, blocks: int = 2048, repeats: int 
     q = _native(be, np.zeros((batch, HQ, D), np.float16))
 
     def med(fn):
-        t0 = time.perf_counter()
-        fn()
-        ts = [time.perf_counter() - t0]
-        for _ in range(max(5, min(repeats, int(budget_s / max(ts[0], 1e-9)))) - 1):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
+        ts = round_robin({"fn": wall(fn)}, repeats, max_seconds=budget_s, min_repeats=5)["fn"]
         return 1e6 * statistics.median(ts)
     plan = be.plan(pool, tables, lens, num_q_heads=HQ, path=path)
     out = {"backend": be.name, "path": path, "batch": batch, "blocks": blocks,

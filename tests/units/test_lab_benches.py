@@ -41,9 +41,9 @@ def test_bench_e2e_reports_every_variant(tmp_path, capsys):
 
 
 def test_host_costs_caps_slow_calls_at_the_time_budget(monkeypatch):
-    """`--host` figures: every call is timed; a call slower than budget_s / repeats is repeated
-    only 5 times (a synchronous backend runs the attention in run() and decode()), a fast one
-    `repeats` times."""
+    """`--host` figures: every call is timed; once the calls have taken budget_s together only
+    5 are made (a synchronous backend runs the attention in run() and decode()), while calls
+    well inside the budget are made `repeats` times."""
     import paged_attention as pa
     be = pa.get_backend("numpy")
     calls = {"decode": 0}
