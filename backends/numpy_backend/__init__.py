@@ -40,7 +40,7 @@ class NumpyPool(KVPool):
         return self.values(self.k).copy(), self.values(self.v).copy()
 
 
-class Backend(PagedAttention):
+class NumpyBackend(PagedAttention):
     name = "numpy"
     paths = KNOWN_PATHS
     pool_dtypes = ("float16", "bfloat16", "float32")
@@ -96,3 +96,6 @@ class Backend(PagedAttention):
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
         return np.matmul(s, np.asarray(v, np.float32)).reshape(b, hq, d).astype(q.dtype)
+
+
+Backend = NumpyBackend  # the registry's name for this module's backend class

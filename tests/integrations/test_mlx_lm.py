@@ -124,7 +124,7 @@ def test_unsupported_architecture_is_refused():
 
 def test_bfloat16_refused_where_backend_has_no_bf16_pools(models):
     """Every shipped backend has bf16 pools now; one without them is refused up front."""
-    from paged_attention.backends.numpy_backend import Backend as NumpyBackend
+    from paged_attention.backends.numpy_backend import NumpyBackend
 
     class NoBf16(NumpyBackend):
         pool_dtypes = ("float16", "float32")

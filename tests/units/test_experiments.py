@@ -166,7 +166,7 @@ def test_peak_bandwidth_table():
 
 def test_failing_path_is_recorded_and_exit_1(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    from paged_attention.backends.numpy_backend import Backend as NumpyBackend
+    from paged_attention.backends.numpy_backend import NumpyBackend
 
     def broken(self, path, q, pool, args):
         raise RuntimeError("device lost")

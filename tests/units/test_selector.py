@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from paged_attention.backends.numpy_backend import Backend as NumpyBackend
+from paged_attention.backends.numpy_backend import NumpyBackend
 from paged_attention import selector, settings
 from paged_attention.settings import Settings
 from paged_attention.interface import PATH_ENV
