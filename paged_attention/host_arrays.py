@@ -4,15 +4,16 @@ bfloat16 inputs (MLX arrays or ml_dtypes numpy arrays) are widened to float32, e
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numpy as np
 
 from .validation import dtype_name
 
-# Copies at least this large are split across threads: one core copies ~4-6 GB/s, and a 2k-token
-# prefill moves 16 MiB of q into mapped staging and 16 MiB of output out of it (ADR 0008).
-# numpy releases the GIL while it copies, so the threads run in parallel.
+# Copies at least this large are split across threads: a single core's copy rate bounds a
+# large prefill's host time (figures: ADR 0008, "Figures behind the code's constants"). numpy
+# releases the GIL while it copies, so the threads run in parallel.
 PARALLEL_COPY_BYTES = 4 << 20
 COPY_THREADS = max(2, min(8, os.cpu_count() or 1))
 _pool = None
@@ -47,26 +48,33 @@ def copy_into(dst: np.ndarray, src) -> None:
 def host(x) -> np.ndarray:
     """A numpy view/copy of an input array; bfloat16 (MLX or ml_dtypes) is widened to float32."""
     if dtype_name(x) == "bfloat16":
-        if type(x).__module__.startswith("mlx"):
-            import mlx.core as mx
-            return np.asarray(x.astype(mx.float32))
-        return np.asarray(x).astype(np.float32)
+        if isinstance(x, np.ndarray):   # ml_dtypes
+            return x.astype(np.float32)
+        # Another library's array (MLX): widened by that library, which numpy cannot read
+        # bfloat16 from; its module is loaded already, since x exists.
+        return np.asarray(x.astype(_library(x).float32))
     return np.asarray(x)
 
 
+def _library(x):
+    """The module of x's array type (e.g. mlx.core for an mx.array), without importing it."""
+    return sys.modules[type(x).__module__]
+
+
 def out_dtype(q):
-    """What an output for q is cast to: a numpy dtype, or "mlx-bf16" for an MLX bfloat16 q."""
-    if dtype_name(q) == "bfloat16":
-        return "mlx-bf16" if type(q).__module__.startswith("mlx") else np.asarray(q).dtype
+    """What an output for q is cast to: a numpy dtype, or (library module, dtype) for a bfloat16
+    q of another array library (MLX), which numpy cannot hold."""
+    if dtype_name(q) == "bfloat16" and not isinstance(q, np.ndarray):
+        return (_library(q), q.dtype)
     return np.asarray(q).dtype
 
 
 def cast_out(o: np.ndarray, dt):
     """o in `out_dtype(q)`: outputs keep q's dtype and kind (an MLX bfloat16 q gets an MLX
     bfloat16 array back, as `run` promises q's dtype)."""
-    if isinstance(dt, str):
-        import mlx.core as mx
-        return mx.array(np.ascontiguousarray(o, dtype=np.float32)).astype(mx.bfloat16)
+    if isinstance(dt, tuple):
+        lib, dtype = dt
+        return lib.array(np.ascontiguousarray(o, dtype=np.float32)).astype(dtype)
     out = np.empty(o.shape, dtype=dt)
     copy_into(out, o)
     return out

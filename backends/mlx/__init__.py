@@ -1,6 +1,8 @@
 """MLX backend: pools as mx.array; a gather path everywhere and a fused kernel on Metal/CUDA."""
 from __future__ import annotations
 
+from . import settings as _knobs  # noqa: F401 - declares the PAGED_ATTENTION_MLX_* settings
+
 KNOWN_PATHS = ("gather", "fused")
 
 

@@ -25,12 +25,12 @@ from .kernel_source import INPUTS, OUTPUTS, kernel_name, kernel_source
 NUM_WARPS = 4            # warps (simdgroups) per decode threadgroup: 128 threads
 REDUCE_THREADS = 128     # threads per reduce threadgroup (fixed in paged_reduce.body)
 MAX_HEADS_PER_GROUP = 8  # query heads served by one threadgroup (registers: q + acc per head)
-CTAS_PER_UNIT = 3        # decode threadgroups resident per SM / GPU core (CUDA: ~141 registers
-                         # x 128 threads for fp16 D=128 G=4 -> 3 per SM); split-K's wave model
+CTAS_PER_UNIT = 3        # decode threadgroups resident per SM / GPU core (register-bound; ADR
+                         # 0004, "Figures behind the constants"); split-K's wave model
 MIN_PART_TOKENS = 256    # ... never partitions shorter than this many tokens
 SPLIT_TILE_COST = 0.1    # a partition's partials write + reduce read, in tile iterations
-SPLIT_LAUNCH_COST = 15   # the reduce kernel's launch, in tile iterations (~1 us each for a
-                         # latency-bound threadgroup; MLX CUDA spends ~15 us per custom launch)
+SPLIT_LAUNCH_COST = 15   # the reduce kernel's launch, in tile iterations (ADR 0004, "Figures
+                         # behind the constants")
 SPLIT_TOLERANCE = 1.03   # take the fewest partitions within 3% of the best modelled cost
 KINDS = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
 DEFAULT_VARIANT = {"prefetch": False, "stream": 0, "hf": True}
@@ -270,8 +270,8 @@ class DecodePlan:
         # ONE device array per step (pa_step, layout in paged_decode.body), filled in place on
         # the host and read by every kernel of the step without a view per input: on CUDA an
         # mx.array made from host data lives in managed memory and costs the step about the same
-        # whatever its size, and inside the serial loop every MLX op plan() adds costs ~10 us
-        # of host time (ADR 0007).
+        # whatever its size, and every MLX op plan() adds costs host time inside the serial
+        # loop (ADR 0007; the figures: ADR 0004, "Figures behind the constants").
         n = 0 if slots is None else slots.shape[0]
         tables_at = STEP_HEADER + batch
         write_at = tables_at + batch * mb

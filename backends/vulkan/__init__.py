@@ -11,7 +11,9 @@ import shutil
 import subprocess
 import sys
 
-from paged_attention import settings
+from paged_attention.settings import get as _settings
+
+from . import settings as _knobs  # noqa: F401 - declares the PAGED_ATTENTION_VK_* settings
 
 KNOWN_PATHS = ("fused", "splitk")
 
@@ -40,9 +42,9 @@ def device_info() -> dict | str:
     except (ImportError, ValueError) as exc:  # pragma: no cover - broken installs
         return f"cannot look up 'kp' ({exc}); {SETUP_HINT}"
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE_CODE, str(settings.get().vk_device)],
+        proc = subprocess.run([sys.executable, "-c", _PROBE_CODE, str(_settings().vk_device)],
                               capture_output=True, text=True,
-                              timeout=settings.get().vk_probe_timeout_s)
+                              timeout=_settings().vk_probe_timeout_s)
     except subprocess.TimeoutExpired:
         return "creating a Vulkan device timed out (is the Vulkan driver hung?)"
     for line in proc.stdout.splitlines():

@@ -363,8 +363,8 @@ class VulkanBackend(PagedAttention):
     def _run_recorded(self, key, make_ops, labels):
         """_run_ops for op lists that bind only staging tensors (kept until close): recorded once
         per key and re-submitted. A new kp.Sequence costs a command pool, a command buffer and a
-        recording; on the H200 a fresh sequence's round trip took ~1 ms against ~30 us for a
-        recorded one (ADR 0008)."""
+        recording, far more than re-submitting a recorded one (ADR 0008, "Figures behind the
+        code's constants")."""
         if self.record_timestamps:  # timestamps need a sequence with a query pool
             return self._run_ops(make_ops(), labels)
         if key not in self._uploads:

@@ -17,7 +17,15 @@ from paged_attention.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _declare_every_backend():
+    """Import each registered backend package: each declares its settings on import."""
+    import importlib
+    for module in registry.BACKENDS.values():
+        importlib.import_module(module)
+
+
 def test_settings_read_under_one_prefix():
+    _declare_every_backend()
     s = Settings.load({"PAGED_ATTENTION_PATH": "gather", "PAGED_ATTENTION_VK_CUS": "7",
                        "PAGED_ATTENTION_MLX_SPLITK": "off", "PA_MLX_SPLITK": "4",
                        "PAGED_ATTENTION_VK_PROBE_TIMEOUT": "2.5"})
@@ -27,11 +35,60 @@ def test_settings_read_under_one_prefix():
         Settings.load({"PAGED_ATTENTION_VK_CUS": "many"})
 
 
-def test_settings_override_restores():
+def test_settings_override_restores_and_names_unknown_knobs():
+    _declare_every_backend()
     before = settings.get()
     with settings.override(vk_chunk=1024) as s:
         assert settings.get() is s and s.vk_chunk == 1024
+        assert s.vk_tpt == before.vk_tpt   # the others are kept
     assert settings.get() is before
+    with pytest.raises(InvalidInput, match="vk_chunks"):
+        with settings.override(vk_chunks=1024):
+            pass
+    assert settings.get() is before
+
+
+def test_a_knob_declared_after_loading_reads_the_same_environment():
+    """A backend imported after the settings were loaded still sees the environment they were
+    loaded from (not a later one), and a bad value names its variable."""
+    knob = settings.Knob("test_late_knob", "TEST_LATE_KNOB", int, 3, "test only")
+    s = Settings.load({"PAGED_ATTENTION_TEST_LATE_KNOB": "5"})
+    bad = Settings.load({"PAGED_ATTENTION_TEST_LATE_KNOB": "five"})
+    try:
+        settings.declare(knob)
+        assert s.test_late_knob == 5 and Settings.load({}).test_late_knob == 3
+        with pytest.raises(InvalidInput, match="PAGED_ATTENTION_TEST_LATE_KNOB"):
+            bad.test_late_knob
+        with pytest.raises(ValueError, match="clashes"):
+            settings.declare(settings.Knob("test_late_knob", "TEST_OTHER", int, 3, "test only"))
+    finally:
+        settings._KNOBS.pop("test_late_knob", None)
+
+
+def test_readme_settings_table_matches_the_declarations():
+    """Every declared knob has its README row as `Knob.readme_row` renders it, and the README
+    lists no PAGED_ATTENTION_ variable that nothing declares (tests' own variables aside)."""
+    _declare_every_backend()
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Settings"):]
+    end = section.find("\n## ", 1)
+    section = section if end < 0 else section[:end]
+    rows = {line for line in section.splitlines() if line.startswith("| `PAGED_ATTENTION_")
+            and "PAGED_ATTENTION_TEST_" not in line}
+    want = set(settings.readme_table().splitlines())
+    assert rows == want, ("README rows that no declaration renders:\n" + "\n".join(sorted(rows - want))
+                          + "\n\nrows the declarations need (paste into the README):\n"
+                          + "\n".join(sorted(want - rows)))
+    owners = {k.field.split("_")[0] for k in settings.declared()}
+    assert {"vk", "mlx"} <= owners   # the backends' declarations were found
+
+
+def test_the_core_names_no_backend_setting():
+    """settings.py declares only the core's knobs; host_arrays imports no backend library."""
+    core = (ROOT / "paged_attention" / "settings.py").read_text()
+    assert not re.search(r"\b(vk|mlx)_\w+|VK_|MLX_", core)
+    host = (ROOT / "paged_attention" / "host_arrays.py").read_text()
+    assert not re.search(r"^\s*(import|from)\s+(mlx|kp)\b", host, re.M)
 
 
 def test_every_env_read_goes_through_settings():

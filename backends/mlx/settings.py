@@ -1,0 +1,14 @@
+"""The MLX backend's PAGED_ATTENTION_MLX_* knobs (README, "Settings" table); read them with
+`paged_attention.settings.get().mlx_<name>`."""
+from __future__ import annotations
+
+from paged_attention.settings import Knob, declare
+
+declare(
+    Knob("mlx_compute_units", "MLX_COMPUTE_UNITS", int, None,
+         "SMs / GPU cores the MLX split-K heuristic assumes", shown="from `devices.py`"),
+    Knob("mlx_variant", "MLX_VARIANT", str, "",
+         "MLX fused kernel variant, e.g. `pf1i4` (bench `--variants` syntax)"),
+    Knob("mlx_splitk", "MLX_SPLITK", str, "", "`off` or a partition count for the MLX fused kernel",
+         shown="heuristic"),
+)
