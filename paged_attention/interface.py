@@ -6,6 +6,7 @@ any of its kernels run.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from abc import ABC, abstractmethod
@@ -493,3 +494,30 @@ class PagedAttention(ABC):
     @property
     def has_dense_attention(self) -> bool:
         return type(self).dense_attention is not PagedAttention.dense_attention
+
+    # Seams of plan/run for benchmarks that split a step's cost into its parts (lab/e2e.py):
+    # each is one of run()'s or plan()'s own steps, named. Not part of a model loop.
+    def check_run(self, plan: Plan, q, pool: KVPool, k=None, v=None) -> None:
+        """run()'s O(1) checks alone (raises InvalidInput as run() would), nothing executed."""
+        self._check_run(plan, q, pool, k, v)
+
+    def run_unchecked(self, plan: Plan, q, pool: KVPool, k=None, v=None):
+        """run() without its checks or its lock: the backend's kernel call for a plan already
+        checked against these arrays. Wrong inputs are undefined behaviour; single-threaded
+        benchmarks only."""
+        return self._run(plan, q, pool, k, v)
+
+    def prepare_unchecked(self, plan: Plan, **changes) -> Plan:
+        """A copy of `plan` with `changes` (Plan fields) applied and the backend's per-step work
+        (plan.device) redone, nothing validated: what a step's new inputs cost the backend
+        alone, without plan()'s checks and path choice."""
+        plan = dataclasses.replace(plan, device=None, **changes)
+        device = self._prepare(plan)
+        if device is not None:   # as in _make_plan: set once, before anyone sees the plan
+            object.__setattr__(plan, "device", device)
+        return plan
+
+    def auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
+        """The path `path="auto"` picks for these decode rows on this backend itself (its
+        selector table, else its heuristic), ignoring $PAGED_ATTENTION_PATH."""
+        return self._auto_path(args, spec)

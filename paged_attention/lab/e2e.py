@@ -19,11 +19,11 @@ block 16. Variants timed, in turns step by step so drift hits them alike:
           fresh is plan()'s host work, fresh - run what a step's new device arrays cost
   run     one plan made outside the timed step, run() per layer: run - kernel is run()'s checks
   inputs  the kernel loop plus what any caller of the kernels must do per step: the step's
-          lengths and slots made into device inputs by the backend's `_prepare` hook, no
+          lengths and slots made into device inputs by `prepare_unchecked` (the backend hook), no
           validation and no plan() call. api - inputs is the API's own cost; inputs - kernel
           what the device's per-step inputs cost (on MLX CUDA: ADR 0007)
-  kernel  the same loop through the backend's `_run` hook with the plan made once outside the
-          timed step: the backend's kernels and nothing else (no validation, no plan)
+  kernel  the same loop through `run_unchecked` (the backend hook) with the plan made once
+          outside the timed step: the backend's kernels and nothing else (no validation, no plan)
   pipe, pipe_kernel
           api and kernel in mlx-lm's generate_step order: step t+1, plan() included, is built
           on step t's still-lazy output (layer 0's q is step t's last output) and submitted
@@ -164,25 +164,26 @@ class Point:
         return self.be.to_numpy(x)
 
     def kernel_step(self, checked: bool = False):
-        """The kernel loop (`_run`, no checks); checked=True: the same through run(), so the
-        difference is run()'s O(1) checks and api - run is what plan() costs per step."""
+        """The kernel loop (`run_unchecked`, no checks); checked=True: the same through run(), so
+        the difference is run()'s O(1) checks and api - run is what plan() costs per step."""
         return self.be.to_numpy(self._layers(self.kernel_plan,
-                                             self.be.run if checked else self.be._run))
+                                             self.be.run if checked else self.be.run_unchecked))
 
     def inputs_step(self):
-        """The kernel loop with this step's inputs made by the backend hook alone: `_prepare` of
-        the kernel plan with the new lengths and slots swapped in (nothing validated)."""
+        """The kernel loop with this step's inputs made by the backend hook alone
+        (`prepare_unchecked`: the kernel plan with the new lengths and slots swapped in, nothing
+        validated)."""
         lens, slots = self._next()
         base = self.kernel_plan
-        plan = dataclasses.replace(base, args=dataclasses.replace(base.args, context_lens=lens),
-                                   slots=slots, device=None)
-        object.__setattr__(plan, "device", self.be._prepare(plan))
-        return self.be.to_numpy(self._layers(plan, self.be._run))
+        plan = self.be.prepare_unchecked(
+            base, args=dataclasses.replace(base.args, context_lens=lens), slots=slots)
+        return self.be.to_numpy(self._layers(plan, self.be.run_unchecked))
 
     def _submitted(self, x, api: bool):
         """One step built on x and submitted: plan() + run() per layer (api), else the kernel
-        plan through `_run`."""
-        plan, call = (self._plan_next(), self.be.run) if api else (self.kernel_plan, self.be._run)
+        plan through `run_unchecked`."""
+        plan, call = (self._plan_next(), self.be.run) if api else \
+            (self.kernel_plan, self.be.run_unchecked)
         x = self._layers(plan, call, x=x)
         self.be.submit([x])
         return x
@@ -308,8 +309,8 @@ def host_costs(be, path: str, batch: int = 32, blocks: int = 2048, repeats: int 
     out = {"backend": be.name, "path": path, "batch": batch, "blocks": blocks,
            "plan_us": med(lambda: be.plan(pool, tables, lens, num_q_heads=HQ, path=path)),
            "run_us": med(lambda: be.run(plan, q, pool)),
-           "check_us": med(lambda: be._check_run(plan, q, pool, None, None)),
-           "kernel_call_us": med(lambda: be._run(plan, q, pool, None, None)),
+           "check_us": med(lambda: be.check_run(plan, q, pool)),
+           "kernel_call_us": med(lambda: be.run_unchecked(plan, q, pool)),
            "decode_us": med(lambda: be.decode(q, pool, tables, lens, path=path))}
     out["run_over_decode"] = out["run_us"] / out["decode_us"]
     return out

@@ -319,9 +319,9 @@ def test_variant_names():
 def test_stream_read_probe_reads_every_vector():
     """The ceiling probe's xor-fold over its strided vectors matches numpy: it reads what it
     claims to read, so the bandwidth it reports is real."""
-    from paged_attention.lab.bench.mlx_ceiling import STREAM_THREADS, _read
+    from paged_attention.backends.mlx.bench_hooks import STREAM_THREADS, stream_read
     words = np.random.default_rng(0).integers(0, 2**32, size=4 * 5000, dtype=np.uint32)
-    got = np.array(_read(API, mx.array(words), 2))
+    got = np.array(stream_read(API, mx.array(words), 2))
     threads = 2 * STREAM_THREADS
     vec = np.bitwise_xor.reduce(words.reshape(-1, 4), axis=1)
     want = np.array([np.bitwise_xor.reduce(vec[t::threads]) if t < len(vec) else 0

@@ -98,7 +98,7 @@ def test_close_releases_the_manager():
     be = Backend()
     pool = be.create_pool(4, 16, 1, 8, "float32")
     be.close()
-    assert be._mgr is None
+    assert be._dev.mgr is None
     be.close()  # idempotent
     with pytest.raises(PagedAttentionError, match="closed"):
         be.create_pool(4, 16, 1, 8)

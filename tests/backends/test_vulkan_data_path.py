@@ -28,7 +28,7 @@ def test_forty_layer_plan_run_loop_reaches_a_steady_state(vk, monkeypatch):
     and each step costs one table upload plus one submission per layer."""
     rng = np.random.default_rng(0)
     layers, b, width = 40, 2, 4
-    made, sequence = [], vk._mgr.sequence
+    made, sequence = [], vk._dev.mgr.sequence
 
     class Counting:  # kp.Manager's attributes are read-only: wrap it
         def sequence(self, *a):
@@ -37,8 +37,8 @@ def test_forty_layer_plan_run_loop_reaches_a_steady_state(vk, monkeypatch):
 
         def __getattr__(self, name):
             return getattr(mgr, name)
-    mgr = vk._mgr
-    monkeypatch.setattr(vk, "_mgr", Counting())
+    mgr = vk._dev.mgr
+    monkeypatch.setattr(vk._dev, "mgr", Counting())
     pools = [vk.create_pool(b * width, BS, HKV, D, "float16") for _ in range(layers)]
     tables = np.arange(b * width, dtype=np.int32).reshape(b, width)  # fixed width: one shape
     mirror = [[np.zeros(p.spec.shape, np.float16) for _ in range(2)] for p in pools]
@@ -214,7 +214,7 @@ def test_prefill_kernel_clamps_like_the_decode_kernel(vk):
     outs = []
     for qt in (None, 1):
         with settings.override(vk_query_tile=qt):
-            st = vk._state(args, pool.spec, "fused", None, ql)
+            st = vk._tables.state(args, pool.spec, "fused", None, ql)
         assert (st.qt > 1) == (qt is None)
         outs.append(vk._execute([(pool, q, None, None)], st, False)[0])
     assert np.isfinite(outs[0]).all() and not outs[0][40:42].any()  # empty ranges: zeros
@@ -260,7 +260,7 @@ def test_patched_kompute_staging_prefers_cached_system_memory(vk):
     if not getattr(kp, "pa_patch_level", 0):
         pytest.skip("stock kp installed; scripts/build_kompute.sh builds the patched 0.9.0+pa4")
     host_visible, coherent, cached, device_local = 0x2, 0x4, 0x8, 0x1
-    t = vk._new_tensor(16, np.float32, "device")
+    t = vk._dev.new_tensor(16, np.float32, "device")
     primary, staging = t.pa_memory_flags()
     types = [f for f in t.pa_memory_types() if f & (host_visible | coherent) == host_visible | coherent]
     assert staging & host_visible and staging & coherent and primary & device_local
@@ -291,7 +291,7 @@ def test_polled_fence_wait_gives_the_same_answers(monkeypatch):
         with settings.override(vk_spin_us=spin_us):
             be = Backend()
         try:
-            assert be._poll_ns == spin_us * 1000
+            assert be._dev.spin_ns == spin_us * 1000
             evals, blocking = [], kp.Sequence.eval
             monkeypatch.setattr(kp.Sequence, "eval", lambda self: evals.append(1) or blocking(self))
             pool = be.create_pool(6, BS, HKV, D, "float16")
@@ -331,7 +331,7 @@ def test_host_io_binds_host_memory_and_gives_the_same_answers(dtype):
         with settings.override(vk_host_io=host_io):
             be = Backend()
         try:
-            assert be._host_io == bool(host_io)
+            assert be._dev.host_io == bool(host_io)
             pool = be.create_pool(b * width, BS, HKV, D, dtype)
             be.write_kv(pool, old, kv0, kv0)
             for path in ("fused", "splitk"):
@@ -367,7 +367,7 @@ def test_failed_allocation_is_a_clear_error(vk, monkeypatch):
 
         def __getattr__(self, name):
             return getattr(self.mgr, name)
-    monkeypatch.setattr(vk, "_mgr", Full(vk._mgr))
+    monkeypatch.setattr(vk._dev, "mgr", Full(vk._dev.mgr))
     with pytest.raises(DeviceOutOfMemory, match="memory exhausted"):
         vk.create_pool(64, BS, HKV, D, "float16")
 
@@ -404,8 +404,8 @@ def test_kompute_patch_applies_to_the_sdist(tmp_path):
 def test_kernel_cache_bound_drops_recordings_with_their_kernels(vk, monkeypatch):
     """Past the per-pool bound the pool's kernels and every recording go together (a recording
     never outlives a pipeline it uses), and results stay right."""
-    import paged_attention.backends.vulkan.backend as vb
-    monkeypatch.setattr(vb, "MAX_POOL_ALGOS", 6)
+    import paged_attention.backends.vulkan.recording as vr
+    monkeypatch.setattr(vr, "MAX_POOL_ALGOS", 6)
     rng = np.random.default_rng(7)
     pool = vk.create_pool(8, BS, HKV, D, "float32")
     vk.write_kv(pool, np.arange(100), rng.standard_normal((100, HKV, D)).astype(np.float32),

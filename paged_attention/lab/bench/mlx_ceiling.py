@@ -16,24 +16,14 @@ import sys
 import mlx.core as mx
 
 from paged_attention.backends.mlx.arrays import gpu_kind
-from paged_attention.backends.mlx.fused import _kernel, compute_units
+from paged_attention.backends.mlx.bench_hooks import compute_units
+from paged_attention.backends.mlx.bench_hooks import stream_read as _read
 
 from ..timing import time_steps as _time_steps
-
-STREAM_THREADS = 256
 
 
 def time_steps(paths: dict, layers: int, repeats: int, warmup: int) -> dict:
     return _time_steps(paths, layers, repeats, warmup, sync=mx.eval)
-
-
-def _read(api: str, x: mx.array, groups: int) -> mx.array:
-    threads = groups * STREAM_THREADS
-    params = mx.array([x.size // 4, threads], dtype=mx.int32)
-    return _kernel(api, "stream_read", False)(
-        inputs=[x, params], template=[("NT", STREAM_THREADS)], grid=(threads, 1, 1),
-        threadgroup=(STREAM_THREADS, 1, 1), output_shapes=[(threads,)],
-        output_dtypes=[mx.uint32])[0]
 
 
 def stream_read(api: str, gib: float = 4.0, buffers: int = 4, repeats: int = 7) -> dict:

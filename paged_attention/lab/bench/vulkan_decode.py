@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from paged_attention import devices
+from paged_attention.backends.vulkan import bench_hooks as hooks
 
 from ..timing import round_robin, wall, warm_up
 
@@ -102,7 +103,7 @@ def make_tables(batch, ctx, block_size, rng):
 
 def rep_kernel_ns(be) -> list[float]:
     """Per-repetition GPU time of the attention (+ split-K reduce) ops of the last timestamped
-    submission recorded by `_decode_repeated`."""
+    submission recorded by `hooks.decode_repeated`."""
     ts = be.last_timestamps
     reps: dict[int, list[int]] = {}
     for i, (name, _) in enumerate(ts):
@@ -125,8 +126,8 @@ def bench_point(be, a, batch, ctx, rng, reference):
     for path in a.paths:
         outs[path] = be.decode(q, pool, tables, lens, path=path)  # compile, record, first submit
         be.record_timestamps = True
-        warm_up(lambda: be._decode_repeated(q, pool, args, path, a.iters), a.warmup)
-        be._decode_repeated(q, pool, args, path, a.iters)
+        warm_up(lambda: hooks.decode_repeated(be, q, pool, args, path, a.iters), a.warmup)
+        hooks.decode_repeated(be, q, pool, args, path, a.iters)
         be.record_timestamps = False
         ks = rep_kernel_ns(be)
         walls = round_robin({path: wall(lambda: be.decode(q, pool, tables, lens, path=path))},
@@ -198,18 +199,14 @@ def bench_readback(be, mib=16, iters=5):
     """Host read rate of the memory a run's outputs are read from: host-memory output buffers
     with host I/O (the shaders write them), else the staging of a device buffer after its copy."""
     n = mib * (1 << 20) // 4
-    kind = "host" if be._host_io else "device"
-    t, view = be._buf("bench_readback", n, np.float32, kind)
-    be._run_ops([be._barrier("compute->host")] if be._host_io else [be._kp.OpTensorSyncLocal([t])],
-                ["barrier" if be._host_io else "download"])
+    view, kind, flags = hooks.readback_buffer(be, n)
     secs = []
     for _ in range(iters):
         t0 = time.perf_counter()
         np.array(view[:n], copy=True)
         secs.append(time.perf_counter() - t0)
-    flags = t.pa_memory_flags() if hasattr(t, "pa_memory_flags") else None
     return {"mib": mib, "gbs": n * 4 / float(np.median(secs)) / 1e9, "buffer": kind,
-            "staging_flags": None if flags is None else hex(flags[0 if be._host_io else 1])}
+            "staging_flags": None if flags is None else hex(flags)}
 
 
 def bench_model_loop(be, a, rng, kernel_us):
@@ -239,7 +236,7 @@ def bench_model_loop(be, a, rng, kernel_us):
                 h = be.last_host_s
                 acc["prepare"] += h["prepare"]
                 acc["outputs"] += h["outputs"]
-                if be._poll_ns:  # the patched eval splits its time: submitting, then waiting
+                if hooks.fence_spin_ns(be):  # the polled eval splits its time: submitting, then waiting
                     acc["submit"] += be.last_submit_wait_ns[0] / 1e9
                     acc["wait"] += be.last_submit_wait_ns[1] / 1e9
                 else:
@@ -293,27 +290,25 @@ def bench_tiny(be, a, rng, iters=300):
 def bench_submit(be, iters=300):
     """Round trip of a near-empty submission (a 4-byte download): what every run() pays for its
     submit and fence wait, with the blocking wait and with the polled one (patched Kompute)."""
-    seq = be._mgr.sequence()
-    seq.record(be._kp.OpTensorSyncLocal([be._sync]))
+    submit = hooks.empty_submission(be)
     res = {}
-    polled = be._poll_ns
+    polled = hooks.fence_spin_ns(be)
     for name, ns in (("blocking_us", 0), ("polled_us", polled)):
         if name == "polled_us" and not ns:
             res[name] = None
             continue
-        be._poll_ns = ns
         ts, split = [], []
-        for i in range(iters + 20):
-            t0 = time.perf_counter()
-            be._eval(seq, ["download"])
-            if i >= 20:
-                ts.append(time.perf_counter() - t0)
-                if ns:
-                    split.append(be.last_submit_wait_ns)
+        with hooks.fence_spin(be, ns):
+            for i in range(iters + 20):
+                t0 = time.perf_counter()
+                submit()
+                if i >= 20:
+                    ts.append(time.perf_counter() - t0)
+                    if ns:
+                        split.append(be.last_submit_wait_ns)
         res[name] = float(np.median(ts)) * 1e6
         if split:  # what the patched eval measured inside: submitting, then waiting
             res["polled_submit_us"], res["polled_wait_us"] = (float(x) / 1e3 for x in np.median(split, axis=0))
-    be._poll_ns = polled
     return res
 
 
@@ -417,12 +412,11 @@ def main(argv=None) -> int:
     extra["tiny"] = tiny
     print(f"tiny round trip (B=1, ctx 16): run {tiny['run_us']:.0f} us per layer (target <= 150), "
           f"decode() {tiny['decode_us']:.0f} us per call", flush=True)
-    if be._poll_ns:  # A/B: the same with kp's blocking fence wait
-        polled, be._poll_ns = be._poll_ns, 0
-        blocking = {"tiny": bench_tiny(be, a, rng)}
-        if a.layers:
-            blocking["model_loop"] = bench_model_loop(be, a, rng, kernel_us or 0.0)
-        be._poll_ns = polled
+    if hooks.fence_spin_ns(be):  # A/B: the same with kp's blocking fence wait
+        with hooks.fence_spin(be, 0):
+            blocking = {"tiny": bench_tiny(be, a, rng)}
+            if a.layers:
+                blocking["model_loop"] = bench_model_loop(be, a, rng, kernel_us or 0.0)
         extra["blocking_wait"] = blocking
         print(f"with the blocking fence wait instead: tiny run {blocking['tiny']['run_us']:.0f} us, "
               f"decode() {blocking['tiny']['decode_us']:.0f} us" + (

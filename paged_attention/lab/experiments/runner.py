@@ -163,7 +163,7 @@ def calibrate(exp: Experiment, backend, rows: list[dict], run_dir: str) -> dict 
             return sub.lookup(pt["key"], real)
 
         def backend_auto(pt):
-            return backend._auto_path(_args(pt["params"]), _spec(pt["params"]))
+            return backend.auto_path(_args(pt["params"]), _spec(pt["params"]))
 
         def rule(pt):
             return selector.default_rule(tuple(real))

@@ -1,0 +1,138 @@
+"""Shader geometry and path heuristics of the Vulkan backend: pure functions of the pool
+geometry, the step and the device's facts (compute units, subgroup size) and the VK_* settings.
+Nothing here touches Kompute.
+
+Kernels
+  decode.comp   one workgroup per (query row, KV head[, split]): decode rows and the split-K pass.
+  prefill.comp  ragged plans (any query_lens > 1) on the fused path: one workgroup per (query
+                tile, KV head), flash-attention style. A tile is up to QT queries of one sequence;
+                QT*G rows share each K/V load (`query_tile`: PREFILL_ROWS rows, within 48 KiB of
+                shared memory). QT 1 (PAGED_ATTENTION_VK_QT=1, or a head too wide) keeps
+                decode.comp.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from paged_attention import devices, settings
+from paged_attention.validation import DecodeArgs, PoolSpec
+
+MIN_CHUNK = 512             # split-K: fewest tokens per split
+PREFILL_WG = 128            # prefill.comp workgroup size
+PREFILL_ROWS = 32           # prefill.comp query rows (queries x heads) per workgroup, the default
+PREFILL_SHARED = 48 * 1024  # shared-memory budget: the most NVIDIA gives a workgroup without opt-in
+
+
+def pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def padded_dim(spec: PoolSpec) -> int:
+    """Head dim padded to whole 16-byte vectors: 8 16-bit elements or 4 float32 (VulkanPool.dp)."""
+    vec = 8 if spec.dtype in ("float16", "bfloat16") else 4
+    return -(-spec.head_dim // vec) * vec
+
+
+def compute_units(device_name: str) -> int:
+    """Compute units the split-K geometry assumes: PAGED_ATTENTION_VK_CUS, else the CPU count
+    for lavapipe, else the device table, else a fallback by vendor."""
+    if settings.get().vk_compute_units:
+        return settings.get().vk_compute_units
+    name = device_name.lower()
+    if "llvmpipe" in name or "lavapipe" in name:
+        return os.cpu_count() or 2
+    known = devices.lookup(device_name).compute_units
+    if known:
+        return known
+    if "nvidia" in name or "amd" in name or "radeon" in name:
+        return devices.FALLBACK_COMPUTE_UNITS["vulkan-discrete"]
+    return devices.FALLBACK_COMPUTE_UNITS["vulkan"]
+
+
+def heuristic_path(args: DecodeArgs, spec: PoolSpec, units: int) -> str:
+    """split-K when the (sequence, KV head) workgroups cannot fill the device and the context is
+    long enough for the extra reduce to pay; fused otherwise."""
+    if args.batch == 0:
+        return "fused"
+    longest = int(args.attended_tokens().max())
+    wgs = args.batch * spec.num_kv_heads
+    if longest >= 1024 and wgs < 2 * units and split_geometry(args, spec, units)[0] > 1:
+        return "splitk"
+    return "fused"
+
+
+def split_geometry(args: DecodeArgs, spec: PoolSpec, units: int) -> tuple[int, int]:
+    """(nsplit, chunk): chunk tokens per split, from the table's capacity so that a decode loop
+    with a fixed table width keeps one recorded command buffer while contexts grow."""
+    cap = args.block_tables.shape[1] * spec.block_size
+    span = max(1, min(cap, args.window) if args.window else cap)
+    chunk = settings.get().vk_chunk
+    if not chunk:
+        wgs = max(1, args.batch * spec.num_kv_heads)
+        # ~1.5 workgroups per compute unit: fewer, longer splits beat many short ones (each
+        # split pays its q load, lane-group merge and partial write). When the (sequence,
+        # KV head) workgroups fill under a quarter of the CUs (B=1..4 at Hkv=8), that leaves
+        # most of each SM idle, so aim at SPLIT_OCC (default 2) per CU there. Measurements:
+        # ADR 0008, section 4.
+        per_cu = 1.5 if 4 * wgs > units else settings.get().vk_split_occupancy
+        want = max(1, math.ceil(per_cu * units / wgs))
+        chunk = max(MIN_CHUNK, -(-(-(-span // want)) // 256) * 256)
+    return max(1, -(-span // chunk)), chunk
+
+
+def decode_defines(pool, group: int, splitk: bool, subgroup_size: int) -> dict:
+    """decode.comp's compile-time constants for a pool (VulkanPool) at G query heads per KV head."""
+    s = pool.spec
+    vec = 8 if pool.f16 else 4
+    nv = pool.dp // vec
+    tpt = min(pow2_floor(nv), pow2_floor(subgroup_size))
+    s_ = settings.get()
+    tpt = s_.vk_tpt or tpt
+    wg = s_.vk_wg or (512 if subgroup_size >= 32 else 64)
+    ng = max(1, min(wg // tpt, 4096 // pool.dp))  # shared memory: ng * dp floats <= 16 KiB
+    nl = -(-nv // tpt)
+    regs = group * nl * vec  # per-lane q and accumulator floats per token
+    unroll = s_.vk_unroll or (8 if regs <= 32 else 4 if regs <= 64 else 2)
+    return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size, "WG": ng * tpt,
+            "TPT": tpt, "F16": int(pool.f16), "BF16": int(pool.bf16), "U": unroll,
+            "SPLITK": int(splitk)}
+
+
+def prefill_layout(group: int, dp: int, qt: int) -> dict | None:
+    """prefill.comp's tile geometry for QT queries of G heads at padded head dim DP, or None when
+    it does not fit PREFILL_SHARED. The S = QK^T phase splits the workgroup into 8 key groups x
+    WG/8 row groups (rows padded to RWP, a multiple of WG/8); the PV phase into NDG vec4-column
+    groups x NRG row groups. KT (keys per tile) is the largest of 32/16/8 that fits: Q and the
+    K/V tile stay fp32 in shared memory, so wide heads get short key tiles."""
+    nsr = PREFILL_WG // 8
+    rwp = -(-qt * group // nsr) * nsr
+    if rwp > PREFILL_WG:  # bounds the per-thread register blocks (RB, ORB rows)
+        return None
+    ndv = dp // 4
+    qsv = ndv | 1
+    for kt in (32, 16, 8):
+        if 16 * qsv * (rwp + kt) + 4 * rwp * (kt + 10) <= PREFILL_SHARED:  # prefill.comp's arrays
+            break
+    else:
+        return None
+    ndg = min(pow2_floor(ndv), 16)
+    nrg = math.gcd(PREFILL_WG // ndg, rwp)
+    return {"QT": qt, "KT": kt, "WG": PREFILL_WG, "NDG": ndg, "NRG": nrg}
+
+
+def query_tile(group: int, spec: PoolSpec) -> int:
+    """Queries per prefill.comp workgroup: PREFILL_ROWS query rows (QT*G) share each K/V
+    load; PAGED_ATTENTION_VK_QT overrides (1: decode.comp, one query per workgroup). Lowered
+    until the tile fits the shared-memory budget; 1 when not even two queries fit."""
+    qt = settings.get().vk_query_tile or max(2, PREFILL_ROWS // max(1, group))
+    dp = padded_dim(spec)
+    while qt > 1 and prefill_layout(group, dp, qt) is None:
+        qt -= 1
+    return max(1, qt)
+
+
+def prefill_defines(pool, group: int, qt: int) -> dict:
+    s = pool.spec
+    return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size,
+            "F16": int(pool.f16), "BF16": int(pool.bf16), **prefill_layout(group, pool.dp, qt)}

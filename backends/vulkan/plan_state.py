@@ -1,0 +1,108 @@
+"""Plan state of the Vulkan backend (ADR 0008): what `plan()` keeps for a step and how its
+tables reach the device.
+
+plan() keeps the step's tables/lengths/slots (plan.device, a _PlanState); its first run writes
+them into their class buffers (a whole decode_step carries them in its own upload, a run pays
+one extra submission per step) and marks the buffers as holding that plan. A batch of N rows
+runs as its class (next power of two); rows past N have length 0 and give zeros never read.
+Ragged plans on the fused path also carry `tiles` (first row, count per query tile; built per
+plan, longest contexts first) for prefill.comp.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from paged_attention.validation import DecodeArgs, PoolSpec
+
+from .device import VulkanDevice, pow2_ceil
+
+
+class _PlanState:
+    """plan.device: a step's tables/lengths/slots (host copies and their size-class device
+    buffers), its batch size class and split geometry. `token` marks whose tables a buffer holds."""
+    __slots__ = ("token", "rows", "rcls", "maxb", "path", "window", "scale_bits", "nsplit", "chunk",
+                 "n", "tables_host", "lens_host", "slots_host", "tables", "lens", "slots", "qt",
+                 "tcls", "tiles_host", "tiles", "keys")
+
+
+class PlanTables:
+    """Builds plans' device state and keeps track of which plan's tables the shared size-class
+    buffers hold. `backend` supplies the split geometry and the query tile."""
+
+    def __init__(self, dev: VulkanDevice, backend):
+        self._dev = dev
+        self._backend = backend
+        self._resident: dict[int, object] = {}
+        self._resident_last = None  # token of the plan whose tables were uploaded last
+
+    def clear(self) -> None:
+        self._resident.clear()
+        self._resident_last = None
+
+    def state(self, args: DecodeArgs, spec: PoolSpec, path: str, slots, query_lens=None) -> _PlanState:
+        """Device state of one step: tables, lengths and slots written into the size-class staging
+        buffers (uploaded by `make_resident`), split geometry and the batch's size class."""
+        st = _PlanState()
+        st.token = object()
+        st.keys = {}  # recording.py's cache keys, per (hq, writes, f16_io, repeat, layers)
+        st.rows, st.maxb = args.batch, int(args.block_tables.shape[1])
+        st.rcls = pow2_ceil(st.rows)
+        st.path, st.window = path, args.window or 0
+        st.scale_bits = int(np.float32(args.scale).view(np.uint32))
+        st.nsplit, st.chunk = self._backend.split_geometry(args, spec) if path == "splitk" else (1, 0)
+        st.n = 0 if slots is None else int(slots.shape[0])
+        st.tables_host = np.ascontiguousarray(args.block_tables, dtype=np.int32).reshape(-1)
+        st.lens_host = np.zeros(st.rcls, np.int32)  # rows past N see nothing: their outputs are zeros
+        st.lens_host[:st.rows] = args.context_lens
+        st.slots_host = None if slots is None else np.ascontiguousarray(slots, dtype=np.int32)
+        st.tables = self._dev.staging("tables", st.rcls * max(1, st.maxb), np.int32)[0]
+        st.lens = self._dev.staging("lens", st.rcls, np.int32)[0]
+        st.slots = self._dev.staging("slots", st.n, np.int32)[0] if st.n else None
+        # Ragged plans (prefill chunks) on the fused path: tiles of up to QT queries of one
+        # sequence share each K/V load (prefill.comp); qt 1 keeps decode.comp, one query each.
+        st.qt, st.tcls, st.tiles_host, st.tiles = 1, 0, None, None
+        if path == "fused" and query_lens is not None and int(np.max(query_lens, initial=0)) > 1:
+            st.qt = self._backend.query_tile(args.num_q_heads // spec.num_kv_heads, spec)
+        if st.qt > 1:
+            tiles, r0 = [], 0
+            for n in np.asarray(query_lens).tolist():
+                tiles += [(r0 + i, min(st.qt, n - i)) for i in range(0, n, st.qt)]
+                r0 += n
+            tiles = np.array(tiles, np.int32).reshape(-1, 2)
+            # Longest contexts first (a tile's last row has the longest): the GPU starts
+            # workgroups roughly in index order, so the heaviest ones do not trail the grid.
+            tiles = tiles[np.argsort(-st.lens_host[tiles[:, 0] + tiles[:, 1] - 1], kind="stable")]
+            st.tcls = pow2_ceil(len(tiles))
+            st.tiles_host = np.zeros((st.tcls, 2), np.int32)  # padding tiles: count 0
+            st.tiles_host[:len(tiles)] = tiles
+            st.tiles_host = st.tiles_host.reshape(-1)
+            st.tiles = self._dev.staging("tiles", 2 * st.tcls, np.int32)[0]
+        return st
+
+    @staticmethod
+    def table_bufs(st: _PlanState) -> list:
+        return [st.tables, st.lens] + ([st.slots] if st.n else []) + ([st.tiles] if st.qt > 1 else [])
+
+    def make_resident(self, st: _PlanState, submit: bool = True) -> None:
+        """Write the plan's tables/lengths/slots into their device buffers unless they hold them
+        already (another plan of the same size class may have overwritten them). submit=False:
+        the caller's own sequence uploads them."""
+        if self._resident_last is st.token:  # nothing has been uploaded since this plan's tables
+            return
+        bufs = self.table_bufs(st)
+        if all(self._resident.get(id(t)) is st.token for t in bufs):
+            self._resident_last = st.token
+            return
+        view = self._dev.view
+        view(st.tables)[:st.tables_host.size] = st.tables_host
+        view(st.lens)[:st.rcls] = st.lens_host
+        if st.n:
+            view(st.slots)[:st.n] = st.slots_host
+        if st.qt > 1:
+            view(st.tiles)[:st.tiles_host.size] = st.tiles_host
+        if submit:
+            self._dev.run_recorded(("upload",) + tuple(id(t) for t in bufs),
+                                   lambda: [self._dev.upload(bufs)], ["upload_tables"])
+        for t in bufs:
+            self._resident[id(t)] = st.token
+        self._resident_last = st.token
