@@ -16,10 +16,9 @@ import numpy as np
 
 from . import devices, host_arrays, settings
 from .errors import InvalidInput, UnsupportedPath
-from .validation import (FLOAT_DTYPES, DecodeArgs, PoolSpec, check_copy_pairs, check_kv,
+from .validation import (FLOAT_DTYPES, PoolSpec, StepArgs, check_copy_pairs, check_kv,
                          check_num_q_heads, check_pool_spec, check_prefill, check_q,
-                         check_query_lens, check_slots, check_tables, check_write, dtype_name,
-                         query_rows)
+                         check_query_lens, check_slots, check_tables, check_write, dtype_name)
 
 PATH_ENV = "PAGED_ATTENTION_PATH"
 
@@ -61,35 +60,47 @@ class KVPool(ABC):
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    """What `PagedAttention.plan` decided for one step: validated host inputs, the resolved path
-    and the backend's device copies of them. Immutable; pass it to `run` once per layer.
+    """What `PagedAttention.plan` decided for one step, per sequence: validated host inputs, the
+    resolved path and the backend's own metadata built from them. Immutable; pass it to `run`
+    once per layer. Nothing here is per query row: a 2k-token prompt chunk is one table row.
 
     spec          the pool geometry every layer of the step shares (PoolSpec)
     path          the resolved path ('auto' already decided)
-    batch         B, the number of sequences
-    num_q_heads   Hq
-    num_rows      N = sum(query_lens): q and the output are [N, Hq, D]
-    query_lens    int32 [B], or None when every sequence has one query (plain decode)
-    args          the step as N decode rows (DecodeArgs): block_tables int32 [N, max_blocks] (one
-                  row per query, its sequence's table), context_lens int32 [N] (what each query
-                  sees, the causal mask applied), scale, window
+    args          the validated step (StepArgs); its arrays are exposed below, read-only:
+    block_tables  int32 [B, max_blocks]: each sequence's blocks
+    context_lens  int32 [B]: each sequence's cached tokens, this step's new ones included
+    qo_indptr     int32 [B + 1]: sequence b's queries are rows [qo_indptr[b], qo_indptr[b+1])
+                  of q and of the output (FlashInfer's name)
+    query_lens    int32 [B]: np.diff(qo_indptr)
+    batch, num_q_heads, num_rows   B, Hq and N = qo_indptr[B]: q and the output are [N, Hq, D]
     slots         int64 [S] slots the new k/v rows of `run` are written to, or None
-    device        the backend's own state (uploaded tables, kernel choice); None where it has none
+    device        what the backend's metadata builder (`_prepare`) derived from the above:
+                  uploaded tables, kernel choices; None where it needs nothing
     """
 
     backend: "PagedAttention" = field(repr=False)
     spec: PoolSpec
     path: str
-    batch: int
-    num_q_heads: int
-    num_rows: int
-    query_lens: np.ndarray | None
-    args: DecodeArgs = field(repr=False)
+    args: StepArgs = field(repr=False)
     slots: np.ndarray | None = field(repr=False)
     device: Any = field(default=None, repr=False)
     q_shape: tuple = field(default=(), repr=False)    # (N, Hq, D): run()'s q and output
     kv_shape: tuple | None = field(default=None, repr=False)  # (S, Hkv, D), None: no writes
 
+    batch = property(lambda self: self.args.batch)
+    num_q_heads = property(lambda self: self.args.num_q_heads)
+    num_rows = property(lambda self: self.q_shape[0])
+    block_tables = property(lambda self: self.args.block_tables)
+    context_lens = property(lambda self: self.args.context_lens)
+    qo_indptr = property(lambda self: self.args.qo_indptr)
+
+    @property
+    def query_lens(self) -> np.ndarray:
+        return _frozen(self.args.query_lens)
+
+    def __repr__(self) -> str:
+        return (f"Plan(backend={self.backend.name!r}, path={self.path!r}, batch={self.batch}, "
+                f"rows={self.num_rows}, num_q_heads={self.num_q_heads}, spec={self.spec})")
 
 
 _SPECS: dict = {}
@@ -299,7 +310,7 @@ class PagedAttention(ABC):
         (e.g. a kernel limited to some head dims). 'auto' never picks such a path."""
         return None
 
-    def resolve_path(self, path: str, args: DecodeArgs, spec: PoolSpec, *more: PoolSpec) -> str:
+    def resolve_path(self, path: str, args: StepArgs, spec: PoolSpec, *more: PoolSpec) -> str:
         """'auto' -> $PAGED_ATTENTION_PATH if set, else the selector's choice (moved to the first
         path that handles every given pool geometry); explicit paths are checked."""
         chosen = settings.get().path if path == "auto" else path
@@ -312,7 +323,7 @@ class PagedAttention(ABC):
             hit = self._resolved_paths[key] = self._resolve_path(chosen, args, spec, *more)
         return hit
 
-    def _resolve_path(self, path: str, args: DecodeArgs, spec: PoolSpec, *more: PoolSpec) -> str:
+    def _resolve_path(self, path: str, args: StepArgs, spec: PoolSpec, *more: PoolSpec) -> str:
         auto = False
         if path == "auto":
             path = settings.get().path
@@ -337,18 +348,15 @@ class PagedAttention(ABC):
     def _make_plan(self, spec: PoolSpec, block_tables, context_lens, num_q_heads: int, query_lens,
                    slot_mapping, scale, window, path: str, batch: int | None = None,
                    more_specs: Sequence[PoolSpec] = ()) -> Plan:
-        args = check_tables(spec, block_tables, context_lens, batch, scale, window, num_q_heads)
-        ql = check_query_lens(query_lens, args.context_lens)
-        rows = args if ql is None else query_rows(args, ql)
+        args = check_query_lens(query_lens, check_tables(spec, block_tables, context_lens, batch,
+                                                         scale, window, num_q_heads))
         slots = None if slot_mapping is None else check_slots(spec, slot_mapping)
-        chosen = self.resolve_path(path, rows, spec, *more_specs)
-        for a in (rows.block_tables, rows.context_lens, args.block_tables, args.context_lens):
+        chosen = self.resolve_path(path, args, spec, *more_specs)
+        for a in (args.block_tables, args.context_lens, args.qo_indptr):
             _frozen(a)
-        plan = Plan(backend=self, spec=spec, path=chosen, batch=args.batch,
-                    num_q_heads=num_q_heads, num_rows=rows.batch,
-                    query_lens=None if ql is None else _frozen(ql), args=rows,
+        plan = Plan(backend=self, spec=spec, path=chosen, args=args,
                     slots=None if slots is None else _frozen(slots),
-                    q_shape=(rows.batch, num_q_heads, spec.head_dim),
+                    q_shape=(args.num_rows, num_q_heads, spec.head_dim),
                     kv_shape=None if slots is None else (int(slots.shape[0]), spec.num_kv_heads,
                                                          spec.head_dim))
         device = self._prepare(plan)
@@ -401,29 +409,31 @@ class PagedAttention(ABC):
     @abstractmethod
     def _copy_blocks(self, pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None: ...
 
-    def _decode(self, path: str, q, pool: KVPool, args: DecodeArgs):
-        """Attention of the decode rows `args`: the kernel the default `_run` calls. A backend
-        implements this, or overrides `_run` (and then never needs it)."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither _run nor _decode")
+    def _attend(self, path: str, q, pool: KVPool, args: StepArgs):
+        """Attention of the step `args` (per sequence; q [args.num_rows, Hq, D]): the kernel the
+        default `_run` calls. A backend implements this, or overrides `_run` (and then never
+        needs it)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _run nor _attend")
 
     def _prepare(self, plan: Plan) -> Any:
-        """The backend's per-step work for `plan` (device copies of tables and lengths, kernel
+        """The backend's metadata builder: from the plan's sequence-level form (plan.args) to
+        what its kernels read (device copies of tables and lengths, per-row indices, kernel
         choices); stored as plan.device. Runs once per plan, never per layer."""
         return None
 
     def _run(self, plan: Plan, q, pool: KVPool, k, v):
         """One layer of a checked plan. This default serves backends without a planned kernel:
-        the new rows are written, then every query row is a decode query (plan.args)."""
+        the new rows are written, then the step is attended (`_attend`)."""
         if k is not None and plan.slots.size:
             self._write_kv(pool, plan.slots, k, v)
-        return self._decode(plan.path, q, pool, plan.args)
+        return self._attend(plan.path, q, pool, plan.args)
 
     def _decode_step(self, layers: list[LayerStep], plans: list[Plan]) -> list:
         """Run every layer of a checked step; backends that batch a step into one submission
         override this."""
         return [self._run(p, layer.q, layer.pool, layer.k, layer.v) for layer, p in zip(layers, plans)]
 
-    def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
+    def _auto_path(self, args: StepArgs, spec: PoolSpec) -> str:
         return self.selector.choose(args, spec)
 
     @functools.cached_property

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import PoolSpec, check_decode
+from .errors import InvalidInput
+from .validation import PoolSpec, StepArgs, check_q, check_query_lens, check_tables
+
+_Q_DTYPES = ("float16", "float32", "float64", "bfloat16")
 
 
 def gather_sequence(pool: np.ndarray, block_table, context_len: int) -> np.ndarray:
@@ -36,6 +39,27 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndar
     return np.einsum("hgt,thd->hgd", p, v.astype(np.float64)).reshape(hq, d)
 
 
+def step(q, k_pool, v_pool, args: StepArgs) -> np.ndarray:
+    """Reference attention of a validated step (StepArgs, per sequence): for each sequence, its
+    context gathered once, then each of its queries over its causal, windowed prefix.
+    q: [args.num_rows, Hq, D]. Returns float64 [N, Hq, D]."""
+    q = np.asarray(q, dtype=np.float64)
+    out = np.zeros(q.shape, dtype=np.float64)
+    indptr = args.qo_indptr
+    for b in range(args.batch):
+        r0, r1 = int(indptr[b]), int(indptr[b + 1])
+        length = int(args.context_lens[b])
+        if r0 == r1:
+            continue
+        k = gather_sequence(k_pool, args.block_tables[b], length)
+        v = gather_sequence(v_pool, args.block_tables[b], length)
+        for r in range(r0, r1):
+            end = length - (r1 - r) + 1          # the row's causal end: its own position + 1
+            begin = 0 if args.window is None else max(0, end - args.window)
+            out[r] = attend(q[r], k[begin:end], v[begin:end], args.scale)
+    return out
+
+
 def decode(q, k_pool, v_pool, block_tables, context_lens, scale=None, window=None) -> np.ndarray:
     """Reference decode attention.
 
@@ -43,33 +67,23 @@ def decode(q, k_pool, v_pool, block_tables, context_lens, scale=None, window=Non
     context_lens: int [B]; window: attend to the last `window` positions only.
     Returns float64 [B, Hq, D]. Inputs are validated like any backend's.
     """
-    k_pool = np.asarray(k_pool)
-    v_pool = np.asarray(v_pool)
-    spec = PoolSpec(*k_pool.shape, dtype=str(k_pool.dtype))
-    args = check_decode(q, spec, block_tables, context_lens, scale, window,
-                        q_dtypes=("float16", "float32", "float64", "bfloat16"))
-    q = np.asarray(q, dtype=np.float64)
-    out = np.zeros(q.shape, dtype=np.float64)
-    for b in range(args.batch):
-        length = int(args.context_lens[b])
-        start = 0 if args.window is None else max(0, length - args.window)
-        k = gather_sequence(k_pool, args.block_tables[b], length)[start:]
-        v = gather_sequence(v_pool, args.block_tables[b], length)[start:]
-        out[b] = attend(q[b], k, v, args.scale)
-    return out
+    return ragged(q, k_pool, v_pool, block_tables, context_lens, None, scale, window)
 
 
 def ragged(q, k_pool, v_pool, block_tables, context_lens, query_lens, scale=None, window=None
            ) -> np.ndarray:
     """Reference attention for a ragged batch: q [sum(query_lens), Hq, D], sequence b's
-    query_lens[b] rows in order; query j of sequence b sees positions
+    query_lens[b] rows in order (None: one each); query j of sequence b sees positions
     < context_lens[b] - query_lens[b] + j + 1 of b's table. Returns float64 [N, Hq, D]."""
-    ql = np.asarray(query_lens, dtype=np.int64)
-    lens = np.asarray(context_lens, dtype=np.int64)
-    seq = np.repeat(np.arange(ql.size), ql)
-    j = np.arange(seq.size) - (np.cumsum(ql) - ql)[seq]
-    return decode(q, k_pool, v_pool, np.asarray(block_tables)[seq], lens[seq] - ql[seq] + j + 1,
-                  scale=scale, window=window)
+    k_pool = np.asarray(k_pool)
+    v_pool = np.asarray(v_pool)
+    spec = PoolSpec(*k_pool.shape, dtype=str(k_pool.dtype))
+    _, hq = check_q(q, spec, _Q_DTYPES)
+    args = check_query_lens(query_lens, check_tables(spec, block_tables, context_lens,
+                                                     None, scale, window, hq))
+    if args.num_rows != np.shape(q)[0]:
+        raise InvalidInput(f"q: expected {args.num_rows} rows (sum(query_lens)), got {np.shape(q)[0]}")
+    return step(q, k_pool, v_pool, args)
 
 
 def prefill(q, k_pool, v_pool, block_table, start_pos=0, scale=None, window=None) -> np.ndarray:

@@ -84,13 +84,16 @@ class MLXBackend(PagedAttention):
             def decode(rows):
                 # The write indices ride in the plan's one device array (ADR 0007).
                 return DecodePlan.from_spec(self.kernel_api, rows, plan.spec, slots=slots)
-            if plan.query_lens is None or not (plan.query_lens > 1).any():
-                attend = fused = decode(plan.args)
+            args = plan.args
+            if args.decode_only or not (args.query_lens > 1).any():
+                # Every row a decode query: the sequences with a query (in order) are the rows.
+                attend = fused = decode(args if args.decode_only else
+                                        args.select(np.flatnonzero(args.query_lens)))
             else:   # prompt chunks: one SDPA each, the decode rows fused (mixed.py)
-                attend = MixedPlan(plan.args, plan.query_lens, plan.spec.block_size, decode)
+                attend = MixedPlan(args, plan.spec.block_size, decode)
                 fused = attend.decode
         else:
-            attend = GatherPlan(plan.args, plan.query_lens, plan.spec.block_size)
+            attend = GatherPlan(plan.args, plan.spec.block_size)
         if slots is None:
             write = None
         elif fused is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from paged_attention.validation import DecodeArgs
+from paged_attention.validation import StepArgs
 
 
 def compute_dtype(pool_dtype):
@@ -53,14 +53,14 @@ def attend(q: mx.array, k_pool: mx.array, v_pool: mx.array, table: mx.array, val
 
 
 class GatherPlan:
-    """A step's rows cut into segments once: each run of one-query sequences is one batched
+    """A step's sequences cut into segments once: each run of one-query sequences is one batched
     decode segment, each longer chunk its own segment. Every layer reuses the device tables."""
 
-    def __init__(self, rows: DecodeArgs, query_lens: np.ndarray | None, block_size: int):
-        self.scale = rows.scale
-        self.num_rows = rows.batch
-        qlens = np.ones(rows.batch, np.int64) if query_lens is None else query_lens.astype(np.int64)
-        first = np.cumsum(qlens) - qlens
+    def __init__(self, args: StepArgs, block_size: int):
+        self.scale = args.scale
+        self.num_rows = args.num_rows
+        qlens = args.query_lens.astype(np.int64)
+        first = args.qo_indptr.astype(np.int64)
         # (row_begin, row_end, sequences, queries per sequence, table, valid mask, seen mask)
         self.segments = []
         b = 0
@@ -70,18 +70,18 @@ class GatherPlan:
                 while e < len(qlens) and qlens[e] == 1:
                     e += 1
             if qlens[b] > 0:
-                r0, r1 = int(first[b]), int(first[b] + qlens[b:e].sum())
-                lens = rows.context_lens[r0:r1]
+                r0, r1 = int(first[b]), int(first[e])
+                lens = args.context_lens[b:e]
                 n_blocks = -(-int(lens.max(initial=0)) // block_size)
                 if n_blocks:
-                    # Sequence rows of a chunk share one table: its last row sees the most.
-                    tab = rows.block_tables[r0:r1] if qlens[b] == 1 else rows.block_tables[r1 - 1:r1]
-                    ends = lens[:, None] if qlens[b] == 1 else lens[None, :]
+                    # A decode run: one query per sequence, each seeing its whole context. A
+                    # chunk: T queries of one sequence, query j seeing < context - T + j + 1.
+                    ends = lens[:, None] if qlens[b] == 1 else \
+                        (lens[0] - qlens[b] + 1 + np.arange(qlens[b]))[None, :].astype(np.int32)
                     valid, seen = step_mask(mx.array(np.ascontiguousarray(ends)),
-                                            n_blocks * block_size, rows.window)
-                    self.segments.append((r0, r1, tab.shape[0], ends.shape[1],
-                                          mx.array(np.ascontiguousarray(tab[:, :n_blocks])),
-                                          valid, seen))
+                                            n_blocks * block_size, args.window)
+                    self.segments.append((r0, r1, e - b, ends.shape[1], mx.array(
+                        np.ascontiguousarray(args.block_tables[b:e, :n_blocks])), valid, seen))
                 else:
                     self.segments.append((r0, r1, 0, 0, None, None, None))
             b = e
@@ -108,7 +108,7 @@ def gather_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables:
                   context_lens: np.ndarray, scale: float, window: int | None) -> mx.array:
     """One decode query per sequence: q [B, Hq, D]; pools [NB, BS, Hkv, D]; block_tables int32
     [B, max_blocks] (unused entries already 0); context_lens int32 [B]. Returns [B, Hq, D]."""
-    rows = DecodeArgs(batch=q.shape[0], num_q_heads=q.shape[1],
-                      block_tables=np.asarray(block_tables, np.int32),
-                      context_lens=np.asarray(context_lens, np.int32), scale=scale, window=window)
-    return GatherPlan(rows, None, k_pool.shape[1])(q, k_pool, v_pool)
+    args = StepArgs(batch=q.shape[0], num_q_heads=q.shape[1],
+                    block_tables=np.asarray(block_tables, np.int32),
+                    context_lens=np.asarray(context_lens, np.int32), scale=scale, window=window)
+    return GatherPlan(args, k_pool.shape[1])(q, k_pool, v_pool)

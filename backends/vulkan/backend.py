@@ -50,7 +50,7 @@ from paged_attention import devices, settings
 from paged_attention.errors import InvalidInput, PagedAttentionError
 from paged_attention.host_arrays import cast_out, copy_into, host, out_dtype, to_bf16_bits
 from paged_attention.interface import KVPool, LayerStep, PagedAttention, Plan
-from paged_attention.validation import DecodeArgs, PoolSpec
+from paged_attention.validation import StepArgs, PoolSpec
 
 from . import KNOWN_PATHS
 from .shaders import ShaderCompiler
@@ -160,7 +160,7 @@ class VulkanPool(KVPool):
 class _PlanState:
     """plan.device: a step's tables/lengths/slots (host copies and their size-class device
     buffers), its batch size class and split geometry. `token` marks whose tables a buffer holds."""
-    __slots__ = ("token", "rows", "rcls", "maxb", "path", "window", "scale_bits", "nsplit", "chunk",
+    __slots__ = ("token", "rows", "rcls", "bcls", "maxb", "path", "window", "scale_bits", "nsplit", "chunk",
                  "n", "tables_host", "lens_host", "slots_host", "tables", "lens", "slots", "qt",
                  "tcls", "tiles_host", "tiles", "keys")
 
@@ -503,29 +503,29 @@ class VulkanBackend(PagedAttention):
         self._run_ops(ops, ["upload"] + (["barrier"] if self._bare else []) + ["copy_k", "copy_v"])
 
     # -- attention ---------------------------------------------------------------------------------
-    def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
+    def _auto_path(self, args: StepArgs, spec: PoolSpec) -> str:
         """The calibrated choice for this device when a selector table exists, else the heuristic."""
         return self.selector.choose(args, spec, fallback=self.heuristic_path)
 
-    def heuristic_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
+    def heuristic_path(self, args: StepArgs, spec: PoolSpec) -> str:
         """split-K when the (sequence, KV head) workgroups cannot fill the device and the context is
         long enough for the extra reduce to pay; fused otherwise."""
-        if args.batch == 0:
+        if args.num_rows == 0:
             return "fused"
         longest = int(args.attended_tokens().max())
-        wgs = args.batch * spec.num_kv_heads
+        wgs = args.num_rows * spec.num_kv_heads   # decode.comp: one workgroup per (row, KV head)
         if longest >= 1024 and wgs < 2 * self.compute_units and self.split_geometry(args, spec)[0] > 1:
             return "splitk"
         return "fused"
 
-    def split_geometry(self, args: DecodeArgs, spec: PoolSpec) -> tuple[int, int]:
+    def split_geometry(self, args: StepArgs, spec: PoolSpec) -> tuple[int, int]:
         """(nsplit, chunk): chunk tokens per split, from the table's capacity so that a decode loop
         with a fixed table width keeps one recorded command buffer while contexts grow."""
         cap = args.block_tables.shape[1] * spec.block_size
         span = max(1, min(cap, args.window) if args.window else cap)
         chunk = settings.get().vk_chunk
         if not chunk:
-            wgs = max(1, args.batch * spec.num_kv_heads)
+            wgs = max(1, args.num_rows * spec.num_kv_heads)
             # ~1.5 workgroups per compute unit: fewer, longer splits beat many short ones (each
             # split pays its q load, lane-group merge and partial write). When the (sequence,
             # KV head) workgroups fill under a quarter of the CUs (B=1..4 at Hkv=8), that leaves
@@ -554,35 +554,42 @@ class VulkanBackend(PagedAttention):
                 "SPLITK": int(splitk)}
 
     # -- plan / run ------------------------------------------------------------------------------
-    def _state(self, args: DecodeArgs, spec: PoolSpec, path: str, slots, query_lens=None) -> _PlanState:
-        """Device state of one step: tables, lengths and slots written into the size-class staging
-        buffers (uploaded by `_make_resident`), split geometry and the batch's size class."""
+    def _state(self, args: StepArgs, spec: PoolSpec, path: str, slots) -> _PlanState:
+        """Device metadata of one step, built from its sequence form: the tables [B, maxb] as
+        they are, per query row its context length (causal mask applied) and its sequence (the
+        table row it reads), written into size-class staging buffers (uploaded by
+        `_make_resident`); split geometry and the batch's size classes."""
         st = _PlanState()
         st.token = object()
         st.keys = {}  # _recording's cache keys, per (hq, writes, f16_io, repeat, layers)
-        st.rows, st.maxb = args.batch, int(args.block_tables.shape[1])
-        st.rcls = _pow2_ceil(st.rows)
+        st.rows, st.maxb = args.num_rows, int(args.block_tables.shape[1])
+        st.rcls, st.bcls = _pow2_ceil(st.rows), _pow2_ceil(args.batch)
         st.path, st.window = path, args.window or 0
         st.scale_bits = int(np.float32(args.scale).view(np.uint32))
         st.nsplit, st.chunk = self.split_geometry(args, spec) if path == "splitk" else (1, 0)
         st.n = 0 if slots is None else int(slots.shape[0])
         st.tables_host = np.ascontiguousarray(args.block_tables, dtype=np.int32).reshape(-1)
-        st.lens_host = np.zeros(st.rcls, np.int32)  # rows past N see nothing: their outputs are zeros
-        st.lens_host[:st.rows] = args.context_lens
+        # [rcls] row lengths, then [rcls] row sequences; rows past N see nothing (zeros out).
+        st.lens_host = np.zeros(2 * st.rcls, np.int32)
+        st.lens_host[:st.rows] = args.row_context_lens()
+        if args.decode_only:
+            st.lens_host[st.rcls:st.rcls + st.rows] = np.arange(st.rows, dtype=np.int32)
+        else:
+            st.lens_host[st.rcls:st.rcls + st.rows] = args.row_sequences()
         st.slots_host = None if slots is None else np.ascontiguousarray(slots, dtype=np.int32)
-        st.tables = self._buf("tables", st.rcls * max(1, st.maxb), np.int32)[0]
-        st.lens = self._buf("lens", st.rcls, np.int32)[0]
+        st.tables = self._buf("tables", st.bcls * max(1, st.maxb), np.int32)[0]
+        st.lens = self._buf("lens", 2 * st.rcls, np.int32)[0]
         st.slots = self._buf("slots", st.n, np.int32)[0] if st.n else None
         # Ragged plans (prefill chunks) on the fused path: tiles of up to QT queries of one
         # sequence share each K/V load (prefill.comp); qt 1 keeps decode.comp, one query each.
         st.qt, st.tcls, st.tiles_host, st.tiles = 1, 0, None, None
+        query_lens = None if args.decode_only else args.query_lens
         if path == "fused" and query_lens is not None and int(np.max(query_lens, initial=0)) > 1:
             st.qt = self.query_tile(args.num_q_heads // spec.num_kv_heads, spec)
         if st.qt > 1:
-            tiles, r0 = [], 0
-            for n in np.asarray(query_lens).tolist():
+            tiles = []
+            for r0, n in zip(args.qo_indptr[:-1].tolist(), query_lens.tolist()):
                 tiles += [(r0 + i, min(st.qt, n - i)) for i in range(0, n, st.qt)]
-                r0 += n
             tiles = np.array(tiles, np.int32).reshape(-1, 2)
             # Longest contexts first (a tile's last row has the longest): the GPU starts
             # workgroups roughly in index order, so the heaviest ones do not trail the grid.
@@ -613,7 +620,7 @@ class VulkanBackend(PagedAttention):
         # The upload itself waits for the first run (`_make_resident`): a whole-step submission
         # carries it in its own upload, a per-layer run pays one extra submission per step.
         self._check_open()
-        return self._state(plan.args, plan.spec, plan.path, plan.slots, plan.query_lens)
+        return self._state(plan.args, plan.spec, plan.path, plan.slots)
 
     @staticmethod
     def _table_bufs(st: _PlanState) -> list:
@@ -630,7 +637,7 @@ class VulkanBackend(PagedAttention):
             self._resident_last = st.token
             return
         self._view(st.tables)[:st.tables_host.size] = st.tables_host
-        self._view(st.lens)[:st.rcls] = st.lens_host
+        self._view(st.lens)[:st.lens_host.size] = st.lens_host
         if st.n:
             self._view(st.slots)[:st.n] = st.slots_host
         if st.qt > 1:
@@ -646,7 +653,7 @@ class VulkanBackend(PagedAttention):
         st = plan.device
         return self._execute([(pool, q, k, v)], st, k is not None)[0]
 
-    def _decode_repeated(self, q, pool: VulkanPool, args: DecodeArgs, path: str, repeat: int):
+    def _decode_repeated(self, q, pool: VulkanPool, args: StepArgs, path: str, repeat: int):
         """Benchmark helper: the attention recorded `repeat` times back to back (a barrier between
         repetitions) in one submission, so the GPU stays busy and each repetition is timed."""
         st = self._state(args, pool.spec, path, None)
@@ -709,7 +716,7 @@ class VulkanBackend(PagedAttention):
         memo = (hq, writes, f16_io, repeat, len(pools))
         key = st.keys.get(memo)
         if key is None:
-            key = st.keys[memo] = (st.path, st.rcls, st.maxb, hq, st.n if writes else 0, st.window,
+            key = st.keys[memo] = (st.path, st.rcls, st.bcls, st.maxb, hq, st.n if writes else 0, st.window,
                                    st.scale_bits, st.nsplit, st.chunk, f16_io, repeat, len(pools),
                                    st.qt, st.tcls)
         full = key if len(pools) == 1 else key + (tuple(p.uid for p in pools),)
@@ -789,10 +796,11 @@ class VulkanBackend(PagedAttention):
                 defines["OUT_F16"] = int(f16_io and not splitk)
                 defines["Q_F16"] = int(f16_io)
                 algo = self._algorithm(pool.algos, shader, defines, tensors,
-                                       [wgx, st.nsplit, 1], 10, "attn")
+                                       [wgx, st.nsplit, 1], 11, "attn")
                 out_off = i * rows * st.nsplit if splitk else i * per_layer
                 add(self._dispatch(algo, [i * per_layer, out_off, 0, st.maxb, spec.num_blocks,
-                                          st.window, st.scale_bits, st.nsplit, st.chunk, 0]),
+                                          st.window, st.scale_bits, st.nsplit, st.chunk, 0,
+                                          rcls]),
                     f"attn{i}.{r}")
             if splitk:
                 add(self._barrier(), "barrier")
@@ -835,7 +843,7 @@ class VulkanBackend(PagedAttention):
         q = np.asarray(q)
         bt = np.asarray(block_tables, dtype=np.int32)
         lens = np.asarray(context_lens, dtype=np.int32)
-        args = DecodeArgs(batch=q.shape[0], num_q_heads=q.shape[1], block_tables=bt, context_lens=lens,
+        args = StepArgs(batch=q.shape[0], num_q_heads=q.shape[1], block_tables=bt, context_lens=lens,
                           scale=float(scale if scale is not None else 1 / math.sqrt(pool.head_dim)),
                           window=window)
         return self._execute([(pool, q, None, None)], self._state(args, pool.spec, path, None), False)[0]
