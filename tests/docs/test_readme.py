@@ -1,7 +1,10 @@
 """The README runs as written: every ```python block (README, ADRs, docs/) runs as a script, every
 ```sh block of the README runs top to bottom as pasted (less the lines readme_blocks.skip_reason
-names, each with its reason), and every `paged-attn ...` command in it parses."""
+names, each with its reason), every `paged-attn ...` command in it parses, and the README's and
+docs/' relative links point at files that exist."""
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -50,3 +53,12 @@ def test_the_cheap_commands_run():
     assert ["info"] in ran
     assert any(a[:2] == ["run", "smoke"] and "--quick" in a for a in ran)
     assert any(a[0] == "generate" and "--random-config" in a for a in ran)
+
+
+@pytest.mark.parametrize("doc", [README, *sorted((REPO / "docs").glob("*.md"))],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_resolve(doc):
+    targets = re.findall(r"\]\(([^)#\s]+)[^)]*\)", doc.read_text())
+    local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
+    missing = [t for t in local if not (doc.parent / t).exists()]
+    assert local and not missing, f"{doc.name}: links to missing files {missing}"
