@@ -6,6 +6,7 @@ any of its kernels run.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from abc import ABC, abstractmethod
@@ -14,11 +15,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import devices, host_arrays, settings
+from . import devices, host_arrays, reference, settings
 from .errors import InvalidInput, UnsupportedPath
-from .validation import (FLOAT_DTYPES, PoolSpec, StepArgs, check_copy_pairs, check_kv,
-                         check_num_q_heads, check_pool_spec, check_prefill, check_q,
-                         check_query_lens, check_slots, check_tables, check_write, dtype_name)
+from .validation import (FLOAT_DTYPES, PLAIN, PoolSpec, StepArgs, Variant, check_copy_pairs,
+                         check_kv, check_num_q_heads, check_pool_spec, check_prefill, check_q,
+                         check_query_lens, check_sinks, check_slots, check_states, check_tables,
+                         check_variant, check_write, dtype_name)
 
 PATH_ENV = "PAGED_ATTENTION_PATH"
 
@@ -141,6 +143,9 @@ class PagedAttention(ABC):
 
     name: str = "abstract"
     paths: tuple[str, ...] = ()
+    # path -> the attention features (Variant.features(), 'sinks') it implements (ADR 0010);
+    # 'auto' steps around a path lacking one the plan uses, an explicit path is refused.
+    variants: dict[str, frozenset] = {}
     pool_dtypes: tuple[str, ...] = ("float16", "float32")
     q_dtypes: tuple[str, ...] = FLOAT_DTYPES
 
@@ -195,6 +200,7 @@ class PagedAttention(ABC):
     @_serialized
     def plan(self, pool: KVPool, block_tables, context_lens, *, num_q_heads: int,
              query_lens=None, slot_mapping=None, scale=None, window=None,
+             soft_cap=None, alibi_slopes=None, return_lse: bool = False,
              path: str = "auto") -> Plan:
         """Decide a step once: validate its tables, resolve the path, upload what every layer shares.
 
@@ -208,22 +214,49 @@ class PagedAttention(ABC):
             batch can mix decode rows and prefill chunks.
         slot_mapping: int [S] distinct slots where `run(..., k, v)` writes k, v [S, Hkv, D].
         window: each query sees only its last `window` positions. scale: default 1/sqrt(D).
+        soft_cap, alibi_slopes, return_lse: the attention variant (ADR 0010). Logits are
+            s = scale * q.k; soft_cap (float > 0): s = soft_cap * tanh(s / soft_cap);
+            alibi_slopes (float [Hq]): s += slope[h] * (key_pos - query_pos), after the cap;
+            return_lse: run() returns (out, lse) with lse float32 [N, Hq] the NATURAL log of each
+            row's softmax denominator (FlashInfer and TensorRT-LLM return base 2).
         Raises InvalidInput (naming the argument) or UnsupportedPath before anything is touched.
         """
         self._check_pool(pool)
-        return self._make_plan(pool.spec, block_tables, context_lens, check_num_q_heads(
-            pool.spec, num_q_heads), query_lens, slot_mapping, scale, window, path)
+        hq = check_num_q_heads(pool.spec, num_q_heads)
+        return self._make_plan(pool.spec, block_tables, context_lens, hq, query_lens,
+                               slot_mapping, scale, window, path,
+                               variant=check_variant(soft_cap, alibi_slopes, return_lse, hq))
 
-    def run(self, plan: Plan, q, pool: KVPool, k=None, v=None):
+    def run(self, plan: Plan, q, pool: KVPool, k=None, v=None, *, sinks=None):
         """One layer of a planned step: write k, v at the plan's slot_mapping (if given), then attend.
 
         q: [N, Hq, D] with N = plan.num_rows; k, v: [S, Hkv, D]. Only O(1) checks run here (the
         plan's owner, the pool's geometry, shapes and dtypes): no host sync, no per-block work.
-        Returns [N, Hq, D] in q's dtype, as this backend's array type (`array_type`).
+        sinks: float [Hq], this layer's attention sinks (gpt-oss): exp(sinks[h]) joins each
+        softmax denominator as a key with no value (Hq values are read on the host).
+        Returns [N, Hq, D] in q's dtype, as this backend's array type (`array_type`); with the
+        plan's return_lse, (out, lse): lse float32 [N, Hq], the natural log of each row's
+        denominator, sinks included (-inf, or sinks[h], for a row that sees nothing).
         """
         with self._call_lock:
             self._check_run(plan, q, pool, k, v)
-            return self._run(plan, q, pool, k, v)
+            if sinks is None and plan.args.variant is PLAIN:   # the plain kernels, unchanged
+                return self._run(plan, q, pool, k, v)
+            if sinks is not None:
+                if "sinks" not in self.variants.get(plan.path, ()):
+                    raise UnsupportedPath(self._variant_reason(plan.path, ("sinks",)))
+                sinks = check_sinks(sinks, plan.num_q_heads)
+            out, lse = self._run_variant(plan, q, pool, k, v, sinks)
+            return (out, lse) if plan.args.variant.return_lse else out
+
+    @_serialized
+    def merge_states(self, out_a, lse_a, out_b, lse_b):
+        """Attention over the union of two disjoint key sets from the partial results of each:
+        out_x [N, Hq, D] and lse_x [N, Hq] (natural log, as run() returns with return_lse).
+        Returns (out in out_a's dtype, lse float32), this backend's arrays. (Give sinks to one
+        of the two calls only: each partial result counts the sinks it was given.)"""
+        check_states(out_a, lse_a, out_b, lse_b, self.q_dtypes)
+        return self._merge_states(out_a, lse_a, out_b, lse_b)
 
     @_serialized
     def decode(self, q, pool: KVPool, block_tables, context_lens, *, scale=None, window=None,
@@ -316,8 +349,10 @@ class PagedAttention(ABC):
         chosen = settings.get().path if path == "auto" else path
         if not chosen:   # the selector looks at the step itself
             return self._resolve_path(path, args, spec, *more)
-        # Decided by names and geometry alone: once per combination (plan() runs every step).
-        key = (chosen, spec, more, self.paths)
+        # Decided by names, geometry and variant alone: once per combination (plan() runs every
+        # step).
+        key = (chosen, spec, more, self.paths,
+               () if args.variant is PLAIN else args.variant.features())
         hit = self._resolved_paths.get(key)
         if hit is None:
             hit = self._resolved_paths[key] = self._resolve_path(chosen, args, spec, *more)
@@ -334,7 +369,12 @@ class PagedAttention(ABC):
                 f"unknown path {path!r} for backend {self.name!r}"
             raise UnsupportedPath(f"{why}; available paths: {self.paths}")
 
+        feats = () if args.variant is PLAIN else args.variant.features()
+
         def unsupported(p):
+            missing = tuple(f for f in feats if f not in self.variants.get(p, ()))
+            if missing:
+                return self._variant_reason(p, missing)
             return next(filter(None, (self.shape_unsupported_reason(p, s) for s in (spec, *more))),
                         None)
         why = unsupported(path)
@@ -347,9 +387,11 @@ class PagedAttention(ABC):
 
     def _make_plan(self, spec: PoolSpec, block_tables, context_lens, num_q_heads: int, query_lens,
                    slot_mapping, scale, window, path: str, batch: int | None = None,
-                   more_specs: Sequence[PoolSpec] = ()) -> Plan:
+                   more_specs: Sequence[PoolSpec] = (), variant: Variant = PLAIN) -> Plan:
         args = check_query_lens(query_lens, check_tables(spec, block_tables, context_lens, batch,
                                                          scale, window, num_q_heads))
+        if variant is not PLAIN:
+            args = dataclasses.replace(args, variant=variant)
         slots = None if slot_mapping is None else check_slots(spec, slot_mapping)
         chosen = self.resolve_path(path, args, spec, *more_specs)
         for a in (args.block_tables, args.context_lens, args.qo_indptr):
@@ -409,11 +451,22 @@ class PagedAttention(ABC):
     @abstractmethod
     def _copy_blocks(self, pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None: ...
 
-    def _attend(self, path: str, q, pool: KVPool, args: StepArgs):
-        """Attention of the step `args` (per sequence; q [args.num_rows, Hq, D]): the kernel the
-        default `_run` calls. A backend implements this, or overrides `_run` (and then never
-        needs it)."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither _run nor _attend")
+    def _run_variant(self, plan: Plan, q, pool: KVPool, k, v, sinks: np.ndarray | None):
+        """One layer of a checked plan whose Variant is not plain, or given sinks (float32 [Hq]
+        on the host): returns (out, lse float32 [N, Hq]). Only paths listed in `variants` for
+        the features used are ever called."""
+        raise NotImplementedError(f"{type(self).__name__} lists variants it does not run")
+
+    def _merge_states(self, out_a, lse_a, out_b, lse_b):
+        """merge_states of checked host arrays (backends with device arrays override this)."""
+        out, lse = reference.merge_states(host_arrays.host(out_a), host_arrays.host(lse_a),
+                                          host_arrays.host(out_b), host_arrays.host(lse_b))
+        return host_arrays.cast_out(out, host_arrays.out_dtype(out_a)), lse.astype(np.float32)
+
+    def _variant_reason(self, path: str, features) -> str:
+        return (f"path {path!r} of backend {self.name!r} does not implement "
+                f"{', '.join(features)}; paths that do: "
+                f"{[p for p in self.paths if set(features) <= set(self.variants.get(p, ()))]}")
 
     def _prepare(self, plan: Plan) -> Any:
         """The backend's metadata builder: from the plan's sequence-level form (plan.args) to
@@ -421,12 +474,10 @@ class PagedAttention(ABC):
         choices); stored as plan.device. Runs once per plan, never per layer."""
         return None
 
+    @abstractmethod
     def _run(self, plan: Plan, q, pool: KVPool, k, v):
-        """One layer of a checked plan. This default serves backends without a planned kernel:
-        the new rows are written, then the step is attended (`_attend`)."""
-        if k is not None and plan.slots.size:
-            self._write_kv(pool, plan.slots, k, v)
-        return self._attend(plan.path, q, pool, plan.args)
+        """One layer of a checked plain plan: write k, v at plan.slots (when given), then attend;
+        returns [N, Hq, D] in q's dtype. O(1) host work: everything per step is in plan.device."""
 
     def _decode_step(self, layers: list[LayerStep], plans: list[Plan]) -> list:
         """Run every layer of a checked step; backends that batch a step into one submission

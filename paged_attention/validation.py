@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +100,101 @@ def check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, suppo
     return PoolSpec(int(num_blocks), int(block_size), int(num_kv_heads), int(head_dim), dt)
 
 
+@dataclass(frozen=True, eq=False)
+class Variant:
+    """The attention a step computes beyond plain softmax(scale * q.k) v (ADR 0010). Logits are
+    s = scale * q.k; with `soft_cap` s = soft_cap * tanh(s / soft_cap) (gemma2; FlashInfer's
+    logits_soft_cap); with `alibi_slopes` (float32 [Hq]) s += slope[h] * (key_pos - query_pos),
+    after the cap. `return_lse`: run() also returns the natural log of each row's softmax
+    denominator. Per-layer attention sinks are run()'s argument, not the plan's."""
+
+    soft_cap: float | None = None
+    alibi_slopes: np.ndarray | None = None
+    return_lse: bool = False
+
+    @property
+    def plain(self) -> bool:
+        return self.soft_cap is None and self.alibi_slopes is None and not self.return_lse
+
+    def features(self, sinks: bool = False) -> tuple[str, ...]:
+        """The names of what this step (and a run with sinks) adds to plain attention."""
+        return tuple(n for n, on in (("soft_cap", self.soft_cap is not None),
+                                     ("alibi_slopes", self.alibi_slopes is not None),
+                                     ("return_lse", self.return_lse), ("sinks", sinks)) if on)
+
+
+PLAIN = Variant()
+
+
+def _host_floats(x) -> np.ndarray:
+    """x on the host; a bfloat16 array (MLX's, which has no numpy view, or ml_dtypes') widened
+    to float32 by its own library, exactly."""
+    if dtype_name(x) == "bfloat16":
+        lib = sys.modules.get(type(x).__module__.split(".")[0] + ".core")
+        if lib is not None and hasattr(lib, "float32"):
+            return np.asarray(x.astype(lib.float32))
+        return np.asarray(x).astype(np.float32)
+    return np.asarray(x)
+
+
+def _finite_floats(x, name: str, n: int, what: str) -> np.ndarray:
+    """A float [n] array on the host, checked: shape, a float dtype, finite values."""
+    try:
+        arr = _host_floats(x)
+    except Exception as exc:  # noqa: BLE001 - not array-like
+        raise InvalidInput(f"{name}: expected a float array [{what}={n}], got "
+                           f"{type(x).__name__}") from exc
+    if arr.shape != (n,):
+        raise InvalidInput(f"{name}: expected shape [{what}={n}], got {arr.shape}")
+    if arr.dtype.kind != "f":
+        raise InvalidInput(f"{name}: expected a float dtype, got {dtype_name(x)}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        i = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise InvalidInput(f"{name}: expected finite values, entry [{i}] is {arr[i]}")
+    return arr
+
+
+def check_variant(soft_cap, alibi_slopes, return_lse, num_q_heads: int) -> Variant:
+    """plan()'s attention-variant arguments -> a Variant (PLAIN when none is set)."""
+    if soft_cap is not None:
+        if (isinstance(soft_cap, bool) or not isinstance(soft_cap, (int, float, np.integer,
+                                                                     np.floating))
+                or not math.isfinite(soft_cap) or soft_cap <= 0 or soft_cap > FLOAT32_MAX):
+            raise InvalidInput(f"soft_cap: expected None or a finite float > 0, got {soft_cap!r}")
+        soft_cap = float(soft_cap)
+    if alibi_slopes is not None:
+        alibi_slopes = _finite_floats(alibi_slopes, "alibi_slopes", num_q_heads, "Hq")
+        alibi_slopes.flags.writeable = False
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise InvalidInput(f"return_lse: expected a bool, got {return_lse!r}")
+    if soft_cap is None and alibi_slopes is None and not return_lse:
+        return PLAIN
+    return Variant(soft_cap, alibi_slopes, bool(return_lse))
+
+
+def check_states(out_a, lse_a, out_b, lse_b, out_dtypes=FLOAT_DTYPES) -> None:
+    """merge_states' inputs: out_x [N, Hq, D] of one shape and float dtype, lse_x [N, Hq] float
+    (shape and dtype only: nothing is read)."""
+    want = shape_of(out_a, "out_a")
+    if len(want) != 3:
+        raise InvalidInput(f"out_a: expected [N, Hq, D], got shape {want}")
+    if shape_of(out_b, "out_b") != want:
+        raise InvalidInput(f"out_b: expected shape {want} (out_a's), got {shape_of(out_b, 'out_b')}")
+    for name, x in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if shape_of(x, name) != want[:2]:
+            raise InvalidInput(f"{name}: expected shape [N={want[0]}, Hq={want[1]}], got "
+                               f"{shape_of(x, name)}")
+    for name, x in (("out_a", out_a), ("out_b", out_b), ("lse_a", lse_a), ("lse_b", lse_b)):
+        if dtype_name(x) not in out_dtypes:
+            raise InvalidInput(f"{name}: expected a float dtype in {out_dtypes}, got {dtype_name(x)}")
+
+
+def check_sinks(sinks, num_q_heads: int) -> np.ndarray:
+    """run()'s per-layer sinks float [Hq] -> float32 [Hq] on the host (Hq values: cheap)."""
+    return _finite_floats(sinks, "sinks", num_q_heads, "Hq")
+
+
 @functools.lru_cache(maxsize=512)
 def _decode_indptr(batch: int) -> np.ndarray:
     """qo_indptr of a plain decode step (one query per sequence), made once per batch size."""
@@ -131,10 +227,13 @@ class StepArgs:
     window: int | None
     qo_indptr: np.ndarray = None  # type: ignore[assignment]  (default: one query each)
     decode_only: bool = True
+    variant: "Variant" = None     # type: ignore[assignment]  (default: plain attention)
 
     def __post_init__(self):
         if self.qo_indptr is None:
             object.__setattr__(self, "qo_indptr", _decode_indptr(self.batch))
+        if self.variant is None:
+            object.__setattr__(self, "variant", PLAIN)
 
     @property
     def num_rows(self) -> int:

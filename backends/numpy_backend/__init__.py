@@ -45,6 +45,7 @@ class NumpyPool(KVPool):
 class Backend(PagedAttention):
     name = "numpy"
     paths = KNOWN_PATHS
+    variants = {"reference": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"})}
     pool_dtypes = ("float16", "bfloat16", "float32")
     # bfloat16 inputs: MLX arrays or ml_dtypes numpy arrays (widened exactly to float32);
     # outputs keep q's dtype and kind (host_arrays.cast_out).
@@ -66,13 +67,23 @@ class Backend(PagedAttention):
         pool.k[dst] = pool.k[src]
         pool.v[dst] = pool.v[src]
 
-    def _attend(self, path, q, pool, args: StepArgs):
+    def _attend(self, path, q, pool, args: StepArgs, sinks=None):
         k, v = pool.k, pool.v
         if pool.bf16:   # widen only the blocks this call reads (tables renumbered to them)
             used, tables = np.unique(args.block_tables, return_inverse=True)
             args = dataclasses.replace(args, block_tables=tables.reshape(args.block_tables.shape))
             k, v = pool.values(pool.k[used]), pool.values(pool.v[used])
-        return cast_out(reference.step(host(q), k, v, args), out_dtype(q))
+        out, lse = reference.step(host(q), k, v, args, sinks)
+        return cast_out(out, out_dtype(q)), lse
+
+    def _run(self, plan, q, pool, k, v):
+        return self._run_variant(plan, q, pool, k, v, None)[0]
+
+    def _run_variant(self, plan, q, pool, k, v, sinks):
+        if k is not None and plan.slots.size:
+            self._write_kv(pool, plan.slots, k, v)
+        out, lse = self._attend(plan.path, q, pool, plan.args, sinks)
+        return out, lse.astype(np.float32)
 
     # -- lab capabilities (interface.py) --------------------------------------------------------
     def peak_memory_of(self, fn):
