@@ -14,7 +14,6 @@ EOS (and running on past it) is observable and the output is predictable:
 """
 from __future__ import annotations
 
-import json
 import pathlib
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -99,4 +98,3 @@ def write_model_dir(path, *, model_type: str = "llama", eos_token_id: int | None
 if __name__ == "__main__":  # python tests/model_dir.py DIR: write one by hand
     import sys
     print(write_model_dir(sys.argv[1]))
-    print(json.dumps(CONFIG))
