@@ -15,12 +15,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import devices, host_arrays, settings
+from . import devices, host_arrays, reference, settings
 from .errors import InvalidInput, UnsupportedPath
-from .validation import (FLOAT_DTYPES, DecodeArgs, PoolSpec, check_copy_pairs, check_kv,
-                         check_num_q_heads, check_pool_spec, check_prefill, check_q,
-                         check_query_lens, check_slots, check_tables, check_write, dtype_name,
-                         query_rows)
+from .validation import (FLOAT_DTYPES, PLAIN, PoolSpec, StepArgs, Variant, check_copy_pairs,
+                         check_kv, check_num_q_heads, check_pool_spec, check_prefill, check_q,
+                         check_query_lens, check_sinks, check_slots, check_states, check_tables,
+                         check_variant, check_write, dtype_name)
 
 PATH_ENV = "PAGED_ATTENTION_PATH"
 
@@ -62,35 +62,47 @@ class KVPool(ABC):
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    """What `PagedAttention.plan` decided for one step: validated host inputs, the resolved path
-    and the backend's device copies of them. Immutable; pass it to `run` once per layer.
+    """What `PagedAttention.plan` decided for one step, per sequence: validated host inputs, the
+    resolved path and the backend's own metadata built from them. Immutable; pass it to `run`
+    once per layer. Nothing here is per query row: a 2k-token prompt chunk is one table row.
 
     spec          the pool geometry every layer of the step shares (PoolSpec)
     path          the resolved path ('auto' already decided)
-    batch         B, the number of sequences
-    num_q_heads   Hq
-    num_rows      N = sum(query_lens): q and the output are [N, Hq, D]
-    query_lens    int32 [B], or None when every sequence has one query (plain decode)
-    args          the step as N decode rows (DecodeArgs): block_tables int32 [N, max_blocks] (one
-                  row per query, its sequence's table), context_lens int32 [N] (what each query
-                  sees, the causal mask applied), scale, window
+    args          the validated step (StepArgs); its arrays are exposed below, read-only:
+    block_tables  int32 [B, max_blocks]: each sequence's blocks
+    context_lens  int32 [B]: each sequence's cached tokens, this step's new ones included
+    qo_indptr     int32 [B + 1]: sequence b's queries are rows [qo_indptr[b], qo_indptr[b+1])
+                  of q and of the output (FlashInfer's name)
+    query_lens    int32 [B]: np.diff(qo_indptr)
+    batch, num_q_heads, num_rows   B, Hq and N = qo_indptr[B]: q and the output are [N, Hq, D]
     slots         int64 [S] slots the new k/v rows of `run` are written to, or None
-    device        the backend's own state (uploaded tables, kernel choice); None where it has none
+    device        what the backend's metadata builder (`_prepare`) derived from the above:
+                  uploaded tables, kernel choices; None where it needs nothing
     """
 
     backend: "PagedAttention" = field(repr=False)
     spec: PoolSpec
     path: str
-    batch: int
-    num_q_heads: int
-    num_rows: int
-    query_lens: np.ndarray | None
-    args: DecodeArgs = field(repr=False)
+    args: StepArgs = field(repr=False)
     slots: np.ndarray | None = field(repr=False)
     device: Any = field(default=None, repr=False)
     q_shape: tuple = field(default=(), repr=False)    # (N, Hq, D): run()'s q and output
     kv_shape: tuple | None = field(default=None, repr=False)  # (S, Hkv, D), None: no writes
 
+    batch = property(lambda self: self.args.batch)
+    num_q_heads = property(lambda self: self.args.num_q_heads)
+    num_rows = property(lambda self: self.q_shape[0])
+    block_tables = property(lambda self: self.args.block_tables)
+    context_lens = property(lambda self: self.args.context_lens)
+    qo_indptr = property(lambda self: self.args.qo_indptr)
+
+    @property
+    def query_lens(self) -> np.ndarray:
+        return _frozen(self.args.query_lens)
+
+    def __repr__(self) -> str:
+        return (f"Plan(backend={self.backend.name!r}, path={self.path!r}, batch={self.batch}, "
+                f"rows={self.num_rows}, num_q_heads={self.num_q_heads}, spec={self.spec})")
 
 
 _SPECS: dict = {}
@@ -131,6 +143,9 @@ class PagedAttention(ABC):
 
     name: str = "abstract"
     paths: tuple[str, ...] = ()
+    # path -> the attention features (Variant.features(), 'sinks') it implements (ADR 0010);
+    # 'auto' steps around a path lacking one the plan uses, an explicit path is refused.
+    variants: dict[str, frozenset] = {}
     pool_dtypes: tuple[str, ...] = ("float16", "float32")
     q_dtypes: tuple[str, ...] = FLOAT_DTYPES
 
@@ -185,6 +200,7 @@ class PagedAttention(ABC):
     @_serialized
     def plan(self, pool: KVPool, block_tables, context_lens, *, num_q_heads: int,
              query_lens=None, slot_mapping=None, scale=None, window=None,
+             soft_cap=None, alibi_slopes=None, return_lse: bool = False,
              path: str = "auto") -> Plan:
         """Decide a step once: validate its tables, resolve the path, upload what every layer shares.
 
@@ -198,22 +214,49 @@ class PagedAttention(ABC):
             batch can mix decode rows and prefill chunks.
         slot_mapping: int [S] distinct slots where `run(..., k, v)` writes k, v [S, Hkv, D].
         window: each query sees only its last `window` positions. scale: default 1/sqrt(D).
+        soft_cap, alibi_slopes, return_lse: the attention variant (ADR 0010). Logits are
+            s = scale * q.k; soft_cap (float > 0): s = soft_cap * tanh(s / soft_cap);
+            alibi_slopes (float [Hq]): s += slope[h] * (key_pos - query_pos), after the cap;
+            return_lse: run() returns (out, lse) with lse float32 [N, Hq] the NATURAL log of each
+            row's softmax denominator (FlashInfer and TensorRT-LLM return base 2).
         Raises InvalidInput (naming the argument) or UnsupportedPath before anything is touched.
         """
         self._check_pool(pool)
-        return self._make_plan(pool.spec, block_tables, context_lens, check_num_q_heads(
-            pool.spec, num_q_heads), query_lens, slot_mapping, scale, window, path)
+        hq = check_num_q_heads(pool.spec, num_q_heads)
+        return self._make_plan(pool.spec, block_tables, context_lens, hq, query_lens,
+                               slot_mapping, scale, window, path,
+                               variant=check_variant(soft_cap, alibi_slopes, return_lse, hq))
 
-    def run(self, plan: Plan, q, pool: KVPool, k=None, v=None):
+    def run(self, plan: Plan, q, pool: KVPool, k=None, v=None, *, sinks=None):
         """One layer of a planned step: write k, v at the plan's slot_mapping (if given), then attend.
 
         q: [N, Hq, D] with N = plan.num_rows; k, v: [S, Hkv, D]. Only O(1) checks run here (the
         plan's owner, the pool's geometry, shapes and dtypes): no host sync, no per-block work.
-        Returns [N, Hq, D] in q's dtype, as this backend's array type (`array_type`).
+        sinks: float [Hq], this layer's attention sinks (gpt-oss): exp(sinks[h]) joins each
+        softmax denominator as a key with no value (Hq values are read on the host).
+        Returns [N, Hq, D] in q's dtype, as this backend's array type (`array_type`); with the
+        plan's return_lse, (out, lse): lse float32 [N, Hq], the natural log of each row's
+        denominator, sinks included (-inf, or sinks[h], for a row that sees nothing).
         """
         with self._call_lock:
             self._check_run(plan, q, pool, k, v)
-            return self._run(plan, q, pool, k, v)
+            if sinks is None and plan.args.variant is PLAIN:   # the plain kernels, unchanged
+                return self._run(plan, q, pool, k, v)
+            if sinks is not None:
+                if "sinks" not in self.variants.get(plan.path, ()):
+                    raise UnsupportedPath(self._variant_reason(plan.path, ("sinks",)))
+                sinks = check_sinks(sinks, plan.num_q_heads)
+            out, lse = self._run_variant(plan, q, pool, k, v, sinks)
+            return (out, lse) if plan.args.variant.return_lse else out
+
+    @_serialized
+    def merge_states(self, out_a, lse_a, out_b, lse_b):
+        """Attention over the union of two disjoint key sets from the partial results of each:
+        out_x [N, Hq, D] and lse_x [N, Hq] (natural log, as run() returns with return_lse).
+        Returns (out in out_a's dtype, lse float32), this backend's arrays. (Give sinks to one
+        of the two calls only: each partial result counts the sinks it was given.)"""
+        check_states(out_a, lse_a, out_b, lse_b, self.q_dtypes)
+        return self._merge_states(out_a, lse_a, out_b, lse_b)
 
     @_serialized
     def decode(self, q, pool: KVPool, block_tables, context_lens, *, scale=None, window=None,
@@ -300,20 +343,22 @@ class PagedAttention(ABC):
         (e.g. a kernel limited to some head dims). 'auto' never picks such a path."""
         return None
 
-    def resolve_path(self, path: str, args: DecodeArgs, spec: PoolSpec, *more: PoolSpec) -> str:
+    def resolve_path(self, path: str, args: StepArgs, spec: PoolSpec, *more: PoolSpec) -> str:
         """'auto' -> $PAGED_ATTENTION_PATH if set, else the selector's choice (moved to the first
         path that handles every given pool geometry); explicit paths are checked."""
         chosen = settings.get().path if path == "auto" else path
         if not chosen:   # the selector looks at the step itself
             return self._resolve_path(path, args, spec, *more)
-        # Decided by names and geometry alone: once per combination (plan() runs every step).
-        key = (chosen, spec, more, self.paths)
+        # Decided by names, geometry and variant alone: once per combination (plan() runs every
+        # step).
+        key = (chosen, spec, more, self.paths,
+               () if args.variant is PLAIN else args.variant.features())
         hit = self._resolved_paths.get(key)
         if hit is None:
             hit = self._resolved_paths[key] = self._resolve_path(chosen, args, spec, *more)
         return hit
 
-    def _resolve_path(self, path: str, args: DecodeArgs, spec: PoolSpec, *more: PoolSpec) -> str:
+    def _resolve_path(self, path: str, args: StepArgs, spec: PoolSpec, *more: PoolSpec) -> str:
         auto = False
         if path == "auto":
             path = settings.get().path
@@ -324,7 +369,12 @@ class PagedAttention(ABC):
                 f"unknown path {path!r} for backend {self.name!r}"
             raise UnsupportedPath(f"{why}; available paths: {self.paths}")
 
+        feats = () if args.variant is PLAIN else args.variant.features()
+
         def unsupported(p):
+            missing = tuple(f for f in feats if f not in self.variants.get(p, ()))
+            if missing:
+                return self._variant_reason(p, missing)
             return next(filter(None, (self.shape_unsupported_reason(p, s) for s in (spec, *more))),
                         None)
         why = unsupported(path)
@@ -337,19 +387,18 @@ class PagedAttention(ABC):
 
     def _make_plan(self, spec: PoolSpec, block_tables, context_lens, num_q_heads: int, query_lens,
                    slot_mapping, scale, window, path: str, batch: int | None = None,
-                   more_specs: Sequence[PoolSpec] = ()) -> Plan:
-        args = check_tables(spec, block_tables, context_lens, batch, scale, window, num_q_heads)
-        ql = check_query_lens(query_lens, args.context_lens)
-        rows = args if ql is None else query_rows(args, ql)
+                   more_specs: Sequence[PoolSpec] = (), variant: Variant = PLAIN) -> Plan:
+        args = check_query_lens(query_lens, check_tables(spec, block_tables, context_lens, batch,
+                                                         scale, window, num_q_heads))
+        if variant is not PLAIN:
+            args = dataclasses.replace(args, variant=variant)
         slots = None if slot_mapping is None else check_slots(spec, slot_mapping)
-        chosen = self.resolve_path(path, rows, spec, *more_specs)
-        for a in (rows.block_tables, rows.context_lens, args.block_tables, args.context_lens):
+        chosen = self.resolve_path(path, args, spec, *more_specs)
+        for a in (args.block_tables, args.context_lens, args.qo_indptr):
             _frozen(a)
-        plan = Plan(backend=self, spec=spec, path=chosen, batch=args.batch,
-                    num_q_heads=num_q_heads, num_rows=rows.batch,
-                    query_lens=None if ql is None else _frozen(ql), args=rows,
+        plan = Plan(backend=self, spec=spec, path=chosen, args=args,
                     slots=None if slots is None else _frozen(slots),
-                    q_shape=(rows.batch, num_q_heads, spec.head_dim),
+                    q_shape=(args.num_rows, num_q_heads, spec.head_dim),
                     kv_shape=None if slots is None else (int(slots.shape[0]), spec.num_kv_heads,
                                                          spec.head_dim))
         device = self._prepare(plan)
@@ -402,29 +451,40 @@ class PagedAttention(ABC):
     @abstractmethod
     def _copy_blocks(self, pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None: ...
 
-    def _decode(self, path: str, q, pool: KVPool, args: DecodeArgs):
-        """Attention of the decode rows `args`: the kernel the default `_run` calls. A backend
-        implements this, or overrides `_run` (and then never needs it)."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither _run nor _decode")
+    def _run_variant(self, plan: Plan, q, pool: KVPool, k, v, sinks: np.ndarray | None):
+        """One layer of a checked plan whose Variant is not plain, or given sinks (float32 [Hq]
+        on the host): returns (out, lse float32 [N, Hq]). Only paths listed in `variants` for
+        the features used are ever called."""
+        raise NotImplementedError(f"{type(self).__name__} lists variants it does not run")
+
+    def _merge_states(self, out_a, lse_a, out_b, lse_b):
+        """merge_states of checked host arrays (backends with device arrays override this)."""
+        out, lse = reference.merge_states(host_arrays.host(out_a), host_arrays.host(lse_a),
+                                          host_arrays.host(out_b), host_arrays.host(lse_b))
+        return host_arrays.cast_out(out, host_arrays.out_dtype(out_a)), lse.astype(np.float32)
+
+    def _variant_reason(self, path: str, features) -> str:
+        return (f"path {path!r} of backend {self.name!r} does not implement "
+                f"{', '.join(features)}; paths that do: "
+                f"{[p for p in self.paths if set(features) <= set(self.variants.get(p, ()))]}")
 
     def _prepare(self, plan: Plan) -> Any:
-        """The backend's per-step work for `plan` (device copies of tables and lengths, kernel
+        """The backend's metadata builder: from the plan's sequence-level form (plan.args) to
+        what its kernels read (device copies of tables and lengths, per-row indices, kernel
         choices); stored as plan.device. Runs once per plan, never per layer."""
         return None
 
+    @abstractmethod
     def _run(self, plan: Plan, q, pool: KVPool, k, v):
-        """One layer of a checked plan. This default serves backends without a planned kernel:
-        the new rows are written, then every query row is a decode query (plan.args)."""
-        if k is not None and plan.slots.size:
-            self._write_kv(pool, plan.slots, k, v)
-        return self._decode(plan.path, q, pool, plan.args)
+        """One layer of a checked plain plan: write k, v at plan.slots (when given), then attend;
+        returns [N, Hq, D] in q's dtype. O(1) host work: everything per step is in plan.device."""
 
     def _decode_step(self, layers: list[LayerStep], plans: list[Plan]) -> list:
         """Run every layer of a checked step; backends that batch a step into one submission
         override this."""
         return [self._run(p, layer.q, layer.pool, layer.k, layer.v) for layer, p in zip(layers, plans)]
 
-    def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
+    def _auto_path(self, args: StepArgs, spec: PoolSpec) -> str:
         return self.selector.choose(args, spec)
 
     @functools.cached_property
@@ -517,7 +577,7 @@ class PagedAttention(ABC):
             object.__setattr__(plan, "device", device)
         return plan
 
-    def auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
+    def auto_path(self, args: StepArgs, spec: PoolSpec) -> str:
         """The path `path="auto"` picks for these decode rows on this backend itself (its
         selector table, else its heuristic), ignoring $PAGED_ATTENTION_PATH."""
         return self._auto_path(args, spec)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import settings
-from .validation import DecodeArgs, PoolSpec
+from .validation import StepArgs, PoolSpec
 
 SCHEMA_VERSION = 1
 # Live selectors, so that a table written in this process (calibration) resets their decisions.
@@ -53,7 +53,7 @@ def pow2_bucket(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def shape_key(args: DecodeArgs, spec: PoolSpec) -> Key:
+def shape_key(args: StepArgs, spec: PoolSpec) -> Key:
     ctx = int(args.context_lens.max()) if args.batch else 0
     if args.window is not None and ctx > args.window:
         ctx = args.window
@@ -194,8 +194,8 @@ class PathSelector:
         self._loaded = False
         self.decisions = {}
 
-    def choose(self, args: DecodeArgs, spec: PoolSpec, *,
-               fallback: Callable[[DecodeArgs, PoolSpec], str] | None = None) -> str:
+    def choose(self, args: StepArgs, spec: PoolSpec, *,
+               fallback: Callable[[StepArgs, PoolSpec], str] | None = None) -> str:
         """The path for this call (see the module docstring)."""
         key = shape_key(args, spec)
         path = self.decisions.get(key)
@@ -208,8 +208,8 @@ class PathSelector:
         return path
 
 
-def choose_path(backend, args: DecodeArgs, spec: PoolSpec, *,
-                fallback: Callable[[DecodeArgs, PoolSpec], str] | None = None) -> str:
+def choose_path(backend, args: StepArgs, spec: PoolSpec, *,
+                fallback: Callable[[StepArgs, PoolSpec], str] | None = None) -> str:
     """`backend.selector.choose(...)`: the path `backend` should use for this call."""
     return backend.selector.choose(args, spec, fallback=fallback)
 

@@ -7,7 +7,10 @@ dtype alone so no device array is copied back.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,27 +100,186 @@ def check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, suppo
     return PoolSpec(int(num_blocks), int(block_size), int(num_kv_heads), int(head_dim), dt)
 
 
+@dataclass(frozen=True, eq=False)
+class Variant:
+    """The attention a step computes beyond plain softmax(scale * q.k) v (ADR 0010). Logits are
+    s = scale * q.k; with `soft_cap` s = soft_cap * tanh(s / soft_cap) (gemma2; FlashInfer's
+    logits_soft_cap); with `alibi_slopes` (float32 [Hq]) s += slope[h] * (key_pos - query_pos),
+    after the cap. `return_lse`: run() also returns the natural log of each row's softmax
+    denominator. Per-layer attention sinks are run()'s argument, not the plan's."""
+
+    soft_cap: float | None = None
+    alibi_slopes: np.ndarray | None = None
+    return_lse: bool = False
+
+    @property
+    def plain(self) -> bool:
+        return self.soft_cap is None and self.alibi_slopes is None and not self.return_lse
+
+    def features(self, sinks: bool = False) -> tuple[str, ...]:
+        """The names of what this step (and a run with sinks) adds to plain attention."""
+        return tuple(n for n, on in (("soft_cap", self.soft_cap is not None),
+                                     ("alibi_slopes", self.alibi_slopes is not None),
+                                     ("return_lse", self.return_lse), ("sinks", sinks)) if on)
+
+
+PLAIN = Variant()
+
+
+def _host_floats(x) -> np.ndarray:
+    """x on the host; a bfloat16 array (MLX's, which has no numpy view, or ml_dtypes') widened
+    to float32 by its own library, exactly."""
+    if dtype_name(x) == "bfloat16":
+        lib = sys.modules.get(type(x).__module__.split(".")[0] + ".core")
+        if lib is not None and hasattr(lib, "float32"):
+            return np.asarray(x.astype(lib.float32))
+        return np.asarray(x).astype(np.float32)
+    return np.asarray(x)
+
+
+def _finite_floats(x, name: str, n: int, what: str) -> np.ndarray:
+    """A float [n] array on the host, checked: shape, a float dtype, finite values."""
+    try:
+        arr = _host_floats(x)
+    except Exception as exc:  # noqa: BLE001 - not array-like
+        raise InvalidInput(f"{name}: expected a float array [{what}={n}], got "
+                           f"{type(x).__name__}") from exc
+    if arr.shape != (n,):
+        raise InvalidInput(f"{name}: expected shape [{what}={n}], got {arr.shape}")
+    if arr.dtype.kind != "f":
+        raise InvalidInput(f"{name}: expected a float dtype, got {dtype_name(x)}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        i = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise InvalidInput(f"{name}: expected finite values, entry [{i}] is {arr[i]}")
+    return arr
+
+
+def check_variant(soft_cap, alibi_slopes, return_lse, num_q_heads: int) -> Variant:
+    """plan()'s attention-variant arguments -> a Variant (PLAIN when none is set)."""
+    if soft_cap is not None:
+        if (isinstance(soft_cap, bool) or not isinstance(soft_cap, (int, float, np.integer,
+                                                                     np.floating))
+                or not math.isfinite(soft_cap) or soft_cap <= 0 or soft_cap > FLOAT32_MAX):
+            raise InvalidInput(f"soft_cap: expected None or a finite float > 0, got {soft_cap!r}")
+        soft_cap = float(soft_cap)
+    if alibi_slopes is not None:
+        alibi_slopes = _finite_floats(alibi_slopes, "alibi_slopes", num_q_heads, "Hq")
+        alibi_slopes.flags.writeable = False
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise InvalidInput(f"return_lse: expected a bool, got {return_lse!r}")
+    if soft_cap is None and alibi_slopes is None and not return_lse:
+        return PLAIN
+    return Variant(soft_cap, alibi_slopes, bool(return_lse))
+
+
+def check_states(out_a, lse_a, out_b, lse_b, out_dtypes=FLOAT_DTYPES) -> None:
+    """merge_states' inputs: out_x [N, Hq, D] of one shape and float dtype, lse_x [N, Hq] float
+    (shape and dtype only: nothing is read)."""
+    want = shape_of(out_a, "out_a")
+    if len(want) != 3:
+        raise InvalidInput(f"out_a: expected [N, Hq, D], got shape {want}")
+    if shape_of(out_b, "out_b") != want:
+        raise InvalidInput(f"out_b: expected shape {want} (out_a's), got {shape_of(out_b, 'out_b')}")
+    for name, x in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if shape_of(x, name) != want[:2]:
+            raise InvalidInput(f"{name}: expected shape [N={want[0]}, Hq={want[1]}], got "
+                               f"{shape_of(x, name)}")
+    for name, x in (("out_a", out_a), ("out_b", out_b), ("lse_a", lse_a), ("lse_b", lse_b)):
+        if dtype_name(x) not in out_dtypes:
+            raise InvalidInput(f"{name}: expected a float dtype in {out_dtypes}, got {dtype_name(x)}")
+
+
+def check_sinks(sinks, num_q_heads: int) -> np.ndarray:
+    """run()'s per-layer sinks float [Hq] -> float32 [Hq] on the host (Hq values: cheap)."""
+    return _finite_floats(sinks, "sinks", num_q_heads, "Hq")
+
+
+@functools.lru_cache(maxsize=512)
+def _decode_indptr(batch: int) -> np.ndarray:
+    """qo_indptr of a plain decode step (one query per sequence), made once per batch size."""
+    a = np.arange(batch + 1, dtype=np.int32)
+    a.flags.writeable = False
+    return a
+
+
 @dataclass(frozen=True)
-class DecodeArgs:
-    """Validated decode inputs. Every entry of block_tables is a block id of the pool (unused
-    entries that were not are replaced by 0)."""
+class StepArgs:
+    """One validated step, per sequence (FlashInfer's form): sequence b owns the query rows
+    [qo_indptr[b], qo_indptr[b + 1]) of q, its newest tokens, and query j of it sees positions
+    < context_lens[b] - query_lens[b] + j + 1 (causal) through its block table.
+
+    batch         B, the number of sequences
+    num_q_heads   Hq
+    block_tables  int32 [B, max_blocks]: every entry is a block id of the pool (unused entries
+                  that were not are replaced by 0)
+    context_lens  int32 [B]: every cached token of sequence b, this step's included
+    qo_indptr     int32 [B + 1]: row offsets of each sequence's queries; N = qo_indptr[B]
+    scale, window the softmax scale; attend to the last `window` positions only (None: all)
+    decode_only   every sequence has exactly one query (plain decode: row b is sequence b)
+    """
 
     batch: int
     num_q_heads: int
-    block_tables: np.ndarray  # int32 [B, max_blocks]
-    context_lens: np.ndarray  # int32 [B]
+    block_tables: np.ndarray
+    context_lens: np.ndarray
     scale: float
     window: int | None
+    qo_indptr: np.ndarray = None  # type: ignore[assignment]  (default: one query each)
+    decode_only: bool = True
+    variant: "Variant" = None     # type: ignore[assignment]  (default: plain attention)
+
+    def __post_init__(self):
+        if self.qo_indptr is None:
+            object.__setattr__(self, "qo_indptr", _decode_indptr(self.batch))
+        if self.variant is None:
+            object.__setattr__(self, "variant", PLAIN)
+
+    @property
+    def num_rows(self) -> int:
+        """N, the query rows of the step (rows of q and of the output)."""
+        return int(self.qo_indptr[-1])
+
+    @property
+    def query_lens(self) -> np.ndarray:
+        """int32 [B]: queries per sequence."""
+        return np.diff(self.qo_indptr)
 
     @property
     def max_context(self) -> int:
         return int(self.context_lens.max()) if self.batch else 0
 
     def attended_tokens(self) -> np.ndarray:
-        """Per-sequence number of positions attended to (window applied)."""
+        """Per-sequence number of positions its newest query attends to (window applied)."""
         if self.window is None:
             return self.context_lens.astype(np.int64)
         return np.minimum(self.context_lens, self.window).astype(np.int64)
+
+    def row_sequences(self) -> np.ndarray:
+        """int32 [N]: the sequence each query row belongs to (a derived, per-row index a kernel
+        that runs one workgroup per row reads; the tables stay per sequence)."""
+        return np.repeat(np.arange(self.batch, dtype=np.int32), self.query_lens)
+
+    def row_context_lens(self) -> np.ndarray:
+        """int32 [N]: positions each query row sees (the causal mask applied)."""
+        if self.decode_only:
+            return self.context_lens
+        ql = self.query_lens
+        seq = self.row_sequences()
+        j = np.arange(seq.size, dtype=np.int64) - self.qo_indptr[:-1][seq]
+        return (self.context_lens[seq].astype(np.int64) - ql[seq] + j + 1).astype(np.int32)
+
+    def select(self, seqs: np.ndarray) -> "StepArgs":
+        """The sub-step of sequences `seqs` (int indices, in order), their queries in order."""
+        seqs = np.asarray(seqs, dtype=np.int64)
+        ql = self.query_lens[seqs]
+        indptr = np.zeros(seqs.size + 1, np.int32)
+        np.cumsum(ql, out=indptr[1:])
+        return StepArgs(batch=int(seqs.size), num_q_heads=self.num_q_heads,
+                        block_tables=np.ascontiguousarray(self.block_tables[seqs]),
+                        context_lens=np.ascontiguousarray(self.context_lens[seqs]),
+                        scale=self.scale, window=self.window, qo_indptr=indptr,
+                        decode_only=bool(np.all(ql == 1)))
 
 
 def check_q(q, spec: PoolSpec, q_dtypes=FLOAT_DTYPES, rows: int | None = None,
@@ -150,7 +312,7 @@ def _out_of_range(a: np.ndarray, n: int) -> bool:
 
 
 def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, scale, window,
-                 num_q_heads: int) -> DecodeArgs:
+                 num_q_heads: int) -> StepArgs:
     """Block tables [B, max_blocks], context lengths [B], scale and window (host-side, O(B * max_blocks)).
     `batch` None takes B from the tables."""
     # The table keeps its integer dtype (no int64 copy): it is the one large input, checked once
@@ -188,7 +350,7 @@ def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, 
           or not (math.isfinite(scale) and scale > 0) or scale > FLOAT32_MAX):
         # Kernels take the scale as float32: larger values would silently become inf.
         raise InvalidInput(f"scale: expected a finite float in (0, {FLOAT32_MAX:.4g}], got {scale!r}")
-    return DecodeArgs(
+    return StepArgs(
         batch=batch,
         num_q_heads=num_q_heads,
         # Checked in its own dtype above, then int32; a copy, so the plan never aliases the
@@ -203,7 +365,7 @@ def check_tables(spec: PoolSpec, block_tables, context_lens, batch: int | None, 
 
 
 def check_decode(q, spec: PoolSpec, block_tables, context_lens, scale, window,
-                 q_dtypes=FLOAT_DTYPES) -> DecodeArgs:
+                 q_dtypes=FLOAT_DTYPES) -> StepArgs:
     batch, hq = check_q(q, spec, q_dtypes)
     return check_tables(spec, block_tables, context_lens, batch, scale, window, hq)
 
@@ -216,11 +378,12 @@ def check_num_q_heads(spec: PoolSpec, num_q_heads) -> int:
     return int(num_q_heads)
 
 
-def check_query_lens(query_lens, lens: np.ndarray) -> np.ndarray | None:
-    """query_lens [B] (None: one query per sequence) -> int32 [B], or None for the plain decode
-    case. Each must lie in [0, context_lens[b]]: a query's own position is part of its context."""
+def check_query_lens(query_lens, args: StepArgs) -> StepArgs:
+    """query_lens [B] (None: one query per sequence) -> `args` with its qo_indptr. Each must lie
+    in [0, context_lens[b]]: a query's own position is part of its context."""
     if query_lens is None:
-        return None
+        return args
+    lens = args.context_lens
     ql = host_ints(query_lens, "query_lens", 1)
     if ql.shape[0] != lens.shape[0]:
         raise InvalidInput(f"query_lens: expected [B={lens.shape[0]}], got shape {ql.shape}")
@@ -229,20 +392,12 @@ def check_query_lens(query_lens, lens: np.ndarray) -> np.ndarray | None:
         raise InvalidInput(f"query_lens: expected 0 <= query_lens[b] <= context_lens[b]; entry [{b}] "
                            f"is {ql[b]} with context_lens[{b}] = {lens[b]}")
     if np.all(ql == 1):
-        return None
-    return ql.astype(np.int32)
-
-
-def query_rows(args: DecodeArgs, query_lens: np.ndarray) -> DecodeArgs:
-    """The ragged batch as one decode query per row: query j of sequence b sees positions
-    < context_lens[b] - query_lens[b] + j + 1 through b's table (the causal mask)."""
-    seq = np.repeat(np.arange(args.batch), query_lens)
-    first = np.cumsum(query_lens) - query_lens
-    j = np.arange(seq.size) - first[seq]
-    row_lens = args.context_lens[seq] - query_lens[seq] + j + 1
-    return DecodeArgs(batch=int(seq.size), num_q_heads=args.num_q_heads,
-                      block_tables=np.ascontiguousarray(args.block_tables[seq]),
-                      context_lens=row_lens.astype(np.int32), scale=args.scale, window=args.window)
+        return args
+    if int(ql.sum()) >= 2 ** 31:
+        raise InvalidInput(f"query_lens: the step's {int(ql.sum())} query rows exceed int32")
+    indptr = np.zeros(ql.size + 1, np.int32)
+    np.cumsum(ql, out=indptr[1:])
+    return dataclasses.replace(args, qo_indptr=indptr, decode_only=False)
 
 
 def check_slots(spec: PoolSpec, slot_mapping) -> np.ndarray:

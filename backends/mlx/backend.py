@@ -27,6 +27,8 @@ class MLXPool(KVPool):
 class MLXBackend(PagedAttention):
     name = "mlx"
     pool_dtypes = ("float16", "bfloat16", "float32")
+    # The fused kernel's specialisations are issue 25's next step (ADR 0010); gather has all.
+    variants = {"gather": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"})}
 
     def __init__(self):
         self.kernel_api = gpu_kind()
@@ -84,13 +86,16 @@ class MLXBackend(PagedAttention):
             def decode(rows):
                 # The write indices ride in the plan's one device array (ADR 0007).
                 return DecodePlan.from_spec(self.kernel_api, rows, plan.spec, slots=slots)
-            if plan.query_lens is None or not (plan.query_lens > 1).any():
-                attend = fused = decode(plan.args)
+            args = plan.args
+            if args.decode_only or not (args.query_lens > 1).any():
+                # Every row a decode query: the sequences with a query (in order) are the rows.
+                attend = fused = decode(args if args.decode_only else
+                                        args.select(np.flatnonzero(args.query_lens)))
             else:   # prompt chunks: one SDPA each, the decode rows fused (mixed.py)
-                attend = MixedPlan(plan.args, plan.query_lens, plan.spec.block_size, decode)
+                attend = MixedPlan(args, plan.spec.block_size, decode)
                 fused = attend.decode
         else:
-            attend = GatherPlan(plan.args, plan.query_lens, plan.spec.block_size)
+            attend = GatherPlan(plan.args, plan.spec.block_size)
         if slots is None:
             write = None
         elif fused is not None:
@@ -102,6 +107,28 @@ class MLXBackend(PagedAttention):
 
     def _run(self, plan: Plan, q, pool, k, v):
         step = plan.device
+        self._write_step(step, pool, k, v)
+        return step.attend(as_mx(q), pool.k, pool.v)
+
+    def _run_variant(self, plan: Plan, q, pool, k, v, sinks):
+        step = plan.device
+        self._write_step(step, pool, k, v)
+        return step.attend.with_lse(as_mx(q), pool.k, pool.v,
+                                    None if sinks is None else mx.array(sinks))
+
+    def _merge_states(self, out_a, lse_a, out_b, lse_b):
+        out_a, out_b = as_mx(out_a), as_mx(out_b)
+        la, lb = as_mx(lse_a).astype(mx.float32), as_mx(lse_b).astype(mx.float32)
+        m = mx.maximum(la, lb)
+        m = mx.where(mx.isinf(m), 0.0, m)
+        wa, wb = mx.exp(la - m)[..., None], mx.exp(lb - m)[..., None]
+        total = wa + wb
+        out = (out_a.astype(mx.float32) * wa + out_b.astype(mx.float32) * wb) / \
+            mx.where(total > 0, total, 1.0)
+        return out.astype(out_a.dtype), (m + mx.log(total[..., 0]))
+
+    @staticmethod
+    def _write_step(step, pool, k, v) -> None:
         if k is not None and step.write is not None:
             # Index assignment lowers to a scatter whose input is the pool itself; with no other
             # reference alive MLX donates the buffer, so only the touched slots are written.
@@ -112,7 +139,6 @@ class MLXBackend(PagedAttention):
             k, v = as_mx(k), as_mx(v)
             pool.k[blocks, offsets] = k if k.dtype == step.dtype else k.astype(step.dtype)
             pool.v[blocks, offsets] = v if v.dtype == step.dtype else v.astype(step.dtype)
-        return step.attend(as_mx(q), pool.k, pool.v)
 
     # -- lab capabilities (interface.py): lazy arrays, an allocator with a cache ----------------
     def synchronize(self, outs=(), pools=()):

@@ -17,7 +17,7 @@ import numpy as np
 
 from paged_attention import devices, settings
 from paged_attention.errors import UnsupportedPath
-from paged_attention.validation import DecodeArgs
+from paged_attention.validation import StepArgs
 
 from .arrays import DTYPES, as_mx
 from .kernel_source import INPUTS, OUTPUTS, kernel_name, kernel_source
@@ -289,7 +289,7 @@ class DecodePlan:
         self._launches: dict = {}
 
     @classmethod
-    def from_args(cls, api: str, args: DecodeArgs, k_pool: mx.array, partitions=None,
+    def from_args(cls, api: str, args: StepArgs, k_pool: mx.array, partitions=None,
                   variant: dict | None = None):
         nb, bs, hkv, d = k_pool.shape
         return cls(api, args.block_tables, args.context_lens, args.scale, args.window,
@@ -297,7 +297,7 @@ class DecodePlan:
                    head_dim=d, pool_dtype=k_pool.dtype, partitions=partitions, variant=variant)
 
     @classmethod
-    def from_spec(cls, api: str, args: DecodeArgs, spec, partitions=None, slots=None):
+    def from_spec(cls, api: str, args: StepArgs, spec, partitions=None, slots=None):
         """The plan for decode rows `args` over pools of geometry `spec` (a PoolSpec)."""
         return cls(api, args.block_tables, args.context_lens, args.scale, args.window,
                    num_blocks=spec.num_blocks, block_size=spec.block_size,
@@ -348,7 +348,7 @@ class DecodePlan:
         return split
 
 
-def fused_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, args: DecodeArgs, *,
+def fused_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, args: StepArgs, *,
                  api: str, partitions: int | None = None) -> mx.array:
     """Paged decode attention. q [B, Hq, D]; pools [NB, BS, Hkv, D]; args validated on the host.
     Returns [B, Hq, D] in q's dtype. `partitions` forces the split-K count (1: no split)."""

@@ -13,14 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from paged_attention.validation import DecodeArgs
-
-
-def _rows(args: DecodeArgs, idx: np.ndarray) -> DecodeArgs:
-    return DecodeArgs(batch=int(idx.size), num_q_heads=args.num_q_heads,
-                      block_tables=np.ascontiguousarray(args.block_tables[idx]),
-                      context_lens=np.ascontiguousarray(args.context_lens[idx]),
-                      scale=args.scale, window=args.window)
+from paged_attention.validation import StepArgs
 
 
 class Chunk:
@@ -59,34 +52,33 @@ class Chunk:
 
 
 class MixedPlan:
-    """One ragged step on the fused path. `decode` builds the fused kernel's plan for the decode
-    rows (a callable q [Nd, Hq, D] -> [Nd, Hq, D], with the step's write indices as `.write`), or
-    is not called when there are none."""
+    """One ragged step on the fused path. `decode` builds the fused kernel's plan for the
+    one-query sequences (a callable q [Nd, Hq, D] -> [Nd, Hq, D], with the step's write indices
+    as `.write`), or is not called when there are none."""
 
-    def __init__(self, rows: DecodeArgs, query_lens: np.ndarray, block_size: int, decode):
-        qlens = query_lens.astype(np.int64)
-        first = np.cumsum(qlens) - qlens
-        is_chunk = np.repeat(qlens > 1, qlens)                      # per row
-        dec = np.flatnonzero(~is_chunk)
-        self.decode = decode(_rows(rows, dec)) if dec.size else None
+    def __init__(self, args: StepArgs, block_size: int, decode):
+        qlens = args.query_lens.astype(np.int64)
+        first = args.qo_indptr[:-1].astype(np.int64)
+        dec_seqs = np.flatnonzero(qlens == 1)
+        dec = first[dec_seqs]                                       # their rows
+        self.decode = decode(args.select(dec_seqs)) if dec.size else None
         self.dec_rows = dec.size
         self.dec_prefix = bool(dec.size == 0 or dec[-1] == dec.size - 1)
         self.dec_index = None if self.dec_prefix else mx.array(dec.astype(np.int32))
         self.chunks = []        # (first row, Chunk)
         for b in np.flatnonzero(qlens > 1):
-            r0, t = int(first[b]), int(qlens[b])
-            self.chunks.append((r0, Chunk(rows.block_tables[r0 + t - 1],
-                                          int(rows.context_lens[r0 + t - 1]), t, block_size,
-                                          rows.window, rows.scale)))
+            self.chunks.append((int(first[b]), Chunk(args.block_tables[b], int(args.context_lens[b]),
+                                                     int(qlens[b]), block_size, args.window,
+                                                     args.scale)))
         # Output rows in order: decode rows first, then the chunks; `order` puts them back.
-        pos = np.empty(rows.batch, np.int64)
+        n = args.num_rows
+        pos = np.empty(n, np.int64)
         pos[dec] = np.arange(dec.size)
         at = dec.size
         for r0, c in self.chunks:
             pos[r0:r0 + c.queries] = np.arange(at, at + c.queries)
             at += c.queries
-        self.order = None if np.array_equal(pos, np.arange(rows.batch)) else \
-            mx.array(pos.astype(np.int32))
+        self.order = None if np.array_equal(pos, np.arange(n)) else mx.array(pos.astype(np.int32))
 
     def __call__(self, q: mx.array, k_pool: mx.array, v_pool: mx.array) -> mx.array:
         """q [N, Hq, D] -> [N, Hq, D] in q's dtype."""

@@ -1,12 +1,14 @@
 """The numpy reference wrapped as a PagedAttention backend: slow, exact, always available."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from paged_attention import reference
 from paged_attention.host_arrays import cast_out, from_bf16_bits, host, out_dtype, to_bf16_bits
 from paged_attention.interface import KVPool, PagedAttention
-from paged_attention.validation import DecodeArgs, PoolSpec
+from paged_attention.validation import PoolSpec, StepArgs
 
 KNOWN_PATHS = ("reference",)
 
@@ -43,6 +45,7 @@ class NumpyPool(KVPool):
 class NumpyBackend(PagedAttention):
     name = "numpy"
     paths = KNOWN_PATHS
+    variants = {"reference": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"})}
     pool_dtypes = ("float16", "bfloat16", "float32")
     # bfloat16 inputs: MLX arrays or ml_dtypes numpy arrays (widened exactly to float32);
     # outputs keep q's dtype and kind (host_arrays.cast_out).
@@ -64,15 +67,23 @@ class NumpyBackend(PagedAttention):
         pool.k[dst] = pool.k[src]
         pool.v[dst] = pool.v[src]
 
-    def _decode(self, path, q, pool, args: DecodeArgs):
-        k, v, tables = pool.k, pool.v, args.block_tables
+    def _attend(self, path, q, pool, args: StepArgs, sinks=None):
+        k, v = pool.k, pool.v
         if pool.bf16:   # widen only the blocks this call reads (tables renumbered to them)
-            used, tables = np.unique(tables, return_inverse=True)
-            tables = tables.reshape(args.block_tables.shape)
+            used, tables = np.unique(args.block_tables, return_inverse=True)
+            args = dataclasses.replace(args, block_tables=tables.reshape(args.block_tables.shape))
             k, v = pool.values(pool.k[used]), pool.values(pool.v[used])
-        out = reference.decode(host(q), k, v, tables, args.context_lens,
-                               scale=args.scale, window=args.window)
-        return cast_out(out, out_dtype(q))
+        out, lse = reference.step(host(q), k, v, args, sinks)
+        return cast_out(out, out_dtype(q)), lse
+
+    def _run(self, plan, q, pool, k, v):
+        return self._run_variant(plan, q, pool, k, v, None)[0]
+
+    def _run_variant(self, plan, q, pool, k, v, sinks):
+        if k is not None and plan.slots.size:
+            self._write_kv(pool, plan.slots, k, v)
+        out, lse = self._attend(plan.path, q, pool, plan.args, sinks)
+        return out, lse.astype(np.float32)
 
     # -- lab capabilities (interface.py) --------------------------------------------------------
     def peak_memory_of(self, fn):

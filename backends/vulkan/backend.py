@@ -24,7 +24,7 @@ from paged_attention import settings
 from paged_attention.errors import PagedAttentionError
 from paged_attention.host_arrays import cast_out, copy_into, host, out_dtype
 from paged_attention.interface import LayerStep, PagedAttention, Plan
-from paged_attention.validation import DecodeArgs, PoolSpec
+from paged_attention.validation import PoolSpec, StepArgs
 
 from . import KNOWN_PATHS, geometry
 from .device import DeviceOutOfMemory, VulkanDevice  # noqa: F401 - DeviceOutOfMemory is public here
@@ -129,14 +129,14 @@ class VulkanBackend(PagedAttention):
         pool.copy_blocks(src, dst)
 
     # -- path heuristics (geometry.py) --------------------------------------------------------------
-    def _auto_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
+    def _auto_path(self, args: StepArgs, spec: PoolSpec) -> str:
         """The calibrated choice for this device when a selector table exists, else the heuristic."""
         return self.selector.choose(args, spec, fallback=self.heuristic_path)
 
-    def heuristic_path(self, args: DecodeArgs, spec: PoolSpec) -> str:
+    def heuristic_path(self, args: StepArgs, spec: PoolSpec) -> str:
         return geometry.heuristic_path(args, spec, self.compute_units)
 
-    def split_geometry(self, args: DecodeArgs, spec: PoolSpec) -> tuple[int, int]:
+    def split_geometry(self, args: StepArgs, spec: PoolSpec) -> tuple[int, int]:
         return geometry.split_geometry(args, spec, self.compute_units)
 
     def query_tile(self, group: int, spec: PoolSpec) -> int:
@@ -151,12 +151,12 @@ class VulkanBackend(PagedAttention):
         # The upload itself waits for the first run (`make_resident`): a whole-step submission
         # carries it in its own upload, a per-layer run pays one extra submission per step.
         self._check_open()
-        return self._tables.state(plan.args, plan.spec, plan.path, plan.slots, plan.query_lens)
+        return self._tables.state(plan.args, plan.spec, plan.path, plan.slots)
 
     def _run(self, plan: Plan, q, pool: VulkanPool, k, v):
         return self._execute([(pool, q, k, v)], plan.device, k is not None)[0]
 
-    def _decode_repeated(self, q, pool: VulkanPool, args: DecodeArgs, path: str, repeat: int):
+    def _decode_repeated(self, q, pool: VulkanPool, args: StepArgs, path: str, repeat: int):
         """The attention recorded `repeat` times back to back (a barrier between repetitions) in
         one submission, so the GPU stays busy and each repetition is timed (bench_hooks.py)."""
         st = self._tables.state(args, pool.spec, path, None)
@@ -221,7 +221,7 @@ class VulkanBackend(PagedAttention):
         q = np.asarray(q)
         bt = np.asarray(block_tables, dtype=np.int32)
         lens = np.asarray(context_lens, dtype=np.int32)
-        args = DecodeArgs(batch=q.shape[0], num_q_heads=q.shape[1], block_tables=bt, context_lens=lens,
+        args = StepArgs(batch=q.shape[0], num_q_heads=q.shape[1], block_tables=bt, context_lens=lens,
                           scale=float(scale if scale is not None else 1 / math.sqrt(pool.head_dim)),
                           window=window)
         st = self._tables.state(args, pool.spec, path, None)

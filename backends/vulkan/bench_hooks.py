@@ -13,10 +13,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from paged_attention.validation import DecodeArgs
+from paged_attention.validation import StepArgs
 
 
-def decode_repeated(be, q, pool, args: DecodeArgs, path: str, repeat: int):
+def decode_repeated(be, q, pool, args: StepArgs, path: str, repeat: int):
     """The attention of `args` on `path` recorded `repeat` times back to back (a barrier between
     repetitions) in one submission, so the GPU stays busy and, with `be.record_timestamps`, each
     repetition is timed (its ops are labelled attn<layer>.<rep> / reduce<layer>.<rep>)."""

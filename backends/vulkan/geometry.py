@@ -16,7 +16,7 @@ import math
 import os
 
 from paged_attention import devices, settings
-from paged_attention.validation import DecodeArgs, PoolSpec
+from paged_attention.validation import PoolSpec, StepArgs
 
 MIN_CHUNK = 512             # split-K: fewest tokens per split
 PREFILL_WG = 128            # prefill.comp workgroup size
@@ -50,26 +50,26 @@ def compute_units(device_name: str) -> int:
     return devices.FALLBACK_COMPUTE_UNITS["vulkan"]
 
 
-def heuristic_path(args: DecodeArgs, spec: PoolSpec, units: int) -> str:
+def heuristic_path(args: StepArgs, spec: PoolSpec, units: int) -> str:
     """split-K when the (sequence, KV head) workgroups cannot fill the device and the context is
     long enough for the extra reduce to pay; fused otherwise."""
-    if args.batch == 0:
+    if args.num_rows == 0:
         return "fused"
     longest = int(args.attended_tokens().max())
-    wgs = args.batch * spec.num_kv_heads
+    wgs = args.num_rows * spec.num_kv_heads   # decode.comp: one workgroup per (row, KV head)
     if longest >= 1024 and wgs < 2 * units and split_geometry(args, spec, units)[0] > 1:
         return "splitk"
     return "fused"
 
 
-def split_geometry(args: DecodeArgs, spec: PoolSpec, units: int) -> tuple[int, int]:
+def split_geometry(args: StepArgs, spec: PoolSpec, units: int) -> tuple[int, int]:
     """(nsplit, chunk): chunk tokens per split, from the table's capacity so that a decode loop
     with a fixed table width keeps one recorded command buffer while contexts grow."""
     cap = args.block_tables.shape[1] * spec.block_size
     span = max(1, min(cap, args.window) if args.window else cap)
     chunk = settings.get().vk_chunk
     if not chunk:
-        wgs = max(1, args.batch * spec.num_kv_heads)
+        wgs = max(1, args.num_rows * spec.num_kv_heads)
         # ~1.5 workgroups per compute unit: fewer, longer splits beat many short ones (each
         # split pays its q load, lane-group merge and partial write). When the (sequence,
         # KV head) workgroups fill under a quarter of the CUs (B=1..4 at Hkv=8), that leaves

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paged_attention.validation import DecodeArgs, PoolSpec
+from paged_attention.validation import PoolSpec, StepArgs
 
 from .device import VulkanDevice, pow2_ceil
 
@@ -20,7 +20,7 @@ from .device import VulkanDevice, pow2_ceil
 class _PlanState:
     """plan.device: a step's tables/lengths/slots (host copies and their size-class device
     buffers), its batch size class and split geometry. `token` marks whose tables a buffer holds."""
-    __slots__ = ("token", "rows", "rcls", "maxb", "path", "window", "scale_bits", "nsplit", "chunk",
+    __slots__ = ("token", "rows", "rcls", "bcls", "maxb", "path", "window", "scale_bits", "nsplit", "chunk",
                  "n", "tables_host", "lens_host", "slots_host", "tables", "lens", "slots", "qt",
                  "tcls", "tiles_host", "tiles", "keys")
 
@@ -39,35 +39,42 @@ class PlanTables:
         self._resident.clear()
         self._resident_last = None
 
-    def state(self, args: DecodeArgs, spec: PoolSpec, path: str, slots, query_lens=None) -> _PlanState:
-        """Device state of one step: tables, lengths and slots written into the size-class staging
-        buffers (uploaded by `make_resident`), split geometry and the batch's size class."""
+    def state(self, args: StepArgs, spec: PoolSpec, path: str, slots) -> _PlanState:
+        """Device metadata of one step, built from its sequence form: the tables [B, maxb] as
+        they are, per query row its context length (causal mask applied) and its sequence (the
+        table row it reads), written into size-class staging buffers (uploaded by
+        `make_resident`); split geometry and the batch's size classes."""
         st = _PlanState()
         st.token = object()
         st.keys = {}  # recording.py's cache keys, per (hq, writes, f16_io, repeat, layers)
-        st.rows, st.maxb = args.batch, int(args.block_tables.shape[1])
-        st.rcls = pow2_ceil(st.rows)
+        st.rows, st.maxb = args.num_rows, int(args.block_tables.shape[1])
+        st.rcls, st.bcls = pow2_ceil(st.rows), pow2_ceil(args.batch)
         st.path, st.window = path, args.window or 0
         st.scale_bits = int(np.float32(args.scale).view(np.uint32))
         st.nsplit, st.chunk = self._backend.split_geometry(args, spec) if path == "splitk" else (1, 0)
         st.n = 0 if slots is None else int(slots.shape[0])
         st.tables_host = np.ascontiguousarray(args.block_tables, dtype=np.int32).reshape(-1)
-        st.lens_host = np.zeros(st.rcls, np.int32)  # rows past N see nothing: their outputs are zeros
-        st.lens_host[:st.rows] = args.context_lens
+        # [rcls] row lengths, then [rcls] row sequences; rows past N see nothing (zeros out).
+        st.lens_host = np.zeros(2 * st.rcls, np.int32)
+        st.lens_host[:st.rows] = args.row_context_lens()
+        if args.decode_only:
+            st.lens_host[st.rcls:st.rcls + st.rows] = np.arange(st.rows, dtype=np.int32)
+        else:
+            st.lens_host[st.rcls:st.rcls + st.rows] = args.row_sequences()
         st.slots_host = None if slots is None else np.ascontiguousarray(slots, dtype=np.int32)
-        st.tables = self._dev.staging("tables", st.rcls * max(1, st.maxb), np.int32)[0]
-        st.lens = self._dev.staging("lens", st.rcls, np.int32)[0]
+        st.tables = self._dev.staging("tables", st.bcls * max(1, st.maxb), np.int32)[0]
+        st.lens = self._dev.staging("lens", 2 * st.rcls, np.int32)[0]
         st.slots = self._dev.staging("slots", st.n, np.int32)[0] if st.n else None
         # Ragged plans (prefill chunks) on the fused path: tiles of up to QT queries of one
         # sequence share each K/V load (prefill.comp); qt 1 keeps decode.comp, one query each.
         st.qt, st.tcls, st.tiles_host, st.tiles = 1, 0, None, None
+        query_lens = None if args.decode_only else args.query_lens
         if path == "fused" and query_lens is not None and int(np.max(query_lens, initial=0)) > 1:
             st.qt = self._backend.query_tile(args.num_q_heads // spec.num_kv_heads, spec)
         if st.qt > 1:
-            tiles, r0 = [], 0
-            for n in np.asarray(query_lens).tolist():
+            tiles = []
+            for r0, n in zip(args.qo_indptr[:-1].tolist(), query_lens.tolist()):
                 tiles += [(r0 + i, min(st.qt, n - i)) for i in range(0, n, st.qt)]
-                r0 += n
             tiles = np.array(tiles, np.int32).reshape(-1, 2)
             # Longest contexts first (a tile's last row has the longest): the GPU starts
             # workgroups roughly in index order, so the heaviest ones do not trail the grid.
@@ -95,7 +102,7 @@ class PlanTables:
             return
         view = self._dev.view
         view(st.tables)[:st.tables_host.size] = st.tables_host
-        view(st.lens)[:st.rcls] = st.lens_host
+        view(st.lens)[:st.lens_host.size] = st.lens_host
         if st.n:
             view(st.slots)[:st.n] = st.slots_host
         if st.qt > 1:

@@ -54,7 +54,7 @@ class Recorder:
         memo = (hq, writes, f16_io, repeat, len(pools))
         key = st.keys.get(memo)
         if key is None:
-            key = st.keys[memo] = (st.path, st.rcls, st.maxb, hq, st.n if writes else 0, st.window,
+            key = st.keys[memo] = (st.path, st.rcls, st.bcls, st.maxb, hq, st.n if writes else 0, st.window,
                                    st.scale_bits, st.nsplit, st.chunk, f16_io, repeat, len(pools),
                                    st.qt, st.tcls)
         full = key if len(pools) == 1 else key + (tuple(p.uid for p in pools),)
@@ -173,10 +173,10 @@ class Recorder:
                 wgx = st.rcls * spec.num_kv_heads
             defines["OUT_F16"] = int(f16_io and not splitk)
             defines["Q_F16"] = int(f16_io)
-            algo = dev.algorithm(pool.algos, shader, defines, tensors, [wgx, st.nsplit, 1], 10, "attn")
+            algo = dev.algorithm(pool.algos, shader, defines, tensors, [wgx, st.nsplit, 1], 11, "attn")
             out_off = i * rows * st.nsplit if splitk else i * per_layer
             add(dev.dispatch(algo, [i * per_layer, out_off, 0, st.maxb, spec.num_blocks,
-                                    st.window, st.scale_bits, st.nsplit, st.chunk, 0]),
+                                    st.window, st.scale_bits, st.nsplit, st.chunk, 0, st.rcls]),
                 f"attn{i}.{r}")
         if splitk:
             add(dev.barrier(), "barrier")

@@ -19,6 +19,7 @@ Three layers, each usable alone:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -78,6 +79,7 @@ class ModelInfo:
     num_kv_heads: int
     head_dim: int
     dtype: str                # pool dtype (the attention projections' dtype)
+    vocab_size: int           # token ids the model takes: [0, vocab_size)
 
 
 _DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
@@ -113,7 +115,8 @@ def inspect_model(model) -> ModelInfo:
                           "are not supported")
     return ModelInfo(module=sys.modules[name], windows=tuple(_ARCHITECTURES[name](model)),
                      scales=tuple(float(a.scale) for a in attns), num_q_heads=hq.pop(),
-                     num_kv_heads=hkv.pop(), head_dim=dims.pop(), dtype=dtype)
+                     num_kv_heads=hkv.pop(), head_dim=dims.pop(), dtype=dtype,
+                     vocab_size=int(model.args.vocab_size))
 
 
 def random_model(config: dict, *, dtype: str = "float32", seed: int = 0):
@@ -366,19 +369,79 @@ def make_paged_cache(model, *, backend="mlx", num_blocks: int = 256, block_size:
     return [PagedLayerCache(st, i, auto=True) for i in range(len(model.layers))]
 
 
+# -- input checks ---------------------------------------------------------------------------
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidInput(f"{name}: expected an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _first_bad_id(name: str, ids: list, vocab: int) -> InvalidInput | None:
+    for i, t in enumerate(ids):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            return InvalidInput(f"{name}[{i}]: expected an integer token id, got {t!r} "
+                                f"({type(t).__name__})")
+        if not 0 <= t < vocab:
+            return InvalidInput(f"{name}[{i}]: token id {int(t)} is outside [0, {vocab}), the "
+                                "model's vocabulary")
+    return None
+
+
+def token_ids(name: str, ids, vocab: int) -> list[int]:
+    """`ids` as a list of ints, each an integer in [0, vocab); `InvalidInput` names the argument,
+    the first offending index and its value. Text is refused: encode it with a tokenizer."""
+    if isinstance(ids, (str, bytes)):
+        raise InvalidInput(f"{name}: got text {ids[:40]!r}; pass token ids, or pass tokenizer= to "
+                           "generate() to encode text")
+    if isinstance(ids, mx.array):
+        ids = np.array(ids)
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise InvalidInput(f"{name}: expected a 1-D array of integer token ids, got "
+                               f"{ids.dtype} of shape {ids.shape}")
+        arr = ids
+        ids = ids.tolist()
+    else:
+        try:
+            ids = list(ids)
+        except TypeError:
+            raise InvalidInput(f"{name}: expected a sequence of token ids, got "
+                               f"{type(ids).__name__}") from None
+        # One vectorised check for the common case; the slow scan only finds what to report.
+        arr = np.asarray(ids) if ids and all(type(t) is int for t in ids) else None
+    if arr is None or ((arr < 0) | (arr >= vocab)).any():
+        err = _first_bad_id(name, ids, vocab)
+        if err is not None:
+            raise err
+    return [int(t) for t in ids]
+
+
+def _stop_ids(stop_tokens, vocab: int) -> frozenset:
+    if stop_tokens is None:
+        return frozenset()
+    if isinstance(stop_tokens, (int, np.integer)) and not isinstance(stop_tokens, bool):
+        stop_tokens = [stop_tokens]
+    return frozenset(token_ids("stop_tokens", stop_tokens, vocab))
+
+
 # -- the engine -----------------------------------------------------------------------------
 def greedy(logprobs):
     return mx.argmax(logprobs, axis=-1)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Seq:
     sid: int
     rid: int
+    index: int            # this sample's position among its request's samples
     tokens: list          # prompt + generated
     prompt_len: int
-    computed: int = 0     # leading tokens whose K/V are in the cache
+    max_tokens: int
+    stop: frozenset       # token ids that end this sample (not included in its tokens)
+    computed: int = 0     # leading tokens whose K/V are in the cache; between steps also every
+                          # group's context length for this sequence (blocks grow per step)
     n_children: int = 0   # forks still to make when the prompt finishes (n > 1)
+    order: int = -1       # admission order (-1: waiting); preemption takes the largest first
 
     @property
     def generated(self):
@@ -388,9 +451,10 @@ class _Seq:
 @dataclass
 class EngineStats:
     steps: int = 0
-    tokens_computed: int = 0     # token rows run through the model (prefill + decode)
-    tokens_generated: int = 0
+    tokens_computed: int = 0     # token rows run through the model (prefill + decode + recompute)
+    tokens_generated: int = 0    # tokens added to results (stop tokens are not)
     prefix_hit_tokens: int = 0
+    preemptions: int = 0         # sequences evicted to the waiting queue for recompute
     peak_blocks: int = 0         # most blocks referenced at once (all groups)
     peak_kv_bytes: int = 0
     blocks_used: int = 0
@@ -398,17 +462,27 @@ class EngineStats:
 
 
 class Engine:
-    """Continuous batching over a paged cache: requests join and finish at any step.
+    """Continuous batching over a paged cache: requests join, finish and leave at any step.
 
     Each `step()` makes one model call: every running sequence's next token plus prefill chunks
-    of waiting prompts (up to `max_batch_tokens` rows), one plan per window. Prompts share cached
-    prefix blocks (`prefix_caching`), `n > 1` samples fork one prefilled prompt (copy-on-write),
-    blocks that left every window are released, and `trim(seq_id, k)` rewinds a sequence.
+    of admitted prompts (up to `max_batch_tokens` rows), one plan per window. Blocks are
+    allocated per step for the tokens the step writes; when they run out the most recently
+    admitted sequences are preempted (blocks freed, prompt + generated tokens recomputed later).
+    Prompts share cached prefix blocks (`prefix_caching`), `n > 1` samples fork one prefilled
+    prompt (copy-on-write), a sample ends at one of its stop tokens or at `max_tokens`,
+    `abort(rid)` drops a request, blocks that left every window are released, and
+    `trim(seq_id, k)` rewinds a sequence. Policy and reasons: adr/0009-mlx-lm-integration.md.
     """
 
     def __init__(self, model, *, backend="mlx", path: str = "auto", block_size: int = 16,
                  num_blocks: int = 1024, sampler=None, prefix_caching: bool = True,
                  max_batch_tokens: int = 512, trim_slack: int = 16):
+        block_size = _positive_int("block_size", block_size)
+        num_blocks = _positive_int("num_blocks", num_blocks)
+        self.max_batch_tokens = _positive_int("max_batch_tokens", max_batch_tokens)
+        if isinstance(trim_slack, bool) or not isinstance(trim_slack, (int, np.integer)) \
+                or trim_slack < 0:
+            raise InvalidInput(f"trim_slack: expected an integer >= 0, got {trim_slack!r}")
         self.model = model
         self.state = _PagedState(model, _resolve_backend(backend), num_blocks=num_blocks,
                                  block_size=block_size, path=path)
@@ -416,138 +490,241 @@ class Engine:
                        for i in range(len(model.layers))]
         self.sampler = sampler or greedy
         self.prefix_caching = prefix_caching
-        self.max_batch_tokens = int(max_batch_tokens)
         self.trim_slack = int(trim_slack)
         self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.vocab_size = self.state.info.vocab_size
         self._next_id = 0
-        self._waiting: list[tuple[int, list, int, int]] = []   # (rid, prompt, max_tokens, n)
-        self._seqs: dict[int, _Seq] = {}
-        self._max_tokens: dict[int, int] = {}
-        self._outputs: dict[int, list] = {}                    # rid -> seq ids in sample order
-        self.finished: dict[int, list] = {}                    # seq id -> generated tokens
+        self._admissions = 0
+        self._waiting: collections.deque[_Seq] = collections.deque()  # FIFO; preempted in front
+        self._seqs: dict[int, _Seq] = {}          # running (admitted), in admission order
+        self._live: dict[int, _Seq] = {}          # every unfinished sequence, waiting or running
+        self._requests: dict[int, list] = {}      # rid -> seq ids in sample order
+        self.finished: dict[int, list] = {}       # seq id -> generated tokens
         self.stats = EngineStats()
 
     # -- requests --
-    def add_request(self, prompt: Sequence[int], max_tokens: int, n: int = 1) -> int:
-        prompt = [int(t) for t in prompt]
+    def add_request(self, prompt: Sequence[int], max_tokens: int, n: int = 1, *,
+                    stop_tokens=None) -> int:
+        """Queue a prompt (token ids) for `max_tokens` new tokens in each of `n` samples; a
+        sample also ends at one of `stop_tokens` (not included in its result). Returns the
+        request id. Everything is checked before anything is queued."""
+        prompt = token_ids("prompt", prompt, self.vocab_size)
         if not prompt:
             raise InvalidInput("prompt: expected at least one token id")
-        if max_tokens < 1 or n < 1:
-            raise InvalidInput(f"max_tokens, n: expected >= 1, got {max_tokens}, {n}")
-        rid = self._next_id
-        self._next_id += 1
-        self._waiting.append((rid, prompt, int(max_tokens), int(n)))
-        self._outputs[rid] = []
+        max_tokens = _positive_int("max_tokens", max_tokens)
+        n = _positive_int("n", n)
+        stop = _stop_ids(stop_tokens, self.vocab_size)
+        # The last sampled token is never written, so a sample holds len + max_tokens - 1
+        # positions at most; full-attention groups keep them all.
+        need = -(-(len(prompt) + max_tokens - 1) // self.block_size)
+        if need > self.num_blocks and any(g.window is None for g in self.state.groups):
+            raise PoolExhausted(f"prompt, max_tokens: one sample of {len(prompt)} + {max_tokens} "
+                                f"tokens needs {need} blocks of {self.block_size}, the pool has "
+                                f"{self.num_blocks}: raise num_blocks")
+        rid = self._new_id()
+        s = _Seq(self._new_id(), rid, 0, prompt, len(prompt), max_tokens, stop,
+                 n_children=n - 1)
+        self._waiting.append(s)
+        self._live[s.sid] = s
+        self._requests[rid] = [s.sid]
         return rid
 
     def results(self, rid: int) -> list[list[int]]:
         """Generated tokens of each sample of a request (finished or not)."""
-        return [self.finished[s] if s in self.finished else self._seqs[s].generated
-                for s in self._outputs[rid]]
+        return [self.finished[s] if s in self.finished else self._live[s].generated
+                for s in self._sids(rid)]
+
+    def done(self, rid: int) -> bool:
+        """True when every sample of the request has finished (samples 2..n are forked before
+        the first one can finish)."""
+        return all(s not in self._live for s in self._sids(rid))
+
+    def pop(self, rid: int) -> list[list[int]]:
+        """A finished request's results, forgotten by the engine (a server's loop calls this so
+        the engine holds nothing for requests it has answered)."""
+        if not self.done(rid):
+            raise InvalidInput(f"rid: request {rid} has not finished (abort it to drop it)")
+        out = self.results(rid)
+        for s in self._requests.pop(rid):
+            del self.finished[s]
+        return out
+
+    def abort(self, rid: int) -> None:
+        """Drop a request, waiting, running or finished: all its samples, their blocks released
+        now. Other requests' tokens are the ones they would have produced without it."""
+        sids = set(self._sids(rid))
+        self._waiting = collections.deque(s for s in self._waiting if s.sid not in sids)
+        for sid in sids:
+            if sid in self._seqs:
+                del self._seqs[sid]
+                for g in self.state.groups:
+                    g.bm.free(sid)
+            self._live.pop(sid, None)
+            self.finished.pop(sid, None)
+        del self._requests[rid]
+        self._account()
 
     @property
     def has_work(self) -> bool:
         return bool(self._waiting or self._seqs)
 
     def sequences(self, rid: int) -> list[int]:
-        return list(self._outputs[rid])
+        return list(self._sids(rid))
+
+    def running(self) -> list[int]:
+        """Sequence ids holding blocks now, in admission order."""
+        return list(self._seqs)
+
+    def _sids(self, rid) -> list:
+        sids = self._requests.get(rid)
+        if sids is None:
+            raise InvalidInput(f"rid: {rid!r} is not a request of this engine (never added, "
+                               "aborted or popped)")
+        return sids
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
 
     # -- admission --
-    def _unwritten_blocks(self, g: _Group) -> set:
-        out = set()
-        for s in self._seqs.values():
-            if s.computed < s.prompt_len:
-                out.update(g.bm.block_table(s.sid)[s.computed // self.block_size:])
-        return out
+    def _group_need(self, g: _Group, tokens: int) -> int:
+        """Blocks a prompt of `tokens` tokens may hold at once in group g: all of them under full
+        attention; under a window, the window, the trim slack and one step's chunk."""
+        need = -(-tokens // self.block_size)
+        if g.window is not None:
+            need = min(need, -(-(g.window + self.trim_slack + self.max_batch_tokens)
+                               // self.block_size) + 2)
+        return need
+
+    def _reserved(self, g: _Group) -> int:
+        """Blocks admitted prompts still have to allocate for their remaining prefill."""
+        return sum(max(0, self._group_need(g, len(s.tokens)) - -(-s.computed // self.block_size))
+                   for s in self._seqs.values() if s.computed < len(s.tokens) - 1)
 
     def _admit(self) -> None:
-        still = []
-        for req in self._waiting:
-            rid, prompt, max_tokens, n = req
-            if not self._try_admit(rid, prompt, max_tokens, n):
-                still.append(req)
-        self._waiting = still
+        # First come, first served: a request that does not fit yet holds back later ones, so
+        # a long prompt (or a preempted sequence, queued in front) is not starved.
+        while self._waiting and self._try_admit(self._waiting[0]):
+            self._waiting.popleft()
 
-    def _try_admit(self, rid, prompt, max_tokens, n) -> bool:
+    def _try_admit(self, s: _Seq) -> bool:
         st = self.state
+        toks = s.tokens
         cached = 0
+        hits = [[] for _ in st.groups]
         if self.prefix_caching:
-            # At least the last prompt token is recomputed: its query gives the first logits.
-            cached = (len(prompt) - 1) // self.block_size * self.block_size
-            for g in st.groups:
-                hits = g.bm.match_prefix(prompt)
-                # A prefix another prompt is still prefilling is not written yet: wait a step.
-                if set(hits) & self._unwritten_blocks(g):
-                    return False
-                cached = min(cached, len(hits) * self.block_size)
-        need = -(-len(prompt) // self.block_size)
-        if any(g.bm.num_free < need for g in st.groups):
-            return False
-        sid = self._new_sid()
-        done = []
-        try:
-            for g in st.groups:
-                if self.prefix_caching:
-                    g.bm.add_sequence(sid, token_ids=prompt, max_cached_tokens=cached)
-                else:
-                    g.bm.add_sequence(sid, len(prompt))
-                done.append(g)
-        except PoolExhausted:
-            for g in done:
-                g.bm.free(sid)
-            return False
+            # At least the last token is recomputed: its query gives the next logits.
+            cached = (len(toks) - 1) // self.block_size * self.block_size
+            for gi, g in enumerate(st.groups):
+                hits[gi] = g.bm.match_prefix(toks[:cached])
+                cached = min(cached, len(hits[gi]) * self.block_size)
+        for gi, g in enumerate(st.groups):
+            shared = hits[gi][:cached // self.block_size]
+            revived = sum(1 for b in shared if g.bm.ref_count(b) == 0)   # cached, unreferenced
+            need = max(0, self._group_need(g, len(toks)) - len(shared)) + revived
+            if need > g.bm.num_free - self._reserved(g):
+                return False
+        for g in st.groups:
+            # Blocks are allocated as the prompt is computed (`_grow`), so every block the
+            # prefix cache knows holds what its hash says by the end of each step.
+            if self.prefix_caching:
+                g.bm.add_sequence(s.sid, token_ids=toks[:cached])
+            else:
+                g.bm.add_sequence(s.sid, 0)
         self.stats.prefix_hit_tokens += cached
-        self._seqs[sid] = _Seq(sid, rid, list(prompt), len(prompt), computed=cached,
-                               n_children=n - 1)
-        self._max_tokens[sid] = max_tokens
-        self._outputs[rid].append(sid)
+        s.computed = cached
+        s.order = self._admissions
+        self._admissions += 1
+        self._seqs[s.sid] = s
         return True
 
-    def _new_sid(self) -> int:
-        sid = self._next_id
-        self._next_id += 1
-        return sid
+    # -- blocks for one step, preempting when they run out --
+    def _blocks_needed(self, g: _Group, entries) -> int:
+        """Blocks group g must allocate for `entries` (seq, new tokens): new blocks plus a copy of
+        each shared partial tail (an upper bound when siblings share one tail)."""
+        need = 0
+        for s, n in entries:
+            have = -(-s.computed // self.block_size)
+            need += -(-(s.computed + n) // self.block_size) - have
+            if s.computed % self.block_size and g.bm.ref_count(g.bm.block_table(s.sid)[-1]) > 1:
+                need += 1
+        return need
+
+    def _fits(self, entries) -> bool:
+        return all(self._blocks_needed(g, entries) <= g.bm.num_free for g in self.state.groups)
+
+    def _append(self, entries) -> None:
+        st = self.state
+        by_len: dict[int, list] = {}
+        for s, n in entries:
+            by_len.setdefault(n, []).append(s)
+        for g in st.groups:
+            for n, seqs in by_len.items():
+                toks = [s.tokens[s.computed:s.computed + n] for s in seqs] \
+                    if self.prefix_caching else None
+                _, copies = g.bm.append_batch([s.sid for s in seqs], n, toks)
+                if copies:
+                    for pool in g.pools.values():
+                        st.backend.copy_blocks(pool, copies)
+
+    def _grow(self, batch: list) -> list:
+        """Allocate the step's blocks; returns the batch less the sequences preempted for them."""
+        if self._fits(batch):
+            self._append(batch)
+            return batch
+        done: set = set()
+        for s, n in sorted(batch, key=lambda e: e[0].order):
+            if s.sid not in self._seqs:          # preempted for an earlier sequence
+                continue
+            while not self._fits([(s, n)]):
+                victim = max((v for v in self._seqs.values() if v.sid not in done),
+                             key=lambda v: v.order)
+                if victim is s and len(self._seqs) == 1:
+                    raise PoolExhausted(
+                        f"num_blocks: sequence {s.sid} (request {s.rid}) alone needs more than "
+                        f"the pool's {self.num_blocks} blocks for {s.computed + n} tokens")
+                self._preempt(victim)
+                if victim is s:
+                    break
+            else:
+                self._append([(s, n)])
+                done.add(s.sid)
+        return [(s, n) for s, n in batch if s.sid in done]
+
+    def _preempt(self, s: _Seq) -> None:
+        """Recompute policy (vLLM's): free every block, queue prompt + generated tokens in
+        front. Its written blocks stay in the prefix cache, so readmission may reuse them."""
+        for g in self.state.groups:
+            g.bm.free(s.sid)
+        del self._seqs[s.sid]
+        s.computed = 0
+        s.order = -1
+        self._waiting.appendleft(s)
+        self.stats.preemptions += 1
 
     # -- one step --
-    def step(self) -> list[int]:
-        """One model call. Returns the sequence ids that finished in it."""
+    def step(self) -> list[tuple[int, int, int]]:
+        """One model call. Returns the step's tokens as (request id, sample, token) events, in
+        the order sampled; a stop token ends its sample without an event."""
         st = self.state
         self._admit()
         decodes = [s for s in self._seqs.values() if s.computed == len(s.tokens) - 1]
         prefills = [s for s in self._seqs.values() if s.computed < len(s.tokens) - 1]
-        budget = self.max_batch_tokens
-        batch: list[tuple[_Seq, int]] = []
-        for s in decodes:
-            batch.append((s, 1))
-        budget -= len(decodes)
+        budget = self.max_batch_tokens - len(decodes)
+        batch: list[tuple[_Seq, int]] = [(s, 1) for s in decodes]
         for s in prefills:
             if budget <= 0:
                 break
             take = min(len(s.tokens) - s.computed, budget)
             batch.append((s, take))
             budget -= take
+        if batch:
+            batch = self._grow(batch)
         if not batch:
             if self._waiting:
-                raise PoolExhausted("no request fits in the pool: raise num_blocks")
+                raise PoolExhausted("num_blocks: no request fits in the pool")
             return []
-        # Tokens past what the block manager holds (decodes; a prompt rewound by trim) need
-        # room, and copy-on-write of a shared tail, before they are written.
-        for g in st.groups:
-            grow: dict[int, list] = {}
-            for s, n in batch:
-                extra = s.computed + n - g.bm.context_len(s.sid)
-                if extra > 0:
-                    grow.setdefault(extra, []).append((s, n))
-            for extra, group in grow.items():
-                toks = [s.tokens[s.computed + n - extra:s.computed + n]
-                        for s, n in group] if self.prefix_caching else None
-                try:
-                    _, copies = g.bm.append_batch([s.sid for s, _ in group], extra, toks)
-                except PoolExhausted as e:
-                    raise PoolExhausted(f"{e}; raise num_blocks (the engine does not preempt)")
-                if copies:
-                    for pool in g.pools.values():
-                        st.backend.copy_blocks(pool, copies)
         ids = [s.sid for s, _ in batch]
         qlens = np.array([n for _, n in batch], np.int32)
         ctx = np.array([s.computed + n for s, n in batch], np.int32)
@@ -572,7 +749,7 @@ class Engine:
             if s.computed == len(s.tokens):
                 sample_rows.append(int(row))
                 sample_seqs.append(s)
-        finished = []
+        events: list[tuple[int, int, int]] = []
         if sample_seqs:
             rows = logits[mx.array(sample_rows), 0, :]
             reps = [1 + s.n_children for s in sample_seqs]
@@ -581,44 +758,50 @@ class Engine:
                                        for i, r in enumerate(reps)])
             logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
             picked = self.sampler(logprobs).tolist()
-            k, got = 0, []
+            k = 0
             for s, r in zip(sample_seqs, reps):
                 mine = picked[k:k + r]
                 k += r
-                got += self._fork_children(s, mine[1:])
-                s.tokens.append(int(mine[0]))
-                got.append(s)
-            for s in got:
-                self.stats.tokens_generated += 1
-                if len(s.generated) >= self._max_tokens[s.sid]:
-                    finished.append(s.sid)
-        for sid in finished:
-            self._finish(sid)
+                children = self._fork_children(s, mine[1:])
+                for seq, tok in [(s, mine[0])] + children:
+                    self._accept(seq, int(tok), events)
         self._release_windows()
         self._account()
-        return finished
+        return events
+
+    def _accept(self, s: _Seq, tok: int, events: list) -> None:
+        """A sampled token: the end of its sample if it is a stop token, else one more token."""
+        if tok not in s.stop:
+            s.tokens.append(tok)
+            self.stats.tokens_generated += 1
+            events.append((s.rid, s.index, tok))
+        if tok in s.stop or len(s.generated) >= s.max_tokens:
+            self._finish(s)
 
     def _fork_children(self, parent: _Seq, first_tokens: list) -> list:
-        st = self.state
+        """Samples 2..n of a prompt that just finished: each shares the parent's blocks."""
         forked = []
         for tok in first_tokens:
-            cid = self._new_sid()
-            for g in st.groups:
-                g.bm.fork(parent.sid, cid)
-            child = _Seq(cid, parent.rid, list(parent.tokens) + [int(tok)], parent.prompt_len,
-                         computed=parent.computed)
-            self._seqs[cid] = child
-            self._max_tokens[cid] = self._max_tokens[parent.sid]
-            self._outputs[parent.rid].append(cid)
-            forked.append(child)
+            sids = self._requests[parent.rid]
+            child = _Seq(self._new_id(), parent.rid, len(sids), list(parent.tokens),
+                         parent.prompt_len, parent.max_tokens, parent.stop,
+                         computed=parent.computed, order=self._admissions)
+            self._admissions += 1
+            for g in self.state.groups:
+                g.bm.fork(parent.sid, child.sid)
+            self._seqs[child.sid] = child
+            self._live[child.sid] = child
+            sids.append(child.sid)
+            forked.append((child, int(tok)))
         parent.n_children = 0
         return forked
 
-    def _finish(self, sid: int) -> None:
-        s = self._seqs.pop(sid)
-        self.finished[sid] = s.generated
+    def _finish(self, s: _Seq) -> None:
+        del self._seqs[s.sid]
+        del self._live[s.sid]
+        self.finished[s.sid] = s.generated
         for g in self.state.groups:
-            g.bm.free(sid)
+            g.bm.free(s.sid)
 
     def _release_windows(self) -> None:
         for g in self.state.groups:
@@ -640,18 +823,20 @@ class Engine:
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.state.kv_bytes())
 
     def trim(self, sid: int, k: int) -> int:
-        """Drop the last k generated tokens of a running sequence (rejected speculation); its
-        next step recomputes from there. Returns the number of tokens dropped."""
-        s = self._seqs.get(sid)
+        """Drop the last k generated tokens of an unfinished sequence (rejected speculation);
+        its next step recomputes from there. Returns the number of tokens dropped."""
+        s = self._live.get(sid)
         if s is None:
-            raise InvalidInput(f"seq_id: {sid!r} is not running")
+            raise InvalidInput(f"seq_id: {sid!r} is not an unfinished sequence")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise InvalidInput(f"k: expected an integer >= 0, got {k!r}")
         k = min(int(k), len(s.tokens) - s.prompt_len)
         if k <= 0:
             return 0
         del s.tokens[len(s.tokens) - k:]
         keep = len(s.tokens) - 1          # the newest token is fed again as the next query
         drop = s.computed - keep
-        if drop > 0:
+        if drop > 0 and sid in self._seqs:
             for g in self.state.groups:
                 g.bm.trim(sid, drop)
             s.computed = keep
@@ -670,22 +855,82 @@ class Engine:
 
 
 def blocks_needed(prompts, max_tokens: int, block_size: int, n: int = 1) -> int:
+    """A pool that holds every request at its longest at once (never preempts)."""
     return sum(n * (-(-(len(p) + max_tokens) // block_size) + 1) for p in prompts) + 1
 
 
-def generate(model, prompts: Sequence[Sequence[int]], *, max_tokens: int, backend="mlx",
-             path: str = "auto", block_size: int = 16, sampler=None, prefix_caching: bool = True,
-             n: int = 1, num_blocks: int | None = None, max_batch_tokens: int = 512,
-             engine_out: list | None = None) -> list[list[int]]:
-    """Generate `max_tokens` tokens for each prompt (lists of token ids), all requests batched
-    continuously on the paged cache. Greedy unless `sampler` (mlx-lm's sampler signature:
-    logprobs [B, V] -> tokens [B]). With n > 1 the result has n lists per prompt, in order."""
+def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, prefix_caching,
+           n, num_blocks, max_batch_tokens, tokenizer, stop_tokens):
+    """An engine with every prompt queued; all input checked before anything is admitted."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise InvalidInput(f"prompts: expected a list of prompts, got {type(prompts).__name__}"
+                           + (" (wrap one text prompt in a list)" if isinstance(prompts, str)
+                              else ""))
+    vocab = inspect_model(model).vocab_size
+    ids = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise InvalidInput(f"prompts[{i}]: got text {p[:40]!r} but no tokenizer; pass "
+                                   "tokenizer= (mlx_lm.load gives one) or token ids")
+            p = tokenizer.encode(p)
+        ids.append(token_ids(f"prompts[{i}]", p, vocab))
+        if not ids[-1]:
+            raise InvalidInput(f"prompts[{i}]: expected at least one token id")
+    max_tokens = _positive_int("max_tokens", max_tokens)
+    n = _positive_int("n", n)
+    if stop_tokens is None and tokenizer is not None:
+        stop_tokens = sorted(tokenizer.eos_token_ids)      # mlx-lm's default: stop at EOS
+    stop = _stop_ids(stop_tokens, vocab)
     if num_blocks is None:
-        num_blocks = blocks_needed(prompts, max_tokens, block_size, n)
+        num_blocks = blocks_needed(ids, max_tokens, _positive_int("block_size", block_size), n)
     eng = Engine(model, backend=backend, path=path, block_size=block_size, num_blocks=num_blocks,
-                 sampler=sampler, prefix_caching=prefix_caching, max_batch_tokens=max_batch_tokens)
-    rids = [eng.add_request(p, max_tokens, n) for p in prompts]
+                 sampler=sampler, prefix_caching=prefix_caching,
+                 max_batch_tokens=max_batch_tokens)
+    # add_request refuses a request no pool of num_blocks can hold before any is queued.
+    rids = [eng.add_request(p, max_tokens, n, stop_tokens=stop) for p in ids]
+    return eng, rids, n
+
+
+def generate(model, prompts: Sequence, *, max_tokens: int, backend="mlx", path: str = "auto",
+             block_size: int = 16, sampler=None, prefix_caching: bool = True, n: int = 1,
+             num_blocks: int | None = None, max_batch_tokens: int = 512, tokenizer=None,
+             stop_tokens=None, engine_out: list | None = None) -> list[list[int]]:
+    """Generate up to `max_tokens` tokens for each prompt, all requests batched continuously on
+    the paged cache; returns token ids, n lists per prompt, in order.
+
+    Prompts are token ids, or text when `tokenizer` (mlx-lm's) is given. A sample ends at one of
+    `stop_tokens` (not included), by default the tokenizer's EOS ids when one is given (pass
+    `stop_tokens=()` to run on). Greedy unless `sampler` (mlx-lm's signature: logprobs [B, V] ->
+    tokens [B]). `num_blocks` defaults to a pool that holds everything at once; a smaller one
+    works too, through preemption and recompute (same greedy tokens, more compute)."""
+    eng, rids, _ = _start(model, prompts, max_tokens=max_tokens, backend=backend, path=path,
+                          block_size=block_size, sampler=sampler, prefix_caching=prefix_caching,
+                          n=n, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
+                          tokenizer=tokenizer, stop_tokens=stop_tokens)
     eng.run()
     if engine_out is not None:
         engine_out.append(eng)
     return [toks for r in rids for toks in eng.results(r)]
+
+
+def stream_generate(model, prompts: Sequence, **kwargs):
+    """`generate`'s arguments; returns an iterator of `(index, token)` pairs, one as each token
+    is sampled, `index` being the position of the token's sample in `generate`'s result list.
+    Input is checked here, before the first step; leaving the loop early stops generating."""
+    engine_out = kwargs.pop("engine_out", None)
+    eng, rids, n = _start(model, prompts, **{**_GENERATE_DEFAULTS, **kwargs})
+    if engine_out is not None:
+        engine_out.append(eng)
+    return _stream(eng, {rid: i * n for i, rid in enumerate(rids)})
+
+
+def _stream(eng: Engine, first: dict):
+    while eng.has_work:
+        for rid, sample, tok in eng.step():
+            yield first[rid] + sample, tok
+
+
+_GENERATE_DEFAULTS = dict(backend="mlx", path="auto", block_size=16, sampler=None,
+                          prefix_caching=True, n=1, num_blocks=None, max_batch_tokens=512,
+                          tokenizer=None, stop_tokens=None)

@@ -8,9 +8,12 @@ import sys
 import time
 
 GENERATE_HELP = """Generate with an mlx-lm model on the paged KV cache (continuous batching).
---model PATH loads a local mlx-lm model directory (mlx_lm.load; nothing is downloaded) and
-prompts are text. --random-config CONFIG.json builds random weights from an mlx-lm config dict;
-it has no tokenizer, so each prompt is whitespace-separated TOKEN IDS (e.g. --prompt "1 5 9")."""
+--model DIR loads a local mlx-lm model directory (mlx_lm.load: config.json, *.safetensors,
+tokenizer files; nothing is downloaded) and prompts are text; each sample stops at the
+tokenizer's end-of-sequence ids (--ignore-eos runs on to --max-tokens). One sample streams its
+text to the terminal as it is generated; with several, each is printed when it finishes.
+--random-config CONFIG.json builds random weights from an mlx-lm config dict; it has no
+tokenizer, so each prompt is whitespace-separated TOKEN IDS (e.g. --prompt "1 5 9")."""
 
 
 def add_generate_parser(sub) -> None:
@@ -23,9 +26,16 @@ def add_generate_parser(sub) -> None:
     pr.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     pr.add_argument("--prompts", help="a file with one prompt per line")
     g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the tokenizer's end-of-sequence ids")
+    g.add_argument("--stop-token", type=int, action="append", default=None,
+                   help="a token id that ends a sample (repeatable; with --model, added to EOS)")
     g.add_argument("--backend", default="mlx")
     g.add_argument("--path", default="auto")
     g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-blocks", type=int, default=None,
+                   help="KV pool size in blocks (default: room for every request at once; "
+                        "smaller pools preempt and recompute)")
     g.add_argument("--n", type=int, default=1, help="samples per prompt (forks, copy-on-write)")
     g.add_argument("--dtype", default="float32", help="weights of --random-config models")
     g.add_argument("--no-prefix-caching", action="store_true")
@@ -38,6 +48,56 @@ def _error(msg: str) -> int:
     return 2
 
 
+class _Printer:
+    """Text to the terminal as it is produced: one sample streams its text inline; with several,
+    each sample's line is printed when it finishes (interleaved pieces would be unreadable)."""
+
+    def __init__(self, eng, rids, lines, n, tokenizer, bar):
+        self.eng, self.tokenizer, self.bar = eng, tokenizer, bar
+        self.samples = [(rid, i, text) for rid, text in zip(rids, lines) for i in range(n)]
+        self.inline = len(self.samples) == 1
+        self.detok = {}
+        self.printed: set = set()
+        if self.inline:
+            rid, _, text = self.samples[0]
+            print(f"[{rid}] {text!r} -> ", end="", flush=True)
+
+    def _text(self, rid, sample):
+        toks = self.eng.results(rid)[sample]
+        return self.tokenizer.decode(toks) if self.tokenizer else " ".join(map(str, toks))
+
+    def events(self, events) -> None:
+        if self.inline:
+            for rid, sample, tok in events:
+                if self.tokenizer is None:
+                    print(f"{tok} ", end="", flush=True)
+                    continue
+                d = self.detok.get(sample)
+                if d is None:
+                    d = self.detok[sample] = self.tokenizer.detokenizer
+                d.add_token(tok)
+                print(d.last_segment, end="", flush=True)   # reading it consumes it
+            return
+        for rid, sample, text in self.samples:
+            if (rid, sample) not in self.printed and self._sample_done(rid, sample):
+                self.printed.add((rid, sample))
+                self.bar.write(f"[{rid}.{sample}] {text!r} -> {self._text(rid, sample)}",
+                               file=sys.stdout)
+                sys.stdout.flush()
+
+    def _sample_done(self, rid, sample) -> bool:
+        sids = self.eng.sequences(rid)
+        return sample < len(sids) and sids[sample] in self.eng.finished
+
+    def close(self) -> None:
+        if self.inline:
+            if self.tokenizer is not None:
+                for d in self.detok.values():
+                    d.finalize()
+                    print(d.last_segment, end="")
+            print(flush=True)
+
+
 def cmd_generate(args) -> int:
     try:
         from ..integrations import mlx_lm as pl
@@ -46,10 +106,18 @@ def cmd_generate(args) -> int:
     from ..errors import PagedAttentionError
     lines = args.prompt or [ln.rstrip("\n") for ln in open(args.prompts) if ln.strip()]
     tokenizer = None
+    stop = list(args.stop_token or [])
     if args.model:
+        import os
+        if not os.path.isdir(args.model):
+            # mlx_lm.load would take a missing path for a Hugging Face repo and download it.
+            return _error(f"--model: {args.model!r} is not a directory (an mlx-lm model "
+                          "directory: config.json, *.safetensors, tokenizer files)")
         from mlx_lm import load
         model, tokenizer = load(args.model)
         prompts = [tokenizer.encode(t) for t in lines]
+        if not args.ignore_eos:
+            stop += sorted(tokenizer.eos_token_ids)
     else:
         with open(args.random_config) as f:
             model = pl.random_model(json.load(f), dtype=args.dtype)
@@ -59,26 +127,32 @@ def cmd_generate(args) -> int:
             return _error("--prompt/--prompts: with --random-config prompts are token ids "
                           "separated by spaces (there is no tokenizer)")
     try:
+        num_blocks = args.num_blocks
+        if num_blocks is None:
+            num_blocks = pl.blocks_needed(prompts, max(args.max_tokens, 1),
+                                          max(args.block_size, 1), max(args.n, 1))
         eng = pl.Engine(model, backend=args.backend, path=args.path, block_size=args.block_size,
-                        num_blocks=pl.blocks_needed(prompts, args.max_tokens, args.block_size,
-                                                    args.n),
-                        prefix_caching=not args.no_prefix_caching)
-        rids = [eng.add_request(p, args.max_tokens, args.n) for p in prompts]
+                        num_blocks=num_blocks, prefix_caching=not args.no_prefix_caching)
+        rids = [eng.add_request(p, args.max_tokens, args.n, stop_tokens=stop) for p in prompts]
         from tqdm import tqdm
         total = len(prompts) * args.n * args.max_tokens
         t0 = time.perf_counter()
-        with tqdm(total=total, unit="tok", disable=args.no_progress, file=sys.stderr) as bar:
-            eng.run(progress=bar.update)
+        # An inline stream and a progress bar would share the terminal line: one or the other.
+        inline = len(prompts) * args.n == 1
+        with tqdm(total=total, unit="tok", disable=args.no_progress or inline,
+                  file=sys.stderr) as bar:
+            out = _Printer(eng, rids, lines, args.n, tokenizer, bar)
+            while eng.has_work:
+                events = eng.step()
+                bar.update(len(events))
+                out.events(events)
+            out.close()
         dt = time.perf_counter() - t0
     except (PagedAttentionError, ValueError) as e:
         return _error(str(e))
-    for rid, text in zip(rids, lines):
-        for toks in eng.results(rid):
-            out = tokenizer.decode(toks) if tokenizer else " ".join(map(str, toks))
-            print(f"[{rid}] {text!r} -> {out}")
     s = eng.stats
     print(f"{s.tokens_generated} tokens in {dt:.2f} s: {s.tokens_generated / dt:.1f} tokens/s "
-          f"({s.steps} steps, {s.tokens_computed} token rows)")
+          f"({s.steps} steps, {s.tokens_computed} token rows, {s.preemptions} preemptions)")
     print(f"cache: peak blocks used {s.peak_blocks}, peak KV {s.peak_kv_bytes / 2**20:.2f} MiB, "
           f"shared now {s.blocks_shared}, prefix hits {s.prefix_hit_tokens} tokens")
     return 0

@@ -64,14 +64,15 @@ layout(std430, binding = 6) writeonly buffer PartML { float part_ml[]; };
 layout(push_constant) uniform Params {
     uint q_off;       // element offset of this layer's q [B, HQ, DP]
     uint out_off;     // fused: float offset of the output; split-K: partial row offset
-    uint tab_off;     // int offset of the block tables [B, maxb]
+    uint tab_off;     // int offset of the block tables [B, maxb], one row per sequence
     uint maxb;        // block-table width
     uint num_blocks;  // pool blocks (block ids are clamped below this)
     uint window;      // 0: no window
     uint scale_bits;  // softmax scale, float bits
     uint nsplit;      // split-K: splits per (b, h)
     uint chunk;       // split-K: tokens per split
-    uint lens_off;    // int offset of context lens [B]
+    uint lens_off;    // int offset of the rows' context lens [rows] (causal mask applied)
+    uint seq_off;     // int offset of the rows' sequences [rows] (their table rows)
 } pc;
 
 shared float sh_m[NG];
@@ -136,7 +137,7 @@ void main() {
         for (int j = 0; j < NL * VEC; ++j) acc[g][j] = 0.0;
     }
 
-    const uint tab_base = pc.tab_off + b * pc.maxb;
+    const uint tab_base = pc.tab_off + uint(lens[pc.seq_off + b]) * pc.maxb;
     const uint last_block = pc.num_blocks - 1u;
 
     // The loop bound is uniform over the workgroup, so every lane reaches the shuffles.

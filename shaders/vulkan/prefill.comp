@@ -90,14 +90,15 @@ layout(std430, binding = 6) readonly buffer Tiles { int tiles[]; };
 layout(push_constant) uniform Params {
     uint q_off;       // element offset of this layer's q [rows, HQ, DP]
     uint out_off;     // element offset of the output
-    uint tab_off;     // int offset of the block tables [B, maxb]
+    uint tab_off;     // int offset of the block tables [B, maxb], one row per sequence
     uint maxb;        // block-table width
     uint num_blocks;  // pool blocks (block ids are clamped below this)
     uint window;      // 0: no window
     uint scale_bits;  // softmax scale, float bits
     uint nsplit;      // unused (decode.comp's split-K)
     uint chunk;       // unused
-    uint lens_off;    // int offset of context lens [rows]
+    uint lens_off;    // int offset of the rows' context lens [rows] (causal mask applied)
+    uint seq_off;     // int offset of the rows' sequences [rows] (their table rows)
 } pc;
 
 shared vec4 sh_q[RWP * QSV];
@@ -173,7 +174,7 @@ void main() {
         end = max(end, r.y);
     }
     start = min(start, end);
-    const uint tab_base = pc.tab_off + b * pc.maxb;
+    const uint tab_base = pc.tab_off + uint(lens[pc.seq_off + b]) * pc.maxb;  // a tile is one sequence's
 
     VTYPE kr[NLD];
     VTYPE vr[NLD];

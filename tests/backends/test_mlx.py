@@ -98,7 +98,7 @@ def test_mixed_plan_chunks_match_the_reference(dtype, window, qlens):
     from paged_attention import reference
     from paged_attention.backends.mlx.gather import GatherPlan
     from paged_attention.backends.mlx.mixed import MixedPlan
-    from paged_attention.validation import PoolSpec, check_query_lens, check_tables, query_rows
+    from paged_attention.validation import PoolSpec, check_query_lens, check_tables
     rng = np.random.default_rng(len(qlens) * 7 + (window or 0))
     bs, hkv, group, d = 4, 2, 3, 32
     qlens = np.asarray(qlens)
@@ -116,9 +116,8 @@ def test_mixed_plan_chunks_match_the_reference(dtype, window, qlens):
     kx, vx = mx.array(k).astype(mxd), mx.array(v).astype(mxd)
     q = rng.standard_normal((int(qlens.sum()), hkv * group, d)).astype(np.float32)
     spec = PoolSpec(nb, bs, hkv, d, dtype)
-    args = check_tables(spec, tables, lens, None, None, window, hkv * group)
-    rows = query_rows(args, check_query_lens(qlens, args.context_lens))
-    plan = MixedPlan(rows, qlens.astype(np.int32), bs, lambda r: GatherPlan(r, None, bs))
+    args = check_query_lens(qlens, check_tables(spec, tables, lens, None, None, window, hkv * group))
+    plan = MixedPlan(args, bs, lambda seqs: GatherPlan(seqs, bs))
     out = np.array(plan(mx.array(q).astype(mxd), kx, vx).astype(mx.float32))
     want = reference.ragged(q, np.array(kx.astype(mx.float32)), np.array(vx.astype(mx.float32)),
                             tables, lens, qlens, window=window)

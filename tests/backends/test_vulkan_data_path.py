@@ -139,7 +139,7 @@ def test_ragged_plan_matches_reference(vk):
     vn = rng.standard_normal((new.size, HKV, D)).astype(np.float32)
     out = vk.run(plan, q, pool, kn, vn)
     kh, vh = pool.to_numpy()
-    want = reference.decode(q, kh, vh, plan.args.block_tables, plan.args.context_lens)
+    want = reference.ragged(q, kh, vh, plan.block_tables, plan.context_lens, plan.query_lens)
     assert reference.rms(out, want) < 1e-4
     # A second plan of the same size class in between makes the first re-upload its tables.
     other = vk.plan(pool, tables[:1], np.array([4]), num_q_heads=HQ, query_lens=np.array([4]))
@@ -200,24 +200,26 @@ def test_prefill_kernel_clamps_like_the_decode_kernel(vk):
     num_blocks, lengths to the table's reach), so it never reads outside the pool or the table
     and both kernels give the same rows."""
     from paged_attention import settings
-    from paged_attention.validation import DecodeArgs
+    from paged_attention.validation import StepArgs
     rng = np.random.default_rng(12)
     pool = vk.create_pool(4, BS, HKV, D, "float32")
     vk.write_kv(pool, np.arange(4 * BS), rng.standard_normal((4 * BS, HKV, D)).astype(np.float32),
                 rng.standard_normal((4 * BS, HKV, D)).astype(np.float32))
-    ql = np.array([40, 3])
-    tables = np.repeat(np.array([[2, 9, -3], [1, 0, 77]], np.int32), ql, axis=0)  # one per row
-    lens = np.concatenate([np.arange(1, 41) * 2, [-5, 0, 1000]]).astype(np.int32)  # table: 48
+    ql = np.array([40, 3, 2])
+    tables = np.array([[2, 9, -3], [1, 0, 77], [3, -1, 5]], np.int32)  # one row per sequence
+    lens = np.array([80, -5, 1000], np.int32)   # rows: 41..80; -7..-5; 999, 1000 (table: 48)
     q = rng.standard_normal((int(ql.sum()), HQ, D)).astype(np.float32)
-    args = DecodeArgs(batch=q.shape[0], num_q_heads=HQ, block_tables=tables, context_lens=lens,
-                      scale=D ** -0.5, window=None)
+    args = StepArgs(batch=3, num_q_heads=HQ, block_tables=tables, context_lens=lens,
+                    scale=D ** -0.5, window=None, qo_indptr=np.array([0, 40, 43, 45], np.int32),
+                    decode_only=False)
     outs = []
     for qt in (None, 1):
         with settings.override(vk_query_tile=qt):
-            st = vk._tables.state(args, pool.spec, "fused", None, ql)
+            st = vk._tables.state(args, pool.spec, "fused", None)
         assert (st.qt > 1) == (qt is None)
         outs.append(vk._execute([(pool, q, None, None)], st, False)[0])
-    assert np.isfinite(outs[0]).all() and not outs[0][40:42].any()  # empty ranges: zeros
+    assert np.isfinite(outs[0]).all() and not outs[0][40:43].any()  # empty ranges: zeros
+    assert outs[0][43:].any()
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
 
 

@@ -66,7 +66,9 @@ def test_plan_is_immutable(backend, rng):
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.path = "other"
     with pytest.raises(ValueError):
-        plan.args.block_tables[0, 0] = 1   # host arrays are read-only
+        plan.block_tables[0, 0] = 1   # host arrays are read-only
+    with pytest.raises(ValueError):
+        plan.qo_indptr[1] = 0
     with pytest.raises(ValueError):
         plan.query_lens[0] = 1
 
@@ -188,7 +190,7 @@ def test_unused_table_entries_never_change_the_output(backend, rng):
     outs = []
     for tables in (valid, garbage):
         plan = backend.plan(pool, tables, lens, num_q_heads=2 * HKV)
-        assert (plan.args.block_tables >= 0).all() and (plan.args.block_tables < NB).all()
+        assert (plan.block_tables >= 0).all() and (plan.block_tables < NB).all()
         outs.append(backend.to_numpy(backend.run(plan, q, pool)))
     np.testing.assert_array_equal(outs[0], outs[1])
     k, v = pool.to_numpy()
@@ -230,3 +232,58 @@ def test_decode_loop_of_growing_sequences_matches_reference(impl, rng):
         want = reference.decode(q, k_all.reshape(nb, BS, HKV, D), v_all.reshape(nb, BS, HKV, D),
                                 tables, lens)
         assert reference.rms(out, want) < 1e-3, f"step {step}"
+
+
+def _arrays_in(obj, seen=None):
+    """Every array-like (anything with a shape) reachable from obj through attributes, slots,
+    containers and closures: what a plan holds, the backend's metadata included."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool, type)):
+        return
+    seen.add(id(obj))
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        yield obj
+        return
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    else:
+        items = list(getattr(obj, "__dict__", {}).values())
+        items += [getattr(obj, s, None) for c in type(obj).__mro__
+                  for s in getattr(c, "__slots__", ()) if isinstance(s, str)]
+        items += [c.cell_contents for c in (getattr(obj, "__closure__", None) or ())]
+    for item in items:
+        if item is not None and not isinstance(item, (pa.PagedAttention, pa.KVPool)):
+            yield from _arrays_in(item, seen)
+
+
+def test_ragged_plan_is_per_sequence(impl, rng):
+    """The plan exposes the step per sequence (tables [B, max_blocks], lengths [B], qo_indptr
+    [B+1]); neither it nor the backend's metadata holds a table per query row."""
+    backend, path = impl
+    pool = make_pool(backend, rng)
+    tables = np.array([[3, 0, 7, 4, 2], [5, 1, 0, 0, 0], [8, 9, 10, 11, 6]], np.int32)
+    lens = np.array([9, 2, 17], np.int32)
+    qlens = np.array([5, 0, 4])
+    plan = backend.plan(pool, tables, lens, num_q_heads=2 * HKV, query_lens=qlens, path=path)
+    assert plan.block_tables.shape == (3, 5) and plan.block_tables.dtype == np.int32
+    assert plan.context_lens.dtype == np.int32 and list(plan.context_lens) == [9, 2, 17]
+    assert plan.qo_indptr.dtype == np.int32 and list(plan.qo_indptr) == [0, 5, 5, 9]
+    assert list(plan.query_lens) == [5, 0, 4] and plan.num_rows == 9 and plan.batch == 3
+    for a in _arrays_in(plan):
+        shape = tuple(a.shape)
+        assert not (len(shape) == 2 and shape[0] == 9), f"per-row table of shape {shape}"
+        assert int(np.prod(shape)) != 9 * 5, f"per-row table flattened: {shape}"
+    q = rng.standard_normal((9, 2 * HKV, D)).astype(np.float32)
+    k, v = pool.to_numpy()
+    ref = reference.ragged(q, k, v, tables, lens, qlens)
+    assert reference.rms(backend.to_numpy(backend.run(plan, q, pool)), ref) < 1e-3
+
+
+def test_decode_plan_indptr_is_one_query_per_sequence(impl, rng):
+    backend, path = impl
+    pool = make_pool(backend, rng)
+    plan = backend.plan(pool, TABLES, LENS, num_q_heads=HKV, path=path)
+    assert list(plan.qo_indptr) == [0, 1, 2] and list(plan.query_lens) == [1, 1]
+    assert plan.num_rows == 2 and plan.block_tables.shape == TABLES.shape

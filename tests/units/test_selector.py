@@ -10,7 +10,7 @@ from paged_attention.backends.numpy_backend import NumpyBackend
 from paged_attention import selector, settings
 from paged_attention.settings import Settings
 from paged_attention.interface import PATH_ENV
-from paged_attention.validation import DecodeArgs, PoolSpec
+from paged_attention.validation import StepArgs, PoolSpec
 
 
 class FakeBackend(NumpyBackend):
@@ -24,8 +24,8 @@ class FakeBackend(NumpyBackend):
         return "Fake GPU 9000"
 
 
-def args_for(batch: int, context: int, window=None) -> DecodeArgs:
-    return DecodeArgs(batch=batch, num_q_heads=8, block_tables=np.zeros((batch, 4), np.int32),
+def args_for(batch: int, context: int, window=None) -> StepArgs:
+    return StepArgs(batch=batch, num_q_heads=8, block_tables=np.zeros((batch, 4), np.int32),
                       context_lens=np.full(batch, context, np.int32), scale=0.1, window=window)
 
 
@@ -56,6 +56,17 @@ def test_buckets_and_shape_key():
     assert selector.shape_key(args_for(3, 1000), SPEC) == (8, 1024, False)   # rows = 3 x 2 KV heads
     assert selector.shape_key(args_for(1, 5000, window=300), SPEC) == (2, 512, True)
     assert selector.point_key(3, 2, 1000, None) == (8, 1024, False)
+
+
+def test_selector_sees_sequences_not_query_rows():
+    """A ragged step is keyed by its sequences and their contexts: a 2k-token prompt chunk of
+    one sequence is one sequence, not 2048 rows."""
+    from paged_attention.validation import check_query_lens, check_tables
+    spec = PoolSpec(num_blocks=256, block_size=16, num_kv_heads=2, head_dim=64)
+    args = check_query_lens([2048], check_tables(spec, np.arange(128)[None], [2048], None, None,
+                                                 None, 8))
+    assert args.num_rows == 2048 and args.batch == 1
+    assert selector.shape_key(args, spec) == (2, 2048, False)
 
 
 def test_table_roundtrip_and_path(tmp_path):

@@ -13,7 +13,7 @@ import yaml
 
 from ... import registry, selector, settings
 from ...errors import PagedAttentionError
-from ...validation import DecodeArgs, PoolSpec
+from ...validation import StepArgs, PoolSpec
 from . import measure as M
 from . import prefix as P
 from . import results as R
@@ -102,11 +102,11 @@ def _decode_rows(exp, backend, params, setup, dense, paths, peak, rows_out):
                          "rms_ok": None if rms is None else bool(rms <= exp.check["rms_tolerance"])})
 
 
-def _args(params: dict, lens=None) -> DecodeArgs:
+def _args(params: dict, lens=None) -> StepArgs:
     b = params["batch"]
     lens = np.full(b, params["context"], np.int32) if lens is None else np.asarray(lens, np.int32)
     nbps = -(-params["context"] // params["block_size"])
-    return DecodeArgs(batch=b, num_q_heads=params["num_q_heads"],
+    return StepArgs(batch=b, num_q_heads=params["num_q_heads"],
                       block_tables=np.zeros((b, nbps), np.int32), context_lens=lens,
                       scale=1.0 / np.sqrt(params["head_dim"]), window=params["window"])
 
