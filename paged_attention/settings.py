@@ -126,7 +126,7 @@ class Settings:
         return {f: getattr(self, f) for f in _KNOBS}
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Settings) and self._values() == other._values()
+        return self is other or (isinstance(other, Settings) and self._values() == other._values())
 
     def __hash__(self) -> int:
         # Settings key caches of per-geometry decisions (backends/mlx/fused.py): hashed once.
