@@ -8,7 +8,7 @@ import time
 
 
 from .. import registry
-from . import bench as benches
+from . import benches
 from .workload import DecodeWorkload, WorkloadConfig
 
 
@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_bench(args) -> int:
     """`paged-attn bench NAME ...`: the bench's flags as an experiment, through the one runner."""
-    return benches.cli_main(args.backend, args.bench_args)
+    from .experiments.runner import bench_cli
+    return bench_cli(args.backend, args.bench_args)
 
 
 def main(argv=None) -> int:

@@ -382,8 +382,8 @@ def measure(a) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from .bench import cli_main
-    return cli_main("e2e", argv)
+    from .experiments.runner import bench_cli
+    return bench_cli("e2e", argv)
 
 
 if __name__ == "__main__":

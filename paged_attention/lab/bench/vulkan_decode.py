@@ -368,8 +368,8 @@ def fmt(v, spec):
 
 
 def main(argv=None) -> int:
-    from . import cli_main
-    return cli_main("vulkan", argv)
+    from ..experiments.runner import bench_cli
+    return bench_cli("vulkan", argv)
 
 
 def measure(a) -> list[dict]:

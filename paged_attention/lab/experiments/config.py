@@ -253,7 +253,7 @@ def parse(data, source: str, *, quick: bool = False) -> Experiment:
     c = _Checker(source)
     if not isinstance(data, dict):
         c.fail("(top level)", "a mapping of experiment keys", data)
-    c.mapping("", data, TOP_KEYS)
+    c.mapping("", data, BENCH_KEYS if data.get("kind") == "bench" else TOP_KEYS)
     name = data.get("name", os.path.splitext(os.path.basename(source))[0])
     if not isinstance(name, str) or not name or any(ch in name for ch in "/\\ \t\n"):
         c.fail("name", "a non-empty string without spaces or slashes", name)
@@ -306,7 +306,7 @@ def parse(data, source: str, *, quick: bool = False) -> Experiment:
 
 def _parse_bench(c: _Checker, data: dict, source: str, name: str, description: str,
                  quick: bool) -> BenchExperiment:
-    from .. import bench as benches
+    from .. import benches
     c.mapping("", data, BENCH_KEYS)
     which = data.get("bench")
     if which not in benches.BENCHES:

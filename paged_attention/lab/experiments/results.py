@@ -11,7 +11,7 @@ import subprocess
 import sys
 from importlib import metadata
 
-from .. import bench
+from .. import benches
 from .config import GRID_AXES
 
 # Columns of results.csv, in order (results.jsonl holds the same records).
@@ -264,13 +264,13 @@ def plot(run_dir: str, rows: list[dict], x: str, facet: str, metrics: list[tuple
 # -- comparison ------------------------------------------------------------------------------------
 # The record format of the YAML sweeps (kinds decode and prefix_sharing: records without a
 # "measurement" field); the benches declare theirs in lab.bench.BENCHES.
-DECODE = bench.Measurement(("backend", "path") + tuple(GRID_AXES),
+DECODE = benches.Measurement(("backend", "path") + tuple(GRID_AXES),
                            (("us_median", "time"), ("gbs", "GB/s")),
                            compare=("us_median", "gbs"), x="context")
 
 
-def schema_of(name: str | None) -> bench.Measurement | None:
-    return DECODE if name is None else bench.measurement(name)
+def schema_of(name: str | None) -> benches.Measurement | None:
+    return DECODE if name is None else benches.measurement(name)
 
 
 def _points(run: str) -> dict:

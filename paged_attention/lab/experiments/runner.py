@@ -17,7 +17,7 @@ from ...validation import DecodeArgs, PoolSpec
 from . import measure as M
 from . import prefix as P
 from . import results as R
-from .. import bench as benches
+from .. import benches
 from .config import BenchExperiment, Experiment
 
 
@@ -336,3 +336,29 @@ def run(exp: Experiment | BenchExperiment, *, backends: list[str] | None = None,
     for be in live.values():
         be.close()
     return RunResult(run_dir, rows, summary, R.markdown_table(rows, exp.kind), plots, cal, notes)
+
+
+def bench_cli(name: str, argv: list[str] | None) -> int:
+    """`paged-attn bench NAME [flags]`: the flags become the experiment a YAML file would give,
+    run by the one runner into a run directory."""
+    spec = benches.BENCHES[name]
+    reason = registry.unavailable_reason(spec.backend) if spec.backend else None
+    if reason:
+        print(f"paged-attn: error: backend {spec.backend!r} is unavailable: {reason}",
+              file=sys.stderr)
+        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = benches.parser(name).parse_args(argv)
+    exp = BenchExperiment(name=f"bench-{name}", source="(command line)", bench=name,
+                          options=benches.resolved(name, a))
+    res = run_bench(exp, out_dir=a.out, command=shlex.join(["paged-attn", "bench", name, *argv]))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"bench": name, "options": exp.options, "rows": res.rows}, f, indent=1)
+    print(f"run directory: {res.run_dir} (summary.md, results.jsonl, results.csv, env.json, "
+          f"config.yaml)")
+    if not res.rows:
+        for note in res.notes:
+            print(f"paged-attn: error: {note}", file=sys.stderr)
+        return 2
+    return 0
