@@ -169,9 +169,9 @@ def test_failing_path_is_recorded_and_exit_1(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     from paged_attention.backends.numpy_backend import Backend as NumpyBackend
 
-    def broken(self, path, q, pool, args):
+    def broken(self, plan, q, pool, k, v):
         raise RuntimeError("device lost")
-    monkeypatch.setattr(NumpyBackend, "_decode", broken)
+    monkeypatch.setattr(NumpyBackend, "_run", broken)
     data = {**TINY, "backends": ["numpy"], "grid": {**TINY["grid"], "batch": 1, "context": 40}}
     code, _, err = run_cli(capsys, ["run", write(tmp_path, data), "--out", str(tmp_path / "r"),
                                     "--no-progress"])
