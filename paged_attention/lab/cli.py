@@ -8,6 +8,7 @@ import time
 
 
 from .. import registry
+from . import benches
 from .workload import DecodeWorkload, WorkloadConfig
 
 
@@ -64,6 +65,11 @@ def cmd_run(args) -> int:
                        + [f"--backend {b}" for b in args.backend or []])
     res = run(exp, backends=args.backend, out_dir=args.out, progress=not args.no_progress,
               command=command)
+    if exp.kind == "bench":
+        print(f"\n{exp.name} (bench {exp.bench}):\n{res.table}")
+        print(f"run directory: {res.run_dir} (summary.md, results.jsonl, results.csv, env.json, "
+              "config.yaml)")
+        return 0 if res.rows else 1
     print(f"\n{exp.name}: {fixed_line(res.rows)}")
     print(res.table)
     for c in res.calibration:
@@ -142,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="a backend's kernel benchmark, or e2e (the model-like loop "
                                       "through plan/run); args after the name go to it, e.g. "
                                       "`paged-attn bench e2e --preset h100`")
-    b.add_argument("backend", choices=sorted(BENCHMARKS))
+    b.add_argument("backend", metavar="bench", choices=sorted(benches.BENCHES),
+                   help="one of: " + "; ".join(f"{n} ({x.help})" for n, x in benches.BENCHES.items()))
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     from .generate import add_generate_parser
@@ -150,23 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Benchmarks: name -> (the backend it needs, or None for every available one; module with
-# main(argv) -> exit code).
-BENCHMARKS = {"mlx": ("mlx", "paged_attention.lab.bench.mlx_decode"),
-              "mlx-ceiling": ("mlx", "paged_attention.lab.bench.mlx_ceiling"),
-              "vulkan": ("vulkan", "paged_attention.lab.bench.vulkan_decode"),
-              "e2e": (None, "paged_attention.lab.e2e"),
-              "generate": (None, "paged_attention.lab.generate")}
-
-
 def cmd_bench(args) -> int:
-    import importlib
-    backend, module = BENCHMARKS[args.backend]
-    reason = registry.unavailable_reason(backend) if backend else None
-    if reason:
-        print(f"paged-attn: error: backend {backend!r} is unavailable: {reason}", file=sys.stderr)
-        return 2
-    return importlib.import_module(module).main(args.bench_args) or 0
+    """`paged-attn bench NAME ...`: the bench's flags as an experiment, through the one runner."""
+    from .experiments.runner import bench_cli
+    return bench_cli(args.backend, args.bench_args)
 
 
 def main(argv=None) -> int:

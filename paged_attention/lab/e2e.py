@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import statistics
 import sys
 import time
@@ -316,9 +315,7 @@ def host_costs(be, path: str, batch: int = 32, blocks: int = 2048, repeats: int 
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="paged-attn bench e2e", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--backends", default="mlx,vulkan", help="comma-separated registry names")
     ap.add_argument("--paths", default=None, help="comma-separated paths (default: every path "
@@ -331,8 +328,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sdpa", action="store_true", help="skip the contiguous SDPA baseline")
     ap.add_argument("--host", action="store_true", help="also measure plan/run/decode host cost "
                                                         "at B=32 x 2048 blocks")
-    ap.add_argument("--json", default=None, help="write every row to this file")
-    a = ap.parse_args(argv)
+
+
+def resolve(a) -> None:
+    """The preset's values for the options not given, so the config snapshot says them."""
+    for key in ("batches", "contexts", "layers", "steps", "budget_gib"):
+        if getattr(a, key) is None:
+            setattr(a, key, PRESETS[a.preset][key])
+
+
+def measure(a) -> list[dict]:
+    """Records: one per backend x path x point ("e2e"), and with --host one per backend x path
+    ("e2e.host")."""
     cfg = dict(PRESETS[a.preset])
     for key in ("batches", "contexts", "layers", "steps", "budget_gib"):
         if getattr(a, key) is not None:
@@ -352,7 +359,7 @@ def main(argv=None) -> int:
         for path in paths:
             if a.host:
                 h = host_costs(be, path)
-                host.append(h)
+                host.append({"measurement": "e2e.host", "device": be.device, **h})
                 print(f"host {name}/{path} B={h['batch']} x {h['blocks']} blocks: plan "
                       f"{h['plan_us']:.1f} us, run {h['run_us']:.1f} us (checks {h['check_us']:.1f}, "
                       f"kernel call {h['kernel_call_us']:.1f}), decode {h['decode_us']:.1f} "
@@ -363,7 +370,7 @@ def main(argv=None) -> int:
                 for ctx in cfg["contexts"]:
                     c = dict(cfg, sdpa=not a.no_sdpa and has_sdpa_baseline(be))
                     r = bench_point(be, path, batch, ctx, c)
-                    rows.append(r)
+                    rows.append({"measurement": "e2e", "device": be.device, **r})
                     peak = f" ({100 * r['api_tbs'] / peak_tbs:.0f}% of {peak_tbs:.2f})" \
                         if peak_tbs else ""
                     print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} {r['overlap_ms']:9.2f} {r['fresh_ms']:9.2f} {r['run_ms']:9.2f} {r['inputs_ms']:9.2f} "
@@ -372,10 +379,12 @@ def main(argv=None) -> int:
                           f"{r.get('sdpa_ms', float('nan')):8.2f} {r.get('api_over_sdpa', float('nan')):8.3f} "
                           f"{r['api_tbs']:6.3f} {r['host_us_per_run']:11.1f} {r['host_us_per_plan']:8.1f}{peak}", flush=True)
         be.close()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"preset": a.preset, "rows": rows, "host": host}, f, indent=1)
-    return 0
+    return host + rows
+
+
+def main(argv=None) -> int:
+    from .experiments.runner import bench_cli
+    return bench_cli("e2e", argv)
 
 
 if __name__ == "__main__":

@@ -264,11 +264,18 @@ def sequences_fitting(prompts, max_tokens: int, block_size: int, kv_bytes: int, 
     return i
 
 
+BENCH_HELP = ("tokens/s (prefill + decode, end to end) and peak live KV bytes: the paged engine "
+              "on each backend/path vs mlx-lm's own BatchGenerator (batch_generate's engine) and "
+              "KV cache, with random-weight models.")
+
+
 def bench_main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="paged-attn bench generate", description=(
-        "tokens/s (prefill + decode, end to end) and peak live KV bytes: the paged engine on each "
-        "backend/path vs mlx-lm's own BatchGenerator (batch_generate's engine) and KV cache, with "
-        "random-weight models."))
+    from .experiments.runner import bench_cli
+    return bench_cli("generate", argv)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.description = BENCH_HELP
     ap.add_argument("--preset", choices=["cpu", "h100"], default="cpu")
     ap.add_argument("--batches", default=None, help="comma list (default 1,8,32)")
     ap.add_argument("--max-tokens", type=int, default=None)
@@ -279,10 +286,12 @@ def bench_main(argv) -> int:
                     help="prompt lengths LO-HI in tokens (default: 1024-4096 on h100, 32-256 on cpu)")
     ap.add_argument("--batch-tokens", type=int, default=2048,
                     help="the paged engine's max tokens per step (prefill chunks + decode rows)")
-    ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip the untimed first run per impl")
-    a = ap.parse_args(argv)
+
+
+def measure(a) -> list[dict]:
+    """Records "generate": one per impl x batch x (uniform | ragged) x (own | shared prefix)."""
     from .. import registry
     if a.preset == "h100":
         cfg, dtype, lo, hi, steps = H100_CONFIG, "bfloat16", 1024, 4096, a.max_tokens or 32
@@ -344,10 +353,10 @@ def bench_main(argv) -> int:
                     print(f"{'':16s} {b:3d} paged cache admits {fit} such sequences in mlx-lm's "
                           f"{base[0]['peak_kv_bytes'] / 2**20:.0f} MiB ({fit / b:.2f}x)",
                           flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
+    for r in rows:  # the lab's record fields: backend and path ("mlx-lm": its own cache)
+        backend, _, path = r["impl"].partition(":")
+        r.update(measurement="generate", backend=backend, path=path or "-")
+    return rows
 
 
 def main(argv=None) -> int:

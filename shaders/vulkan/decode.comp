@@ -18,6 +18,11 @@
 // size), WG (workgroup size), OUT_F16, Q_F16 (q staged as fp16 pairs), TPT (lanes per token, power
 // of 2 <= subgroup size), F16 (1: 16-bit pool, two halves per uint32), BF16 (1: those halves are
 // bfloat16), U (tokens per lane group per iteration), SPLITK.
+// Attention variants (ADR 0010), compile-time so the plain kernel is unchanged (all default 0):
+// SOFTCAP (s = cap * tanh(s / cap), cap in pc.cap_bits), ALIBI (s += slope[hq] * (key_pos -
+// query_pos), slopes in varp[0, HQ)), SINKS (exp(sink[hq]) joins the denominator, varp[HQ, 2HQ);
+// split-K leaves it to the reduce), LSE (the natural log of each row's denominator into lsebuf
+// at pc.lse_off; split-K: the reduce writes it).
 #extension GL_KHR_shader_subgroup_basic : enable
 #extension GL_KHR_shader_subgroup_shuffle : enable
 
@@ -33,6 +38,20 @@
 #define NG (WG / TPT)                 // lane groups per workgroup
 #define HQ (HKV * G)
 #define NEG_BIG (-1.0e30)
+#ifndef SOFTCAP
+#define SOFTCAP 0
+#endif
+#ifndef ALIBI
+#define ALIBI 0
+#endif
+#ifndef SINKS
+#define SINKS 0
+#endif
+#ifndef LSE
+#define LSE 0
+#endif
+#define FUSED_SINKS (SINKS && !SPLITK)
+#define FUSED_LSE (LSE && !SPLITK)
 
 layout(local_size_x = WG) in;
 
@@ -59,6 +78,18 @@ layout(std430, binding = 5) writeonly buffer Out { float outbuf[]; };
 #endif
 #if SPLITK
 layout(std430, binding = 6) writeonly buffer PartML { float part_ml[]; };
+#define B_VAR 7
+#else
+#define B_VAR 6
+#endif
+#if ALIBI || FUSED_SINKS
+layout(std430, binding = B_VAR) readonly buffer VarP { float varp[]; };  // slopes [HQ], sinks [HQ]
+#define B_LSE (B_VAR + 1)
+#else
+#define B_LSE B_VAR
+#endif
+#if FUSED_LSE
+layout(std430, binding = B_LSE) writeonly buffer Lse { float lsebuf[]; };  // [rows, HQ]
 #endif
 
 layout(push_constant) uniform Params {
@@ -73,6 +104,8 @@ layout(push_constant) uniform Params {
     uint chunk;       // split-K: tokens per split
     uint lens_off;    // int offset of the rows' context lens [rows] (causal mask applied)
     uint seq_off;     // int offset of the rows' sequences [rows] (their table rows)
+    uint cap_bits;    // SOFTCAP: the cap, float bits
+    uint lse_off;     // LSE: float offset of this layer's lse [rows, HQ]
 } pc;
 
 shared float sh_m[NG];
@@ -172,6 +205,14 @@ void main() {
                 float d = 0.0;
                 for (int j = 0; j < NL * VEC; ++j) d += qr[g][j] * kf[j];
                 for (uint off = TPT / 2u; off > 0u; off >>= 1u) d += subgroupShuffleXor(d, off);
+#if SOFTCAP
+                const float cap = uintBitsToFloat(pc.cap_bits);
+                d = cap * tanh(d / cap);
+#endif
+#if ALIBI
+                // Key position minus the query's own position (L - 1).
+                d += varp[h * G + uint(g)] * (float(base + lg + uint(u) * NG) - float(L) + 1.0);
+#endif
                 s[u][g] = valid[u] ? d : -1.0 / 0.0;
             }
         }
@@ -221,6 +262,19 @@ void main() {
         float Lsum = 0.0;
         for (uint j = 0u; j < NG; ++j) Lsum += sh_l[j] * exp(sh_m[j] - M);
         const uint row = b * HQ + h * G + uint(g);
+        float wsink = 1.0;  // FUSED_SINKS: the accumulator's rescale to the max with the sink
+#if FUSED_SINKS
+        {
+            const float sk = varp[HQ + h * G + uint(g)];
+            const float M2 = max(M, sk);
+            wsink = exp(M - M2);
+            Lsum = Lsum * wsink + exp(sk - M2);
+            M = M2;
+        }
+#endif
+#if FUSED_LSE
+        if (tid == 0u) lsebuf[pc.lse_off + row] = Lsum == 0.0 ? -1.0 / 0.0 : M + log(Lsum);
+#endif
 #if OUT_F16 && !SPLITK
         // Two adjacent elements per thread, one packed word (DP is a multiple of 8 or 4: even).
         for (uint d = 2u * tid; d < DP; d += 2u * WG) {
@@ -230,7 +284,7 @@ void main() {
                 o0 += sh_acc[j * DP + d] * w;
                 o1 += sh_acc[j * DP + d + 1u] * w;
             }
-            vec2 o = Lsum == 0.0 ? vec2(0.0) : vec2(o0, o1) / Lsum;
+            vec2 o = Lsum == 0.0 ? vec2(0.0) : vec2(o0, o1) * wsink / Lsum;
             outbuf[(pc.out_off + row * DP + d) / 2u] = packHalf2x16(o);
         }
 #else
@@ -241,7 +295,7 @@ void main() {
             outbuf[(pc.out_off + row * pc.nsplit + split) * DP + d] = o;
 #else
             // Lsum == 0: empty range -> zeros. A NaN/inf q makes Lsum NaN, which must come out NaN.
-            outbuf[pc.out_off + row * DP + d] = Lsum == 0.0 ? 0.0 : o / Lsum;
+            outbuf[pc.out_off + row * DP + d] = Lsum == 0.0 ? 0.0 : o * wsink / Lsum;
 #endif
         }
 #endif

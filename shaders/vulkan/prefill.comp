@@ -34,6 +34,9 @@
 // halves per uint32), BF16 (1: those halves are bfloat16), OUT_F16, Q_F16. Shared memory (bytes):
 // 16*QSV*(RWP + KT) + 4*RWP*(KT + NSK + 2); the host keeps it <= 48 KiB (NVIDIA's limit) by its
 // choice of QT and KT.
+// Attention variants (ADR 0010), compile-time as in decode.comp (all default 0): SOFTCAP (cap in
+// pc.cap_bits), ALIBI (slopes at varp[0, HQ)), SINKS (sinks at varp[HQ, 2HQ)), LSE (each row's
+// natural-log denominator into lsebuf at pc.lse_off).
 
 #extension GL_EXT_control_flow_attributes : enable
 
@@ -59,6 +62,18 @@
 #define PS (KT + 1)                       // P row stride in floats (odd)
 #define NLD ((KT * NV + WG - 1) / WG)     // pool vectors per thread per K (and V) tile
 #define NEG_BIG (-1.0e30)
+#ifndef SOFTCAP
+#define SOFTCAP 0
+#endif
+#ifndef ALIBI
+#define ALIBI 0
+#endif
+#ifndef SINKS
+#define SINKS 0
+#endif
+#ifndef LSE
+#define LSE 0
+#endif
 
 #if KT % NSK != 0 || RWP % NRG != 0 || NRG * NDG > WG
 #error "prefill.comp: inconsistent tile layout"
@@ -86,6 +101,15 @@ layout(std430, binding = 5) writeonly buffer Out { uvec2 outbuf[]; };
 layout(std430, binding = 5) writeonly buffer Out { vec4 outbuf[]; };
 #endif
 layout(std430, binding = 6) readonly buffer Tiles { int tiles[]; };
+#if ALIBI || SINKS
+layout(std430, binding = 7) readonly buffer VarP { float varp[]; };  // slopes [HQ], sinks [HQ]
+#define B_LSE 8
+#else
+#define B_LSE 7
+#endif
+#if LSE
+layout(std430, binding = B_LSE) writeonly buffer Lse { float lsebuf[]; };  // [rows, HQ]
+#endif
 
 layout(push_constant) uniform Params {
     uint q_off;       // element offset of this layer's q [rows, HQ, DP]
@@ -99,6 +123,8 @@ layout(push_constant) uniform Params {
     uint chunk;       // unused
     uint lens_off;    // int offset of the rows' context lens [rows] (causal mask applied)
     uint seq_off;     // int offset of the rows' sequences [rows] (their table rows)
+    uint cap_bits;    // SOFTCAP: the cap, float bits
+    uint lse_off;     // LSE: float offset of this layer's lse [rows, HQ]
 } pc;
 
 shared vec4 sh_q[RWP * QSV];
@@ -234,6 +260,14 @@ void main() {
             float pm = NEG_BIG;
             [[unroll]] for (int j = 0; j < KB; ++j) {
                 uint t = base + sk + uint(j) * NSK;
+#if SOFTCAP
+                const float cap = uintBitsToFloat(pc.cap_bits);
+                s[i][j] = cap * tanh(s[i][j] / cap);
+#endif
+#if ALIBI
+                // Key position minus the row's own position (its causal end - 1).
+                s[i][j] += varp[h * G + (sr + uint(i) * NSR) % G] * (float(t) - float(rhi[i]) + 1.0);
+#endif
                 s[i][j] = (t >= rlo[i] && t < rhi[i]) ? s[i][j] : -1.0 / 0.0;
                 pm = max(pm, s[i][j]);
             }
@@ -286,8 +320,13 @@ void main() {
         barrier();  // sh_kv, sh_p, sh_part and sh_c are refilled next tile
     }
 
-    // Each row's sum l: the shares of its NSK threads.
-    [[unroll]] for (int i = 0; i < RB; ++i) sh_part[(sr + uint(i) * NSR) * NSK + sk] = l[i];
+    // Each row's sum l: the shares of its NSK threads (and its max m, for the sinks and LSE).
+    [[unroll]] for (int i = 0; i < RB; ++i) {
+        sh_part[(sr + uint(i) * NSR) * NSK + sk] = l[i];
+#if SINKS || LSE
+        if (sk == 0u) sh_c[sr + uint(i) * NSR] = m[i];
+#endif
+    }
     barrier();
     if (!pv) return;
     // acc is indexed by unrolled loops only: stores are guarded, the loops have no branches
@@ -298,11 +337,29 @@ void main() {
         const bool live = r < RW && j < cnt;
         float lsum = 0.0;
         [[unroll]] for (int g = 0; g < NSK; ++g) lsum += sh_part[r * NSK + uint(g)];
+        float wsink = 1.0;  // SINKS: the accumulator's rescale to the max with the sink
+#if SINKS || LSE
+        float mrow = sh_c[r];
+#endif
+#if SINKS
+        {
+            const float sink = varp[HQ + h * G + r % G];
+            const float m2 = max(mrow, sink);
+            wsink = exp(mrow - m2);
+            lsum = lsum * wsink + exp(sink - m2);
+            mrow = m2;
+        }
+#endif
+#if LSE
+        if (live && dg == 0u)
+            lsebuf[pc.lse_off + (b + j) * HQ + h * G + r % G] =
+                lsum == 0.0 ? -1.0 / 0.0 : mrow + log(lsum);
+#endif
         const uint base = (pc.out_off + ((b + j) * HQ + h * G + r % G) * DP) / 4u;
         [[unroll]] for (int k = 0; k < OCV; ++k) {
             const uint c = dg + uint(k) * NDG;
             // lsum == 0: empty range -> zeros. A NaN/inf q makes it NaN, which must come out NaN.
-            vec4 o = lsum == 0.0 ? vec4(0.0) : acc[i][k] / lsum;
+            vec4 o = lsum == 0.0 ? vec4(0.0) : acc[i][k] * wsink / lsum;
             if (live && c < NDV) {
 #if OUT_F16
                 outbuf[base + c] = uvec2(packHalf2x16(o.xy), packHalf2x16(o.zw));

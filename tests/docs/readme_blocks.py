@@ -151,11 +151,6 @@ def plan_sh(text: str) -> ShPlan:
 
 # -- parsing a paged-attn command with the CLI's own parsers -----------------------------------
 
-class _Parsed(Exception):
-    def __init__(self, namespace):
-        self.namespace = namespace
-
-
 class CommandError(AssertionError):
     pass
 
@@ -172,30 +167,14 @@ def _parse(parse, what: str):
 
 def parse_command(argv: list[str]) -> argparse.Namespace:
     """Parse `paged-attn ...` (argv[0] is the program) as the CLI would, without running it.
-    `bench NAME ARGS` also parses ARGS with the benchmark's own parser: its main() is called with
-    argparse stopped right after it has parsed (every benchmark parses before any work)."""
-    from paged_attention.lab import cli
+    `bench NAME ARGS` also parses ARGS with that benchmark's own parser (the one its CLI front
+    end and its YAML experiments share)."""
+    from paged_attention.lab import benches, cli
     line = shlex.join(argv)
     args = _parse(lambda: cli.build_parser().parse_args(argv[1:]), line)
     if args.command == "bench":
-        main = importlib.import_module(cli.BENCHMARKS[args.backend][1]).main
-        real = argparse.ArgumentParser.parse_args
-
-        def parse_then_stop(self, a=None, namespace=None):
-            raise _Parsed(real(self, a, namespace))
-
-        def bench():
-            argparse.ArgumentParser.parse_args = parse_then_stop
-            try:
-                main(list(args.bench_args))
-            except _Parsed as p:
-                return p.namespace
-            finally:
-                argparse.ArgumentParser.parse_args = real
-            raise CommandError(f"{line}: the benchmark's main() returned without parsing its "
-                               "arguments")
-
-        args.bench_namespace = _parse(bench, line)
+        args.bench_namespace = _parse(
+            lambda: benches.parser(args.backend).parse_args(list(args.bench_args)), line)
     return args
 
 

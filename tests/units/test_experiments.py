@@ -85,7 +85,8 @@ def test_shipped_experiments_validate():
             "prefix_sharing.yaml", "selector_calibration.yaml"} <= set(names)
     for n in names:
         for quick in (False, True):
-            assert config.load(os.path.join(REPO, "experiments", n), quick=quick).points()
+            exp = config.load(os.path.join(REPO, "experiments", n), quick=quick)
+            assert exp.options if exp.kind == "bench" else exp.points(), n
 
 
 # -- a tiny run --------------------------------------------------------------------------------------
@@ -168,9 +169,9 @@ def test_failing_path_is_recorded_and_exit_1(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     from paged_attention.backends.numpy_backend import NumpyBackend
 
-    def broken(self, path, q, pool, args, sinks=None):
+    def broken(self, plan, q, pool, k, v):
         raise RuntimeError("device lost")
-    monkeypatch.setattr(NumpyBackend, "_attend", broken)
+    monkeypatch.setattr(NumpyBackend, "_run", broken)
     data = {**TINY, "backends": ["numpy"], "grid": {**TINY["grid"], "batch": 1, "context": 40}}
     code, _, err = run_cli(capsys, ["run", write(tmp_path, data), "--out", str(tmp_path / "r"),
                                     "--no-progress"])

@@ -1,9 +1,13 @@
 """The lab's benchmarks at toy sizes: they run end to end and report what they claim."""
 from __future__ import annotations
 
+import csv
 import json
+import time
 
-from paged_attention.lab import e2e
+import yaml
+
+from paged_attention.lab import cli, e2e
 from paged_attention.lab.generate import sequences_fitting
 
 # One block of this config is 2 (K and V) x 16 tokens x 1 head x 1 dim x 1 byte x 1 layer.
@@ -21,29 +25,57 @@ def test_sequences_fitting_counts_shared_prefix_blocks_once():
     assert sequences_fitting(shared, 8, 16, budget, CONFIG, 1) == 6
 
 
-def test_bench_e2e_reports_every_variant(tmp_path, capsys):
-    """`paged-attn bench e2e` on the numpy backend: one row per point with every variant timed,
-    ratios consistent with the times."""
+def _slowed(monkeypatch, be, method: str, seconds: float) -> None:
+    """be.<method> takes `seconds` longer than it does."""
+    real = getattr(be, method)
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(be, method, slow)
+
+
+def test_bench_e2e_variants_time_what_they_claim(tmp_path, capsys, monkeypatch):
+    """`paged-attn bench e2e` on the numpy backend, with plan() made 40 ms slower: the variants
+    that call plan() in their timed step (api, overlap, pipe) take at least 40 ms a step and
+    the others (fresh, run, inputs, kernel: plans made before timing) do not; host us/plan
+    sees the 40 ms. Then run() made 15 ms slower: run and fresh pay it per layer, kernel and
+    inputs (the backend's own hooks) do not."""
+    import paged_attention as pa
+    be = pa.get_backend("numpy")
+    monkeypatch.setattr(pa, "get_backend", lambda name: be)
+    argv = ["--preset", "cpu", "--backends", "numpy", "--batches", "1,2", "--contexts", "48",
+            "--layers", "2", "--steps", "2"]
+    _slowed(monkeypatch, be, "plan", 0.040)
     out = tmp_path / "e2e.json"
-    assert e2e.main(["--preset", "cpu", "--backends", "numpy", "--batches", "1,2",
-                     "--contexts", "48", "--layers", "2", "--steps", "1",
-                     "--json", str(out)]) == 0
-    data = json.loads(out.read_text())
-    assert [(r["batch"], r["context"]) for r in data["rows"]] == [(1, 48), (2, 48)]
-    for r in data["rows"]:
-        for key in ("api_ms", "overlap_ms", "fresh_ms", "run_ms", "inputs_ms", "kernel_ms",
-                    "pipe_ms", "pipe_kernel_ms"):
-            assert r[key] > 0
-        assert abs(r["pipe_over_kernel"] - r["pipe_ms"] / r["pipe_kernel_ms"]) < 1e-9
-        assert abs(r["api_over_kernel"] - r["api_ms"] / r["kernel_ms"]) < 1e-9
-        assert abs(r["api_over_inputs"] - r["api_ms"] / r["inputs_ms"]) < 1e-9
+    assert e2e.main(argv + ["--out", str(tmp_path / "a"), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["context"]) for r in rows] == [(1, 48), (2, 48)]
+    for r in rows:
+        for key in ("api_ms", "overlap_ms", "pipe_ms"):
+            assert r[key] >= 40, (key, r)
+        for key in ("fresh_ms", "run_ms", "inputs_ms", "kernel_ms", "pipe_kernel_ms"):
+            assert r[key] < 40, (key, r)
+        assert r["host_us_per_plan"] >= 40e3 and r["api_over_kernel"] > 1
     assert "numpy/reference" in capsys.readouterr().out
+
+    monkeypatch.undo()
+    monkeypatch.setattr(pa, "get_backend", lambda name: be)
+    _slowed(monkeypatch, be, "run", 0.015)
+    assert e2e.main(argv + ["--out", str(tmp_path / "b"), "--json", str(out)]) == 0
+    for r in json.loads(out.read_text())["rows"]:
+        for key in ("run_ms", "fresh_ms", "api_ms"):
+            assert r[key] >= 2 * 15, (key, r)       # two layers
+        for key in ("kernel_ms", "inputs_ms"):
+            assert r[key] < 15, (key, r)
+        assert r["host_us_per_run"] >= 15e3
 
 
 def test_host_costs_caps_slow_calls_at_the_time_budget(monkeypatch):
     """`--host` figures: every call is timed; once the calls have taken budget_s together only
     5 are made (a synchronous backend runs the attention in run() and decode()), while calls
-    well inside the budget are made `repeats` times."""
+    well inside the budget are made `repeats` times. A decode() 20 ms slower shows in
+    decode_us alone, so run/decode drops below 1."""
     import paged_attention as pa
     be = pa.get_backend("numpy")
     calls = {"decode": 0}
@@ -51,13 +83,74 @@ def test_host_costs_caps_slow_calls_at_the_time_budget(monkeypatch):
 
     def counted(*args, **kwargs):
         calls["decode"] += 1
+        time.sleep(0.020)
         return real_decode(*args, **kwargs)
     monkeypatch.setattr(be, "decode", counted)
     out = e2e.host_costs(be, "reference", batch=2, blocks=4, repeats=50, budget_s=0.0)
     assert calls["decode"] == 5
-    for key in ("plan_us", "run_us", "check_us", "kernel_call_us", "decode_us"):
-        assert out[key] > 0
-    assert abs(out["run_over_decode"] - out["run_us"] / out["decode_us"]) < 1e-9
+    assert out["decode_us"] >= 20e3 and out["run_us"] < 20e3 and out["run_over_decode"] < 1
+    assert 0 < out["check_us"] < out["run_us"] and out["plan_us"] > 0
     calls["decode"] = 0
     e2e.host_costs(be, "reference", batch=2, blocks=4, repeats=12, budget_s=60.0)
     assert calls["decode"] == 12
+
+
+# -- one measurement system: a bench is an experiment ----------------------------------------------
+E2E_FLAGS = ["--preset", "cpu", "--backends", "numpy", "--batches", "1,2", "--contexts", "32",
+             "--layers", "2", "--steps", "1"]
+E2E_YAML = {"name": "e2e_tiny", "kind": "bench", "bench": "e2e",
+            "options": {"preset": "cpu", "backends": "numpy", "batches": [1, 2],
+                        "contexts": [32], "layers": 2, "steps": 1}}
+
+
+def test_bench_through_yaml_and_cli_gives_the_same_run(tmp_path, capsys):
+    """The e2e bench written as an experiment file (`paged-attn run FILE`) and given as flags
+    (`paged-attn bench e2e ...`): the same resolved options in both config snapshots, the same
+    artefacts, and `paged-attn compare` matches every point of one run in the other."""
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(E2E_YAML))
+    a, b = tmp_path / "yaml-run", tmp_path / "cli-run"
+    assert cli.main(["run", str(path), "--out", str(a), "--no-progress"]) == 0
+    assert cli.main(["bench", "e2e", *E2E_FLAGS, "--out", str(b)]) == 0
+    for run in (a, b):
+        for f in ("config.yaml", "env.json", "results.jsonl", "results.csv", "summary.md"):
+            assert (run / f).stat().st_size > 0, (run, f)
+    snap_a, snap_b = (yaml.safe_load((r / "config.yaml").read_text()) for r in (a, b))
+    assert snap_a["bench"] == snap_b["bench"] == "e2e"
+    assert snap_a["options"] == snap_b["options"]
+    assert snap_a["options"]["budget_gib"] == 1.0            # the preset's, resolved
+    rows = [json.loads(x) for x in (a / "results.jsonl").read_text().splitlines()]
+    assert [(r["measurement"], r["backend"], r["batch"]) for r in rows] == [
+        ("e2e", "numpy", 1), ("e2e", "numpy", 2)]
+    with open(a / "results.csv") as f:
+        assert [r["api_ms"] for r in csv.DictReader(f)] == [str(r["api_ms"]) for r in rows]
+    assert "## e2e" in (a / "summary.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["compare", str(a), str(b)]) == 0
+    text = capsys.readouterr().out
+    assert "2 matched point(s); 0 only in A, 0 only in B." in text
+    assert "api ms B/A" in text
+
+
+def test_bench_experiment_options_are_checked_by_the_bench(tmp_path, capsys):
+    for options, needle in (({"colour": "blue"}, "options.colour: unknown option"),
+                            ({"batches": "many"}, "argument --batches"),
+                            ({"host": "yes"}, "options.host: expected true or false")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**E2E_YAML, "options": options}))
+        assert cli.main(["run", str(path), "--out", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err and needle in err, err
+    assert not (tmp_path / "never").exists()
+
+
+def test_compare_matches_nothing_across_measurements(tmp_path, capsys):
+    """A bench run against a sweep: no point in common, said so, exit 1."""
+    a = tmp_path / "a"
+    assert cli.main(["bench", "e2e", *E2E_FLAGS, "--out", str(a)]) == 0
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.jsonl").write_text(json.dumps(
+        {"backend": "numpy", "path": "reference", "status": "ok", "us_median": 1.0}) + "\n")
+    capsys.readouterr()
+    assert cli.main(["compare", str(a), str(tmp_path / "b")]) == 1
+    assert "0 matched point(s); 2 only in A, 1 only in B." in capsys.readouterr().out

@@ -140,10 +140,43 @@ def test_no_backend_name_comparisons_outside_the_registry():
     assert not offenders, offenders
 
 
-@pytest.mark.skipif(shutil.which("lint-imports", path=str(ROOT / ".venv" / "bin")) is None,
+LINT_IMPORTS = ROOT / ".venv" / "bin" / "lint-imports"
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(root / "scripts" / "lint_imports.sh")], capture_output=True,
+                          text=True, timeout=300, cwd=root)
+
+
+def _contract_names() -> list[str]:
+    import tomllib
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return [c["name"] for c in tomllib.load(f)["tool"]["importlinter"]["contracts"]]
+
+
+@pytest.mark.skipif(not LINT_IMPORTS.exists(),
                     reason="import-linter is not installed in .venv (the dev extra)")
-def test_import_contracts_hold():
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "lint_imports.sh")], capture_output=True,
-                       text=True, timeout=300, cwd=ROOT)
+def test_import_contracts_hold_and_catch_a_violation(tmp_path):
+    """Every contract of pyproject.toml is checked and kept on this tree; on a copy of the tree
+    where a runtime module imports the lab, lint-imports fails, naming the contracts it breaks
+    (the check is live, not a count of contracts printed by a tool that saw nothing)."""
+    names = _contract_names()
+    r = _lint_imports(ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "4 kept, 0 broken" in r.stdout
+    assert f"{len(names)} kept, 0 broken" in r.stdout, r.stdout[-3000:]
+
+    for item in ("paged_attention", "backends", "shaders", "scripts", "pyproject.toml"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(
+            src, tmp_path / item, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                     if src.is_dir() else {}))
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    devices_py = tmp_path / "paged_attention" / "devices.py"
+    devices_py.write_text(devices_py.read_text() + "\nfrom .lab import timing  # planted\n")
+    r = _lint_imports(tmp_path)
+    assert r.returncode != 0, r.stdout[-3000:]
+    # devices -> lab breaks at least the forbidden contract (runtime -> lab) and the layers
+    # (an upward import); every contract is still checked.
+    kept, broken = map(int, re.search(r"(\d+) kept, (\d+) broken", r.stdout).groups())
+    assert kept + broken == len(names) and broken >= 2, r.stdout[-3000:]
+    assert "paged_attention.devices -> paged_attention.lab.timing" in r.stdout, r.stdout[-3000:]

@@ -1,1 +1,2 @@
-"""Kernel benchmarks of single backends (`paged-attn bench NAME`), timed through lab.timing."""
+"""Benchmarks (`paged-attn bench NAME`), timed through lab.timing; each is registered in
+lab.benches, which says how it is configured and what its records hold."""

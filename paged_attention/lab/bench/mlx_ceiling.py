@@ -54,15 +54,22 @@ def launch_cost(api: str, count: int = 64, repeats: int = 7) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="paged-attn bench mlx-ceiling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..experiments.runner import bench_cli
+    return bench_cli("mlx-ceiling", argv)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gib", type=float, default=4.0, help="bytes read per pass, over 4 buffers")
     p.add_argument("--repeats", type=int, default=7)
-    a = p.parse_args(argv)
+
+
+def measure(a) -> list[dict]:
+    """Records "mlx-ceiling.read" (one per grid shape) and "mlx-ceiling.launch" (custom kernel,
+    built-in op)."""
+    from ..benches import BenchUnavailable
     api = gpu_kind()
     if api is None:
-        print("no Metal or CUDA device for MLX custom kernels: nothing to measure", file=sys.stderr)
-        return 2
+        raise BenchUnavailable("no Metal or CUDA device for MLX custom kernels: nothing to measure")
     r = stream_read(api, a.gib, repeats=a.repeats)
     shapes = ", ".join(f"{k}/unit {v / 1e12:.2f}" for k, v in r["all"].items())
     print(f"device: {mx.device_info().get('device_name', api)} ({api}), {compute_units(api)} units")
@@ -70,7 +77,11 @@ def main(argv=None) -> int:
     c = launch_cost(api, repeats=a.repeats)
     print(f"launch in a graph: custom kernel {c['custom_s'] * 1e6:.1f} us, "
           f"built-in op {c['builtin_s'] * 1e6:.1f} us")
-    return 0
+    base = {"backend": "mlx", "device": str(mx.device_info().get("device_name", api))}
+    return ([{"measurement": "mlx-ceiling.read", **base, "groups_per_unit": k, "read_tbs": v / 1e12,
+              "best": k == r["groups_per_unit"], "gib": a.gib} for k, v in r["all"].items()]
+            + [{"measurement": "mlx-ceiling.launch", **base, "kernel": k[:-2], "us": v * 1e6}
+               for k, v in c.items()])
 
 
 if __name__ == "__main__":

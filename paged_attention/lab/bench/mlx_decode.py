@@ -22,7 +22,6 @@ are timed by paged_attention.lab.timing (interleaved, one mx.eval per step).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
@@ -217,8 +216,11 @@ def check_targets(results) -> list[tuple[str, bool, str]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="paged-attn bench mlx", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..experiments.runner import bench_cli
+    return bench_cli("mlx", argv)
+
+
+def add_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="device constants (HBM peak)")
     p.add_argument("--batches", default="1,4,8,32")
     p.add_argument("--contexts", default="1k,4k,16k,32k")
@@ -247,15 +249,19 @@ def main(argv=None) -> int:
     p.add_argument("--ceiling", action="store_true",
                    help="first measure the streaming-read ceiling (paged-attn bench mlx-ceiling) and report "
                         "the fused path's fraction of it (%%ceil)")
-    p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+
+
+def measure(a):
+    """Records "mlx": one per point x timed path (fused, its variants, gather, sdpa); the
+    targets' verdicts as notes."""
+    from ..benches import BenchUnavailable
+    a = argparse.Namespace(**vars(a))
     a.paths = set(a.paths.split(","))
     a.variants = [v for v in a.variants.split(",") if v]
     api = gpu_kind()
     if api is None:
-        print("no Metal or CUDA device for MLX custom kernels: nothing to benchmark", file=sys.stderr)
-        return 2
+        raise BenchUnavailable("no Metal or CUDA device for MLX custom kernels: nothing to benchmark")
     info = mx.device_info()
     facts = devices.lookup(PRESETS[a.preset] if a.preset else str(info.get("device_name", "")))
     peak = a.peak_tbs or (facts.peak_bytes_per_s / 1e12 if facts.peak_bytes_per_s else None)
@@ -296,15 +302,26 @@ def main(argv=None) -> int:
     verdicts = check_targets(results)
     for name, ok, detail in verdicts:
         print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": info.get("device_name"), "api": api, "peak_tbs": peak,
-                       "ceiling_tbs": ceiling,
-                       "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(a).items()},
-                       "results": results,
-                       "targets": [{"name": n, "pass": ok, "detail": d} for n, ok, d in verdicts]},
-                      f, indent=1)
-    return 0
+    notes = [f"{'PASS' if ok else 'FAIL'} {name}: {detail}" for name, ok, detail in verdicts]
+    notes.append(f"{api}; HBM peak {peak or '?'} TB/s; measured read ceiling "
+                 f"{'-' if ceiling is None else f'{ceiling:.2f}'} TB/s")
+    return records(results, str(info.get("device_name", api))), notes
+
+
+def records(results: list[dict], device: str) -> list[dict]:
+    """One record per point and timed path (the `<path>_s` keys of a result)."""
+    out = []
+    for r in results:
+        for key in [k for k in r if k.endswith("_s")]:
+            path = key[:-2]
+            out.append({"measurement": "mlx", "backend": "mlx", "device": device, "path": path,
+                        "batch": r["batch"], "context": r["context"], "pools": r["pools"],
+                        "kv_bytes": r["kv_bytes"], "us_per_layer": r[key] * 1e6,
+                        "tbs": r["kv_bytes"] / r[key] / 1e12,
+                        "parts": r.get("parts" if path == "fused" else f"{path}_parts"),
+                        "layers_per_eval": r.get("gather_layers_per_eval") if path == "gather" else None,
+                        "rms_vs_gather": r.get("rms_vs_gather" if path == "fused" else f"{path}_rms")})
+    return out
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ parity against the float64 numpy reference and its time. Then one decode step ov
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -44,6 +43,13 @@ def ns_per_tick(be) -> float:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="paged-attn bench vulkan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    a = p.parse_args(argv)
+    resolve(a)
+    return a
+
+
+def add_arguments(p) -> None:
     p.add_argument("--preset", choices=["small", "h100"], default="small",
                    help="h100: B in {1,8,32} x ctx in {4k,16k,32k}, Hq=32, Hkv=8, D=128, fp16, block 16, "
                         "32 layers")
@@ -62,9 +68,11 @@ def parse_args(argv):
     p.add_argument("--reference-max-tokens", type=int, default=131072,
                    help="skip the numpy reference above this many B*ctx tokens")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds of GPU warm-up before each timing")
-    p.add_argument("--json", help="also write the results here")
     p.add_argument("--prefill-tokens", type=int, help="prompt length of the prefill timing")
-    a = p.parse_args(argv)
+
+
+def resolve(a) -> None:
+    """The preset's values for the options not given."""
     if a.preset == "h100":
         a.batch = a.batch or [1, 8, 32]
         a.context = a.context or [4096, 16384, 32768]
@@ -81,7 +89,6 @@ def parse_args(argv):
         a.prefill_tokens = a.prefill_tokens or 256
     a.step_context = a.step_context or max(a.context)
     a.step_batch = a.step_batch or max(a.batch)
-    return a
 
 
 def fill_pool(be, pool, n_tokens, rng, dtype):
@@ -356,12 +363,12 @@ def fmt(v, spec):
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
-    from paged_attention.registry import get_backend, unavailable_reason
-    reason = unavailable_reason("vulkan")
-    if reason:
-        print(f"vulkan backend unavailable: {reason}", file=sys.stderr)
-        return 2
+    from ..experiments.runner import bench_cli
+    return bench_cli("vulkan", argv)
+
+
+def measure(a) -> list[dict]:
+    from paged_attention.registry import get_backend
     be = get_backend("vulkan")
     rng = np.random.default_rng(0)
     peak = peak_gbs(be.device)
@@ -444,12 +451,39 @@ def main(argv=None) -> int:
         r = max(rows, key=lambda r: r["kernel_us"])
         print(f"tick check: largest point kernel {r['kernel_us']:.0f} us vs its whole call's wall time "
               f"{r['wall_us']:.0f} us (ratio {r['kernel_us'] / r['wall_us']:.2f}, must be <= 1)")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": be.device, "args": vars(a), "points": rows, "step": step, **extra}, f,
-                      indent=1)
     be.close()
-    return 0
+    return records(be, rows, step, extra)
+
+
+def records(be, rows, step, extra) -> list[dict]:
+    """The measurements above as records of the lab's one format (lab.bench: vulkan.*)."""
+    base = {"backend": be.name, "device": be.device}
+
+    def flat(d: dict) -> dict:  # one level: {"host_ms": {"submit": x}} -> {"host_ms.submit": x}
+        return {f"{k}.{kk}" if isinstance(v, dict) else k: vv
+                for k, v in d.items() for kk, vv in (v.items() if isinstance(v, dict) else [(k, v)])}
+    out = [{"measurement": "vulkan.point", **base, **r} for r in rows]
+    if step:
+        out.append({"measurement": "vulkan.step", **base, **flat(step)})
+    # The main figures used the polled fence wait when there is a blocking A/B beside them.
+    waits = [("polled" if "blocking_wait" in extra else "blocking", extra)]
+    if "blocking_wait" in extra:
+        waits.append(("blocking", extra["blocking_wait"]))
+    for wait, part in waits:
+        if "model_loop" in part:
+            out.append({"measurement": "vulkan.model_loop", **base, "wait": wait,
+                        **flat(part["model_loop"])})
+        out.append({"measurement": "vulkan.tiny", **base, "wait": wait, **part["tiny"]})
+    sub = extra["submit"]
+    for wait in ("blocking", "polled"):
+        if sub.get(f"{wait}_us") is not None:
+            out.append({"measurement": "vulkan.submit", **base, "wait": wait,
+                        "us": sub[f"{wait}_us"],
+                        **({k: v for k, v in sub.items() if k.startswith("polled_") and k != "polled_us"}
+                           if wait == "polled" else {})})
+    out.append({"measurement": "vulkan.readback", **base, **extra["readback"]})
+    out.append({"measurement": "vulkan.prefill", **base, **flat(extra["prefill"])})
+    return out
 
 
 if __name__ == "__main__":

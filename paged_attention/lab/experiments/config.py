@@ -39,6 +39,19 @@ An experiment is a YAML mapping (read with `yaml.safe_load` only)::
 
 Any key outside this schema is an error; so is a wrong type or value. Errors are
 `ConfigError`s whose message names the file, the key and what was expected.
+
+A bench (`paged-attn bench NAME`, lab/bench) is an experiment too; its options are its flags'
+names, checked by the bench's own flag parser::
+
+    name: e2e_cpu
+    kind: bench
+    bench: e2e                       # one of lab.bench.BENCHES
+    options:                         # what `paged-attn bench e2e --preset cpu --batches 1,4` says
+      preset: cpu
+      batches: [1, 4]                # a list: repeated values, or comma-joined for a text flag
+      host: true                     # a switch: true or false
+    quick:
+      options: {contexts: [256]}     # what --quick replaces
 """
 from __future__ import annotations
 
@@ -53,7 +66,8 @@ import yaml
 from ... import registry
 from ...errors import PagedAttentionError
 
-KINDS = ("decode", "prefix_sharing")
+KINDS = ("decode", "prefix_sharing", "bench")
+BENCH_KEYS = ("name", "description", "kind", "bench", "options", "quick")
 # Paths the lab adds to the backends' own (registry.known_paths): the contiguous baseline and
 # the backend's automatic choice.
 LAB_PATHS = ("dense", "auto")
@@ -140,6 +154,23 @@ class Experiment:
                 "calibrate": self.calibrate, "quick_applied": self.is_quick, "source": self.source}
 
 
+@dataclass
+class BenchExperiment:
+    """A bench as an experiment: its name and resolved options (its flags' values)."""
+    name: str
+    source: str
+    bench: str
+    options: dict
+    description: str = ""
+    is_quick: bool = False
+    kind: str = "bench"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "kind": self.kind,
+                "bench": self.bench, "options": self.options, "quick_applied": self.is_quick,
+                "source": self.source}
+
+
 def _type_ok(kind: str, v) -> bool:
     is_int = isinstance(v, int) and not isinstance(v, bool)
     is_num = (isinstance(v, (int, float)) and not isinstance(v, bool))
@@ -222,7 +253,7 @@ def parse(data, source: str, *, quick: bool = False) -> Experiment:
     c = _Checker(source)
     if not isinstance(data, dict):
         c.fail("(top level)", "a mapping of experiment keys", data)
-    c.mapping("", data, TOP_KEYS)
+    c.mapping("", data, BENCH_KEYS if data.get("kind") == "bench" else TOP_KEYS)
     name = data.get("name", os.path.splitext(os.path.basename(source))[0])
     if not isinstance(name, str) or not name or any(ch in name for ch in "/\\ \t\n"):
         c.fail("name", "a non-empty string without spaces or slashes", name)
@@ -232,6 +263,8 @@ def parse(data, source: str, *, quick: bool = False) -> Experiment:
     kind = data.get("kind", "decode")
     if kind not in KINDS:
         c.fail("kind", f"one of {list(KINDS)}", kind)
+    if kind == "bench":
+        return _parse_bench(c, data, source, name, description, quick)
     backends = c.names("backends", data.get("backends"), backend_names())
     paths = c.names("paths", data.get("paths"), path_names())
 
@@ -269,6 +302,32 @@ def parse(data, source: str, *, quick: bool = False) -> Experiment:
         c.fail("grid", "at least one point with num_q_heads a multiple of num_kv_heads",
                {"num_q_heads": exp.grid["num_q_heads"], "num_kv_heads": exp.grid["num_kv_heads"]})
     return exp
+
+
+def _parse_bench(c: _Checker, data: dict, source: str, name: str, description: str,
+                 quick: bool) -> BenchExperiment:
+    from .. import benches
+    c.mapping("", data, BENCH_KEYS)
+    which = data.get("bench")
+    if which not in benches.BENCHES:
+        c.fail("bench", f"one of {sorted(benches.BENCHES)}", which, missing="bench" not in data)
+    options = dict(c.mapping("options", data.get("options"), _Anything()))
+    quick_in = c.mapping("quick", data.get("quick"), ("options",))
+    if quick:
+        options.update(c.mapping("quick.options", quick_in.get("options"), _Anything()))
+
+    def fail(key, message):
+        where = "options" if key is None else f"options.{key}"
+        raise ConfigError(f"{source}: {where}: {message}")
+    resolved = benches.options_from_yaml(which, options, fail)
+    return BenchExperiment(name=name, source=source, bench=which, options=resolved,
+                           description=description, is_quick=quick)
+
+
+class _Anything:
+    """Every key allowed: a bench's options are checked by its own flag parser."""
+    def __contains__(self, key) -> bool:
+        return True
 
 
 def shipped() -> list[str]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from importlib import metadata
 
+from .. import benches
 from .config import GRID_AXES
 
 # Columns of results.csv, in order (results.jsonl holds the same records).
@@ -67,15 +68,38 @@ def environment(backends: dict) -> dict:
 
 
 # -- records ---------------------------------------------------------------------------------------
+def columns(rows: list[dict]) -> list[str]:
+    """results.csv's columns: FIELDS for the sweeps' records; for a bench's, the leading fields,
+    then each measurement's params and metrics, then any other key, in first-seen order."""
+    names = list(dict.fromkeys(r.get("measurement") for r in rows))
+    if names in ([], [None]):
+        return FIELDS
+    cols = ["experiment", "measurement", "status", "note", "device"]
+    for name in names:
+        schema = schema_of(name)
+        if schema is not None:
+            cols += list(schema.params) + [k for k, _ in schema.metrics]
+    for r in rows:
+        cols += list(r)
+    return list(dict.fromkeys(cols))
+
+
 def write_records(run_dir: str, rows: list[dict]) -> None:
     with open(os.path.join(run_dir, "results.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps(r, sort_keys=True) + "\n")
+    fields = columns(rows)
     with open(os.path.join(run_dir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
+            w.writerow({k: _cell(r.get(k)) for k in fields})
+
+
+def _cell(v):
+    if v is None:
+        return ""
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
 
 
 def read_records(run: str) -> list[dict]:
@@ -238,30 +262,139 @@ def plot(run_dir: str, rows: list[dict], x: str, facet: str, metrics: list[tuple
 
 
 # -- comparison ------------------------------------------------------------------------------------
-def point_id(r: dict) -> tuple:
-    return (r["backend"], r["path"]) + tuple(json.dumps(r.get(a)) for a in GRID_AXES)
+# The record format of the YAML sweeps (kinds decode and prefix_sharing: records without a
+# "measurement" field); the benches declare theirs in lab.bench.BENCHES.
+DECODE = benches.Measurement(("backend", "path") + tuple(GRID_AXES),
+                           (("us_median", "time"), ("gbs", "GB/s")),
+                           compare=("us_median", "gbs"), x="context")
+
+
+def schema_of(name: str | None) -> benches.Measurement | None:
+    return DECODE if name is None else benches.measurement(name)
+
+
+def _points(run: str) -> dict:
+    """(measurement, point) -> record, for the measured records of a run."""
+    out = {}
+    for r in read_records(run):
+        name = r.get("measurement")
+        schema = schema_of(name)
+        if r.get("status") == "ok" and schema is not None:
+            out[(name,) + tuple(json.dumps(r.get(k)) for k in schema.params)] = r
+    return out
 
 
 def compare(run_a: str, run_b: str) -> tuple[str, int]:
-    """A markdown table of B/A ratios for the points both runs measured; (text, matched)."""
-    a = {point_id(r): r for r in read_records(run_a) if r.get("status") == "ok"}
-    b = {point_id(r): r for r in read_records(run_b) if r.get("status") == "ok"}
+    """Markdown tables of B/A ratios for the points both runs measured, one per measurement
+    (matching points on the measurement's params); (text, matched)."""
+    a, b = _points(run_a), _points(run_b)
     common = [k for k in a if k in b]
-    rows = [a[k] for k in common]
-    var = varying_axes(rows) if rows else []
-    head = ["backend", "path"] + [AXIS_LABEL[x] for x in var] + [
-        "A us/layer", "B us/layer", "time B/A", "A GB/s", "B GB/s", "GB/s B/A"]
-    lines = [f"A = {run_a}", f"B = {run_b}", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for k in common:
-        ra, rb = a[k], b[k]
-        ta, tb = ra.get("us_median"), rb.get("us_median")
-        ga, gb = ra.get("gbs"), rb.get("gbs")
-        cells = [ra["backend"], ra["path"]] + [_fmt(ra.get(x)) for x in var] + [
-            _fmt(ta, ".1f"), _fmt(tb, ".1f"), _fmt(tb / ta if ta and tb else None, ".3f"),
-            _fmt(ga, ".2f"), _fmt(gb, ".2f"), _fmt(gb / ga if ga and gb else None, ".3f")]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = [f"A = {run_a}", f"B = {run_b}"]
+    for name in dict.fromkeys(k[0] for k in common):
+        schema = schema_of(name)
+        keys = [k for k in common if k[0] == name]
+        rows = [a[k] for k in keys]
+        var = [p for p in schema.params
+               if p in ("backend", "path") or len({json.dumps(r.get(p)) for r in rows}) > 1]
+        head = [AXIS_LABEL.get(p, p) for p in var]
+        for _, label in schema.compared():
+            head += [f"A {label}", f"B {label}", f"{label} B/A"]
+        lines += [""] + ([f"{name}:"] if name else []) + [
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for k in keys:
+            ra, rb = a[k], b[k]
+            cells = [_fmt(ra.get(p)) for p in var]
+            for m, _ in schema.compared():
+                va, vb = ra.get(m), rb.get(m)
+                ok = isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va
+                cells += [_fmt(va, ".4g"), _fmt(vb, ".4g"), _fmt(vb / va if ok else None, ".3f")]
+            lines.append("| " + " | ".join(cells) + " |")
     only_a, only_b = len(set(a) - set(b)), len(set(b) - set(a))
     lines.append("")
     lines.append(f"{len(common)} matched point(s); {only_a} only in A, {only_b} only in B.")
     return "\n".join(lines), len(common)
+
+
+# -- bench runs ------------------------------------------------------------------------------------
+def bench_table(rows: list[dict], name: str) -> str:
+    """A markdown table of one measurement's records: the params that vary, then its metrics."""
+    schema = schema_of(name)
+    ok = [r for r in rows if r.get("measurement") == name and r.get("status") == "ok"]
+    if not ok or schema is None:
+        return ""
+    var = [p for p in schema.params
+           if p in ("backend", "path") or len({json.dumps(r.get(p)) for r in ok}) > 1]
+    metrics = [(k, label) for k, label in schema.metrics if any(r.get(k) is not None for r in ok)]
+    head = [AXIS_LABEL.get(p, p) for p in var] + [label for _, label in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ok:
+        lines.append("| " + " | ".join([_fmt(r.get(p)) for p in var]
+                                       + [_fmt(r.get(k), ".4g") for k, _ in metrics]) + " |")
+    fixed = {p: ok[0].get(p) for p in schema.params if p not in var and p in ok[0]}
+    lead = ("Fixed: " + ", ".join(f"{AXIS_LABEL.get(p, p)}={v}" for p, v in fixed.items())
+            + ".\n\n") if fixed else ""
+    return lead + "\n".join(lines) + "\n"
+
+
+def bench_summary(meta: dict, rows: list[dict], plots: list[str], notes: list[str]) -> str:
+    out = io.StringIO()
+    w = out.write
+    w(f"# {meta['name']} ({meta['started']})\n\n")
+    if meta.get("description"):
+        w(meta["description"].strip() + "\n\n")
+    w(f"Bench: `{meta['bench']}`. Command: `{meta['command']}`\n\n")
+    if meta["devices"]:
+        w("Devices: " + "; ".join(f"{b}: {d}" for b, d in meta["devices"].items()) + "\n\n")
+    w("Options: " + ", ".join(f"{k}={v}" for k, v in meta["options"].items()) + "\n")
+    for name in dict.fromkeys(r.get("measurement") for r in rows):
+        table = bench_table(rows, name)
+        if table:
+            w(f"\n## {name}\n\n{table}")
+    if notes:
+        w("\nNotes:\n" + "".join(f"- {n}\n" for n in notes))
+    if plots:
+        w("\nPlots: " + ", ".join(f"[{os.path.basename(p)}]({os.path.basename(p)})" for p in plots) + "\n")
+    return out.getvalue()
+
+
+def bench_plots(run_dir: str, rows: list[dict]) -> list[str]:
+    """One PNG per measurement with an x param of two or more values: its headline metric vs x,
+    one line per combination of the other params that vary."""
+    files = []
+    for name in dict.fromkeys(r.get("measurement") for r in rows):
+        schema = schema_of(name)
+        ok = [r for r in rows if r.get("measurement") == name and r.get("status") == "ok"]
+        if schema is None or schema.x is None or not ok:
+            continue
+        key, label = schema.metrics[0]
+        data = [r for r in ok if isinstance(r.get(key), (int, float))
+                and isinstance(r.get(schema.x), (int, float))]
+        if len({r[schema.x] for r in data}) < 2:
+            continue
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        others = [p for p in schema.params if p != schema.x
+                  and len({json.dumps(r.get(p)) for r in data}) > 1]
+        lines: dict = {}
+        for r in data:
+            line = " ".join(f"{AXIS_LABEL.get(p, p)}={r.get(p)}" for p in others) or name
+            lines.setdefault(line, []).append((r[schema.x], r[key]))
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for line, pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=line)
+        xs = [r[schema.x] for r in data]
+        if min(xs) > 0 and max(xs) / min(xs) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(AXIS_LABEL.get(schema.x, schema.x))
+        ax.set_ylabel(label)
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = os.path.join(run_dir, f"{name.replace('.', '-')}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files

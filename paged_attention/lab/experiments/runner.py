@@ -17,7 +17,8 @@ from ...validation import StepArgs, PoolSpec
 from . import measure as M
 from . import prefix as P
 from . import results as R
-from .config import Experiment
+from .. import benches
+from .config import BenchExperiment, Experiment
 
 
 @dataclass
@@ -182,8 +183,66 @@ def calibrate(exp: Experiment, backend, rows: list[dict], run_dir: str) -> dict 
             "details": details}
 
 
-def run(exp: Experiment, *, backends: list[str] | None = None, out_dir: str | None = None,
-        progress: bool = True, command: str | None = None, log=print) -> RunResult:
+def _write_json(run_dir: str, name: str, data) -> None:
+    with open(os.path.join(run_dir, name), "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def run_bench(exp: BenchExperiment, *, out_dir: str | None = None, command: str | None = None,
+              log=print) -> RunResult:
+    """Run a bench (lab.bench) with the experiment's resolved options; the run directory holds
+    what a sweep's holds: config.yaml, env.json, results.jsonl/csv, summary.md, plots."""
+    started = _dt.datetime.now()
+    run_dir = _run_dir(out_dir, exp.name, started)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(exp.to_dict(), f, sort_keys=False)
+    spec = benches.get(exp.bench)
+    notes: list[str] = []
+    reason = registry.unavailable_reason(spec.backend) if spec.backend else None
+    rows: list[dict] = []
+    if reason:
+        notes.append(f"bench {exp.bench} skipped: backend {spec.backend} unavailable: {reason}")
+    else:
+        try:
+            out = benches.module(exp.bench).measure(benches.namespace(exp.options))
+        except benches.BenchUnavailable as exc:
+            out = ([], [f"bench {exp.bench} skipped: {exc}"])
+        rows, more = out if isinstance(out, tuple) else (out, [])
+        notes += more
+    rows = [{"experiment": exp.name, "measurement": exp.bench, "status": "ok", **r} for r in rows]
+    env = R.environment({})
+    env["devices"] = {r["backend"]: {"device": r["device"]} for r in rows
+                      if r.get("backend") and r.get("device")}
+    _write_json(run_dir, "env.json", env)
+    R.write_records(run_dir, rows)
+    try:
+        plots = R.bench_plots(run_dir, rows)
+    except ImportError as exc:  # matplotlib is optional (the experiments extra)
+        plots = []
+        notes.append(f"no plots: {exc}")
+    meta = {"name": exp.name, "description": exp.description, "bench": exp.bench,
+            "started": started.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": command or f"paged-attn run {shlex.quote(exp.source)}",
+            "devices": {b: d["device"] for b, d in env["devices"].items()},
+            "options": exp.options}
+    summary = R.bench_summary(meta, rows, plots, notes)
+    with open(os.path.join(run_dir, "summary.md"), "w") as f:
+        f.write(summary)
+    for note in notes:
+        log(note)
+    names = dict.fromkeys(r["measurement"] for r in rows)
+    table = "\n".join(f"{n}:\n{R.bench_table(rows, n)}" for n in names)
+    return RunResult(run_dir, rows, summary, table, plots, [], notes)
+
+
+def run(exp: Experiment | BenchExperiment, *, backends: list[str] | None = None,
+        out_dir: str | None = None, progress: bool = True, command: str | None = None,
+        log=print) -> RunResult:
+    """Run an experiment: a sweep (decode, prefix_sharing) or a bench; the same artefacts."""
+    if exp.kind == "bench":
+        if backends and "backends" in exp.options:
+            exp.options["backends"] = ",".join(backends)
+        return run_bench(exp, out_dir=out_dir, command=command, log=log)
     started = _dt.datetime.now()
     names = _backend_names(exp, backends)
     notes, live = [], {}
@@ -277,3 +336,29 @@ def run(exp: Experiment, *, backends: list[str] | None = None, out_dir: str | No
     for be in live.values():
         be.close()
     return RunResult(run_dir, rows, summary, R.markdown_table(rows, exp.kind), plots, cal, notes)
+
+
+def bench_cli(name: str, argv: list[str] | None) -> int:
+    """`paged-attn bench NAME [flags]`: the flags become the experiment a YAML file would give,
+    run by the one runner into a run directory."""
+    spec = benches.BENCHES[name]
+    reason = registry.unavailable_reason(spec.backend) if spec.backend else None
+    if reason:
+        print(f"paged-attn: error: backend {spec.backend!r} is unavailable: {reason}",
+              file=sys.stderr)
+        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = benches.parser(name).parse_args(argv)
+    exp = BenchExperiment(name=f"bench-{name}", source="(command line)", bench=name,
+                          options=benches.resolved(name, a))
+    res = run_bench(exp, out_dir=a.out, command=shlex.join(["paged-attn", "bench", name, *argv]))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"bench": name, "options": exp.options, "rows": res.rows}, f, indent=1)
+    print(f"run directory: {res.run_dir} (summary.md, results.jsonl, results.csv, env.json, "
+          f"config.yaml)")
+    if not res.rows:
+        for note in res.notes:
+            print(f"paged-attn: error: {note}", file=sys.stderr)
+        return 2
+    return 0
