@@ -13,7 +13,10 @@ about attention.
               submit(seq, labels) (polled fence wait where the Kompute patch has it)
   timestamps  record_timestamps (latch a timestamp after every op), last_timestamps
   counters    submissions, algos_live, staging_bytes(), patched, host_io, spin_ns
-  lifetime    close()
+  facts       name, timestamps_supported, subgroup_size, compiler (ShaderCompiler)
+  lifetime    close(), closed
+`kp` and `mgr` (the module and the kp.Manager) are there for what this surface lacks (a pool's
+one-off download kernel); `sync` is the 4-byte tensor of stock kp's compute->compute barrier.
 
 Barriers
   With the patched Kompute (scripts/build_kompute.sh, `kp.pa_patch_level`), a sequence records
