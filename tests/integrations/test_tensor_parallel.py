@@ -131,3 +131,11 @@ def test_one_process_is_no_group():
     assert distributed.launched_group() is None
     with distributed.fail_fast(None) as guard:
         assert guard is None
+
+
+def test_bench_tp_outside_mlx_launch_says_how_to_launch(tmp_path, capsys):
+    from paged_attention.lab.experiments.runner import bench_cli
+    assert bench_cli("generate", ["--tp", "2", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--tp 2: this process is one of 1 rank(s); run it as `mlx.launch -n 2 -- paged-attn " \
+           "bench generate --tp 2`" in err
