@@ -77,6 +77,7 @@ def shard(model, group):
         check_heads(a.n_heads, a.n_kv_heads, group.size())
     model.shard(group)
     mx.eval(model.parameters())
+    _tick()
     return model
 
 
@@ -89,7 +90,9 @@ def load(path: str, group):
     heads = cfg.get("num_attention_heads")
     if heads is not None:
         check_heads(heads, cfg.get("num_key_value_heads", heads), group.size())
-    return sharded_load(path, tensor_group=group)
+    out = sharded_load(path, tensor_group=group)
+    _tick()
+    return out
 
 
 # -- per-step agreement ---------------------------------------------------------------------
