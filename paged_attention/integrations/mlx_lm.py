@@ -38,6 +38,7 @@ from ..block_manager import BlockManager
 from ..errors import InvalidInput, PagedAttentionError, PoolExhausted
 from ..interface import PagedAttention
 from ..registry import get_backend
+from . import distributed
 
 
 class Unsupported(PagedAttentionError, NotImplementedError):
@@ -459,6 +460,7 @@ class EngineStats:
     peak_kv_bytes: int = 0
     blocks_used: int = 0
     blocks_shared: int = 0
+    peak_running: int = 0        # most sequences admitted (holding blocks) at once
 
 
 class Engine:
@@ -472,18 +474,30 @@ class Engine:
     prompt (copy-on-write), a sample ends at one of its stop tokens or at `max_tokens`,
     `abort(rid)` drops a request, blocks that left every window are released, and
     `trim(seq_id, k)` rewinds a sequence. Policy and reasons: adr/0009-mlx-lm-integration.md.
+
+    A model sharded with mlx-lm's `model.shard(group)` (or `group=` given) runs tensor-parallel:
+    every rank runs this same engine on its own KV heads (pools, `num_blocks` and the bytes in
+    `stats` are per rank), checks on the first `check_steps` steps that every rank planned the
+    same step, and takes rank 0's sampled tokens (adr/0012-tensor-parallel.md).
     """
 
     def __init__(self, model, *, backend="mlx", path: str = "auto", block_size: int = 16,
                  num_blocks: int = 1024, sampler=None, prefix_caching: bool = True,
-                 max_batch_tokens: int = 512, trim_slack: int = 16):
+                 max_batch_tokens: int = 512, trim_slack: int = 16, group=None,
+                 check_steps: int = 8):
         block_size = _positive_int("block_size", block_size)
         num_blocks = _positive_int("num_blocks", num_blocks)
         self.max_batch_tokens = _positive_int("max_batch_tokens", max_batch_tokens)
         if isinstance(trim_slack, bool) or not isinstance(trim_slack, (int, np.integer)) \
                 or trim_slack < 0:
             raise InvalidInput(f"trim_slack: expected an integer >= 0, got {trim_slack!r}")
+        if isinstance(check_steps, bool) or not isinstance(check_steps, (int, np.integer)) \
+                or check_steps < 0:
+            raise InvalidInput(f"check_steps: expected an integer >= 0, got {check_steps!r}")
         self.model = model
+        group = group if group is not None else distributed.model_group(model)
+        self.tp = distributed.TensorParallel(group, check_steps=int(check_steps)) \
+            if group is not None and group.size() > 1 else None
         self.state = _PagedState(model, _resolve_backend(backend), num_blocks=num_blocks,
                                  block_size=block_size, path=path)
         self.caches = [PagedLayerCache(self.state, i, auto=False)
@@ -721,6 +735,7 @@ class Engine:
             budget -= take
         if batch:
             batch = self._grow(batch)
+        self.stats.peak_running = max(self.stats.peak_running, len(self._seqs))
         if not batch:
             if self._waiting:
                 raise PoolExhausted("num_blocks: no request fits in the pool")
@@ -736,6 +751,12 @@ class Engine:
             slots[gi] = np.concatenate([g.bm.slots(s.sid, s.computed, s.computed + n)
                                         for s, n in batch])
         st.step = _Step(ids, qlens, ctx, mx.array(positions.astype(np.int32)), tables, slots)
+        if self.tp is not None:
+            # Tables and slots carry admission, prefix hits, forks, window releases and trims;
+            # query lengths the chunking; tokens what was sampled before.
+            self.tp.check_plan(self.stats.steps, [np.asarray(ids), qlens, ctx, tokens, positions,
+                                                  len(self._waiting), self.stats.preemptions,
+                                                  *tables.values(), *slots.values()])
         with paged_attention_hook(self.model):
             logits = self.model(mx.array(tokens.astype(np.int32))[:, None], cache=self.caches)
         st.step = None
@@ -758,6 +779,8 @@ class Engine:
                                        for i, r in enumerate(reps)])
             logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
             picked = self.sampler(logprobs).tolist()
+            if self.tp is not None:
+                picked = self.tp.agree(picked)
             k = 0
             for s, r in zip(sample_seqs, reps):
                 mine = picked[k:k + r]
@@ -860,7 +883,7 @@ def blocks_needed(prompts, max_tokens: int, block_size: int, n: int = 1) -> int:
 
 
 def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, prefix_caching,
-           n, num_blocks, max_batch_tokens, tokenizer, stop_tokens):
+           n, num_blocks, max_batch_tokens, tokenizer, stop_tokens, group=None):
     """An engine with every prompt queued; all input checked before anything is admitted."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise InvalidInput(f"prompts: expected a list of prompts, got {type(prompts).__name__}"
@@ -886,7 +909,7 @@ def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, pr
         num_blocks = blocks_needed(ids, max_tokens, _positive_int("block_size", block_size), n)
     eng = Engine(model, backend=backend, path=path, block_size=block_size, num_blocks=num_blocks,
                  sampler=sampler, prefix_caching=prefix_caching,
-                 max_batch_tokens=max_batch_tokens)
+                 max_batch_tokens=max_batch_tokens, group=group)
     # add_request refuses a request no pool of num_blocks can hold before any is queued.
     rids = [eng.add_request(p, max_tokens, n, stop_tokens=stop) for p in ids]
     return eng, rids, n
@@ -895,7 +918,7 @@ def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, pr
 def generate(model, prompts: Sequence, *, max_tokens: int, backend="mlx", path: str = "auto",
              block_size: int = 16, sampler=None, prefix_caching: bool = True, n: int = 1,
              num_blocks: int | None = None, max_batch_tokens: int = 512, tokenizer=None,
-             stop_tokens=None, engine_out: list | None = None) -> list[list[int]]:
+             stop_tokens=None, engine_out: list | None = None, group=None) -> list[list[int]]:
     """Generate up to `max_tokens` tokens for each prompt, all requests batched continuously on
     the paged cache; returns token ids, n lists per prompt, in order.
 
@@ -903,11 +926,13 @@ def generate(model, prompts: Sequence, *, max_tokens: int, backend="mlx", path: 
     `stop_tokens` (not included), by default the tokenizer's EOS ids when one is given (pass
     `stop_tokens=()` to run on). Greedy unless `sampler` (mlx-lm's signature: logprobs [B, V] ->
     tokens [B]). `num_blocks` defaults to a pool that holds everything at once; a smaller one
-    works too, through preemption and recompute (same greedy tokens, more compute)."""
+    works too, through preemption and recompute (same greedy tokens, more compute). A model
+    sharded with `model.shard(group)` runs tensor-parallel: call this on every rank with the
+    same arguments (`Engine`, adr/0012-tensor-parallel.md)."""
     eng, rids, _ = _start(model, prompts, max_tokens=max_tokens, backend=backend, path=path,
                           block_size=block_size, sampler=sampler, prefix_caching=prefix_caching,
                           n=n, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
-                          tokenizer=tokenizer, stop_tokens=stop_tokens)
+                          tokenizer=tokenizer, stop_tokens=stop_tokens, group=group)
     eng.run()
     if engine_out is not None:
         engine_out.append(eng)
@@ -933,4 +958,4 @@ def _stream(eng: Engine, first: dict):
 
 _GENERATE_DEFAULTS = dict(backend="mlx", path="auto", block_size=16, sampler=None,
                           prefix_caching=True, n=1, num_blocks=None, max_batch_tokens=512,
-                          tokenizer=None, stop_tokens=None)
+                          tokenizer=None, stop_tokens=None, group=None)
