@@ -6,9 +6,11 @@ Three layers, each usable alone:
   `update_and_fetch`, `make_mask`, `trim`, `is_trimmable`). `update_and_fetch` only stashes the
   new k/v; the attention itself happens in the hook.
 - `paged_attention_hook(model)`: a context manager that swaps the model module's
-  `scaled_dot_product_attention` for one that, given a `PagedLayerCache`, runs
-  `backend.run(plan, q, pool, k, v)` (writes the new rows, attends over the blocks). One
-  `backend.plan(...)` per step and window is shared by all layers. mlx-lm itself is unchanged.
+  `scaled_dot_product_attention` (or, for an attention that computes its logits inline, i.e.
+  gemma2, its attention class's `__call__`: a per-architecture adapter) for one that, given a
+  `PagedLayerCache`, runs `backend.run(plan, q, pool, k, v, sinks=...)` (writes the new rows,
+  attends over the blocks). One `backend.plan(...)` per step, window and soft-cap is shared by
+  all layers. mlx-lm itself is unchanged.
 - `Engine` / `generate`: continuous batching. Every step is ONE model call over the ragged batch
   laid out token-major: input ids [N, 1] (one "batch row" per token) with per-token rope offsets,
   so mlx-lm's [B, H, L, D] tensors are [N, H, 1, D], i.e. plan/run's [N, H, D] without a copy.
