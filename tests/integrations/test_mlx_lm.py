@@ -377,3 +377,47 @@ def test_continuous_batching_joins_and_finishes(models, refs):
     for rid, p, n in zip(rids, ps, lens):
         assert eng.results(rid) == [refs("gemma3", p, n)]
     assert eng.block_counts() == [0, 0]
+
+
+def test_sinks_steps_leave_an_auto_path_without_sinks():
+    """plan(path="auto") cannot know run will get sinks: where auto picks a path without them
+    (here a numpy backend whose auto choice, "plain", lists no variants), the sinks model's
+    steps are planned on the first path that has them, and tokens stay mlx-lm's."""
+    from paged_attention.backends.numpy_backend import Backend as NumpyBackend
+
+    class AutoWithoutSinks(NumpyBackend):
+        paths = ("plain", "reference")
+        variants = {"plain": frozenset(), "reference": NumpyBackend.variants["reference"]}
+
+        def _auto_path(self, args, spec):
+            return "plain"
+
+        def _run_variant(self, plan, q, pool, k, v, sinks):
+            self.chosen.append(plan.path)
+            return super()._run_variant(plan, q, pool, k, v, sinks)
+
+    be = AutoWithoutSinks()
+    be.chosen = []             # the path of every layer's run (numpy's _run goes through here)
+    model = build(CONFIGS["gpt-oss"])
+    p = prompts([30], seed=13)[0]
+    assert pl.generate(model, [p], max_tokens=16, backend=be)[0] == reference(model, p, 16)
+    assert set(be.chosen) == {"reference"} and len(be.chosen) == 2 * 16  # 2 layers x 16 steps
+    # a model without sinks on that backend keeps auto's choice
+    be.chosen = []
+    pl.generate(build(CONFIGS["llama"]), [p[:5]], max_tokens=2, backend=be)
+    assert set(be.chosen) == {"plain"}
+
+
+@pytest.mark.parametrize("name, dropped", [("gpt-oss", "sinks"), ("gemma2", "soft_cap")])
+def test_configs_depend_on_the_feature(name, dropped, models, refs, monkeypatch):
+    """The token-exact tests above could not fail if these tiny models ignored their sinks or
+    cap: an engine that drops the feature must give different tokens on them."""
+    attend = pl.PagedLayerCache._attend
+
+    def without(self, q, k, v, scale, **kw):
+        kw.pop(dropped)
+        return attend(self, q, k, v, scale, **kw)
+    monkeypatch.setattr(pl.PagedLayerCache, "_attend", without)
+    ps = prompts(PROMPT_LENS)
+    got = pl.generate(models[name], ps, max_tokens=STEPS, backend="numpy")
+    assert sum(g != refs(name, p) for g, p in zip(got, ps)) >= 3
