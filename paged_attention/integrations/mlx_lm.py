@@ -154,7 +154,6 @@ class ModelInfo:
     arch: _Arch
     windows: tuple            # per layer: window or None
     scales: tuple             # per layer: attention scale
-    soft_caps: tuple          # per layer: logit soft-cap or None
     features: frozenset       # backend `variants` features the attention needs
     num_q_heads: int
     num_kv_heads: int
@@ -216,7 +215,6 @@ def inspect_model(model) -> ModelInfo:
     return ModelInfo(module=sys.modules[name], arch=arch,
                      windows=tuple(arch.windows(model)),
                      scales=tuple(float(h[2]) for h in heads),
-                     soft_caps=tuple(arch.soft_cap(a) for a in attns),
                      features=frozenset().union(*(arch.features(a) for a in attns)),
                      num_q_heads=hq.pop(), num_kv_heads=hkv.pop(), head_dim=dims.pop(),
                      dtype=dtype, vocab_size=int(model.args.vocab_size))
