@@ -9,9 +9,10 @@ import sys
 import time
 
 GENERATE_HELP = """Generate with an mlx-lm model on the paged KV cache (continuous batching).
---model DIR loads a local mlx-lm model directory (mlx_lm.load: config.json, *.safetensors,
-tokenizer files; nothing is downloaded) and prompts are text; each sample stops at the
-tokenizer's end-of-sequence ids (--ignore-eos runs on to --max-tokens). One sample streams its
+--model takes what `mlx_lm.generate --model` takes: a local mlx-lm model directory
+(config.json, *.safetensors, tokenizer files; float or quantized weights) or a Hugging Face repo
+id, which mlx-lm's own loader (mlx_lm.load) fetches into its cache. Prompts are then text; each
+sample stops at the tokenizer's end-of-sequence ids (--ignore-eos runs on to --max-tokens). One sample streams its
 text to the terminal as it is generated; with several, each is printed when it finishes.
 --random-config CONFIG.json builds random weights from an mlx-lm config dict; it has no
 tokenizer, so each prompt is whitespace-separated TOKEN IDS (e.g. --prompt "1 5 9").
@@ -24,7 +25,7 @@ def add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate with an mlx-lm model on the paged cache",
                        description=GENERATE_HELP)
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="local mlx-lm model directory")
+    src.add_argument("--model", help="mlx-lm model directory or Hugging Face repo id")
     src.add_argument("--random-config", help="mlx-lm config JSON; random weights, token-id prompts")
     pr = g.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -105,6 +106,16 @@ class _Printer:
             print(flush=True)
 
 
+def _model_source_ok(model: str) -> bool:
+    """A local directory, or a string shaped like a Hugging Face repo id ("name" or
+    "owner/name"; letters, digits, '-', '_', '.'; not a path such as ./x or /tmp/x)."""
+    import re
+    if os.path.isdir(model):
+        return True
+    return not os.path.exists(model) and re.fullmatch(
+        r"[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)?", model) is not None
+
+
 def cmd_generate(args) -> int:
     try:
         from ..integrations import distributed
@@ -130,15 +141,22 @@ def _generate(args, pl, group) -> int:
     tokenizer = None
     stop = list(args.stop_token or [])
     if args.model:
-        if not os.path.isdir(args.model):
-            # mlx_lm.load would take a missing path for a Hugging Face repo and download it.
+        if not _model_source_ok(args.model):
+            # mlx_lm.load takes any missing path for a repo id and tries to download it.
             return _error(f"--model: {args.model!r} is not a directory (an mlx-lm model "
-                          "directory: config.json, *.safetensors, tokenizer files)")
-        if group is not None:
-            model, tokenizer = distributed.load(args.model, group)
-        else:
-            from mlx_lm import load
-            model, tokenizer = load(args.model)
+                          "directory: config.json, *.safetensors, tokenizer files) nor a "
+                          "Hugging Face repo id (owner/name)")
+        try:
+            if group is not None:
+                model, tokenizer = distributed.load(args.model, group)
+            else:
+                from mlx_lm import load
+                model, tokenizer = load(args.model)
+        except Exception as e:  # noqa: BLE001 - a missing repo, network, bad files: say which
+            if isinstance(e, distributed.Unshardable):
+                raise
+            return _error(f"--model: mlx-lm could not load {args.model!r}: "
+                          f"{type(e).__name__}: {e}")
         prompts = [tokenizer.encode(t) for t in lines]
         if not args.ignore_eos:
             stop += sorted(tokenizer.eos_token_ids)
