@@ -173,7 +173,7 @@ def unpack(words: np.ndarray, bits: int) -> np.ndarray:
     """uint32 [..., W] -> the quantized integers [..., W * 32 / bits] (uint32)."""
     shifts = np.arange(32 // bits, dtype=np.uint32) * bits
     q = (np.asarray(words, np.uint32)[..., None] >> shifts) & np.uint32((1 << bits) - 1)
-    return q.reshape(*words.shape[:-1], -1)
+    return q.reshape(*words.shape[:-1], words.shape[-1] * (32 // bits))
 
 
 def _affine_dequantize(rows: QuantizedRows, group: int, bits: int, dtype: str) -> np.ndarray:
