@@ -164,7 +164,9 @@ def _affine_quantize(x: np.ndarray, group: int, bits: int, dtype: str) -> Quanti
         scale = np.where(nonzero, edge / np.where(nonzero, q0, 1), scale).astype(np.float32)
         bias = np.where(nonzero, edge, np.float32(0)).astype(np.float32)
         q = np.clip(np.rint((w - bias[..., None]) / scale[..., None]), 0, n_bins)
-    q = q.astype(np.uint32).reshape(*lead, d * bits // 32, 32 // bits)
+    # A group holding NaN or inf has no meaningful scale; MLX's cast of its NaN codes is
+    # undefined behaviour, so such groups' contents are unspecified (ADR 0011); here code 0.
+    q = np.nan_to_num(q, nan=0.0).astype(np.uint32).reshape(*lead, d * bits // 32, 32 // bits)
     words = np.bitwise_or.reduce(q << (np.arange(32 // bits, dtype=np.uint32) * bits), axis=-1)
     return QuantizedRows(words.astype(np.uint32), round_to(scale, dtype), round_to(bias, dtype))
 
