@@ -28,6 +28,7 @@ from .errors import InvalidInput
 KV_DTYPES = ("int8", "int4", "float8_e4m3")
 GROUP_SIZES = (32, 64, 128)
 FP8_MAX = 448.0
+_AFFINE_BITS = {"int8": 8, "int4": 4}
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
@@ -51,7 +52,7 @@ class KVFormat:
 
     @property
     def affine(self) -> bool:
-        return self.name in ("int8", "int4")
+        return _AFFINE_BITS.get(self.name, 0) > 0
 
     @property
     def bits(self) -> int:
