@@ -258,10 +258,21 @@ class _Step:
     plans: dict = field(default_factory=dict)
 
 
+def kv_format_args(kv_bits, kv_group_size) -> dict:
+    """mlx-lm's quantized-cache names -> create_pool's: kv_bits None (plain pools), 8 or 4
+    (MLX's affine format, ADR 0011) with kv_group_size elements per scale and bias."""
+    if kv_bits is None:
+        return {}
+    if isinstance(kv_bits, bool) or kv_bits not in (8, 4):
+        raise InvalidInput(f"kv_bits: expected None, 8 or 4, got {kv_bits!r}")
+    return dict(kv_dtype=f"int{kv_bits}", kv_group_size=kv_group_size)
+
+
 class _PagedState:
     def __init__(self, model, backend: PagedAttention, *, num_blocks: int, block_size: int,
-                 path: str):
+                 path: str, kv_bits=None, kv_group_size: int = 64):
         self.info = inspect_model(model)
+        kv = kv_format_args(kv_bits, kv_group_size)
         self.backend = backend
         self.path = path
         info = self.info
@@ -282,7 +293,7 @@ class _PagedState:
             g = self.groups[by_window[w]]
             g.layers.append(i)
             g.pools[i] = backend.create_pool(num_blocks, block_size, info.num_kv_heads,
-                                             info.head_dim, info.dtype)
+                                             info.head_dim, info.dtype, **kv)
             self.group_of.append(by_window[w])
         self.block_size = block_size
         self.step: _Step | None = None
@@ -507,11 +518,13 @@ def _resolve_backend(backend) -> PagedAttention:
 
 
 def make_paged_cache(model, *, backend="mlx", num_blocks: int = 256, block_size: int = 16,
-                     path: str = "auto") -> list:
+                     path: str = "auto", kv_bits=None, kv_group_size: int = 64) -> list:
     """A per-layer cache list for mlx-lm's own loops (`generate_step(..., prompt_cache=...)`);
-    use it inside `paged_attention_hook(model)`. Each batch row is one sequence."""
+    use it inside `paged_attention_hook(model)`. Each batch row is one sequence. kv_bits 8/4:
+    quantized pools (mlx-lm's names and format)."""
     st = _PagedState(model, _resolve_backend(backend), num_blocks=num_blocks,
-                     block_size=block_size, path=path)
+                     block_size=block_size, path=path, kv_bits=kv_bits,
+                     kv_group_size=kv_group_size)
     return [PagedLayerCache(st, i, auto=True) for i in range(len(model.layers))]
 
 
@@ -629,7 +642,7 @@ class Engine:
     def __init__(self, model, *, backend="mlx", path: str = "auto", block_size: int = 16,
                  num_blocks: int = 1024, sampler=None, prefix_caching: bool = True,
                  max_batch_tokens: int = 512, trim_slack: int = 16, group=None,
-                 check_steps: int = 8):
+                 check_steps: int = 8, kv_bits=None, kv_group_size: int = 64):
         block_size = _positive_int("block_size", block_size)
         num_blocks = _positive_int("num_blocks", num_blocks)
         self.max_batch_tokens = _positive_int("max_batch_tokens", max_batch_tokens)
@@ -644,7 +657,8 @@ class Engine:
         self.tp = distributed.TensorParallel(group, check_steps=int(check_steps)) \
             if group is not None and group.size() > 1 else None
         self.state = _PagedState(model, _resolve_backend(backend), num_blocks=num_blocks,
-                                 block_size=block_size, path=path)
+                                 block_size=block_size, path=path, kv_bits=kv_bits,
+                                 kv_group_size=kv_group_size)
         self.caches = [PagedLayerCache(self.state, i, auto=False)
                        for i in range(len(model.layers))]
         self.sampler = sampler or greedy
@@ -1028,7 +1042,8 @@ def blocks_needed(prompts, max_tokens: int, block_size: int, n: int = 1) -> int:
 
 
 def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, prefix_caching,
-           n, num_blocks, max_batch_tokens, tokenizer, stop_tokens, group=None):
+           n, num_blocks, max_batch_tokens, tokenizer, stop_tokens, group=None, kv_bits=None,
+           kv_group_size=64):
     """An engine with every prompt queued; all input checked before anything is admitted."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise InvalidInput(f"prompts: expected a list of prompts, got {type(prompts).__name__}"
@@ -1047,6 +1062,7 @@ def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, pr
             raise InvalidInput(f"prompts[{i}]: expected at least one token id")
     max_tokens = _positive_int("max_tokens", max_tokens)
     n = _positive_int("n", n)
+    kv_format_args(kv_bits, kv_group_size)     # checked before anything is built
     if stop_tokens is None and tokenizer is not None:
         stop_tokens = sorted(tokenizer.eos_token_ids)      # mlx-lm's default: stop at EOS
     stop = _stop_ids(stop_tokens, vocab)
@@ -1054,7 +1070,8 @@ def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, pr
         num_blocks = blocks_needed(ids, max_tokens, _positive_int("block_size", block_size), n)
     eng = Engine(model, backend=backend, path=path, block_size=block_size, num_blocks=num_blocks,
                  sampler=sampler, prefix_caching=prefix_caching,
-                 max_batch_tokens=max_batch_tokens, group=group)
+                 max_batch_tokens=max_batch_tokens, group=group, kv_bits=kv_bits,
+                 kv_group_size=kv_group_size)
     # add_request refuses a request no pool of num_blocks can hold before any is queued.
     rids = [eng.add_request(p, max_tokens, n, stop_tokens=stop) for p in ids]
     return eng, rids, n
@@ -1063,7 +1080,8 @@ def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, pr
 def generate(model, prompts: Sequence, *, max_tokens: int, backend="mlx", path: str = "auto",
              block_size: int = 16, sampler=None, prefix_caching: bool = True, n: int = 1,
              num_blocks: int | None = None, max_batch_tokens: int = 512, tokenizer=None,
-             stop_tokens=None, engine_out: list | None = None, group=None) -> list[list[int]]:
+             stop_tokens=None, engine_out: list | None = None, group=None, kv_bits=None,
+             kv_group_size: int = 64) -> list[list[int]]:
     """Generate up to `max_tokens` tokens for each prompt, all requests batched continuously on
     the paged cache; returns token ids, n lists per prompt, in order.
 
@@ -1073,11 +1091,14 @@ def generate(model, prompts: Sequence, *, max_tokens: int, backend="mlx", path: 
     tokens [B]). `num_blocks` defaults to a pool that holds everything at once; a smaller one
     works too, through preemption and recompute (same greedy tokens, more compute). A model
     sharded with `model.shard(group)` runs tensor-parallel: call this on every rank with the
-    same arguments (`Engine`, adr/0012-tensor-parallel.md)."""
+    same arguments (`Engine`, adr/0012-tensor-parallel.md). `kv_bits` 8 or 4 quantizes the
+    cache as mlx-lm's `--kv-bits` does (its affine format with `kv_group_size`; ADR 0011), here
+    with paging, prefix sharing, forks and windows."""
     eng, rids, _ = _start(model, prompts, max_tokens=max_tokens, backend=backend, path=path,
                           block_size=block_size, sampler=sampler, prefix_caching=prefix_caching,
                           n=n, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
-                          tokenizer=tokenizer, stop_tokens=stop_tokens, group=group)
+                          tokenizer=tokenizer, stop_tokens=stop_tokens, group=group,
+                          kv_bits=kv_bits, kv_group_size=kv_group_size)
     eng.run()
     if engine_out is not None:
         engine_out.append(eng)
@@ -1103,4 +1124,5 @@ def _stream(eng: Engine, first: dict):
 
 _GENERATE_DEFAULTS = dict(backend="mlx", path="auto", block_size=16, sampler=None,
                           prefix_caching=True, n=1, num_blocks=None, max_batch_tokens=512,
-                          tokenizer=None, stop_tokens=None, group=None)
+                          tokenizer=None, stop_tokens=None, group=None, kv_bits=None,
+                          kv_group_size=64)

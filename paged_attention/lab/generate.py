@@ -44,6 +44,10 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--n", type=int, default=1, help="samples per prompt (forks, copy-on-write)")
     g.add_argument("--dtype", default="float32", help="weights of --random-config models")
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
+                   help="quantize the paged KV cache (mlx-lm's affine format; ADR 0011)")
+    g.add_argument("--kv-group-size", type=int, default=64,
+                   help="elements of head_dim per scale and bias with --kv-bits")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--tp-timeout", type=float, default=300.0,
                    help="under mlx.launch: seconds without a finished collective before a rank "
@@ -175,7 +179,8 @@ def _generate(args, pl, group) -> int:
         num_blocks = pl.blocks_needed(prompts, max(args.max_tokens, 1),
                                       max(args.block_size, 1), max(args.n, 1))
     eng = pl.Engine(model, backend=args.backend, path=args.path, block_size=args.block_size,
-                    num_blocks=num_blocks, prefix_caching=not args.no_prefix_caching)
+                    num_blocks=num_blocks, prefix_caching=not args.no_prefix_caching,
+                    kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     rids = [eng.add_request(p, args.max_tokens, args.n, stop_tokens=stop) for p in prompts]
     from tqdm import tqdm
     total = len(prompts) * args.n * args.max_tokens
@@ -264,12 +269,13 @@ def run_mlx_lm(model, prompts, max_tokens):
     return n, dt, peak
 
 
-def run_paged(model, prompts, max_tokens, backend, path, block_size, batch_tokens=2048):
+def run_paged(model, prompts, max_tokens, backend, path, block_size, batch_tokens=2048,
+              kv_bits=None):
     import mlx.core as mx
     from ..integrations import mlx_lm as pl
     eng = pl.Engine(model, backend=backend, path=path, block_size=block_size,
                     num_blocks=pl.blocks_needed(prompts, max_tokens, block_size),
-                    max_batch_tokens=batch_tokens)
+                    max_batch_tokens=batch_tokens, kv_bits=kv_bits)
     for p in prompts:
         eng.add_request(p, max_tokens)
     t0 = time.perf_counter()
@@ -280,18 +286,21 @@ def run_paged(model, prompts, max_tokens, backend, path, block_size, batch_token
 
 
 def sequences_fitting(prompts, max_tokens: int, block_size: int, kv_bytes: int, config: dict,
-                      itemsize: int, seed: int = 0) -> int:
+                      dtype: str, seed: int = 0, kv_bits=None) -> int:
     """How many requests like `prompts` (their common prefix shared, each with its own random
-    suffix of the same length, room for max_tokens) the paged cache admits in kv_bytes of KV:
-    the block manager's own admission, prefix cache included, not a formula."""
+    suffix of the same length, room for max_tokens) the paged cache admits in kv_bytes of KV
+    (pools of `dtype`, quantized to kv_bits): the block manager's own admission, prefix cache
+    included, not a formula."""
     import os
 
     import numpy as np
 
     from ..block_manager import BlockManager
     from ..errors import PoolExhausted
-    per_block = (2 * block_size * config["num_key_value_heads"] * config["head_dim"] * itemsize
-                 * config["num_hidden_layers"])
+    from ..validation import check_pool_spec
+    spec = check_pool_spec(1, block_size, config["num_key_value_heads"], config["head_dim"],
+                           dtype, (dtype,), None if kv_bits is None else f"int{kv_bits}")
+    per_block = block_size * spec.bytes_per_token * config["num_hidden_layers"]
     bm = BlockManager(kv_bytes // per_block, block_size)
     prefix = list(os.path.commonprefix([list(p) for p in prompts]))
     rng = np.random.default_rng(seed)
@@ -330,6 +339,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the paged engine's max tokens per step (prefill chunks + decode rows)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip the untimed first run per impl")
+    ap.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
+                    help="quantized paged KV (ADR 0011); reports sequences admitted per MiB")
     tp = ap.add_argument_group("tensor parallel (under mlx.launch -n N)")
     tp.add_argument("--tp", type=int, default=1,
                     help="N > 1: rows for 1 and N ranks (run under `mlx.launch -n N`): tokens/s, "
@@ -381,7 +392,8 @@ def measure(a) -> list[dict]:
         if impl == "mlx-lm":
             return run_mlx_lm(model, prompts, steps)
         backend, path = impl.split(":")
-        return run_paged(model, prompts, steps, backend, path, a.block_size, a.batch_tokens)
+        return run_paged(model, prompts, steps, backend, path, a.block_size, a.batch_tokens,
+                         a.kv_bits)
 
     rows = []
     if a.warmup:
@@ -409,13 +421,22 @@ def measure(a) -> list[dict]:
                 if shared and base:
                     # Concurrency in the same memory: what mlx-lm's cache peaked at for b
                     # sequences, filled by the paged cache's own admission.
-                    fit = sequences_fitting(prompts, steps, a.block_size,
-                                            base[0]["peak_kv_bytes"], cfg, 2 if dtype != "float32"
-                                            else 4)
+                    budget = base[0]["peak_kv_bytes"]
+                    fit = sequences_fitting(prompts, steps, a.block_size, budget, cfg, dtype)
                     base[0]["paged_sequences_in_same_kv"] = fit
                     print(f"{'':16s} {b:3d} paged cache admits {fit} such sequences in mlx-lm's "
-                          f"{base[0]['peak_kv_bytes'] / 2**20:.0f} MiB ({fit / b:.2f}x)",
-                          flush=True)
+                          f"{budget / 2**20:.0f} MiB ({fit / b:.2f}x)", flush=True)
+                    if a.kv_bits:   # the same budget, quantized pools: sequences per byte
+                        qfit = sequences_fitting(prompts, steps, a.block_size, budget, cfg, dtype,
+                                                 kv_bits=a.kv_bits)
+                        for r in rows[-len(impls):]:
+                            if r["impl"] != "mlx-lm":
+                                r["kv_bits"] = a.kv_bits
+                                r["sequences_per_mib"] = qfit / (budget / 2**20)
+                        base[0]["sequences_per_mib"] = fit / (budget / 2**20)
+                        print(f"{'':16s} {b:3d} int{a.kv_bits} paged cache admits {qfit} "
+                              f"({qfit / (budget / 2**20):.2f}/MiB against "
+                              f"{fit / (budget / 2**20):.2f}/MiB unquantized)", flush=True)
     for r in rows:  # the lab's record fields: backend and path ("mlx-lm": its own cache)
         backend, _, path = r["impl"].partition(":")
         r.update(measurement="generate", backend=backend, path=path or "-")
