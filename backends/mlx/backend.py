@@ -27,8 +27,10 @@ class MLXPool(KVPool):
 class MLXBackend(PagedAttention):
     name = "mlx"
     pool_dtypes = ("float16", "bfloat16", "float32")
-    # The fused kernel's specialisations are issue 25's next step (ADR 0010); gather has all.
-    variants = {"gather": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"})}
+    # Gather writes the variants out in float32; the fused kernel compiles each in as its own
+    # form (its prompt chunks go through gather's variant attention): ADR 0010.
+    variants = {"gather": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"}),
+                "fused": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"})}
 
     def __init__(self):
         self.kernel_api = gpu_kind()
@@ -84,8 +86,10 @@ class MLXBackend(PagedAttention):
             from .fused import DecodePlan  # lazily: it compiles kernels and is GPU-only
 
             def decode(rows):
-                # The write indices ride in the plan's one device array (ADR 0007).
-                return DecodePlan.from_spec(self.kernel_api, rows, plan.spec, slots=slots)
+                # The write indices ride in the plan's one device array (ADR 0007), and so do
+                # the variant's soft-cap and slopes (`rows`, a selection, carries no variant).
+                return DecodePlan.from_spec(self.kernel_api, rows, plan.spec, slots=slots,
+                                            attention=plan.args.variant)
             args = plan.args
             if args.decode_only or not (args.query_lens > 1).any():
                 # Every row a decode query: the sequences with a query (in order) are the rows.
@@ -111,6 +115,10 @@ class MLXBackend(PagedAttention):
         return step.attend(as_mx(q), pool.k, pool.v)
 
     def _run_variant(self, plan: Plan, q, pool, k, v, sinks):
+        # Every attend object has the variant form: GatherPlan (written out in float32),
+        # DecodePlan (the fused kernel's forms with the features compiled in) and MixedPlan
+        # (decode rows fused, prompt chunks through gather's variant attention). The LSE is
+        # None where the plan does not return it and the path need not compute it.
         step = plan.device
         self._write_step(step, pool, k, v)
         return step.attend.with_lse(as_mx(q), pool.k, pool.v,

@@ -246,10 +246,16 @@ def test_both_targets_share_the_body(kernel, split):
     names = set(re.findall(r"\bPA_\w+|\bpa_\w+", code(shared)))
     local = set(re.findall(r"constexpr int (PA_\w+)", shared)) | \
         set(re.findall(r"PA_SHARED float (pa_\w+)", shared)) | set(re.findall(r"#define (PA_\w+)", shared)) \
-        | {"PA_SPLIT", "pa_params", "pa_step"}
+        | set(re.findall(r"(?:const )?(?:float|int) (pa_\w+)", shared))
+    every = ks.KERNEL_FEATURES.get((kernel, split), ())
+    # what the assembled source declares: the form's #defines and the input/output names of
+    # the kernel's forms (the body names both forms' arguments, each behind its #if)
+    args = {n for (k, sp), feats in ks.KERNEL_FEATURES.items() if k == kernel
+            for n in ks.input_names(k, sp, feats) + ks.output_names(k, sp, feats)}
     for api in ks.TARGETS:
-        header, body = ks.kernel_source(api, kernel, split)
-        provided = defined_names(header) | set(re.findall(r"const int (pa_\w+)", body))
+        header, body = ks.kernel_source(api, kernel, split, every)
+        provided = defined_names(header) | set(re.findall(r"const int (pa_\w+)", body)) | \
+            set(re.findall(r"#define (PA_\w+)", body)) | args
         assert names - local <= provided, f"{api}: missing {names - local - provided}"
 
 
