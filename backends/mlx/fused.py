@@ -306,10 +306,12 @@ class DecodePlan:
     @classmethod
     def from_args(cls, api: str, args: StepArgs, k_pool: mx.array, partitions=None,
                   variant: dict | None = None):
+        """The plan for decode rows `args` (their attention variant included) over k_pool."""
         nb, bs, hkv, d = k_pool.shape
         return cls(api, args.block_tables, args.context_lens, args.scale, args.window,
                    num_blocks=nb, block_size=bs, num_kv_heads=hkv, num_q_heads=args.num_q_heads,
-                   head_dim=d, pool_dtype=k_pool.dtype, partitions=partitions, variant=variant)
+                   head_dim=d, pool_dtype=k_pool.dtype, partitions=partitions, variant=variant,
+                   attention=args.variant)
 
     @classmethod
     def from_spec(cls, api: str, args: StepArgs, spec, partitions=None, slots=None,

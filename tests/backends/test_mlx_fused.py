@@ -4,6 +4,7 @@ GPU tests run on a Metal or CUDA MLX device and skip elsewhere; the source-struc
 heuristic tests run everywhere (the Metal source is generated from the same body as CUDA)."""
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import shutil
@@ -385,3 +386,206 @@ def test_step_array_layout():
     e = np.array(empty.ints)
     assert e[1] == 1 and e[2] == 0 and empty.write is None
     np.testing.assert_array_equal(e[e[7]:e[7] + 2], [0, 0])   # one zero entry per row
+
+
+# ---- attention variants (ADR 0010): soft-cap, ALiBi, sinks, LSE as compiled-in forms -----------
+VARIANT_FEATURES = tuple(ks.FEATURE_DEFINES)          # soft_cap, alibi_slopes, sinks, return_lse
+
+
+def variant_case(seed, lens, hkv, group, d, bs, dtype, window, cap, alibi, sinks, lse):
+    """make_case's pools plus validated args carrying the Variant, and the sinks (or None)."""
+    import dataclasses
+
+    from paged_attention.validation import check_variant
+    q, k, v, tables, lens = make_case(seed, lens, hkv, group, d, bs, dtype)
+    rng = np.random.default_rng(seed + 1)
+    hq = hkv * group
+    slopes = -rng.uniform(0.01, 0.3, hq).astype(np.float32) if alibi else None
+    sink = (2 * rng.standard_normal(hq)).astype(np.float32) if sinks else None
+    spec = PoolSpec(*k.shape, dtype=dtype)
+    args = check_decode(q, spec, tables, lens, None, window)
+    args = dataclasses.replace(args, variant=check_variant(cap, slopes, lse, hq))
+    return q, k, v, args, sink
+
+
+def run_variant(q, k, v, args, sink, partitions):
+    plan = DecodePlan.from_args(API, args, k, partitions)
+    out, lse = plan.with_lse(mx.array(q), k, v, None if sink is None else mx.array(sink))
+    want, want_lse = reference.step(q, host(k), host(v), args, sink)
+    return plan, host(out), (None if lse is None else np.array(lse)), want, want_lse
+
+
+@needs_gpu
+@pytest.mark.parametrize("partitions", [1, 5, None])
+@pytest.mark.parametrize("feats", [f for n in range(1, 5) for f in itertools.combinations(VARIANT_FEATURES, n)],
+                         ids=lambda f: "+".join(f))
+def test_variant_forms_match_the_reference(feats, partitions):
+    """Every combination of the four features, unsplit and split-K (forced and chosen), against
+    the float64 reference: the output, and the LSE where asked (natural log, sinks included)."""
+    cap, alibi, sinks, lse = (f in feats for f in VARIANT_FEATURES)
+    q, k, v, args, sink = variant_case(23, [1500, 1, 0, 700], 2, 4, 128, 16, "float16", None,
+                                       8.0 if cap else None, alibi, sinks, lse)
+    plan, got, got_lse, want, want_lse = run_variant(q, k, v, args, sink, partitions)
+    assert partitions != 5 or plan.num_parts == 5
+    assert reference.rms(got, want) < TOL
+    assert not got[2].any(), "an empty sequence gives zeros, sinks or not"
+    if lse:
+        assert got_lse.shape == (4, 8) and got_lse.dtype == np.float32
+        np.testing.assert_allclose(got_lse, want_lse, atol=2e-3, rtol=0)
+        assert np.array_equal(np.isneginf(got_lse[2]), not sinks)
+    else:
+        assert got_lse is None
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", [("bfloat16", [900, 37], 1, 8, 64, 32, 300),
+                                  ("float32", [1200, 3], 2, 6, 96, 16, None),
+                                  ("float16", [333, 12], 1, 16, 128, 16, 100)],
+                         ids=["bf16-window", "f32-g6-d96", "f16-g16-window"])
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_all_variants_over_dtypes_windows_and_groups(case, partitions):
+    dtype, lens, hkv, group, d, bs, window = case
+    q, k, v, args, sink = variant_case(29, lens, hkv, group, d, bs, dtype, window, 20.0, True,
+                                       True, True)
+    _, got, got_lse, want, want_lse = run_variant(q, k, v, args, sink, partitions)
+    assert reference.rms(got, want) < TOL
+    np.testing.assert_allclose(got_lse, want_lse, atol=2e-3, rtol=0)
+
+
+@needs_gpu
+def test_split_k_counts_a_sink_once():
+    """A sink is one key per query: with 8 partitions it must not join 8 denominators. exp(8)
+    is about the sum of the 4000 keys' weights (logits ~ N(0, 1)), so a sink counted 8 times
+    would move the LSE by ~1.6 and the output by a large fraction of itself."""
+    q, k, v, args, _ = variant_case(31, [4000], 2, 4, 128, 16, "float32", None, None, False,
+                                    False, True)
+    sink = np.full(8, 8.0, np.float32)
+    outs, lses = [], []
+    for parts in (1, 8):
+        plan, got, got_lse, want, want_lse = run_variant(q, k, v, args, sink, parts)
+        assert plan.num_parts == parts
+        assert reference.rms(got, want) < 1e-4
+        np.testing.assert_allclose(got_lse, want_lse, atol=1e-4, rtol=0)
+        outs.append(got)
+        lses.append(got_lse)
+    np.testing.assert_allclose(lses[0], lses[1], atol=1e-4)
+
+
+@needs_gpu
+def test_plain_runs_keep_the_plain_kernel():
+    """A plan without variants launches the plain forms (no extra input or output)."""
+    q, k, v, tables, lens = make_case(37, [300], 2, 4, 64, 16, "float16")
+    spec = PoolSpec(*k.shape, dtype="float16")
+    plan = DecodePlan.from_args(API, check_decode(q, spec, tables, lens, None, None), k)
+    got = host(plan(mx.array(q), k, v))
+    out, lse = plan.with_lse(mx.array(q), k, v, None)     # no features: the plain form too
+    assert lse is None and np.array_equal(host(out), got)
+
+
+# CPU-runnable: the forms' sources, names, signatures and the step array's variant fields.
+def test_every_form_has_its_own_name_and_signature():
+    names = set()
+    for kernel, split in (("decode", False), ("decode", True), ("reduce", False)):
+        allowed = [f for f in VARIANT_FEATURES if f in ks.KERNEL_FEATURES[(kernel, split)]]
+        for n in range(len(allowed) + 1):
+            for feats in itertools.combinations(allowed, n):
+                names.add(ks.kernel_name(kernel, split, feats))
+                _, body = ks.kernel_source("cuda", kernel, split, feats)
+                for f, define in ks.FEATURE_DEFINES.items():
+                    assert f"#define {define} {int(f in feats)}\n" in body
+                assert ("pa_sinks" in ks.input_names(kernel, split, feats)) == ("sinks" in feats)
+                assert ("lse" in ks.output_names(kernel, split, feats)) == ("return_lse" in feats)
+    assert len(names) == 16 + 4 + 4
+    assert ks.kernel_name("decode") == "pa_paged_decode"      # the plain forms keep their names
+    for feats in (("sinks",), ("return_lse",)):                 # the reduce's job under split-K
+        with pytest.raises(ValueError, match="does not implement"):
+            ks.kernel_source("cuda", "decode", True, feats)
+
+
+def test_step_array_carries_the_cap_and_slopes():
+    from paged_attention.backends.mlx.fused import STEP_HEADER
+    from paged_attention.validation import check_variant
+    tables = np.array([[3, 9], [7, 0]], np.int32)
+    lens = np.array([20, 17], np.int32)
+    slopes = np.array([-0.5, -0.25, -0.125, -0.0625], np.float32)
+
+    def ints(attention, slots=None):
+        p = DecodePlan("cuda", tables, lens, 0.125, None, num_blocks=64, block_size=16,
+                       num_kv_heads=2, num_q_heads=4, head_dim=64, pool_dtype=mx.float16,
+                       slots=slots, attention=attention)
+        return p, np.array(p.ints)
+    _, plain = ints(check_variant(None, None, True, 4))
+    assert plain[8] == 0 and plain[9] == 0 and plain.size == STEP_HEADER + 2 + 4
+    p, a = ints(check_variant(30.0, slopes, False, 4), slots=np.array([19, 32]))
+    assert a[8:9].view(np.float32)[0] == np.float32(30.0)
+    np.testing.assert_array_equal(a[a[9]:a[9] + 4].view(np.float32), slopes)
+    np.testing.assert_array_equal(a[a[7]:a[7] + 4].reshape(2, 2), tables)   # tables unmoved
+    np.testing.assert_array_equal(np.array(p.write[0]), [1, 2])             # writes after slopes
+    np.testing.assert_array_equal(np.array(p.write[1]), [3, 0])
+
+
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not installed (the CUDA sources are "
+                                "compiled offline for sm_90; MLX itself compiles them with NVRTC)")
+
+
+def nvcc_cubin(tmp_path, name, source):
+    """Compile one translation unit for sm_90; (cubin bytes, ptxas report)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    src = folder / "kernel.cu"
+    src.write_text(source)
+    r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v",
+                        "-diag-suppress", "177", "-o", str(folder / "kernel.cubin"), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return (folder / "kernel.cubin").read_bytes(), r.stderr
+
+
+def form_unit(kernel, split, feats, dtype, d, group, q_dtype="float16"):
+    """The CUDA translation unit MLX would build for one form (decode or reduce)."""
+    sig_types = {"q": q_dtype, "k_pool": dtype, "v_pool": dtype, "pa_step": "int32",
+                 "o_part": "float32", "ml_part": "float32", "pa_sinks": "float32",
+                 "out": q_dtype, "lse": "float32"}
+    ins = {n: sig_types[n] for n in ks.input_names(kernel, split, feats)}
+    outs = {n: sig_types[n] for n in ks.output_names(kernel, split, feats)}
+    if kernel == "reduce":
+        tmpl = [("OutT", q_dtype), ("D", d), ("HQ", 8 * group)]
+    else:
+        cfg = kernel_config(d, 16, 8, group, MX[dtype])
+        tmpl = [(n, dtype if n == "T" else q_dtype if n == "OutT" else v)
+                for n, v in cfg.template(None, None)]
+    return ks.cuda_translation_unit(kernel, split, ins, outs, tmpl, feats)
+
+
+FORMS = [(kernel, split, feats) for kernel, split in (("decode", False), ("decode", True), ("reduce", False))
+         for n in range(5) for feats in itertools.combinations(
+             [f for f in VARIANT_FEATURES if f in ks.KERNEL_FEATURES[(kernel, split)]], n)]
+GEOMETRIES = [("float16", 128, 4), ("bfloat16", 64, 8), ("float32", 256, 8)]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("i", range(len(FORMS)),
+                         ids=[f"{k}{'-split' if s else ''}-{'+'.join(f) or 'plain'}" for k, s, f in FORMS])
+def test_every_variant_form_compiles_for_cuda_without_spills(tmp_path, i):
+    """Each form (16 unsplit decode, 4 split decode, 4 reduce) as MLX would assemble it, through
+    nvcc for sm_90 (one geometry per form, rotating over the dtypes; the all-features forms get
+    every geometry in the next test): syntax and types hold, and no register spills."""
+    kernel, split, feats = FORMS[i]
+    dtype, d, group = GEOMETRIES[i % len(GEOMETRIES)]
+    _, report = nvcc_cubin(tmp_path, "k", form_unit(kernel, split, feats, dtype, d, group))
+    assert "0 bytes spill stores" in report, report[-2000:]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("geometry,q_dtype", list(zip(GEOMETRIES, ["float32", "bfloat16", "float16"])),
+                         ids=lambda g: f"{g[0]}-D{g[1]}-g{g[2]}" if isinstance(g, tuple) else f"q-{g}")
+def test_all_features_compile_for_every_geometry(tmp_path, geometry, q_dtype):
+    """The forms with every feature, for each pool dtype and geometry, with a q dtype other
+    than the one the per-form test uses."""
+    dtype, d, group = geometry
+    for kernel, split in (("decode", False), ("decode", True), ("reduce", False)):
+        feats = tuple(f for f in VARIANT_FEATURES if f in ks.KERNEL_FEATURES[(kernel, split)])
+        _, report = nvcc_cubin(tmp_path, f"{kernel}{int(split)}",
+                               form_unit(kernel, split, feats, dtype, d, group, q_dtype))
+        assert "0 bytes spill stores" in report, report[-2000:]
