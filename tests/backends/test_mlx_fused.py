@@ -589,3 +589,25 @@ def test_all_features_compile_for_every_geometry(tmp_path, geometry, q_dtype):
         _, report = nvcc_cubin(tmp_path, f"{kernel}{int(split)}",
                                form_unit(kernel, split, feats, dtype, d, group, q_dtype))
         assert "0 bytes spill stores" in report, report[-2000:]
+
+
+def test_variant_translation_units_have_the_signatures_mlx_builds():
+    """The all-features forms as MLX would wrap them: the sinks an input after pa_step (Metal:
+    in the constant address space when under 8 values, as MLX passes small inputs), the LSE an
+    output after out; bool template arguments as MLX writes them (CUDA constexpr bool; Metal
+    `bool` parameters instantiated with 1/0)."""
+    cfg = kernel_config(64, 16, 2, 2, mx.float16)
+    tmpl = [(n, "float16" if n in ("T", "OutT") else v) for n, v in cfg.template(None, None)]
+    feats = tuple(ks.FEATURE_DEFINES)
+    ins = {"q": "float16", "k_pool": "float16", "v_pool": "float16", "pa_step": "int32",
+           "pa_sinks": "float32"}
+    outs = {"out": "float16", "lse": "float32"}
+    cuda = ks.cuda_translation_unit("decode", False, ins, outs, tmpl, feats)
+    assert "const float* pa_sinks,\n    __half* out,\n    float* lse) {" in cuda
+    assert "constexpr bool PF = false;" in cuda and "#define PA_SINKS 1" in cuda
+    metal = ks.metal_translation_unit("decode", False, ins, outs, tmpl, feats, small={"pa_sinks"})
+    assert "const constant float* pa_sinks [[buffer(4)]]" in metal
+    assert "device float* lse [[buffer(6)]]" in metal and "bool PF" in metal
+    assert "pa_paged_decode_cap_alibi_sinks_lse<" in metal
+    with pytest.raises(ValueError, match="takes inputs"):
+        ks.cuda_translation_unit("decode", False, ins, outs, tmpl, ())   # sinks without the form
