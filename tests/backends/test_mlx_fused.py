@@ -432,7 +432,7 @@ def test_variant_forms_match_the_reference(feats, partitions):
     if lse:
         assert got_lse.shape == (4, 8) and got_lse.dtype == np.float32
         np.testing.assert_allclose(got_lse, want_lse, atol=2e-3, rtol=0)
-        assert np.array_equal(np.isneginf(got_lse[2]), not sinks)
+        assert np.all(np.isneginf(got_lse[2]) == (not sinks))
     else:
         assert got_lse is None
 
@@ -611,3 +611,56 @@ def test_variant_translation_units_have_the_signatures_mlx_builds():
     assert "pa_paged_decode_cap_alibi_sinks_lse<" in metal
     with pytest.raises(ValueError, match="takes inputs"):
         ks.cuda_translation_unit("decode", False, ins, outs, tmpl, ())   # sinks without the form
+
+
+@pytest.mark.parametrize("query_lens", [None, [1, 4, 1]], ids=["decode", "ragged"])
+@pytest.mark.parametrize("splitk", ["off", "4"])
+def test_run_launches_the_form_for_exactly_the_features_used(monkeypatch, query_lens, splitk):
+    """The host side of the variant path on any MLX device, the kernels replaced by a stand-in
+    that checks each launch against its form's signature: which forms run(plan, sinks=) picks,
+    unsplit and split-K (the split decode takes cap and bias, the reduce sinks and LSE), the
+    sinks passed as float32 [Hq], and out/lse shapes back through MixedPlan's row order."""
+    from paged_attention import settings
+    from paged_attention.backends.mlx import fused
+    launched = []
+
+    def stand_in(api, kernel, split, features=frozenset()):
+        ins, outs = ks.input_names(kernel, split, features), ks.output_names(kernel, split, features)
+
+        def launch(inputs, output_shapes, output_dtypes, template, grid, threadgroup):
+            assert len(inputs) == len(ins) and len(output_shapes) == len(outs) == len(output_dtypes)
+            if "pa_sinks" in ins:
+                assert inputs[-1].dtype == mx.float32 and inputs[-1].shape == (8,)
+            launched.append(ks.kernel_name(kernel, split, features))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return launch
+    monkeypatch.setattr(fused, "_kernel", stand_in)
+    be = MLXBackend()
+    monkeypatch.setattr(be, "kernel_api", "cuda")
+    monkeypatch.setattr(be, "paths", ("gather", "fused"))
+    pool = be.create_pool(256, 16, 2, 64, "float16")
+    rng = np.random.default_rng(0)
+    tables = rng.permutation(256)[:192].reshape(3, 64).astype(np.int32)
+    lens = np.array([1000, 5, 600])
+    split = "_split" if splitk != "off" else ""
+    cases = [  # (cap, alibi, lse, sinks) -> the forms launched
+        ((30.0, True, True, True), [f"pa_paged_decode{split}_cap_alibi" + ("" if split else "_sinks_lse")]
+         + (["pa_paged_reduce_sinks_lse"] if split else [])),
+        ((None, False, False, True), [f"pa_paged_decode{split}" + ("" if split else "_sinks")]
+         + (["pa_paged_reduce_sinks"] if split else [])),
+        ((5.0, False, True, False), [f"pa_paged_decode{split}_cap" + ("" if split else "_lse")]
+         + (["pa_paged_reduce_lse"] if split else [])),
+    ]
+    with settings.override(mlx_splitk=splitk):
+        for (cap, alibi, lse, sinks), forms in cases:
+            slopes = -np.linspace(0.1, 0.8, 8).astype(np.float32) if alibi else None
+            plan = be.plan(pool, tables, lens, num_q_heads=8, query_lens=query_lens, soft_cap=cap,
+                           alibi_slopes=slopes, return_lse=lse, path="fused")
+            q = mx.array(rng.standard_normal((plan.num_rows, 8, 64)).astype(np.float16))
+            launched.clear()
+            got = be.run(plan, q, pool, sinks=np.ones(8, np.float32) if sinks else None)
+            out, lse_out = got if lse else (got, None)
+            assert launched == forms
+            assert out.shape == q.shape and out.dtype == q.dtype
+            if lse:
+                assert lse_out.shape == (plan.num_rows, 8) and lse_out.dtype == mx.float32
