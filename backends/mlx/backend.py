@@ -100,8 +100,10 @@ class QuantizedSource:
 class MLXBackend(PagedAttention):
     name = "mlx"
     pool_dtypes = ("float16", "bfloat16", "float32")
-    # The fused kernel's specialisations are issue 25's next step (ADR 0010); gather has all.
-    variants = {"gather": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"})}
+    # Gather writes the variants out in float32; the fused kernel compiles each in as its own
+    # form (its prompt chunks go through gather's variant attention): ADR 0010.
+    variants = {"gather": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"}),
+                "fused": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"})}
     # Gather dequantizes the blocks it takes (ADR 0011); the fused kernel's reading of the
     # formats is its own next step, so until then it refuses quantized pools by name.
     kv_formats = {"gather": frozenset(KV_DTYPES)}
@@ -163,8 +165,10 @@ class MLXBackend(PagedAttention):
             from .fused import DecodePlan  # lazily: it compiles kernels and is GPU-only
 
             def decode(rows):
-                # The write indices ride in the plan's one device array (ADR 0007).
-                return DecodePlan.from_spec(self.kernel_api, rows, plan.spec, slots=slots)
+                # The write indices ride in the plan's one device array (ADR 0007), and so do
+                # the variant's soft-cap and slopes (`rows`, a selection, carries no variant).
+                return DecodePlan.from_spec(self.kernel_api, rows, plan.spec, slots=slots,
+                                            attention=plan.args.variant)
             args = plan.args
             if args.decode_only or not (args.query_lens > 1).any():
                 # Every row a decode query: the sequences with a query (in order) are the rows.
@@ -190,6 +194,10 @@ class MLXBackend(PagedAttention):
         return step.attend(as_mx(q), *pool.sources())
 
     def _run_variant(self, plan: Plan, q, pool, k, v, sinks):
+        # Every attend object has the variant form: GatherPlan (written out in float32),
+        # DecodePlan (the fused kernel's forms with the features compiled in) and MixedPlan
+        # (decode rows fused, prompt chunks through gather's variant attention). The LSE is
+        # None where the plan does not return it and the path need not compute it.
         step = plan.device
         self._write_step(step, pool, k, v)
         return step.attend.with_lse(as_mx(q), *pool.sources(),
