@@ -49,15 +49,19 @@ class KVPool(ABC):
     dtype = property(lambda self: self.spec.dtype)
     nbytes = property(lambda self: self.spec.nbytes)
 
+    kv_format = property(lambda self: self.spec.kv_format)
+
     @abstractmethod
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """Host copies (k, v), each [num_blocks, block_size, Hkv, D] in the pool's dtype
-        (bfloat16 pools come back as float32)."""
+        (bfloat16 pools come back as float32). A quantized pool returns its DEQUANTIZED values
+        (float32, the format's reference arithmetic: what attention reads), not its storage."""
 
     def __repr__(self) -> str:
         s = self.spec
+        fmt = "" if s.kv_format is None else f", kv_format={s.kv_format.describe()!r}"
         return (f"{type(self).__name__}(num_blocks={s.num_blocks}, block_size={s.block_size}, "
-                f"num_kv_heads={s.num_kv_heads}, head_dim={s.head_dim}, dtype={s.dtype!r})")
+                f"num_kv_heads={s.num_kv_heads}, head_dim={s.head_dim}, dtype={s.dtype!r}{fmt})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,6 +150,10 @@ class PagedAttention(ABC):
     # path -> the attention features (Variant.features(), 'sinks') it implements (ADR 0010);
     # 'auto' steps around a path lacking one the plan uses, an explicit path is refused.
     variants: dict[str, frozenset] = {}
+    # path -> the quantized KV formats (create_pool's kv_dtype, ADR 0011) it reads; every path
+    # reads plain pools. 'auto' steps around a path that cannot read a step's pools, an explicit
+    # one is refused by name, and create_pool refuses a format no path here reads.
+    kv_formats: dict[str, frozenset] = {}
     pool_dtypes: tuple[str, ...] = ("float16", "float32")
     q_dtypes: tuple[str, ...] = FLOAT_DTYPES
 
@@ -169,9 +177,23 @@ class PagedAttention(ABC):
 
     # -- pools ---------------------------------------------------------------------------------
     @_serialized
-    def create_pool(self, num_blocks, block_size, num_kv_heads, head_dim, dtype="float16") -> KVPool:
-        """A zero-filled pool pair for one layer."""
-        spec = check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, self.pool_dtypes)
+    def create_pool(self, num_blocks, block_size, num_kv_heads, head_dim, dtype="float16", *,
+                    kv_dtype=None, kv_group_size=64, k_scale=1.0, v_scale=1.0) -> KVPool:
+        """A zero-filled pool pair for one layer.
+
+        dtype: the compute dtype of q, the output and (quantized pools) the scales.
+        kv_dtype: None (K/V stored in `dtype`), "int8" or "int4" (MLX's affine group
+            quantization along head_dim, kv_group_size 32/64/128 elements per scale and bias),
+            "float8_e4m3" (vLLM's fp8: stored = e4m3fn(k / k_scale), read as stored * k_scale;
+            likewise V with v_scale). Writes quantize; attention reads the dequantized values.
+            See paged_attention.kv_formats and ADR 0011.
+        """
+        spec = check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype,
+                               self.pool_dtypes, kv_dtype, kv_group_size, k_scale, v_scale)
+        if spec.kv_dtype is not None and not self.paths_reading(spec.kv_dtype):
+            raise InvalidInput(f"kv_dtype: backend {self.name!r} has no path that reads "
+                               f"{spec.kv_dtype!r} pools here (formats by path: "
+                               f"{ {p: sorted(self.kv_formats.get(p, ())) for p in self.paths} })")
         # One object per geometry: run() then matches a layer's pool to its plan by identity
         # (a dataclass __eq__ per layer costs more than every other check of run()).
         spec = _SPECS.setdefault(spec, spec)
@@ -332,6 +354,11 @@ class PagedAttention(ABC):
         """Every path this backend has on some device; `paths` is the subset usable here."""
         return self.paths
 
+    def paths_reading(self, kv_dtype: str | None) -> tuple[str, ...]:
+        """The paths available here that read pools of `kv_dtype` (None: plain pools, all)."""
+        return self.paths if kv_dtype is None else \
+            tuple(p for p in self.paths if kv_dtype in self.kv_formats.get(p, ()))
+
     def path_unavailable_reason(self, path: str) -> str | None:
         """None when `path` runs here, else why not (used for errors and test skips)."""
         if path in self.paths:
@@ -375,6 +402,11 @@ class PagedAttention(ABC):
             missing = tuple(f for f in feats if f not in self.variants.get(p, ()))
             if missing:
                 return self._variant_reason(p, missing)
+            fmt = next((s.kv_dtype for s in (spec, *more) if s.kv_dtype is not None and
+                        s.kv_dtype not in self.kv_formats.get(p, ())), None)
+            if fmt is not None:
+                return (f"path {p!r} of backend {self.name!r} does not read kv_dtype {fmt!r} "
+                        f"pools; paths that do: {self.paths_reading(fmt)}")
             return next(filter(None, (self.shape_unsupported_reason(p, s) for s in (spec, *more))),
                         None)
         why = unsupported(path)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidInput
+from .kv_formats import KVFormat, check_kv_format
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -63,13 +64,21 @@ def host_ints(x, name: str, ndim: int, cast: bool = True) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """Geometry of one layer's K and V pools: each is [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Geometry of one layer's K and V pools: each is [num_blocks, block_size, num_kv_heads, head_dim]
+    of `dtype`, or, with a `kv_format` (paged_attention.kv_formats), that format's storage of
+    them; `dtype` is then the compute dtype of q, the output and the format's scales."""
 
     num_blocks: int
     block_size: int
     num_kv_heads: int
     head_dim: int
     dtype: str = "float16"
+    kv_format: KVFormat | None = None
+
+    @property
+    def kv_dtype(self) -> str | None:
+        """The quantized format's name (create_pool's kv_dtype), None for a plain pool."""
+        return None if self.kv_format is None else self.kv_format.name
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -84,12 +93,20 @@ class PoolSpec:
         return 4 if self.dtype == "float32" else 2
 
     @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes in this pool: K and V, and their scales when quantized."""
+        if self.kv_format is None:
+            return 2 * self.num_kv_heads * self.head_dim * self.itemsize
+        return self.kv_format.bytes_per_token(self.num_kv_heads, self.head_dim, self.dtype)
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of K plus V."""
-        return 2 * math.prod(self.shape) * self.itemsize
+        """Bytes of K plus V (and their scales, when quantized)."""
+        return self.num_slots * self.bytes_per_token
 
 
-def check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, supported) -> PoolSpec:
+def check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, supported,
+                    kv_dtype=None, kv_group_size=64, k_scale=1.0, v_scale=1.0) -> PoolSpec:
     for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
                         ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -97,7 +114,8 @@ def check_pool_spec(num_blocks, block_size, num_kv_heads, head_dim, dtype, suppo
     dt = dtype_name(dtype)
     if dt not in supported:
         raise InvalidInput(f"dtype: expected one of {supported}, got {dt!r}")
-    return PoolSpec(int(num_blocks), int(block_size), int(num_kv_heads), int(head_dim), dt)
+    fmt = check_kv_format(kv_dtype, kv_group_size, k_scale, v_scale, int(head_dim))
+    return PoolSpec(int(num_blocks), int(block_size), int(num_kv_heads), int(head_dim), dt, fmt)
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,6 +11,11 @@ and after the last word ("ninety-nine") it is the end-of-sequence token. A rando
 rarely, if ever, produce a chosen EOS id; this one reaches it from any prompt, so stopping at
 EOS (and running on past it) is observable and the output is predictable:
 "ninety-five" -> " ninety-six ninety-seven ninety-eight ninety-nine", then EOS.
+
+Any model type mlx-lm builds from a config works (llama by default, gpt_oss, ...). One whose
+output head is its embedding (gemma2 always ties them) cannot be set up to count: it keeps
+random weights, and tests compare its output with mlx-lm's own generate instead.
+`quantize_model_dir` turns a directory into a quantized one with mlx-lm's own converter.
 """
 from __future__ import annotations
 
@@ -52,13 +57,13 @@ def _tokenizer(eos_token_id):
 
 def write_model_dir(path, *, model_type: str = "llama", eos_token_id: int | None = EOS_ID,
                     seed: int = 0, **config_overrides) -> pathlib.Path:
-    """Write a tiny counting mlx-lm model directory at `path` and return it.
+    """Write a tiny mlx-lm model directory at `path` and return it: a counting one when the
+    model has an untied output head, random weights otherwise (see the module docstring).
 
     eos_token_id: the tokenizer's and config's end-of-sequence id (None: the tokenizer has none,
-    so generation runs to max_tokens); the model emits it after "ninety-nine". config_overrides
-    change the mlx-lm config (the vocabulary stays `VOCAB`).
+    so generation runs to max_tokens); a counting model emits it after "ninety-nine".
+    config_overrides change the mlx-lm config (the vocabulary stays `VOCAB`).
     """
-    import mlx.core as mx
     from mlx_lm.utils import save_config, save_model
 
     from paged_attention.integrations.mlx_lm import random_model
@@ -71,8 +76,24 @@ def write_model_dir(path, *, model_type: str = "llama", eos_token_id: int | None
             raise ValueError(f"eos_token_id: expected an id in [0, {len(VOCAB)}), got {eos_token_id}")
         config["eos_token_id"] = eos_token_id
     model = random_model(config, seed=seed)
-    if not hasattr(model, "lm_head"):
-        raise ValueError("write_model_dir needs an untied output head (tie_word_embeddings=False)")
+    if hasattr(model, "lm_head"):
+        _make_it_count(model, config, eos_token_id, seed)
+    save_model(path, model)
+    save_config(config, config_path=path / "config.json")
+    _tokenizer(eos_token_id).save_pretrained(str(path))
+    return path
+
+
+def quantize_model_dir(src, dst, *, bits: int = 4, group_size: int = 64) -> pathlib.Path:
+    """What `mlx_lm.convert --quantize` leaves on disk (packed weights, quantization config,
+    tokenizer), written from the model directory `src` into `dst` (which must not exist)."""
+    from mlx_lm.convert import convert
+    convert(str(src), str(dst), quantize=True, q_bits=bits, q_group_size=group_size)
+    return pathlib.Path(dst)
+
+
+def _make_it_count(model, config: dict, eos_token_id, seed: int) -> None:
+    import mlx.core as mx
     hidden = config["hidden_size"]
     # One random unit direction per token: the embedding of token i is a scaled u_i, and the
     # head row of i's successor is u_i, so the successor's logit is the largest by far.
@@ -89,10 +110,6 @@ def write_model_dir(path, *, model_type: str = "llama", eos_token_id: int | None
     model.model.embed_tokens.weight = u * _EMBED_SCALE
     model.lm_head.weight = head
     mx.eval(model.parameters())
-    save_model(path, model)
-    save_config(config, config_path=path / "config.json")
-    _tokenizer(eos_token_id).save_pretrained(str(path))
-    return path
 
 
 if __name__ == "__main__":  # python tests/model_dir.py DIR: write one by hand

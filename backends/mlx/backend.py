@@ -5,6 +5,7 @@ import mlx.core as mx
 import numpy as np
 
 from paged_attention.interface import KVPool, PagedAttention, Plan
+from paged_attention.kv_formats import KV_DTYPES
 from paged_attention.validation import PoolSpec
 
 from . import KNOWN_PATHS
@@ -13,22 +14,99 @@ from .gather import GatherPlan
 from .mixed import MixedPlan
 
 class MLXPool(KVPool):
+    """K and V as mx.arrays of the pool's dtype, or (quantized pools) their format's storage:
+    k, v the data and k_scales/k_biases/v_scales/v_biases (affine formats), all indexed by
+    (block, offset) (kv_formats.py). Gather reads a quantized pool through `sources()`."""
+
     def __init__(self, spec: PoolSpec):
         super().__init__(spec, "mlx")
-        self.k = mx.zeros(spec.shape, dtype=DTYPES[spec.dtype])
-        self.v = mx.zeros(spec.shape, dtype=DTYPES[spec.dtype])
-        mx.eval(self.k, self.v)
+        fmt = spec.kv_format
+        self.k_scales = self.k_biases = self.v_scales = self.v_biases = None
+        if fmt is None:
+            self.k = mx.zeros(spec.shape, dtype=DTYPES[spec.dtype])
+            self.v = mx.zeros(spec.shape, dtype=DTYPES[spec.dtype])
+        else:
+            data = (*spec.shape[:3], fmt.data_width(spec.head_dim))
+            kind = mx.uint32 if fmt.affine else mx.uint8
+            self.k, self.v = mx.zeros(data, dtype=kind), mx.zeros(data, dtype=kind)
+            if fmt.affine:
+                groups = (*spec.shape[:3], fmt.groups(spec.head_dim))
+                self.k_scales, self.k_biases, self.v_scales, self.v_biases = (
+                    mx.zeros(groups, dtype=DTYPES[spec.dtype]) for _ in range(4))
+        mx.eval(*self.arrays())
+
+    def arrays(self) -> list:
+        """Every array indexed by (block, offset): what a write or a block copy touches."""
+        return [a for a in (self.k, self.v, self.k_scales, self.k_biases, self.v_scales,
+                            self.v_biases) if a is not None]
+
+    def sources(self):
+        """(keys, values) as gather reads them: the arrays, or QuantizedSource views."""
+        if self.kv_format is None:
+            return self.k, self.v
+        fmt, dt = self.kv_format, DTYPES[self.dtype]
+        return (QuantizedSource(self.k, self.k_scales, self.k_biases, fmt, dt, self.spec.shape,
+                                fmt.k_scale),
+                QuantizedSource(self.v, self.v_scales, self.v_biases, fmt, dt, self.spec.shape,
+                                fmt.v_scale))
+
+    def write(self, blocks, offsets, k, v) -> None:
+        """Quantize k, v [S, Hkv, D] and scatter them (and their scales) at (blocks, offsets)."""
+        fmt, dt = self.kv_format, DTYPES[self.dtype]
+        for x, data, scales, biases, scale in (
+                (k, self.k, self.k_scales, self.k_biases, fmt.k_scale),
+                (v, self.v, self.v_scales, self.v_biases, fmt.v_scale)):
+            x = as_mx(x).astype(dt)
+            if fmt.affine:
+                wq, s, b = mx.quantize(x, group_size=fmt.group_size, bits=fmt.bits)
+                data[blocks, offsets] = wq
+                scales[blocks, offsets] = s
+                biases[blocks, offsets] = b
+            else:   # in float32, as the reference: e4m3fn(x / scale)
+                data[blocks, offsets] = mx.to_fp8(x.astype(mx.float32) / scale)
 
     def to_numpy(self):
+        if self.kv_format is not None:   # dequantized, as attention reads them
+            k, v = self.sources()
+            return tuple(np.array(s.dequantize(s.data, s.scales, s.biases).astype(mx.float32))
+                         for s in (k, v))
         cast = (lambda a: a.astype(mx.float32)) if self.dtype == "bfloat16" else (lambda a: a)
         return np.array(cast(self.k)), np.array(cast(self.v))
+
+
+class QuantizedSource:
+    """One of a quantized pool's K or V as the gather path reads it: `take(table)` gathers the
+    blocks' data and scales, then dequantizes only those (float32 for fp8, the pool's dtype for
+    the affine formats, bit for bit mx.dequantize(*mx.quantize(x)))."""
+
+    __slots__ = ("data", "scales", "biases", "fmt", "dtype", "shape", "scale")
+
+    def __init__(self, data, scales, biases, fmt, dtype, shape, scale):
+        self.data, self.scales, self.biases, self.fmt = data, scales, biases, fmt
+        self.dtype, self.shape, self.scale = dtype, shape, scale
+
+    def dequantize(self, data, scales, biases) -> mx.array:
+        if self.fmt.affine:
+            return mx.dequantize(data, scales, biases, group_size=self.fmt.group_size,
+                                 bits=self.fmt.bits)
+        return mx.from_fp8(data, mx.float32) * self.scale
+
+    def take(self, table: mx.array) -> mx.array:
+        """[*table.shape, block_size, Hkv, D] values of the blocks in `table`."""
+        pick = (lambda a: None if a is None else mx.take(a, table, axis=0))
+        return self.dequantize(pick(self.data), pick(self.scales), pick(self.biases))
 
 
 class MLXBackend(PagedAttention):
     name = "mlx"
     pool_dtypes = ("float16", "bfloat16", "float32")
-    # The fused kernel's specialisations are issue 25's next step (ADR 0010); gather has all.
-    variants = {"gather": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"})}
+    # Gather writes the variants out in float32; the fused kernel compiles each in as its own
+    # form (its prompt chunks go through gather's variant attention): ADR 0010.
+    variants = {"gather": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"}),
+                "fused": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"})}
+    # Gather dequantizes the blocks it takes (ADR 0011); the fused kernel's reading of the
+    # formats is its own next step, so until then it refuses quantized pools by name.
+    kv_formats = {"gather": frozenset(KV_DTYPES)}
 
     def __init__(self):
         self.kernel_api = gpu_kind()
@@ -48,17 +126,20 @@ class MLXBackend(PagedAttention):
     def _write_kv(self, pool, slots, k, v):
         # An in-place scatter, as in _run (see the comment there).
         blocks, offsets = mx.array(slots // pool.block_size), mx.array(slots % pool.block_size)
+        if pool.kv_format is not None:
+            return pool.write(blocks, offsets, k, v)
         dtype = DTYPES[pool.dtype]
         pool.k[blocks, offsets] = mx.array(k).astype(dtype)
         pool.v[blocks, offsets] = mx.array(v).astype(dtype)
 
     def _copy_blocks(self, pool, src, dst):
         src, dst = mx.array(src), mx.array(dst)
-        k_src, v_src = pool.k[src], pool.v[src]
+        arrays = pool.arrays()      # K, V and, quantized, their scales
+        taken = [a[src] for a in arrays]
         # Materialise the sources first so the pools have a single reference when scattered.
-        mx.eval(k_src, v_src)
-        pool.k[dst] = k_src
-        pool.v[dst] = v_src
+        mx.eval(*taken)
+        for a, t in zip(arrays, taken):
+            a[dst] = t
 
     known_paths = KNOWN_PATHS
 
@@ -84,8 +165,10 @@ class MLXBackend(PagedAttention):
             from .fused import DecodePlan  # lazily: it compiles kernels and is GPU-only
 
             def decode(rows):
-                # The write indices ride in the plan's one device array (ADR 0007).
-                return DecodePlan.from_spec(self.kernel_api, rows, plan.spec, slots=slots)
+                # The write indices ride in the plan's one device array (ADR 0007), and so do
+                # the variant's soft-cap and slopes (`rows`, a selection, carries no variant).
+                return DecodePlan.from_spec(self.kernel_api, rows, plan.spec, slots=slots,
+                                            attention=plan.args.variant)
             args = plan.args
             if args.decode_only or not (args.query_lens > 1).any():
                 # Every row a decode query: the sequences with a query (in order) are the rows.
@@ -108,12 +191,16 @@ class MLXBackend(PagedAttention):
     def _run(self, plan: Plan, q, pool, k, v):
         step = plan.device
         self._write_step(step, pool, k, v)
-        return step.attend(as_mx(q), pool.k, pool.v)
+        return step.attend(as_mx(q), *pool.sources())
 
     def _run_variant(self, plan: Plan, q, pool, k, v, sinks):
+        # Every attend object has the variant form: GatherPlan (written out in float32),
+        # DecodePlan (the fused kernel's forms with the features compiled in) and MixedPlan
+        # (decode rows fused, prompt chunks through gather's variant attention). The LSE is
+        # None where the plan does not return it and the path need not compute it.
         step = plan.device
         self._write_step(step, pool, k, v)
-        return step.attend.with_lse(as_mx(q), pool.k, pool.v,
+        return step.attend.with_lse(as_mx(q), *pool.sources(),
                                     None if sinks is None else mx.array(sinks))
 
     def _merge_states(self, out_a, lse_a, out_b, lse_b):
@@ -136,13 +223,15 @@ class MLXBackend(PagedAttention):
             # now and then when one pool is written back to back; never in a layer loop):
             # measurements in ADR 0004, "Pool writes"; tests/backends/test_mlx.py checks it.
             blocks, offsets = step.write
+            if pool.kv_format is not None:
+                return pool.write(blocks, offsets, k, v)
             k, v = as_mx(k), as_mx(v)
             pool.k[blocks, offsets] = k if k.dtype == step.dtype else k.astype(step.dtype)
             pool.v[blocks, offsets] = v if v.dtype == step.dtype else v.astype(step.dtype)
 
     # -- lab capabilities (interface.py): lazy arrays, an allocator with a cache ----------------
     def synchronize(self, outs=(), pools=()):
-        mx.eval(*outs, *[a for p in pools for a in (p.k, p.v)])
+        mx.eval(*outs, *[a for p in pools for a in p.arrays()])
 
     def submit(self, outs=()):
         mx.async_eval(*outs)

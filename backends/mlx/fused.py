@@ -17,10 +17,10 @@ import numpy as np
 
 from paged_attention import devices, settings
 from paged_attention.errors import UnsupportedPath
-from paged_attention.validation import StepArgs
+from paged_attention.validation import PLAIN, StepArgs, Variant
 
 from .arrays import DTYPES, as_mx
-from .kernel_source import INPUTS, OUTPUTS, kernel_name, kernel_source
+from .kernel_source import KERNEL_FEATURES, input_names, kernel_name, kernel_source, output_names
 
 NUM_WARPS = 4            # warps (simdgroups) per decode threadgroup: 128 threads
 REDUCE_THREADS = 128     # threads per reduce threadgroup (fixed in paged_reduce.body)
@@ -203,11 +203,13 @@ def choose_partitions(batch: int, groups_per_seq: int, max_tokens: int, tile: in
 
 
 @functools.cache
-def _kernel(api: str, kernel: str, split: bool):
-    """The MLX kernel object; MLX compiles (and caches) one binary per template-argument set."""
-    header, body = kernel_source(api, kernel, split)
-    kw = dict(name=kernel_name(kernel, split), input_names=INPUTS[kernel],
-              output_names=OUTPUTS[(kernel, split)], source=body, header=header,
+def _kernel(api: str, kernel: str, split: bool, features: frozenset = frozenset()):
+    """The MLX kernel object of one form (`features`: the attention variants compiled in, ADR
+    0010); MLX compiles (and caches) one binary per template-argument set."""
+    header, body = kernel_source(api, kernel, split, features)
+    kw = dict(name=kernel_name(kernel, split, features),
+              input_names=input_names(kernel, split, features),
+              output_names=output_names(kernel, split, features), source=body, header=header,
               ensure_row_contiguous=True)
     if api == "metal":
         return mx.fast.metal_kernel(**kw)
@@ -230,7 +232,10 @@ def _step_partitions(batch, groups, tiles, tile, units, partitions, _settings) -
     return choose_partitions(batch, groups, tiles * tile, tile, units, partitions)
 
 
-STEP_HEADER = 8   # pa_step: [num_blocks, MB, window, part_size, num_parts, scale bits, L, T]
+# pa_step: [num_blocks, MB, window, part_size, num_parts, scale bits, L, T, soft-cap bits, A]:
+# L and T the offsets of the lengths and tables, A of the ALiBi slopes' bits (0: none); a
+# plain kernel never reads the last two (paged_decode.body).
+STEP_HEADER = 10
 
 
 @functools.lru_cache(maxsize=64)
@@ -247,11 +252,14 @@ class DecodePlan:
                  scale: float, window: int | None, *, num_blocks: int, block_size: int,
                  num_kv_heads: int, num_q_heads: int, head_dim: int, pool_dtype,
                  partitions: int | None = None, variant: dict | None = None,
-                 slots: np.ndarray | None = None):
+                 slots: np.ndarray | None = None, attention: Variant = PLAIN):
         """slots: int [S], the step's write slots; their (block, offset) ride in the same device
-        array and come back as `self.write` (two int32 [S] device views), else None."""
+        array and come back as `self.write` (two int32 [S] device views), else None.
+        attention: the step's attention variant (ADR 0010), served by `with_lse`; `variant` is
+        the kernel's tuning (prefetch, iters, ...), a different thing."""
         context_lens, block_tables = np.asarray(context_lens), np.asarray(block_tables)
         self.api = api
+        self.attention = attention
         self.batch = batch = int(context_lens.shape[0])
         self.num_q_heads = num_q_heads
         group = num_q_heads // num_kv_heads
@@ -273,15 +281,22 @@ class DecodePlan:
         # whatever its size, and every MLX op plan() adds costs host time inside the serial
         # loop (ADR 0007; the figures: ADR 0004, "Figures behind the constants").
         n = 0 if slots is None else slots.shape[0]
+        slopes = attention.alibi_slopes
         tables_at = STEP_HEADER + batch
-        write_at = tables_at + batch * mb
+        slopes_at = tables_at + batch * mb
+        write_at = slopes_at + (0 if slopes is None else num_q_heads)
         ints = np.zeros(write_at + 2 * n, np.int32) if block_tables is None else \
             np.empty(write_at + 2 * n, np.int32)
+        cap = attention.soft_cap
         ints[:STEP_HEADER] = (num_blocks, mb, window or 0, self.part_size, self.num_parts,
-                              _float_bits(scale), STEP_HEADER, tables_at)
+                              _float_bits(scale), STEP_HEADER, tables_at,
+                              0 if cap is None else _float_bits(cap),
+                              0 if slopes is None else slopes_at)
         ints[STEP_HEADER:tables_at] = context_lens
         if block_tables is not None:
-            ints[tables_at:write_at].reshape(batch, mb)[...] = block_tables
+            ints[tables_at:slopes_at].reshape(batch, mb)[...] = block_tables
+        if slopes is not None:
+            ints[slopes_at:write_at] = np.asarray(slopes, np.float32).view(np.int32)
         if n:
             np.divmod(slots, block_size, out=(ints[write_at:write_at + n], ints[write_at + n:]))
         self.ints = mx.array(ints)
@@ -291,19 +306,23 @@ class DecodePlan:
     @classmethod
     def from_args(cls, api: str, args: StepArgs, k_pool: mx.array, partitions=None,
                   variant: dict | None = None):
+        """The plan for decode rows `args` (their attention variant included) over k_pool."""
         nb, bs, hkv, d = k_pool.shape
         return cls(api, args.block_tables, args.context_lens, args.scale, args.window,
                    num_blocks=nb, block_size=bs, num_kv_heads=hkv, num_q_heads=args.num_q_heads,
-                   head_dim=d, pool_dtype=k_pool.dtype, partitions=partitions, variant=variant)
+                   head_dim=d, pool_dtype=k_pool.dtype, partitions=partitions, variant=variant,
+                   attention=args.variant)
 
     @classmethod
-    def from_spec(cls, api: str, args: StepArgs, spec, partitions=None, slots=None):
-        """The plan for decode rows `args` over pools of geometry `spec` (a PoolSpec)."""
+    def from_spec(cls, api: str, args: StepArgs, spec, partitions=None, slots=None,
+                  attention: Variant | None = None):
+        """The plan for decode rows `args` over pools of geometry `spec` (a PoolSpec), with
+        `attention` (default: args.variant)."""
         return cls(api, args.block_tables, args.context_lens, args.scale, args.window,
                    num_blocks=spec.num_blocks, block_size=spec.block_size,
                    num_kv_heads=spec.num_kv_heads, num_q_heads=args.num_q_heads,
                    head_dim=spec.head_dim, pool_dtype=DTYPES[spec.dtype], partitions=partitions,
-                   slots=slots)
+                   slots=slots, attention=args.variant if attention is None else attention)
 
     def partial_bytes(self) -> int:
         """Device bytes of the split-K partials (0 without a split)."""
@@ -345,6 +364,57 @@ class DecodePlan:
                                      output_shapes=part_shapes,
                                      output_dtypes=[mx.float32, mx.float32], **common)
             return reduce(inputs=[o_part, ml_part, ints], **reduce_kw)[0]
+        return split
+
+    def with_lse(self, q: mx.array, k_pool: mx.array, v_pool: mx.array,
+                 sinks: mx.array | None) -> tuple[mx.array, mx.array | None]:
+        """The step with its attention variant and `sinks` (float32 [Hq] or None): (out
+        [B, Hq, D] in q's dtype, lse float32 [B, Hq] (natural log) when the variant asks for
+        it, else None). The kernels are the forms with exactly these features compiled in."""
+        features = self.attention.features(sinks is not None)
+        key = (k_pool.dtype, q.dtype, features)
+        launch = self._launches.get(key)
+        if launch is None:
+            launch = self._launches[key] = self._launch_variant(k_pool.dtype, q.dtype,
+                                                                frozenset(features))
+        return launch(q, k_pool, v_pool, sinks)
+
+    def _launch_variant(self, pool_dtype, q_dtype, features: frozenset):
+        cfg, batch, hq, d = self.cfg, self.batch, self.num_q_heads, self.cfg.head_dim
+        lse_on = "return_lse" in features
+        if batch == 0:
+            return lambda q, k, v, sinks: (mx.zeros(q.shape, dtype=q.dtype),
+                                           mx.zeros((0, hq), mx.float32) if lse_on else None)
+        shape = (batch, hq, d)
+        ints = self.ints
+        common = dict(template=cfg.template(pool_dtype, q_dtype), grid=cfg.grid(self.num_parts, batch),
+                      threadgroup=(cfg.threads, 1, 1))
+        extra_out = ([(batch, hq)], [mx.float32]) if lse_on else ([], [])
+
+        def finish(outs):
+            return outs[0], (outs[1] if lse_on else None)
+
+        if self.num_parts == 1:
+            decode = _kernel(self.api, "decode", False, features)
+            return lambda q, k, v, sinks: finish(decode(
+                inputs=[q, k, v, ints] + ([] if sinks is None else [sinks]),
+                output_shapes=[shape] + extra_out[0], output_dtypes=[q_dtype] + extra_out[1],
+                **common))
+        # Split-K: the partitions get the cap and the bias; the reduce, which sees each query
+        # once, the sinks and the LSE (so a sink is counted once, not once per partition).
+        decode = _kernel(self.api, "decode", True, features & KERNEL_FEATURES[("decode", True)])
+        reduce = _kernel(self.api, "reduce", False, features & KERNEL_FEATURES[("reduce", False)])
+        part_shapes = [(batch, hq, self.num_parts, d), (batch, hq, self.num_parts, 2)]
+        reduce_kw = dict(template=[("OutT", q_dtype), ("D", d), ("HQ", hq)],
+                         grid=(REDUCE_THREADS, hq, batch), threadgroup=(REDUCE_THREADS, 1, 1),
+                         output_shapes=[shape] + extra_out[0],
+                         output_dtypes=[q_dtype] + extra_out[1])
+
+        def split(q, k, v, sinks):
+            o_part, ml_part = decode(inputs=[q, k, v, ints], output_shapes=part_shapes,
+                                     output_dtypes=[mx.float32, mx.float32], **common)
+            return finish(reduce(inputs=[o_part, ml_part, ints] + ([] if sinks is None else [sinks]),
+                                 **reduce_kw))
         return split
 
 

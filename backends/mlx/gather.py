@@ -21,6 +21,13 @@ def compute_dtype(pool_dtype):
     return mx.float32
 
 
+def take_blocks(pool, table: mx.array) -> mx.array:
+    """pool[table] ([*table.shape, BS, Hkv, D]); a quantized pool's source (backend.py)
+    dequantizes only the blocks it takes."""
+    take = getattr(pool, "take", None)
+    return mx.take(pool, table, axis=0) if take is None else take(table)
+
+
 def step_mask(ends: mx.array, span: int, window: int | None) -> tuple[mx.array, mx.array]:
     """(valid [S, 1, T, span], seen [S, 1, T, 1]) for queries whose visible positions end at
     ends int32 [S, T]: made once per step, shared by every layer."""
@@ -43,7 +50,7 @@ def attend(q: mx.array, k_pool: mx.array, v_pool: mx.array, table: mx.array, val
     dtype = compute_dtype(k_pool.dtype)
 
     def contiguous(pool):
-        blocks = mx.take(pool, table, axis=0)  # [S, n_blocks, BS, Hkv, D]
+        blocks = take_blocks(pool, table)  # [S, n_blocks, BS, Hkv, D]
         return blocks.reshape(s, span, hkv, d).transpose(0, 2, 1, 3).astype(dtype)
 
     out = mx.fast.scaled_dot_product_attention(q.astype(dtype), contiguous(k_pool),
@@ -65,7 +72,7 @@ def attend_variant(q: mx.array, k_pool: mx.array, v_pool: mx.array, table: mx.ar
     g = hq // hkv
 
     def contiguous(pool):
-        blocks = mx.take(pool, table, axis=0)  # [S, n_blocks, BS, Hkv, D]
+        blocks = take_blocks(pool, table)  # [S, n_blocks, BS, Hkv, D]
         return blocks.reshape(s, span, hkv, d).transpose(0, 2, 1, 3).astype(mx.float32)
 
     k, v = contiguous(k_pool), contiguous(v_pool)

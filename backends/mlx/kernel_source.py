@@ -2,7 +2,11 @@
 prologue (shaders/mlx/). Pure text: importable and testable without MLX or a GPU.
 
     header = target prologue (header part) + common.h        -> `header=` of the MLX kernel
-    body   = [#define PA_SPLIT n] + target prologue (body part) + <kernel>.body -> `source=`
+    body   = [#defines] + target prologue (body part) + <kernel>.body -> `source=`
+
+The #defines select the kernel's form: PA_SPLIT (decode: partials for split-K) and the
+attention variants of ADR 0010 (PA_SOFTCAP, PA_ALIBI, PA_SINKS, PA_LSE), each of which may add
+an input or an output, so every form is its own MLX kernel object with its own name.
 
 The prologues (target_cuda.h, target_metal.h) define the same names (PA_* macros, pa_* helpers,
 thread/threadgroup indices); the bodies and common.h use nothing else target-specific, so the
@@ -21,7 +25,8 @@ TARGETS = ("cuda", "metal")
 KERNELS = {"decode": "paged_decode.body", "reduce": "paged_reduce.body",
            "stream_read": "stream_read.body"}
 
-# Kernel signatures (the MLX wrappers generate the function head from these names).
+# Kernel signatures of the plain forms (the MLX wrappers generate the function head from these
+# names); `inputs`/`outputs` add what the variants need.
 INPUTS = {
     "decode": ["q", "k_pool", "v_pool", "pa_step"],
     "reduce": ["o_part", "ml_part", "pa_step"],
@@ -33,6 +38,42 @@ OUTPUTS = {
     ("reduce", False): ["out"],
 }
 OUTPUTS[("stream_read", False)] = ["out"]
+
+# Attention variants (validation.Variant.features() names, plus "sinks") -> the #define that
+# compiles each in. The soft-cap value and the ALiBi slopes ride in the step's int array
+# (pa_step); the sinks are a per-layer input, the LSE an output.
+FEATURE_DEFINES = {"soft_cap": "PA_SOFTCAP", "alibi_slopes": "PA_ALIBI", "sinks": "PA_SINKS",
+                   "return_lse": "PA_LSE"}
+# Which kernel form implements which: with split-K, the decode kernel's partitions see the cap
+# and the bias, and the reduce, which sees each query once, adds the sinks and writes the LSE.
+KERNEL_FEATURES = {
+    ("decode", False): frozenset(FEATURE_DEFINES),
+    ("decode", True): frozenset({"soft_cap", "alibi_slopes"}),
+    ("reduce", False): frozenset({"sinks", "return_lse"}),
+    ("stream_read", False): frozenset(),
+}
+_SHORT = {"soft_cap": "cap", "alibi_slopes": "alibi", "sinks": "sinks", "return_lse": "lse"}
+
+
+def _features(kernel: str, split: bool, features) -> tuple[str, ...]:
+    """`features` checked against what this kernel form implements, in canonical order."""
+    features = frozenset(features)
+    allowed = KERNEL_FEATURES.get((kernel, split), frozenset())
+    if not features <= allowed:
+        raise ValueError(f"kernel {kernel!r}{' (split)' if split else ''} does not implement "
+                         f"{sorted(features - allowed)}; it implements {sorted(allowed)}")
+    return tuple(f for f in FEATURE_DEFINES if f in features)
+
+
+def input_names(kernel: str, split: bool = False, features=()) -> list[str]:
+    """Input names of a kernel form, in the order they are passed."""
+    return INPUTS[kernel] + (["pa_sinks"] if "sinks" in _features(kernel, split, features) else [])
+
+
+def output_names(kernel: str, split: bool = False, features=()) -> list[str]:
+    """Output names of a kernel form, in the order MLX returns them."""
+    return OUTPUTS[(kernel, split)] + \
+        (["lse"] if "return_lse" in _features(kernel, split, features) else [])
 
 
 @functools.cache
@@ -55,21 +96,28 @@ def shared_body(kernel: str) -> str:
     return _read(KERNELS[kernel])
 
 
-def kernel_source(api: str, kernel: str, split: bool = False) -> tuple[str, str]:
-    """(header, body) to hand to mx.fast.{metal,cuda}_kernel for `kernel` on target `api`."""
+def kernel_source(api: str, kernel: str, split: bool = False, features=()) -> tuple[str, str]:
+    """(header, body) to hand to mx.fast.{metal,cuda}_kernel for `kernel` on target `api`;
+    `features`: the attention variants compiled in (KERNEL_FEATURES says which form takes which)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {sorted(KERNELS)}")
     if split and kernel != "decode":
         raise ValueError("only the decode kernel has a split (partials) variant")
+    on = _features(kernel, split, features)
     head, body_prologue = prologue(api)
     header = f"// ---- target prologue: {api}\n{head}\n// ---- common.h\n{_read('common.h')}"
     defines = f"#define PA_SPLIT {int(split)}\n" if kernel == "decode" else ""
+    if kernel != "stream_read":
+        defines += "".join(f"#define {FEATURE_DEFINES[f]} {int(f in on)}\n"
+                           for f in FEATURE_DEFINES)
     body = f"{defines}{body_prologue}\n{shared_body(kernel)}"
     return header, body
 
 
-def kernel_name(kernel: str, split: bool = False) -> str:
-    return f"pa_paged_{kernel}{'_split' if split else ''}"
+def kernel_name(kernel: str, split: bool = False, features=()) -> str:
+    """The kernel's name; each variant form has its own (MLX caches compiled code by name)."""
+    suffix = "".join(f"_{_SHORT[f]}" for f in _features(kernel, split, features))
+    return f"pa_paged_{kernel}{'_split' if split else ''}{suffix}"
 
 
 # ---- whole translation units, assembled the way MLX 0.32 does (for offline checks) ----------
@@ -83,45 +131,64 @@ CUDA_STANDIN_HEADER = """#include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <cstdint>
 #include <cooperative_groups.h>
+#include <cuda/std/limits>
+#define inf cuda::std::numeric_limits<float>::infinity()
 """
 METAL_ATTRIBUTES = (("simdgroup_index_in_threadgroup", "uint"), ("thread_index_in_simdgroup", "uint"),
                     ("thread_position_in_threadgroup", "uint3"), ("threadgroup_position_in_grid", "uint3"))
 
 
 def _tmpl_value(value, types):
+    # MLX writes a bool template argument with `<<`, so as 1 or 0 (metal/custom_kernel.cpp)
     return types[value] if isinstance(value, str) else str(int(value))
 
 
+def _check_signature(kernel, split, features, ins, outs):
+    want_in, want_out = input_names(kernel, split, features), output_names(kernel, split, features)
+    if list(ins) != want_in or list(outs) != want_out:
+        raise ValueError(f"{kernel_name(kernel, split, features)} takes inputs {want_in} and "
+                         f"outputs {want_out}; got {list(ins)} and {list(outs)}")
+
+
 def cuda_translation_unit(kernel: str, split: bool, inputs: dict, outputs: dict,
-                          template: list) -> str:
-    """The CUDA source MLX would compile. inputs/outputs: name -> dtype name ('float16', ...);
-    template: [(name, dtype name or int)]."""
-    header, body = kernel_source("cuda", kernel, split)
+                          template: list, features=()) -> str:
+    """The CUDA source MLX would compile (mx.fast.cuda_kernel: mlx/backend/cuda/custom_kernel.cpp,
+    build_kernel). inputs/outputs: name -> dtype name ('float16', ...), in the kernel's order;
+    template: [(name, dtype name, bool or int)]."""
+    _check_signature(kernel, split, features, inputs, outputs)
+    header, body = kernel_source("cuda", kernel, split, features)
     params = [f"    const {CUDA_TYPES[t]}* {n}" for n, t in inputs.items()]
     params += [f"    {CUDA_TYPES[t]}* {n}" for n, t in outputs.items()]
     consts = "".join(f"  using {n} = {CUDA_TYPES[v]};\n" if isinstance(v, str)
+                     else f"  constexpr bool {n} = {str(v).lower()};\n" if isinstance(v, bool)
                      else f"  constexpr int {n} = {int(v)};\n" for n, v in template)
     return (f"{CUDA_STANDIN_HEADER}\n{header}\nnamespace mlx::core::cu {{\n"
             f"namespace cg = cooperative_groups;\n"
-            f"__global__ void {kernel_name(kernel, split)}(\n" + ",\n".join(params) + ") {\n"
+            f"__global__ void {kernel_name(kernel, split, features)}(\n" + ",\n".join(params)
+            + ") {\n"
             f"{consts}\n{body}\n}}\n}} // namespace mlx::core::cu\n")
 
 
 def metal_translation_unit(kernel: str, split: bool, inputs: dict, outputs: dict,
-                           template: list) -> str:
-    """The Metal source MLX would compile (its utils preamble abbreviated)."""
-    header, body = kernel_source("metal", kernel, split)
+                           template: list, features=(), small=()) -> str:
+    """The Metal source MLX would compile (mx.fast.metal_kernel: mlx/backend/metal/
+    custom_kernel.cpp, write_signature; its utils preamble abbreviated). `small`: inputs of
+    fewer than 8 elements, which MLX passes in the constant address space."""
+    _check_signature(kernel, split, features, inputs, outputs)
+    header, body = kernel_source("metal", kernel, split, features)
     params, index = [], 0
     for n, t in inputs.items():
-        params.append(f"  const device {METAL_TYPES[t]}* {n} [[buffer({index})]]")
+        space = "constant" if n in small else "device"
+        params.append(f"  const {space} {METAL_TYPES[t]}* {n} [[buffer({index})]]")
         index += 1
     for n, t in outputs.items():
         params.append(f"  device {METAL_TYPES[t]}* {n} [[buffer({index})]]")
         index += 1
     params += [f"  {ty} {a} [[{a}]]" for a, ty in METAL_ATTRIBUTES if a in body]
-    tparams = ", ".join(f"typename {n}" if isinstance(v, str) else f"int {n}" for n, v in template)
+    tparams = ", ".join(f"typename {n}" if isinstance(v, str) else f"bool {n}"
+                        if isinstance(v, bool) else f"int {n}" for n, v in template)
     targs = ", ".join(_tmpl_value(v, METAL_TYPES) for _, v in template)
-    name = kernel_name(kernel, split)
+    name = kernel_name(kernel, split, features)
     return ("#include <metal_stdlib>\nusing namespace metal;\ntypedef half float16_t;\n"
             f"typedef bfloat bfloat16_t;\n{header}\ntemplate <{tparams}>\n[[kernel]] void {name}(\n"
             + ",\n".join(params) + f") {{\n{body}\n}}\n"

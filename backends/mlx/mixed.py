@@ -13,7 +13,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from paged_attention.validation import StepArgs
+from paged_attention.validation import PLAIN, StepArgs, Variant
+
+from .gather import attend_variant, step_mask
 
 
 class Chunk:
@@ -22,11 +24,16 @@ class Chunk:
     to the end (query j sees positions < context - T + j + 1), optionally windowed."""
 
     def __init__(self, table: np.ndarray, context: int, queries: int, block_size: int,
-                 window: int | None, scale: float):
-        self.queries, self.scale = queries, scale
+                 window: int | None, scale: float, variant: Variant = PLAIN):
+        self.queries, self.scale, self.variant, self.window = queries, scale, variant, window
         first = 0 if window is None else max(0, context - queries + 1 - window)
         # Blocks before the first visible position of the first query are never read.
         b0, b1 = first // block_size, -(-context // block_size)
+        # The variant form (with_lse) sees the whole blocks b0..b1, so its positions count
+        # from b0's first: query j's keys end at context - T + j + 1 - b0 * block_size there
+        # (ALiBi needs only differences of positions, the window only the ends).
+        self.ends_at = np.arange(context - queries + 1, context + 1) - b0 * block_size
+        self._variant_masks = None
         self.offset = first - b0 * block_size            # keys to drop from the first block
         self.keys = context - first                      # keys kept
         self.table = mx.array(np.ascontiguousarray(table[b0:b1], np.int32))
@@ -50,11 +57,25 @@ class Chunk:
             scale=self.scale, mask=self.mask)
         return out[0].transpose(1, 0, 2).astype(q.dtype)
 
+    def with_lse(self, q: mx.array, k_pool: mx.array, v_pool: mx.array,
+                 sinks: mx.array | None) -> tuple[mx.array, mx.array]:
+        """The chunk with its Variant and `sinks` (float32 [Hq] or None), through the gather
+        path's variant attention (MLX's SDPA has no cap, positional bias or LSE): (out [T, Hq,
+        D] in q's dtype, lse float32 [T, Hq], natural log)."""
+        if self._variant_masks is None:   # made on first use: a plain run never needs them
+            ends = mx.array(self.ends_at.astype(np.int32)[None])                    # [1, T]
+            valid, _ = step_mask(ends, self.table.shape[0] * k_pool.shape[1], self.window)
+            self._variant_masks = (ends, valid)
+        ends, valid = self._variant_masks
+        out, lse = attend_variant(q.transpose(1, 0, 2)[None], k_pool, v_pool, self.table[None],
+                                  valid, ends, self.scale, self.variant, sinks)
+        return out[0].transpose(1, 0, 2), lse[0].transpose(1, 0)
+
 
 class MixedPlan:
     """One ragged step on the fused path. `decode` builds the fused kernel's plan for the
     one-query sequences (a callable q [Nd, Hq, D] -> [Nd, Hq, D], with the step's write indices
-    as `.write`), or is not called when there are none."""
+    as `.write` and the variant form as `.with_lse`), or is not called when there are none."""
 
     def __init__(self, args: StepArgs, block_size: int, decode):
         qlens = args.query_lens.astype(np.int64)
@@ -63,13 +84,14 @@ class MixedPlan:
         dec = first[dec_seqs]                                       # their rows
         self.decode = decode(args.select(dec_seqs)) if dec.size else None
         self.dec_rows = dec.size
+        self.return_lse = args.variant.return_lse
         self.dec_prefix = bool(dec.size == 0 or dec[-1] == dec.size - 1)
         self.dec_index = None if self.dec_prefix else mx.array(dec.astype(np.int32))
         self.chunks = []        # (first row, Chunk)
         for b in np.flatnonzero(qlens > 1):
             self.chunks.append((int(first[b]), Chunk(args.block_tables[b], int(args.context_lens[b]),
                                                      int(qlens[b]), block_size, args.window,
-                                                     args.scale)))
+                                                     args.scale, args.variant)))
         # Output rows in order: decode rows first, then the chunks; `order` puts them back.
         n = args.num_rows
         pos = np.empty(n, np.int64)
@@ -89,3 +111,23 @@ class MixedPlan:
         parts += [c(q[r0:r0 + c.queries], k_pool, v_pool) for r0, c in self.chunks]
         out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
         return out if self.order is None else mx.take(out, self.order, axis=0)
+
+    def with_lse(self, q: mx.array, k_pool: mx.array, v_pool: mx.array,
+                 sinks: mx.array | None) -> tuple[mx.array, mx.array | None]:
+        """The step with its Variant and `sinks` (float32 [Hq] or None): (out [N, Hq, D] in q's
+        dtype, lse float32 [N, Hq] (natural log) when the Variant asks for it, else None)."""
+        outs, lses = [], []
+        if self.decode is not None:
+            qd = q[:self.dec_rows] if self.dec_prefix else mx.take(q, self.dec_index, axis=0)
+            out, lse = self.decode.with_lse(qd, k_pool, v_pool, sinks)
+            outs.append(out)
+            lses.append(lse)
+        for r0, c in self.chunks:
+            out, lse = c.with_lse(q[r0:r0 + c.queries], k_pool, v_pool, sinks)
+            outs.append(out)
+            lses.append(lse)
+
+        def rows(parts):
+            a = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+            return a if self.order is None else mx.take(a, self.order, axis=0)
+        return rows(outs), (rows(lses) if self.return_lse else None)

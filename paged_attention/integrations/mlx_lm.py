@@ -6,9 +6,11 @@ Three layers, each usable alone:
   `update_and_fetch`, `make_mask`, `trim`, `is_trimmable`). `update_and_fetch` only stashes the
   new k/v; the attention itself happens in the hook.
 - `paged_attention_hook(model)`: a context manager that swaps the model module's
-  `scaled_dot_product_attention` for one that, given a `PagedLayerCache`, runs
-  `backend.run(plan, q, pool, k, v)` (writes the new rows, attends over the blocks). One
-  `backend.plan(...)` per step and window is shared by all layers. mlx-lm itself is unchanged.
+  `scaled_dot_product_attention` (or, for an attention that computes its logits inline, i.e.
+  gemma2, its attention class's `__call__`: a per-architecture adapter) for one that, given a
+  `PagedLayerCache`, runs `backend.run(plan, q, pool, k, v, sinks=...)` (writes the new rows,
+  attends over the blocks). One `backend.plan(...)` per step, window and soft-cap is shared by
+  all layers. mlx-lm itself is unchanged.
 - `Engine` / `generate`: continuous batching. Every step is ONE model call over the ragged batch
   laid out token-major: input ids [N, 1] (one "batch row" per token) with per-token rope offsets,
   so mlx-lm's [B, H, L, D] tensors are [N, H, 1, D], i.e. plan/run's [N, H, D] without a copy.
@@ -38,6 +40,7 @@ from ..block_manager import BlockManager
 from ..errors import InvalidInput, PagedAttentionError, PoolExhausted
 from ..interface import PagedAttention
 from ..registry import get_backend
+from . import distributed
 
 
 class Unsupported(PagedAttentionError, NotImplementedError):
@@ -59,30 +62,122 @@ def _gemma3_windows(model):
     return [win if layer.self_attn.is_sliding else None for layer in model.layers]
 
 
-# model module -> per-layer attention window (None = full). Every entry routes attention through
-# base.scaled_dot_product_attention with rope(offset=cache.offset) and cache.update_and_fetch.
-# mistral configs load as llama (mlx-lm's MODEL_REMAPPING).
-_ARCHITECTURES: dict[str, Callable] = {
-    "mlx_lm.models.llama": _llama_windows,
-    "mlx_lm.models.qwen2": _full_windows,
-    "mlx_lm.models.qwen3": _full_windows,
-    "mlx_lm.models.gemma3_text": _gemma3_windows,
+def _gpt_oss_windows(model):
+    win = model.args.sliding_window
+    return [win if t == "sliding_attention" else None for t in model.model.layer_types]
+
+
+def _heads(attn):
+    return attn.n_heads, attn.n_kv_heads, attn.scale
+
+
+def _gpt_oss_heads(attn):
+    return attn.num_attention_heads, attn.num_key_value_heads, attn.sm_scale
+
+
+def _no_soft_cap(attn):
+    return None
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """How one mlx-lm model module's attention reaches the paged cache.
+
+    windows: model -> per-layer window (None = full attention).
+    heads: attention layer -> (Hq, Hkv, scale).
+    soft_cap: attention layer -> its logit soft-cap (None: none).
+    sinks: its attention passes learned `sinks=` to scaled_dot_product_attention.
+    adapter: None when the attention calls the module's `scaled_dot_product_attention` (the
+        hook swaps that name); else (class, name of the patched method, its paged replacement)
+        for an attention that computes its logits inline.
+    """
+
+    windows: Callable
+    heads: Callable = _heads
+    soft_cap: Callable = _no_soft_cap
+    sinks: bool = False
+    adapter: tuple | None = None
+
+    def features(self, attn) -> frozenset:
+        """The backend `variants` features this model's attention needs."""
+        return frozenset({"soft_cap"} if self.soft_cap(attn) is not None else ()) | \
+            frozenset({"sinks"} if self.sinks else ())
+
+
+def _gemma2_attention(self, x, mask=None, cache=None):
+    """gemma2's Attention.__call__ on the paged cache: the same projections and rope, then the
+    soft-capped attention as `backend.run` on a plan with `soft_cap=` (its own code computes
+    the capped logits inline, so there is no function to swap). Other caches: its own code."""
+    if not isinstance(cache, PagedLayerCache):
+        return _ORIGINALS["mlx_lm.models.gemma2"](self, x, mask, cache)
+    if mask is not None:
+        raise Unsupported("the model passed its own attention mask; the paged cache only "
+                          "applies causal (and per-layer window) masking")
+    b, length, _ = x.shape
+    q = self.q_proj(x).reshape(b, length, self.n_heads, -1).transpose(0, 2, 1, 3)
+    k = self.k_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    v = self.v_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    q = self.rope(q, offset=cache.offset)
+    k = self.rope(k, offset=cache.offset)
+    k, v = cache.update_and_fetch(k, v)
+    # gemma2 scales q by 1/sqrt(query_pre_attn_scalar) before q.k and caps after: the plan's
+    # s = scale * q.k, then soft_cap * tanh(s / soft_cap).
+    out = cache._attend(q, k, v, self.scale, soft_cap=float(self.attn_logit_softcapping))
+    return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+
+def _gemma2_arch() -> _Arch:
+    from mlx_lm.models import gemma2
+    # mlx-lm's gemma2 attends to every position on every layer (its ModelArgs has no
+    # sliding_window: the checkpoint's 4096-token local layers are served as global), so the
+    # paged cache does the same to give mlx-lm's tokens.
+    return _Arch(_full_windows, soft_cap=lambda attn: float(attn.attn_logit_softcapping),
+                 adapter=(gemma2.Attention, "__call__", _gemma2_attention))
+
+
+# model module -> how its attention is served. Every entry applies rope(offset=cache.offset)
+# and cache.update_and_fetch; all but gemma2 then call base.scaled_dot_product_attention.
+# mistral configs load as llama (mlx-lm's MODEL_REMAPPING). Quantized weights (nn.quantize,
+# mlx_lm.convert -q) are served like the float model they came from.
+_ARCHITECTURES: dict[str, Callable[[], _Arch]] = {
+    "mlx_lm.models.llama": lambda: _Arch(_llama_windows),
+    "mlx_lm.models.qwen2": lambda: _Arch(_full_windows),
+    "mlx_lm.models.qwen3": lambda: _Arch(_full_windows),
+    "mlx_lm.models.gemma3_text": lambda: _Arch(_gemma3_windows),
+    "mlx_lm.models.gpt_oss": lambda: _Arch(_gpt_oss_windows, heads=_gpt_oss_heads, sinks=True),
+    "mlx_lm.models.gemma2": _gemma2_arch,
 }
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     module: object
+    arch: _Arch
     windows: tuple            # per layer: window or None
     scales: tuple             # per layer: attention scale
+    features: frozenset       # backend `variants` features the attention needs
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
-    dtype: str                # pool dtype (the attention projections' dtype)
+    dtype: str                # pool dtype: the model's activation dtype
     vocab_size: int           # token ids the model takes: [0, vocab_size)
 
 
 _DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+
+
+def _activation_dtype(layer, attn) -> str | None:
+    """The dtype q, k, v have when they reach attention: a float q_proj weight's, or, for a
+    quantized q_proj (uint32 packed weights), its scales' (quantized matmuls return the scales'
+    dtype); failing both (e.g. mxfp4's uint8 scales), the layer's float parameters' (norms)."""
+    from mlx.utils import tree_flatten
+    proj = attn.q_proj
+    for a in (proj.weight, getattr(proj, "scales", None), getattr(proj, "biases", None)):
+        if a is not None and a.dtype in _DTYPE_NAMES:
+            return _DTYPE_NAMES[a.dtype]
+    found = {_DTYPE_NAMES[a.dtype] for _, a in tree_flatten(layer.parameters())
+             if a.dtype in _DTYPE_NAMES}
+    return found.pop() if len(found) == 1 else None
 
 
 def inspect_model(model) -> ModelInfo:
@@ -91,32 +186,39 @@ def inspect_model(model) -> ModelInfo:
     name = type(model).__module__
     if name not in _ARCHITECTURES:
         raise Unsupported(
-            f"model: {name} is not served by the paged cache (supported: "
-            f"{', '.join(m.rsplit('.', 1)[1] for m in _ARCHITECTURES)}, and mistral as llama); "
-            "its attention does not go through base.scaled_dot_product_attention with a plain "
-            "KV cache, or uses features (logit softcapping, sinks, linear attention) not implemented")
+            f"model: {name} is not served by the paged cache: only architectures whose "
+            "attention was checked token for token against mlx-lm's own cache are (supported: "
+            f"{', '.join(m.rsplit('.', 1)[1] for m in _ARCHITECTURES)}, and mistral as llama). "
+            "Serving one takes its per-layer windows and head geometry, and an attention "
+            "adapter unless it calls base.scaled_dot_product_attention with a plain KV cache; "
+            "linear attention, MLA and recurrent state have no paged form here")
+    arch = _ARCHITECTURES[name]()
     layers = list(model.layers)
     attns = [layer.self_attn for layer in layers]
     for i, a in enumerate(attns):
         if isinstance(a.rope, _rope_utils.DynamicNTKScalingRoPE):
             raise Unsupported(f"model: layer {i} uses dynamic NTK rope, whose python-side offset "
                               "arithmetic cannot take per-token positions")
-        if getattr(a, "attn_logit_softcapping", None):
-            raise Unsupported(f"model: layer {i} uses attention logit softcapping")
-    hq = {a.n_heads for a in attns}
-    hkv = {a.n_kv_heads for a in attns}
-    dims = {a.k_proj.weight.shape[0] // a.n_kv_heads for a in attns}
+        if getattr(a, "attn_logit_softcapping", None) and arch.soft_cap(a) is None:
+            raise Unsupported(f"model: layer {i} uses attention logit softcapping, which "
+                              f"{name} does not route to the paged cache")
+    heads = [arch.heads(a) for a in attns]
+    hq = {h[0] for h in heads}
+    hkv = {h[1] for h in heads}
+    dims = {a.k_proj.weight.shape[0] // h[1] for a, h in zip(attns, heads)}
     if len(hq) != 1 or len(hkv) != 1 or len(dims) != 1:
         raise Unsupported("model: layers differ in head counts or head_dim; one pool geometry "
                           "is shared by every layer")
-    dtype = _DTYPE_NAMES.get(attns[0].q_proj.weight.dtype)
+    dtype = _activation_dtype(layers[0], attns[0])
     if dtype is None:
-        raise Unsupported(f"model: weights of dtype {attns[0].q_proj.weight.dtype} (quantized?) "
-                          "are not supported")
-    return ModelInfo(module=sys.modules[name], windows=tuple(_ARCHITECTURES[name](model)),
-                     scales=tuple(float(a.scale) for a in attns), num_q_heads=hq.pop(),
-                     num_kv_heads=hkv.pop(), head_dim=dims.pop(), dtype=dtype,
-                     vocab_size=int(model.args.vocab_size))
+        raise Unsupported("model: no float32/float16/bfloat16 parameter in layer 0 gives the "
+                          "activation dtype (the KV pools' dtype)")
+    return ModelInfo(module=sys.modules[name], arch=arch,
+                     windows=tuple(arch.windows(model)),
+                     scales=tuple(float(h[2]) for h in heads),
+                     features=frozenset().union(*(arch.features(a) for a in attns)),
+                     num_q_heads=hq.pop(), num_kv_heads=hkv.pop(), head_dim=dims.pop(),
+                     dtype=dtype, vocab_size=int(model.args.vocab_size))
 
 
 def random_model(config: dict, *, dtype: str = "float32", seed: int = 0):
@@ -156,16 +258,31 @@ class _Step:
     plans: dict = field(default_factory=dict)
 
 
+def kv_format_args(kv_bits, kv_group_size) -> dict:
+    """mlx-lm's quantized-cache names -> create_pool's: kv_bits None (plain pools), 8 or 4
+    (MLX's affine format, ADR 0011) with kv_group_size elements per scale and bias."""
+    if kv_bits is None:
+        return {}
+    if isinstance(kv_bits, bool) or kv_bits not in (8, 4):
+        raise InvalidInput(f"kv_bits: expected None, 8 or 4, got {kv_bits!r}")
+    return dict(kv_dtype=f"int{kv_bits}", kv_group_size=kv_group_size)
+
+
 class _PagedState:
     def __init__(self, model, backend: PagedAttention, *, num_blocks: int, block_size: int,
-                 path: str):
+                 path: str, kv_bits=None, kv_group_size: int = 64):
         self.info = inspect_model(model)
+        kv = kv_format_args(kv_bits, kv_group_size)
         self.backend = backend
         self.path = path
         info = self.info
         if info.dtype not in backend.pool_dtypes or info.dtype not in backend.q_dtypes:
             raise Unsupported(f"backend: {backend.name!r} has no {info.dtype} pools or queries "
                               f"(pools {backend.pool_dtypes}); use the mlx backend or float32")
+        # The path for plans whose run needs `sinks`: plan(path="auto") only steps around paths
+        # lacking the plan's own features, and sinks are given to run, not plan.
+        self.sinks_path = _variant_path(backend, path, info.features)
+        self._sinks: dict = {}            # layer -> (the model's sinks array, float32 numpy)
         self.groups: list[_Group] = []
         self.group_of: list[int] = []
         by_window: dict = {}
@@ -176,23 +293,38 @@ class _PagedState:
             g = self.groups[by_window[w]]
             g.layers.append(i)
             g.pools[i] = backend.create_pool(num_blocks, block_size, info.num_kv_heads,
-                                             info.head_dim, info.dtype)
+                                             info.head_dim, info.dtype, **kv)
             self.group_of.append(by_window[w])
         self.block_size = block_size
         self.step: _Step | None = None
 
-    def plan_for(self, layer: int, num_q_heads: int, scale: float):
+    def plan_for(self, layer: int, num_q_heads: int, scale: float, soft_cap=None,
+                 sinks: bool = False):
         gi = self.group_of[layer]
-        key = (gi, num_q_heads, scale)
+        key = (gi, num_q_heads, scale, soft_cap, sinks)
         plan = self.step.plans.get(key)
         if plan is None:
             g = self.groups[gi]
-            plan = self.backend.plan(
-                g.pools[layer], self.step.tables[gi], self.step.context_lens,
-                num_q_heads=num_q_heads, query_lens=self.step.query_lens,
-                slot_mapping=self.step.slots[gi], scale=scale, window=g.window, path=self.path)
+
+            def make(path):
+                return self.backend.plan(
+                    g.pools[layer], self.step.tables[gi], self.step.context_lens,
+                    num_q_heads=num_q_heads, query_lens=self.step.query_lens,
+                    slot_mapping=self.step.slots[gi], scale=scale, window=g.window,
+                    soft_cap=soft_cap, path=path)
+            plan = make(self.path)
+            if sinks and "sinks" not in self.backend.variants.get(plan.path, ()):
+                plan = make(self.sinks_path)
             self.step.plans[key] = plan
         return plan
+
+    def sinks_of(self, layer: int, sinks):
+        """A layer's sinks as float32 numpy, converted once (run reads Hq values on the host;
+        a numpy array spares the MLX backend a device sync per layer and step)."""
+        hit = self._sinks.get(layer)
+        if hit is None or hit[0] is not sinks:
+            hit = self._sinks[layer] = (sinks, np.array(sinks.astype(mx.float32)))
+        return hit[1]
 
     def kv_bytes(self) -> int:
         """Bytes of the blocks referenced right now, over every layer (the cache's live KV)."""
@@ -277,7 +409,7 @@ class PagedLayerCache:
         return self._state.kv_bytes() if self.layer == 0 else 0
 
     # -- the attention itself (called by the hook) --
-    def _attend(self, queries, keys, values, scale: float):
+    def _attend(self, queries, keys, values, scale: float, *, soft_cap=None, sinks=None):
         st = self._state
         if self._new is None or self._new[0] is not keys:
             raise PagedAttentionError("attention hook: keys are not the ones this cache just "
@@ -294,12 +426,13 @@ class PagedLayerCache:
         k = keys.transpose(0, 2, 1, 3).reshape(b * length, hkv, d)
         v = values.transpose(0, 2, 1, 3).reshape(b * length, hkv, d)
         be = st.backend
-        plan = st.plan_for(self.layer, hq, scale)
+        plan = st.plan_for(self.layer, hq, scale, soft_cap, sinks is not None)
         if be.array_type is not mx.array:
             # numpy has no bfloat16: widen (exactly) to float32; the pool rounds k, v back.
             q, k, v = (np.asarray(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)
                        for x in (q, k, v))
-        out = be.run(plan, q, st.groups[st.group_of[self.layer]].pools[self.layer], k, v)
+        out = be.run(plan, q, st.groups[st.group_of[self.layer]].pools[self.layer], k, v,
+                     sinks=None if sinks is None else st.sinks_of(self.layer, sinks))
         out = _to_mx(out, queries.dtype)
         return out.reshape(b, length, hq, d).transpose(0, 2, 1, 3)
 
@@ -322,38 +455,62 @@ def _auto_begin_step(st: _PagedState, batch: int, length: int) -> None:
     st.step = _Step(ids, np.full(batch, length, np.int32), ctx, None, tables, slots)
 
 
+def _variant_path(backend: PagedAttention, path: str, features: frozenset) -> str | None:
+    """Check up front that `path` (or, for "auto", some path) of `backend` implements the
+    attention `features` the model needs; returns the path to plan sinks steps on ("auto" where
+    no sinks are needed). `Unsupported` names the missing features."""
+    if not features:
+        return path
+    have = [p for p in backend.paths if features <= backend.variants.get(p, frozenset())]
+    if path != "auto" and path in backend.paths:
+        missing = sorted(features - backend.variants.get(path, frozenset()))
+        if missing:
+            raise Unsupported(f"path: {path!r} of backend {backend.name!r} does not implement "
+                              f"{', '.join(missing)}, which this model's attention needs; paths "
+                              f"that do: {have}")
+        return path
+    if path == "auto" and not have:
+        raise Unsupported(f"backend: no path of {backend.name!r} implements "
+                          f"{', '.join(sorted(features))}, which this model's attention needs "
+                          f"(its paths implement {dict(backend.variants)})")
+    return have[0] if path == "auto" and "sinks" in features else path
+
+
+def _hooked_sdpa(queries, keys, values, cache, scale, mask, sinks=None):
+    if not isinstance(cache, PagedLayerCache):
+        return _mlx_base.scaled_dot_product_attention(queries, keys, values, cache=cache,
+                                                      scale=scale, mask=mask, sinks=sinks)
+    if mask is not None and not (isinstance(mask, str) and mask == "causal"):
+        raise Unsupported("the model passed its own attention mask; the paged cache only "
+                          "applies causal (and per-layer window) masking")
+    return cache._attend(queries, keys, values, scale, sinks=sinks)
+
+
 @contextlib.contextmanager
 def paged_attention_hook(model):
     """Route the model's attention to the paged cache while inside; other caches pass through.
-    Patches the model module's `scaled_dot_product_attention` name only (mlx-lm is unchanged)."""
+    Patches one name while inside: the model module's `scaled_dot_product_attention` or, for an
+    architecture with an attention adapter (gemma2), its attention class's `__call__`. mlx-lm's
+    files are unchanged; both replacements hand every other cache to mlx-lm's own code."""
     info = inspect_model(model)
-    module = info.module
-    original = module.scaled_dot_product_attention
-
-    def hooked(queries, keys, values, cache, scale, mask, sinks=None):
-        if not isinstance(cache, PagedLayerCache):
-            return original(queries, keys, values, cache=cache, scale=scale, mask=mask,
-                            sinks=sinks)
-        if sinks is not None:
-            raise Unsupported("attention sinks are not supported by the paged cache")
-        if mask is not None and not (isinstance(mask, str) and mask == "causal"):
-            raise Unsupported("the model passed its own attention mask; the paged cache only "
-                              "applies causal (and per-layer window) masking")
-        return cache._attend(queries, keys, values, scale)
-
-    module.scaled_dot_product_attention = hooked
-    _HOOK_DEPTH[module.__name__] = _HOOK_DEPTH.get(module.__name__, 0) + 1
+    owner, attr, replacement = info.arch.adapter or (
+        info.module, "scaled_dot_product_attention", _hooked_sdpa)
+    key = info.module.__name__
+    if not _HOOK_DEPTH.get(key):          # nested hooks (several engines) patch once
+        _ORIGINALS[key] = getattr(owner, attr)
+        setattr(owner, attr, replacement)
+        _HOOK_DEPTH[key] = 0
+    _HOOK_DEPTH[key] += 1
     try:
         yield
     finally:
-        _HOOK_DEPTH[module.__name__] -= 1
-        if _HOOK_DEPTH[module.__name__] == 0:
-            module.scaled_dot_product_attention = _mlx_base.scaled_dot_product_attention
-        else:
-            module.scaled_dot_product_attention = original
+        _HOOK_DEPTH[key] -= 1
+        if _HOOK_DEPTH[key] == 0:
+            setattr(owner, attr, _ORIGINALS.pop(key))
 
 
-_HOOK_DEPTH: dict = {}
+_HOOK_DEPTH: dict = {}     # model module name -> hooks entered and not yet left
+_ORIGINALS: dict = {}      # model module name -> what its hook replaced
 
 
 def _resolve_backend(backend) -> PagedAttention:
@@ -361,11 +518,13 @@ def _resolve_backend(backend) -> PagedAttention:
 
 
 def make_paged_cache(model, *, backend="mlx", num_blocks: int = 256, block_size: int = 16,
-                     path: str = "auto") -> list:
+                     path: str = "auto", kv_bits=None, kv_group_size: int = 64) -> list:
     """A per-layer cache list for mlx-lm's own loops (`generate_step(..., prompt_cache=...)`);
-    use it inside `paged_attention_hook(model)`. Each batch row is one sequence."""
+    use it inside `paged_attention_hook(model)`. Each batch row is one sequence. kv_bits 8/4:
+    quantized pools (mlx-lm's names and format)."""
     st = _PagedState(model, _resolve_backend(backend), num_blocks=num_blocks,
-                     block_size=block_size, path=path)
+                     block_size=block_size, path=path, kv_bits=kv_bits,
+                     kv_group_size=kv_group_size)
     return [PagedLayerCache(st, i, auto=True) for i in range(len(model.layers))]
 
 
@@ -459,6 +618,7 @@ class EngineStats:
     peak_kv_bytes: int = 0
     blocks_used: int = 0
     blocks_shared: int = 0
+    peak_running: int = 0        # most sequences admitted (holding blocks) at once
 
 
 class Engine:
@@ -472,20 +632,33 @@ class Engine:
     prompt (copy-on-write), a sample ends at one of its stop tokens or at `max_tokens`,
     `abort(rid)` drops a request, blocks that left every window are released, and
     `trim(seq_id, k)` rewinds a sequence. Policy and reasons: adr/0009-mlx-lm-integration.md.
+
+    A model sharded with mlx-lm's `model.shard(group)` (or `group=` given) runs tensor-parallel:
+    every rank runs this same engine on its own KV heads (pools, `num_blocks` and the bytes in
+    `stats` are per rank), checks on the first `check_steps` steps that every rank planned the
+    same step, and takes rank 0's sampled tokens (adr/0012-tensor-parallel.md).
     """
 
     def __init__(self, model, *, backend="mlx", path: str = "auto", block_size: int = 16,
                  num_blocks: int = 1024, sampler=None, prefix_caching: bool = True,
-                 max_batch_tokens: int = 512, trim_slack: int = 16):
+                 max_batch_tokens: int = 512, trim_slack: int = 16, group=None,
+                 check_steps: int = 8, kv_bits=None, kv_group_size: int = 64):
         block_size = _positive_int("block_size", block_size)
         num_blocks = _positive_int("num_blocks", num_blocks)
         self.max_batch_tokens = _positive_int("max_batch_tokens", max_batch_tokens)
         if isinstance(trim_slack, bool) or not isinstance(trim_slack, (int, np.integer)) \
                 or trim_slack < 0:
             raise InvalidInput(f"trim_slack: expected an integer >= 0, got {trim_slack!r}")
+        if isinstance(check_steps, bool) or not isinstance(check_steps, (int, np.integer)) \
+                or check_steps < 0:
+            raise InvalidInput(f"check_steps: expected an integer >= 0, got {check_steps!r}")
         self.model = model
+        group = group if group is not None else distributed.model_group(model)
+        self.tp = distributed.TensorParallel(group, check_steps=int(check_steps)) \
+            if group is not None and group.size() > 1 else None
         self.state = _PagedState(model, _resolve_backend(backend), num_blocks=num_blocks,
-                                 block_size=block_size, path=path)
+                                 block_size=block_size, path=path, kv_bits=kv_bits,
+                                 kv_group_size=kv_group_size)
         self.caches = [PagedLayerCache(self.state, i, auto=False)
                        for i in range(len(model.layers))]
         self.sampler = sampler or greedy
@@ -721,6 +894,7 @@ class Engine:
             budget -= take
         if batch:
             batch = self._grow(batch)
+        self.stats.peak_running = max(self.stats.peak_running, len(self._seqs))
         if not batch:
             if self._waiting:
                 raise PoolExhausted("num_blocks: no request fits in the pool")
@@ -736,6 +910,12 @@ class Engine:
             slots[gi] = np.concatenate([g.bm.slots(s.sid, s.computed, s.computed + n)
                                         for s, n in batch])
         st.step = _Step(ids, qlens, ctx, mx.array(positions.astype(np.int32)), tables, slots)
+        if self.tp is not None:
+            # Tables and slots carry admission, prefix hits, forks, window releases and trims;
+            # query lengths the chunking; tokens what was sampled before.
+            self.tp.check_plan(self.stats.steps, [np.asarray(ids), qlens, ctx, tokens, positions,
+                                                  len(self._waiting), self.stats.preemptions,
+                                                  *tables.values(), *slots.values()])
         with paged_attention_hook(self.model):
             logits = self.model(mx.array(tokens.astype(np.int32))[:, None], cache=self.caches)
         st.step = None
@@ -758,6 +938,8 @@ class Engine:
                                        for i, r in enumerate(reps)])
             logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
             picked = self.sampler(logprobs).tolist()
+            if self.tp is not None:
+                picked = self.tp.agree(picked)
             k = 0
             for s, r in zip(sample_seqs, reps):
                 mine = picked[k:k + r]
@@ -860,7 +1042,8 @@ def blocks_needed(prompts, max_tokens: int, block_size: int, n: int = 1) -> int:
 
 
 def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, prefix_caching,
-           n, num_blocks, max_batch_tokens, tokenizer, stop_tokens):
+           n, num_blocks, max_batch_tokens, tokenizer, stop_tokens, group=None, kv_bits=None,
+           kv_group_size=64):
     """An engine with every prompt queued; all input checked before anything is admitted."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise InvalidInput(f"prompts: expected a list of prompts, got {type(prompts).__name__}"
@@ -879,6 +1062,7 @@ def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, pr
             raise InvalidInput(f"prompts[{i}]: expected at least one token id")
     max_tokens = _positive_int("max_tokens", max_tokens)
     n = _positive_int("n", n)
+    kv_format_args(kv_bits, kv_group_size)     # checked before anything is built
     if stop_tokens is None and tokenizer is not None:
         stop_tokens = sorted(tokenizer.eos_token_ids)      # mlx-lm's default: stop at EOS
     stop = _stop_ids(stop_tokens, vocab)
@@ -886,7 +1070,8 @@ def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, pr
         num_blocks = blocks_needed(ids, max_tokens, _positive_int("block_size", block_size), n)
     eng = Engine(model, backend=backend, path=path, block_size=block_size, num_blocks=num_blocks,
                  sampler=sampler, prefix_caching=prefix_caching,
-                 max_batch_tokens=max_batch_tokens)
+                 max_batch_tokens=max_batch_tokens, group=group, kv_bits=kv_bits,
+                 kv_group_size=kv_group_size)
     # add_request refuses a request no pool of num_blocks can hold before any is queued.
     rids = [eng.add_request(p, max_tokens, n, stop_tokens=stop) for p in ids]
     return eng, rids, n
@@ -895,7 +1080,8 @@ def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, pr
 def generate(model, prompts: Sequence, *, max_tokens: int, backend="mlx", path: str = "auto",
              block_size: int = 16, sampler=None, prefix_caching: bool = True, n: int = 1,
              num_blocks: int | None = None, max_batch_tokens: int = 512, tokenizer=None,
-             stop_tokens=None, engine_out: list | None = None) -> list[list[int]]:
+             stop_tokens=None, engine_out: list | None = None, group=None, kv_bits=None,
+             kv_group_size: int = 64) -> list[list[int]]:
     """Generate up to `max_tokens` tokens for each prompt, all requests batched continuously on
     the paged cache; returns token ids, n lists per prompt, in order.
 
@@ -903,11 +1089,16 @@ def generate(model, prompts: Sequence, *, max_tokens: int, backend="mlx", path: 
     `stop_tokens` (not included), by default the tokenizer's EOS ids when one is given (pass
     `stop_tokens=()` to run on). Greedy unless `sampler` (mlx-lm's signature: logprobs [B, V] ->
     tokens [B]). `num_blocks` defaults to a pool that holds everything at once; a smaller one
-    works too, through preemption and recompute (same greedy tokens, more compute)."""
+    works too, through preemption and recompute (same greedy tokens, more compute). A model
+    sharded with `model.shard(group)` runs tensor-parallel: call this on every rank with the
+    same arguments (`Engine`, adr/0012-tensor-parallel.md). `kv_bits` 8 or 4 quantizes the
+    cache as mlx-lm's `--kv-bits` does (its affine format with `kv_group_size`; ADR 0011), here
+    with paging, prefix sharing, forks and windows."""
     eng, rids, _ = _start(model, prompts, max_tokens=max_tokens, backend=backend, path=path,
                           block_size=block_size, sampler=sampler, prefix_caching=prefix_caching,
                           n=n, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
-                          tokenizer=tokenizer, stop_tokens=stop_tokens)
+                          tokenizer=tokenizer, stop_tokens=stop_tokens, group=group,
+                          kv_bits=kv_bits, kv_group_size=kv_group_size)
     eng.run()
     if engine_out is not None:
         engine_out.append(eng)
@@ -933,4 +1124,5 @@ def _stream(eng: Engine, first: dict):
 
 _GENERATE_DEFAULTS = dict(backend="mlx", path="auto", block_size=16, sampler=None,
                           prefix_caching=True, n=1, num_blocks=None, max_batch_tokens=512,
-                          tokenizer=None, stop_tokens=None)
+                          tokenizer=None, stop_tokens=None, group=None, kv_bits=None,
+                          kv_group_size=64)

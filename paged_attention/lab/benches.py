@@ -4,6 +4,8 @@ A bench is a module with
     add_arguments(parser)   its options, as `paged-attn bench NAME` flags
     resolve(a)              optional: fill what depends on other options (presets)
     measure(a)              the measurement: records (dicts), or (records, notes)
+    follower()              optional: True on a rank other than 0 of a multi-process run
+                            (mlx.launch), which measures with rank 0 and writes nothing
 and an entry in BENCHES below naming the backend it needs and the measurements its records
 belong to (each record's "measurement" field; what identifies a point, what is measured).
 
@@ -106,7 +108,16 @@ BENCHES = {b.name: b for b in (
                                     "shared_prefix"),
                                    (("tokens_per_s", "tokens/s"), ("seconds", "s"),
                                     ("peak_kv_bytes", "peak KV bytes")),
-                                   compare=("tokens_per_s", "peak_kv_bytes"), x="batch")}),
+                                   compare=("tokens_per_s", "peak_kv_bytes"), x="batch"),
+           "generate.tp": Measurement(("backend", "path", "tp", "batch", "lengths"),
+                                      (("tokens_per_s", "tokens/s"), ("seconds", "s"),
+                                       ("kv_bytes_per_rank", "peak KV bytes per rank"),
+                                       ("kv_budget_per_rank", "KV pool bytes per rank"),
+                                       ("sequences_admitted", "sequences running at once"),
+                                       ("sequences_in_budget", "sequences the pool admits"),
+                                       ("preemptions", "preemptions")),
+                                      compare=("tokens_per_s", "kv_bytes_per_rank",
+                                               "sequences_in_budget"), x="batch")}),
     Bench("prefill", "paged_attention.lab.bench.prefill", None,
           "wall time of one prompt's prefill() through the public API",
           {"prefill": Measurement(("backend", "tokens"), (("median_ms", "median ms"),

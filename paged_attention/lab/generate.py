@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 GENERATE_HELP = """Generate with an mlx-lm model on the paged KV cache (continuous batching).
---model DIR loads a local mlx-lm model directory (mlx_lm.load: config.json, *.safetensors,
-tokenizer files; nothing is downloaded) and prompts are text; each sample stops at the
-tokenizer's end-of-sequence ids (--ignore-eos runs on to --max-tokens). One sample streams its
+--model takes what `mlx_lm.generate --model` takes: a local mlx-lm model directory
+(config.json, *.safetensors, tokenizer files; float or quantized weights) or a Hugging Face repo
+id, which mlx-lm's own loader (mlx_lm.load) fetches into its cache. Prompts are then text; each
+sample stops at the tokenizer's end-of-sequence ids (--ignore-eos runs on to --max-tokens). One sample streams its
 text to the terminal as it is generated; with several, each is printed when it finishes.
 --random-config CONFIG.json builds random weights from an mlx-lm config dict; it has no
-tokenizer, so each prompt is whitespace-separated TOKEN IDS (e.g. --prompt "1 5 9")."""
+tokenizer, so each prompt is whitespace-separated TOKEN IDS (e.g. --prompt "1 5 9").
+Under `mlx.launch -n N` the model is sharded over the N ranks (tensor parallel: each rank holds
+1/N of the heads and of the KV cache; --model loads through mlx-lm's sharded_load); rank 0
+prints, and a rank that fails ends the others, naming it."""
 
 
 def add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate with an mlx-lm model on the paged cache",
                        description=GENERATE_HELP)
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="local mlx-lm model directory")
+    src.add_argument("--model", help="mlx-lm model directory or Hugging Face repo id")
     src.add_argument("--random-config", help="mlx-lm config JSON; random weights, token-id prompts")
     pr = g.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -39,7 +44,14 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--n", type=int, default=1, help="samples per prompt (forks, copy-on-write)")
     g.add_argument("--dtype", default="float32", help="weights of --random-config models")
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
+                   help="quantize the paged KV cache (mlx-lm's affine format; ADR 0011)")
+    g.add_argument("--kv-group-size", type=int, default=64,
+                   help="elements of head_dim per scale and bias with --kv-bits")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--tp-timeout", type=float, default=300.0,
+                   help="under mlx.launch: seconds without a finished collective before a rank "
+                        "gives up on its peers (0: wait forever)")
     g.set_defaults(func=cmd_generate)
 
 
@@ -98,63 +110,98 @@ class _Printer:
             print(flush=True)
 
 
+def _model_source_ok(model: str) -> bool:
+    """A local directory, or a string shaped like a Hugging Face repo id ("name" or
+    "owner/name"; letters, digits, '-', '_', '.'; not a path such as ./x or /tmp/x)."""
+    import re
+    if os.path.isdir(model):
+        return True
+    return not os.path.exists(model) and re.fullmatch(
+        r"[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)?", model) is not None
+
+
 def cmd_generate(args) -> int:
     try:
+        from ..integrations import distributed
         from ..integrations import mlx_lm as pl
     except ImportError as e:
         return _error(str(e))
     from ..errors import PagedAttentionError
+    group = distributed.launched_group()
+    if group is not None and group.rank() != 0:
+        # Every rank computes every token; one prints them.
+        sys.stdout = open(os.devnull, "w")
+        args.no_progress = True
+    try:
+        with distributed.fail_fast(group, timeout_s=args.tp_timeout):
+            return _generate(args, pl, group)
+    except (PagedAttentionError, ValueError) as e:
+        return _error(str(e))
+
+
+def _generate(args, pl, group) -> int:
+    from ..integrations import distributed
     lines = args.prompt or [ln.rstrip("\n") for ln in open(args.prompts) if ln.strip()]
     tokenizer = None
     stop = list(args.stop_token or [])
     if args.model:
-        import os
-        if not os.path.isdir(args.model):
-            # mlx_lm.load would take a missing path for a Hugging Face repo and download it.
+        if not _model_source_ok(args.model):
+            # mlx_lm.load takes any missing path for a repo id and tries to download it.
             return _error(f"--model: {args.model!r} is not a directory (an mlx-lm model "
-                          "directory: config.json, *.safetensors, tokenizer files)")
-        from mlx_lm import load
-        model, tokenizer = load(args.model)
+                          "directory: config.json, *.safetensors, tokenizer files) nor a "
+                          "Hugging Face repo id (owner/name)")
+        try:
+            if group is not None:
+                model, tokenizer = distributed.load(args.model, group)
+            else:
+                from mlx_lm import load
+                model, tokenizer = load(args.model)
+        except Exception as e:  # noqa: BLE001 - a missing repo, network, bad files: say which
+            if isinstance(e, distributed.Unshardable):
+                raise
+            return _error(f"--model: mlx-lm could not load {args.model!r}: "
+                          f"{type(e).__name__}: {e}")
         prompts = [tokenizer.encode(t) for t in lines]
         if not args.ignore_eos:
             stop += sorted(tokenizer.eos_token_ids)
     else:
         with open(args.random_config) as f:
             model = pl.random_model(json.load(f), dtype=args.dtype)
+        if group is not None:
+            distributed.shard(model, group)
         try:
             prompts = [[int(t) for t in ln.split()] for ln in lines]
         except ValueError:
             return _error("--prompt/--prompts: with --random-config prompts are token ids "
                           "separated by spaces (there is no tokenizer)")
-    try:
-        num_blocks = args.num_blocks
-        if num_blocks is None:
-            num_blocks = pl.blocks_needed(prompts, max(args.max_tokens, 1),
-                                          max(args.block_size, 1), max(args.n, 1))
-        eng = pl.Engine(model, backend=args.backend, path=args.path, block_size=args.block_size,
-                        num_blocks=num_blocks, prefix_caching=not args.no_prefix_caching)
-        rids = [eng.add_request(p, args.max_tokens, args.n, stop_tokens=stop) for p in prompts]
-        from tqdm import tqdm
-        total = len(prompts) * args.n * args.max_tokens
-        t0 = time.perf_counter()
-        # An inline stream and a progress bar would share the terminal line: one or the other.
-        inline = len(prompts) * args.n == 1
-        with tqdm(total=total, unit="tok", disable=args.no_progress or inline,
-                  file=sys.stderr) as bar:
-            out = _Printer(eng, rids, lines, args.n, tokenizer, bar)
-            while eng.has_work:
-                events = eng.step()
-                bar.update(len(events))
-                out.events(events)
-            out.close()
-        dt = time.perf_counter() - t0
-    except (PagedAttentionError, ValueError) as e:
-        return _error(str(e))
+    num_blocks = args.num_blocks
+    if num_blocks is None:
+        num_blocks = pl.blocks_needed(prompts, max(args.max_tokens, 1),
+                                      max(args.block_size, 1), max(args.n, 1))
+    eng = pl.Engine(model, backend=args.backend, path=args.path, block_size=args.block_size,
+                    num_blocks=num_blocks, prefix_caching=not args.no_prefix_caching,
+                    kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
+    rids = [eng.add_request(p, args.max_tokens, args.n, stop_tokens=stop) for p in prompts]
+    from tqdm import tqdm
+    total = len(prompts) * args.n * args.max_tokens
+    t0 = time.perf_counter()
+    # An inline stream and a progress bar would share the terminal line: one or the other.
+    inline = len(prompts) * args.n == 1
+    with tqdm(total=total, unit="tok", disable=args.no_progress or inline,
+              file=sys.stderr) as bar:
+        out = _Printer(eng, rids, lines, args.n, tokenizer, bar)
+        while eng.has_work:
+            events = eng.step()
+            bar.update(len(events))
+            out.events(events)
+        out.close()
+    dt = time.perf_counter() - t0
     s = eng.stats
     print(f"{s.tokens_generated} tokens in {dt:.2f} s: {s.tokens_generated / dt:.1f} tokens/s "
           f"({s.steps} steps, {s.tokens_computed} token rows, {s.preemptions} preemptions)")
-    print(f"cache: peak blocks used {s.peak_blocks}, peak KV {s.peak_kv_bytes / 2**20:.2f} MiB, "
-          f"shared now {s.blocks_shared}, prefix hits {s.prefix_hit_tokens} tokens")
+    ranks = "" if group is None else f" per rank ({group.size()} ranks, tensor parallel)"
+    print(f"cache: peak blocks used {s.peak_blocks}, peak KV {s.peak_kv_bytes / 2**20:.2f} MiB"
+          f"{ranks}, shared now {s.blocks_shared}, prefix hits {s.prefix_hit_tokens} tokens")
     return 0
 
 
@@ -222,12 +269,13 @@ def run_mlx_lm(model, prompts, max_tokens):
     return n, dt, peak
 
 
-def run_paged(model, prompts, max_tokens, backend, path, block_size, batch_tokens=2048):
+def run_paged(model, prompts, max_tokens, backend, path, block_size, batch_tokens=2048,
+              kv_bits=None):
     import mlx.core as mx
     from ..integrations import mlx_lm as pl
     eng = pl.Engine(model, backend=backend, path=path, block_size=block_size,
                     num_blocks=pl.blocks_needed(prompts, max_tokens, block_size),
-                    max_batch_tokens=batch_tokens)
+                    max_batch_tokens=batch_tokens, kv_bits=kv_bits)
     for p in prompts:
         eng.add_request(p, max_tokens)
     t0 = time.perf_counter()
@@ -238,18 +286,21 @@ def run_paged(model, prompts, max_tokens, backend, path, block_size, batch_token
 
 
 def sequences_fitting(prompts, max_tokens: int, block_size: int, kv_bytes: int, config: dict,
-                      itemsize: int, seed: int = 0) -> int:
+                      dtype: str, seed: int = 0, kv_bits=None) -> int:
     """How many requests like `prompts` (their common prefix shared, each with its own random
-    suffix of the same length, room for max_tokens) the paged cache admits in kv_bytes of KV:
-    the block manager's own admission, prefix cache included, not a formula."""
+    suffix of the same length, room for max_tokens) the paged cache admits in kv_bytes of KV
+    (pools of `dtype`, quantized to kv_bits): the block manager's own admission, prefix cache
+    included, not a formula."""
     import os
 
     import numpy as np
 
     from ..block_manager import BlockManager
     from ..errors import PoolExhausted
-    per_block = (2 * block_size * config["num_key_value_heads"] * config["head_dim"] * itemsize
-                 * config["num_hidden_layers"])
+    from ..validation import check_pool_spec
+    spec = check_pool_spec(1, block_size, config["num_key_value_heads"], config["head_dim"],
+                           dtype, (dtype,), None if kv_bits is None else f"int{kv_bits}")
+    per_block = block_size * spec.bytes_per_token * config["num_hidden_layers"]
     bm = BlockManager(kv_bytes // per_block, block_size)
     prefix = list(os.path.commonprefix([list(p) for p in prompts]))
     rng = np.random.default_rng(seed)
@@ -288,11 +339,34 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the paged engine's max tokens per step (prefill chunks + decode rows)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip the untimed first run per impl")
+    ap.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
+                    help="quantized paged KV (ADR 0011); reports sequences admitted per MiB")
+    tp = ap.add_argument_group("tensor parallel (under mlx.launch -n N)")
+    tp.add_argument("--tp", type=int, default=1,
+                    help="N > 1: rows for 1 and N ranks (run under `mlx.launch -n N`): tokens/s, "
+                         "per-rank KV bytes, sequences admitted in --kv-mib per rank")
+    tp.add_argument("--kv-mib", type=float, default=None,
+                    help="with --tp: each rank's KV pool in MiB (default: what one rank needs to "
+                         "hold half the batch)")
+
+
+def follower() -> bool:
+    """A rank other than 0 of an `mlx.launch` run: it measures alongside rank 0, which alone
+    writes the run (the runner's hook)."""
+    try:
+        from ..integrations.distributed import launched_group
+    except ImportError:
+        return False
+    group = launched_group()
+    return group is not None and group.rank() != 0
 
 
 def measure(a) -> list[dict]:
-    """Records "generate": one per impl x batch x (uniform | ragged) x (own | shared prefix)."""
+    """Records "generate": one per impl x batch x (uniform | ragged) x (own | shared prefix);
+    with --tp N, "generate.tp": one per impl x batch x rank count (1, N)."""
     from .. import registry
+    if a.tp != 1:
+        return measure_tp(a)
     if a.preset == "h100":
         cfg, dtype, lo, hi, steps = H100_CONFIG, "bfloat16", 1024, 4096, a.max_tokens or 32
         default_impls = ["mlx:fused", "mlx-lm"]
@@ -318,7 +392,8 @@ def measure(a) -> list[dict]:
         if impl == "mlx-lm":
             return run_mlx_lm(model, prompts, steps)
         backend, path = impl.split(":")
-        return run_paged(model, prompts, steps, backend, path, a.block_size, a.batch_tokens)
+        return run_paged(model, prompts, steps, backend, path, a.block_size, a.batch_tokens,
+                         a.kv_bits)
 
     rows = []
     if a.warmup:
@@ -346,16 +421,103 @@ def measure(a) -> list[dict]:
                 if shared and base:
                     # Concurrency in the same memory: what mlx-lm's cache peaked at for b
                     # sequences, filled by the paged cache's own admission.
-                    fit = sequences_fitting(prompts, steps, a.block_size,
-                                            base[0]["peak_kv_bytes"], cfg, 2 if dtype != "float32"
-                                            else 4)
+                    budget = base[0]["peak_kv_bytes"]
+                    fit = sequences_fitting(prompts, steps, a.block_size, budget, cfg, dtype)
                     base[0]["paged_sequences_in_same_kv"] = fit
                     print(f"{'':16s} {b:3d} paged cache admits {fit} such sequences in mlx-lm's "
-                          f"{base[0]['peak_kv_bytes'] / 2**20:.0f} MiB ({fit / b:.2f}x)",
-                          flush=True)
+                          f"{budget / 2**20:.0f} MiB ({fit / b:.2f}x)", flush=True)
+                    if a.kv_bits:   # the same budget, quantized pools: sequences per byte
+                        qfit = sequences_fitting(prompts, steps, a.block_size, budget, cfg, dtype,
+                                                 kv_bits=a.kv_bits)
+                        for r in rows[-len(impls):]:
+                            if r["impl"] != "mlx-lm":
+                                r["kv_bits"] = a.kv_bits
+                                r["sequences_per_mib"] = qfit / (budget / 2**20)
+                        base[0]["sequences_per_mib"] = fit / (budget / 2**20)
+                        print(f"{'':16s} {b:3d} int{a.kv_bits} paged cache admits {qfit} "
+                              f"({qfit / (budget / 2**20):.2f}/MiB against "
+                              f"{fit / (budget / 2**20):.2f}/MiB unquantized)", flush=True)
     for r in rows:  # the lab's record fields: backend and path ("mlx-lm": its own cache)
         backend, _, path = r["impl"].partition(":")
         r.update(measurement="generate", backend=backend, path=path or "-")
+    return rows
+
+
+def measure_tp(a) -> list[dict]:
+    """Ragged prompts with a shared prefix, the model sharded over 1 and N ranks, each rank's
+    pool of the same bytes: tokens/s, each rank's peak KV bytes, the sequences the engine held
+    at once, and how many such sequences the pool admits (the block manager's admission)."""
+    import mlx.core as mx
+
+    from ..integrations import distributed
+    from ..integrations import mlx_lm as pl
+    from .benches import BenchUnavailable
+    group = distributed.launched_group()
+    size = 1 if group is None else group.size()
+    if a.tp < 1 or size != a.tp:
+        raise BenchUnavailable(f"--tp {a.tp}: this process is one of {size} rank(s); run it as "
+                               f"`mlx.launch -n {a.tp} -- paged-attn bench generate --tp {a.tp}`")
+    rank = group.rank()
+    say = print if rank == 0 else (lambda *_, **__: None)
+    cfg, dtype, lo, hi, steps = (H100_CONFIG, "bfloat16", 1024, 4096, a.max_tokens or 32) \
+        if a.preset == "h100" else (CPU_CONFIG, "float32", 32, 256, a.max_tokens or 32)
+    if a.lengths:
+        lo, hi = (int(x) for x in a.lengths.split("-"))
+    impls = a.impls.split(",") if a.impls else ["mlx:fused" if a.preset == "h100" else "mlx:gather"]
+    batches = [int(b) for b in (a.batches or "1,8,32").split(",")]
+    itemsize = 4 if dtype == "float32" else 2
+    rows = []
+    with distributed.fail_fast(group, timeout_s=0):
+        for tp in (1, a.tp):
+            # tp=1: rank 0 alone holds the whole model; the others wait for it.
+            model = build_model(cfg, dtype) if tp == 1 and rank == 0 or tp > 1 else None
+            if model is not None and tp > 1:
+                distributed.shard(model, group)
+            cfg_rank = dict(cfg, num_key_value_heads=cfg["num_key_value_heads"] // tp)
+            block_bytes = (2 * a.block_size * cfg_rank["num_key_value_heads"] * cfg["head_dim"]
+                           * itemsize * cfg["num_hidden_layers"])
+            for b in batches:
+                prompts = _prompts(b, True, True, lo, hi, cfg["vocab_size"], seed=b)
+                half = pl.blocks_needed(prompts[:max(1, b // 2)], steps, a.block_size)
+                one_rank = (2 * a.block_size * cfg["num_key_value_heads"] * cfg["head_dim"]
+                            * itemsize * cfg["num_hidden_layers"])
+                budget = int(a.kv_mib * 2**20) if a.kv_mib else half * one_rank
+                for impl in impls:
+                    if model is None:
+                        continue
+                    backend, path = impl.split(":")
+                    eng = pl.Engine(model, backend=backend, path=path, block_size=a.block_size,
+                                    num_blocks=max(1, budget // block_bytes),
+                                    max_batch_tokens=a.batch_tokens,
+                                    group=group if tp > 1 else None)
+                    for p in prompts:
+                        eng.add_request(p, steps)
+                    if a.warmup:   # untimed: the first steps compile
+                        warm = pl.Engine(model, backend=backend, path=path,
+                                         block_size=a.block_size, num_blocks=64,
+                                         group=group if tp > 1 else None)
+                        warm.add_request(prompts[0][:16], 2)
+                        warm.run()
+                    t0 = time.perf_counter()
+                    eng.run()
+                    mx.synchronize()
+                    dt = time.perf_counter() - t0
+                    s = eng.stats
+                    fit = sequences_fitting(prompts, steps, a.block_size, budget, cfg_rank,
+                                            itemsize)
+                    row = dict(impl=impl, backend=backend, path=path, tp=tp, batch=b,
+                               lengths=f"{lo}-{hi}", tokens=s.tokens_generated, seconds=dt,
+                               tokens_per_s=s.tokens_generated / dt,
+                               kv_bytes_per_rank=s.peak_kv_bytes, kv_budget_per_rank=budget,
+                               sequences_admitted=s.peak_running, sequences_in_budget=fit,
+                               preemptions=s.preemptions, measurement="generate.tp")
+                    rows.append(row)
+                    say(f"{impl:12s} tp={tp} B={b:3d} {row['tokens_per_s']:9.1f} tok/s "
+                          f"{dt:7.2f} s, KV/rank {s.peak_kv_bytes / 2**20:8.2f} MiB of "
+                          f"{budget / 2**20:.2f}, {s.peak_running} running at once, "
+                          f"{fit} fit, {s.preemptions} preemptions", flush=True)
+            del model
+            mx.eval(mx.distributed.all_sum(mx.array([1]), group=group, stream=mx.cpu))
     return rows
 
 

@@ -49,6 +49,10 @@ class WorkloadConfig:
                                  # ragged steps through plan/run: new prompts prefill in chunks
                                  # of up to max_chunk tokens beside running decodes, and run()
                                  # writes every step's K/V
+    kv_dtype: str | None = None  # a quantized pool (kv_formats): the mirror then holds the
+    kv_group_size: int = 64      # reference's dequantized values, what attention must read
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
 
 @dataclass
@@ -76,7 +80,12 @@ class DecodeWorkload:
         self.num_blocks = c.num_blocks or 2 * c.batch * per_seq + 16
         self.manager = BlockManager(self.num_blocks, c.block_size, fragmented=True, seed=c.seed)
         self.pool = self.backend.create_pool(self.num_blocks, c.block_size, c.num_kv_heads,
-                                             c.head_dim, c.dtype)
+                                             c.head_dim, c.dtype, kv_dtype=c.kv_dtype,
+                                             kv_group_size=c.kv_group_size, k_scale=c.k_scale,
+                                             v_scale=c.v_scale)
+        self.kv_format = self.pool.spec.kv_format
+        if self.kv_format is not None:
+            self.np_dtype = np.float32
         shape = (self.num_blocks, c.block_size, c.num_kv_heads, c.head_dim)
         self.mirror_k = np.zeros(shape, self.np_dtype)
         self.mirror_v = np.zeros(shape, self.np_dtype)
@@ -95,6 +104,15 @@ class DecodeWorkload:
 
     def _write(self, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         self.backend.write_kv(self.pool, slots, k, v)
+        self._mirror(slots, k, v)
+
+    def _mirror(self, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """The mirror holds what the pool must hold: the rows, or (quantized pool) the reference
+        arithmetic's dequantized rows."""
+        fmt, dt = self.kv_format, self.cfg.dtype
+        if fmt is not None:
+            k = fmt.dequantize(fmt.quantize(k, dt, "k"), dt, "k")
+            v = fmt.dequantize(fmt.quantize(v, dt, "v"), dt, "v")
         b, off = np.divmod(slots, self.cfg.block_size)
         self.mirror_k[b, off] = k
         self.mirror_v[b, off] = v
@@ -185,9 +203,7 @@ class DecodeWorkload:
             slots.append(s)
         slots = np.concatenate(slots)
         k, v = self._random_kv(slots.size)
-        b, off = np.divmod(slots, c.block_size)
-        self.mirror_k[b, off] = k
-        self.mirror_v[b, off] = v
+        self._mirror(slots, k, v)
         hq = c.num_kv_heads * c.group_size
         q = representable(self.rng.standard_normal((slots.size, hq, c.head_dim)), c.dtype)
         tables = self.manager.block_tables(self.seqs)

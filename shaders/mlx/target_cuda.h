@@ -50,6 +50,9 @@ PA_FN float pa_warp_max(float x) {
   return x;
 }
 PA_FN float pa_exp2(float x) { return exp2f(x); }
+// Attention variants only (ADR 0010): the soft-cap and the log-sum-exp, both at full precision.
+PA_FN float pa_tanh(float x) { return tanhf(x); }
+PA_FN float pa_log2(float x) { return log2f(x); }
 PA_FN float pa_fmax(float a, float b) { return fmaxf(a, b); }
 PA_FN int pa_imin(int a, int b) { return a < b ? a : b; }
 PA_FN int pa_imax(int a, int b) { return a > b ? a : b; }

@@ -24,6 +24,10 @@ PA_FN float pa_shfl_xor(float x, int mask) { return simd_shuffle_xor(x, ushort(m
 PA_FN float pa_warp_sum(float x) { return simd_sum(x); }
 PA_FN float pa_warp_max(float x) { return simd_max(x); }
 PA_FN float pa_exp2(float x) { return metal::exp2(x); }
+// Attention variants only (ADR 0010). precise:: because Metal compiles with fast math, whose
+// tanh is not accurate for large |x| (MLX's own Tanh uses precise:: for the same reason).
+PA_FN float pa_tanh(float x) { return metal::precise::tanh(x); }
+PA_FN float pa_log2(float x) { return metal::precise::log2(x); }
 PA_FN float pa_fmax(float a, float b) { return metal::fmax(a, b); }
 PA_FN int pa_imin(int a, int b) { return a < b ? a : b; }
 PA_FN int pa_imax(int a, int b) { return a > b ? a : b; }

@@ -123,3 +123,51 @@ def test_mixed_plan_chunks_match_the_reference(dtype, window, qlens):
                             tables, lens, qlens, window=window)
     assert out.shape == want.shape
     assert np.sqrt(np.mean((out - want) ** 2)) < 5e-3
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("qlens", [[1, 1, 6, 1, 3], [0, 7, 1, 0, 2], [9]])
+@pytest.mark.parametrize("cap,alibi,sinks,lse", [(2.0, False, False, True), (None, True, True, True),
+                                                 (1.5, True, True, False)])
+def test_mixed_plan_variants_match_the_reference(window, qlens, cap, alibi, sinks, lse):
+    """The fused path's ragged step with attention variants (ADR 0010): prompt chunks go
+    through the gather path's variant attention over their blocks (positions counted from the
+    first block read, which a window moves), decode rows through the decode callable's
+    `with_lse`, rows and LSE back in order. Any MLX device: the decode rows use the gather plan
+    here (the fused kernel's own are in tests/matrix/test_variants.py on a GPU)."""
+    import dataclasses
+
+    from paged_attention import reference
+    from paged_attention.backends.mlx.gather import GatherPlan
+    from paged_attention.backends.mlx.mixed import MixedPlan
+    from paged_attention.validation import (PoolSpec, check_query_lens, check_tables,
+                                            check_variant)
+    rng = np.random.default_rng(len(qlens) * 11 + (window or 0))
+    bs, hkv, group, d = 4, 2, 2, 32
+    hq = hkv * group
+    qlens = np.asarray(qlens)
+    lens = qlens + rng.integers(3, 30, qlens.size)
+    need = -(-lens // bs)
+    nb = int(need.sum()) + 2
+    tables = np.zeros((qlens.size, int(need.max()) + 1), np.int32)
+    perm, at = rng.permutation(nb), 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[at:at + n]
+        at += n
+    k = rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)
+    q = rng.standard_normal((int(qlens.sum()), hq, d)).astype(np.float32)
+    slopes = -rng.uniform(0.05, 0.5, hq).astype(np.float32) if alibi else None
+    sink = rng.standard_normal(hq).astype(np.float32) if sinks else None
+    spec = PoolSpec(nb, bs, hkv, d, "float32")
+    args = check_query_lens(qlens, check_tables(spec, tables, lens, None, None, window, hq))
+    args = dataclasses.replace(args, variant=check_variant(cap, slopes, lse, hq))
+    plan = MixedPlan(args, bs, lambda rows: GatherPlan(dataclasses.replace(rows, variant=args.variant), bs))
+    out, got_lse = plan.with_lse(mx.array(q), mx.array(k), mx.array(v),
+                                 None if sink is None else mx.array(sink))
+    want, want_lse = reference.step(q, k, v, args, sink)
+    assert reference.rms(np.array(out), want) < 1e-4
+    if lse:
+        np.testing.assert_allclose(np.array(got_lse), want_lse, atol=1e-4)
+    else:
+        assert got_lse is None

@@ -4,6 +4,7 @@ GPU tests run on a Metal or CUDA MLX device and skip elsewhere; the source-struc
 heuristic tests run everywhere (the Metal source is generated from the same body as CUDA)."""
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import shutil
@@ -246,10 +247,16 @@ def test_both_targets_share_the_body(kernel, split):
     names = set(re.findall(r"\bPA_\w+|\bpa_\w+", code(shared)))
     local = set(re.findall(r"constexpr int (PA_\w+)", shared)) | \
         set(re.findall(r"PA_SHARED float (pa_\w+)", shared)) | set(re.findall(r"#define (PA_\w+)", shared)) \
-        | {"PA_SPLIT", "pa_params", "pa_step"}
+        | set(re.findall(r"(?:const )?(?:float|int) (pa_\w+)", shared))
+    every = ks.KERNEL_FEATURES.get((kernel, split), ())
+    # what the assembled source declares: the form's #defines and the input/output names of
+    # the kernel's forms (the body names both forms' arguments, each behind its #if)
+    args = {n for (k, sp), feats in ks.KERNEL_FEATURES.items() if k == kernel
+            for n in ks.input_names(k, sp, feats) + ks.output_names(k, sp, feats)}
     for api in ks.TARGETS:
-        header, body = ks.kernel_source(api, kernel, split)
-        provided = defined_names(header) | set(re.findall(r"const int (pa_\w+)", body))
+        header, body = ks.kernel_source(api, kernel, split, every)
+        provided = defined_names(header) | set(re.findall(r"const int (pa_\w+)", body)) | \
+            set(re.findall(r"#define (PA_\w+)", body)) | args
         assert names - local <= provided, f"{api}: missing {names - local - provided}"
 
 
@@ -379,3 +386,281 @@ def test_step_array_layout():
     e = np.array(empty.ints)
     assert e[1] == 1 and e[2] == 0 and empty.write is None
     np.testing.assert_array_equal(e[e[7]:e[7] + 2], [0, 0])   # one zero entry per row
+
+
+# ---- attention variants (ADR 0010): soft-cap, ALiBi, sinks, LSE as compiled-in forms -----------
+VARIANT_FEATURES = tuple(ks.FEATURE_DEFINES)          # soft_cap, alibi_slopes, sinks, return_lse
+
+
+def variant_case(seed, lens, hkv, group, d, bs, dtype, window, cap, alibi, sinks, lse):
+    """make_case's pools plus validated args carrying the Variant, and the sinks (or None)."""
+    import dataclasses
+
+    from paged_attention.validation import check_variant
+    q, k, v, tables, lens = make_case(seed, lens, hkv, group, d, bs, dtype)
+    rng = np.random.default_rng(seed + 1)
+    hq = hkv * group
+    slopes = -rng.uniform(0.01, 0.3, hq).astype(np.float32) if alibi else None
+    sink = (2 * rng.standard_normal(hq)).astype(np.float32) if sinks else None
+    spec = PoolSpec(*k.shape, dtype=dtype)
+    args = check_decode(q, spec, tables, lens, None, window)
+    args = dataclasses.replace(args, variant=check_variant(cap, slopes, lse, hq))
+    return q, k, v, args, sink
+
+
+def run_variant(q, k, v, args, sink, partitions):
+    plan = DecodePlan.from_args(API, args, k, partitions)
+    out, lse = plan.with_lse(mx.array(q), k, v, None if sink is None else mx.array(sink))
+    want, want_lse = reference.step(q, host(k), host(v), args, sink)
+    return plan, host(out), (None if lse is None else np.array(lse)), want, want_lse
+
+
+@needs_gpu
+@pytest.mark.parametrize("partitions", [1, 5, None])
+@pytest.mark.parametrize("feats", [f for n in range(1, 5) for f in itertools.combinations(VARIANT_FEATURES, n)],
+                         ids=lambda f: "+".join(f))
+def test_variant_forms_match_the_reference(feats, partitions):
+    """Every combination of the four features, unsplit and split-K (forced and chosen), against
+    the float64 reference: the output, and the LSE where asked (natural log, sinks included)."""
+    cap, alibi, sinks, lse = (f in feats for f in VARIANT_FEATURES)
+    q, k, v, args, sink = variant_case(23, [1500, 1, 0, 700], 2, 4, 128, 16, "float16", None,
+                                       8.0 if cap else None, alibi, sinks, lse)
+    plan, got, got_lse, want, want_lse = run_variant(q, k, v, args, sink, partitions)
+    assert partitions != 5 or plan.num_parts == 5
+    assert reference.rms(got, want) < TOL
+    assert not got[2].any(), "an empty sequence gives zeros, sinks or not"
+    if lse:
+        assert got_lse.shape == (4, 8) and got_lse.dtype == np.float32
+        np.testing.assert_allclose(got_lse, want_lse, atol=2e-3, rtol=0)
+        assert np.all(np.isneginf(got_lse[2]) == (not sinks))
+    else:
+        assert got_lse is None
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", [("bfloat16", [900, 37], 1, 8, 64, 32, 300),
+                                  ("float32", [1200, 3], 2, 6, 96, 16, None),
+                                  ("float16", [333, 12], 1, 16, 128, 16, 100)],
+                         ids=["bf16-window", "f32-g6-d96", "f16-g16-window"])
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_all_variants_over_dtypes_windows_and_groups(case, partitions):
+    dtype, lens, hkv, group, d, bs, window = case
+    q, k, v, args, sink = variant_case(29, lens, hkv, group, d, bs, dtype, window, 20.0, True,
+                                       True, True)
+    _, got, got_lse, want, want_lse = run_variant(q, k, v, args, sink, partitions)
+    assert reference.rms(got, want) < TOL
+    np.testing.assert_allclose(got_lse, want_lse, atol=2e-3, rtol=0)
+
+
+@needs_gpu
+def test_split_k_counts_a_sink_once():
+    """A sink is one key per query: with 8 partitions it must not join 8 denominators. exp(8)
+    is about the sum of the 4000 keys' weights (logits ~ N(0, 1)), so a sink counted 8 times
+    would move the LSE by ~1.6 and the output by a large fraction of itself."""
+    q, k, v, args, _ = variant_case(31, [4000], 2, 4, 128, 16, "float32", None, None, False,
+                                    False, True)
+    sink = np.full(8, 8.0, np.float32)
+    outs, lses = [], []
+    for parts in (1, 8):
+        plan, got, got_lse, want, want_lse = run_variant(q, k, v, args, sink, parts)
+        assert plan.num_parts == parts
+        assert reference.rms(got, want) < 1e-4
+        np.testing.assert_allclose(got_lse, want_lse, atol=1e-4, rtol=0)
+        outs.append(got)
+        lses.append(got_lse)
+    np.testing.assert_allclose(lses[0], lses[1], atol=1e-4)
+
+
+@needs_gpu
+def test_plain_runs_keep_the_plain_kernel():
+    """A plan without variants launches the plain forms (no extra input or output)."""
+    q, k, v, tables, lens = make_case(37, [300], 2, 4, 64, 16, "float16")
+    spec = PoolSpec(*k.shape, dtype="float16")
+    plan = DecodePlan.from_args(API, check_decode(q, spec, tables, lens, None, None), k)
+    got = host(plan(mx.array(q), k, v))
+    out, lse = plan.with_lse(mx.array(q), k, v, None)     # no features: the plain form too
+    assert lse is None and np.array_equal(host(out), got)
+
+
+# CPU-runnable: the forms' sources, names, signatures and the step array's variant fields.
+def test_every_form_has_its_own_name_and_signature():
+    names = set()
+    for kernel, split in (("decode", False), ("decode", True), ("reduce", False)):
+        allowed = [f for f in VARIANT_FEATURES if f in ks.KERNEL_FEATURES[(kernel, split)]]
+        for n in range(len(allowed) + 1):
+            for feats in itertools.combinations(allowed, n):
+                names.add(ks.kernel_name(kernel, split, feats))
+                _, body = ks.kernel_source("cuda", kernel, split, feats)
+                for f, define in ks.FEATURE_DEFINES.items():
+                    assert f"#define {define} {int(f in feats)}\n" in body
+                assert ("pa_sinks" in ks.input_names(kernel, split, feats)) == ("sinks" in feats)
+                assert ("lse" in ks.output_names(kernel, split, feats)) == ("return_lse" in feats)
+    assert len(names) == 16 + 4 + 4
+    assert ks.kernel_name("decode") == "pa_paged_decode"      # the plain forms keep their names
+    for feats in (("sinks",), ("return_lse",)):                 # the reduce's job under split-K
+        with pytest.raises(ValueError, match="does not implement"):
+            ks.kernel_source("cuda", "decode", True, feats)
+
+
+def test_step_array_carries_the_cap_and_slopes():
+    from paged_attention.backends.mlx.fused import STEP_HEADER
+    from paged_attention.validation import check_variant
+    tables = np.array([[3, 9], [7, 0]], np.int32)
+    lens = np.array([20, 17], np.int32)
+    slopes = np.array([-0.5, -0.25, -0.125, -0.0625], np.float32)
+
+    def ints(attention, slots=None):
+        p = DecodePlan("cuda", tables, lens, 0.125, None, num_blocks=64, block_size=16,
+                       num_kv_heads=2, num_q_heads=4, head_dim=64, pool_dtype=mx.float16,
+                       slots=slots, attention=attention)
+        return p, np.array(p.ints)
+    _, plain = ints(check_variant(None, None, True, 4))
+    assert plain[8] == 0 and plain[9] == 0 and plain.size == STEP_HEADER + 2 + 4
+    p, a = ints(check_variant(30.0, slopes, False, 4), slots=np.array([19, 32]))
+    assert a[8:9].view(np.float32)[0] == np.float32(30.0)
+    np.testing.assert_array_equal(a[a[9]:a[9] + 4].view(np.float32), slopes)
+    np.testing.assert_array_equal(a[a[7]:a[7] + 4].reshape(2, 2), tables)   # tables unmoved
+    np.testing.assert_array_equal(np.array(p.write[0]), [1, 2])             # writes after slopes
+    np.testing.assert_array_equal(np.array(p.write[1]), [3, 0])
+
+
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not installed (the CUDA sources are "
+                                "compiled offline for sm_90; MLX itself compiles them with NVRTC)")
+
+
+def nvcc_cubin(tmp_path, name, source):
+    """Compile one translation unit for sm_90; (cubin bytes, ptxas report)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    src = folder / "kernel.cu"
+    src.write_text(source)
+    r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v",
+                        "-diag-suppress", "177", "-o", str(folder / "kernel.cubin"), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return (folder / "kernel.cubin").read_bytes(), r.stderr
+
+
+def form_unit(kernel, split, feats, dtype, d, group, q_dtype="float16"):
+    """The CUDA translation unit MLX would build for one form (decode or reduce)."""
+    sig_types = {"q": q_dtype, "k_pool": dtype, "v_pool": dtype, "pa_step": "int32",
+                 "o_part": "float32", "ml_part": "float32", "pa_sinks": "float32",
+                 "out": q_dtype, "lse": "float32"}
+    ins = {n: sig_types[n] for n in ks.input_names(kernel, split, feats)}
+    outs = {n: sig_types[n] for n in ks.output_names(kernel, split, feats)}
+    if kernel == "reduce":
+        tmpl = [("OutT", q_dtype), ("D", d), ("HQ", 8 * group)]
+    else:
+        cfg = kernel_config(d, 16, 8, group, MX[dtype])
+        tmpl = [(n, dtype if n == "T" else q_dtype if n == "OutT" else v)
+                for n, v in cfg.template(None, None)]
+    return ks.cuda_translation_unit(kernel, split, ins, outs, tmpl, feats)
+
+
+FORMS = [(kernel, split, feats) for kernel, split in (("decode", False), ("decode", True), ("reduce", False))
+         for n in range(5) for feats in itertools.combinations(
+             [f for f in VARIANT_FEATURES if f in ks.KERNEL_FEATURES[(kernel, split)]], n)]
+GEOMETRIES = [("float16", 128, 4), ("bfloat16", 64, 8), ("float32", 256, 8)]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("i", range(len(FORMS)),
+                         ids=[f"{k}{'-split' if s else ''}-{'+'.join(f) or 'plain'}" for k, s, f in FORMS])
+def test_every_variant_form_compiles_for_cuda_without_spills(tmp_path, i):
+    """Each form (16 unsplit decode, 4 split decode, 4 reduce) as MLX would assemble it, through
+    nvcc for sm_90 (one geometry per form, rotating over the dtypes; the all-features forms get
+    every geometry in the next test): syntax and types hold, and no register spills."""
+    kernel, split, feats = FORMS[i]
+    dtype, d, group = GEOMETRIES[i % len(GEOMETRIES)]
+    _, report = nvcc_cubin(tmp_path, "k", form_unit(kernel, split, feats, dtype, d, group))
+    assert "0 bytes spill stores" in report, report[-2000:]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("geometry,q_dtype", list(zip(GEOMETRIES, ["float32", "bfloat16", "float16"])),
+                         ids=lambda g: f"{g[0]}-D{g[1]}-g{g[2]}" if isinstance(g, tuple) else f"q-{g}")
+def test_all_features_compile_for_every_geometry(tmp_path, geometry, q_dtype):
+    """The forms with every feature, for each pool dtype and geometry, with a q dtype other
+    than the one the per-form test uses."""
+    dtype, d, group = geometry
+    for kernel, split in (("decode", False), ("decode", True), ("reduce", False)):
+        feats = tuple(f for f in VARIANT_FEATURES if f in ks.KERNEL_FEATURES[(kernel, split)])
+        _, report = nvcc_cubin(tmp_path, f"{kernel}{int(split)}",
+                               form_unit(kernel, split, feats, dtype, d, group, q_dtype))
+        assert "0 bytes spill stores" in report, report[-2000:]
+
+
+def test_variant_translation_units_have_the_signatures_mlx_builds():
+    """The all-features forms as MLX would wrap them: the sinks an input after pa_step (Metal:
+    in the constant address space when under 8 values, as MLX passes small inputs), the LSE an
+    output after out; bool template arguments as MLX writes them (CUDA constexpr bool; Metal
+    `bool` parameters instantiated with 1/0)."""
+    cfg = kernel_config(64, 16, 2, 2, mx.float16)
+    tmpl = [(n, "float16" if n in ("T", "OutT") else v) for n, v in cfg.template(None, None)]
+    feats = tuple(ks.FEATURE_DEFINES)
+    ins = {"q": "float16", "k_pool": "float16", "v_pool": "float16", "pa_step": "int32",
+           "pa_sinks": "float32"}
+    outs = {"out": "float16", "lse": "float32"}
+    cuda = ks.cuda_translation_unit("decode", False, ins, outs, tmpl, feats)
+    assert "const float* pa_sinks,\n    __half* out,\n    float* lse) {" in cuda
+    assert "constexpr bool PF = false;" in cuda and "#define PA_SINKS 1" in cuda
+    metal = ks.metal_translation_unit("decode", False, ins, outs, tmpl, feats, small={"pa_sinks"})
+    assert "const constant float* pa_sinks [[buffer(4)]]" in metal
+    assert "device float* lse [[buffer(6)]]" in metal and "bool PF" in metal
+    assert "pa_paged_decode_cap_alibi_sinks_lse<" in metal
+    with pytest.raises(ValueError, match="takes inputs"):
+        ks.cuda_translation_unit("decode", False, ins, outs, tmpl, ())   # sinks without the form
+
+
+@pytest.mark.parametrize("query_lens", [None, [1, 4, 1]], ids=["decode", "ragged"])
+@pytest.mark.parametrize("splitk", ["off", "4"])
+def test_run_launches_the_form_for_exactly_the_features_used(monkeypatch, query_lens, splitk):
+    """The host side of the variant path on any MLX device, the kernels replaced by a stand-in
+    that checks each launch against its form's signature: which forms run(plan, sinks=) picks,
+    unsplit and split-K (the split decode takes cap and bias, the reduce sinks and LSE), the
+    sinks passed as float32 [Hq], and out/lse shapes back through MixedPlan's row order."""
+    from paged_attention import settings
+    from paged_attention.backends.mlx import fused
+    launched = []
+
+    def stand_in(api, kernel, split, features=frozenset()):
+        ins, outs = ks.input_names(kernel, split, features), ks.output_names(kernel, split, features)
+
+        def launch(inputs, output_shapes, output_dtypes, template, grid, threadgroup):
+            assert len(inputs) == len(ins) and len(output_shapes) == len(outs) == len(output_dtypes)
+            if "pa_sinks" in ins:
+                assert inputs[-1].dtype == mx.float32 and inputs[-1].shape == (8,)
+            launched.append(ks.kernel_name(kernel, split, features))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return launch
+    monkeypatch.setattr(fused, "_kernel", stand_in)
+    be = MLXBackend()
+    monkeypatch.setattr(be, "kernel_api", "cuda")
+    monkeypatch.setattr(be, "paths", ("gather", "fused"))
+    pool = be.create_pool(256, 16, 2, 64, "float16")
+    rng = np.random.default_rng(0)
+    tables = rng.permutation(256)[:192].reshape(3, 64).astype(np.int32)
+    lens = np.array([1000, 5, 600])
+    split = "_split" if splitk != "off" else ""
+    cases = [  # (cap, alibi, lse, sinks) -> the forms launched
+        ((30.0, True, True, True), [f"pa_paged_decode{split}_cap_alibi" + ("" if split else "_sinks_lse")]
+         + (["pa_paged_reduce_sinks_lse"] if split else [])),
+        ((None, False, False, True), [f"pa_paged_decode{split}" + ("" if split else "_sinks")]
+         + (["pa_paged_reduce_sinks"] if split else [])),
+        ((5.0, False, True, False), [f"pa_paged_decode{split}_cap" + ("" if split else "_lse")]
+         + (["pa_paged_reduce_lse"] if split else [])),
+    ]
+    with settings.override(mlx_splitk=splitk):
+        for (cap, alibi, lse, sinks), forms in cases:
+            slopes = -np.linspace(0.1, 0.8, 8).astype(np.float32) if alibi else None
+            plan = be.plan(pool, tables, lens, num_q_heads=8, query_lens=query_lens, soft_cap=cap,
+                           alibi_slopes=slopes, return_lse=lse, path="fused")
+            q = mx.array(rng.standard_normal((plan.num_rows, 8, 64)).astype(np.float16))
+            launched.clear()
+            got = be.run(plan, q, pool, sinks=np.ones(8, np.float32) if sinks else None)
+            out, lse_out = got if lse else (got, None)
+            assert launched == forms
+            assert out.shape == q.shape and out.dtype == q.dtype
+            if lse:
+                assert lse_out.shape == (plan.num_rows, 8) and lse_out.dtype == mx.float32

@@ -94,9 +94,22 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
+def launched(argv: list[str]) -> list[str]:
+    """The command an `mlx.launch [options] -- COMMAND` line runs on every rank (argv itself
+    for any other command)."""
+    if Path(argv[0]).name == "mlx.launch" and "--" in argv:
+        return argv[argv.index("--") + 1:]
+    return argv
+
+
 def skip_reason(argv: list[str]) -> str | None:
     """Why a command is parsed but not run here (None: it runs). Everything else runs, so a new
     README command that needs more than a CPU and seconds fails until it is listed here."""
+    if launched(argv) is not argv:
+        backend = _option(argv, "--backend")
+        if backend != "ring":
+            return f"mlx.launch --backend {backend}: several GPUs (NCCL) or an MPI install"
+        return skip_reason(launched(argv))
     prog = argv[0]
     if prog == "make":
         return ("make targets set the machine up first (scripts/setup.sh): CI runs `make test`, "

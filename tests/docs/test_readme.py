@@ -8,15 +8,16 @@ import re
 
 import pytest
 
-from readme_blocks import REPO, blocks, commands, is_paged_attn, logical_lines, parse_command
+from readme_blocks import REPO, blocks, commands, is_paged_attn, launched, logical_lines
+from readme_blocks import parse_command
 from readme_blocks import plan_sh, run_python, run_sh
 
 README = REPO / "README.md"
 DOCS = [README, *sorted((REPO / "adr").glob("*.md")), *sorted((REPO / "docs").glob("*.md"))]
 PYTHON_BLOCKS = [b for path in DOCS for b in blocks(path, "python")]
 SH_BLOCKS = blocks(README, "sh")
-PAGED_ATTN = [(b, argv) for b in SH_BLOCKS for line in logical_lines(b.text)
-              for argv in commands(line) if is_paged_attn(argv)]
+PAGED_ATTN = [(b, launched(argv)) for b in SH_BLOCKS for line in logical_lines(b.text)
+              for argv in commands(line) if is_paged_attn(launched(argv))]
 
 
 def test_the_readme_has_examples():
@@ -62,3 +63,14 @@ def test_relative_links_resolve(doc):
     local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
     missing = [t for t in local if not (doc.parent / t).exists()]
     assert local and not missing, f"{doc.name}: links to missing files {missing}"
+
+
+def test_the_two_rank_launch_line_prints_rank_0s_tokens(tmp_path):
+    """mlx.launch exits 0 when a rank fails, so its line passing in test_sh_block_runs proves
+    little: the README's ring line, run as written, prints what the README says, once."""
+    line = next(ln for b in SH_BLOCKS for ln in logical_lines(b.text)
+                if "mlx.launch" in ln and "--backend ring" in ln and " generate " in ln)
+    block = next(b for b in SH_BLOCKS if line in logical_lines(b.text))
+    _, proc = run_sh(type(block)(block.path, block.line, "sh", line + "\n"), tmp_path, 120)
+    assert proc.stdout.count("ninety-six ninety-seven ninety-eight ninety-nine") == 1, proc.stdout
+    assert "per rank (2 ranks, tensor parallel)" in proc.stdout, proc.stdout + proc.stderr

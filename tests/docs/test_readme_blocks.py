@@ -98,3 +98,14 @@ def test_an_sh_block_naming_tiny_model_gets_the_directory(tmp_path, fake_model_d
 def test_other_blocks_get_no_model_directory(tmp_path, fake_model_dir):
     rb.run_python(block("python", "print(1)\n"), tmp_path, timeout=60)
     assert fake_model_dir == [] and not (tmp_path / "tiny-model").exists()
+
+
+def test_a_launch_line_runs_its_command_on_ring_and_is_skipped_on_gpu_backends():
+    ring = ["mlx.launch", "-n", "2", "--backend", "ring", "--", "paged-attn", "generate",
+            "--model", "tiny-model", "--prompt", "x"]
+    assert rb.launched(ring) == ring[6:] and rb.skip_reason(ring) is None
+    nccl = [".venv/bin/mlx.launch", "-n", "2", "--backend", "nccl", "--", "paged-attn", "info"]
+    assert "NCCL" in rb.skip_reason(nccl)
+    bench = ring[:6] + ["paged-attn", "bench", "generate", "--tp", "2"]
+    assert "benchmark" in rb.skip_reason(bench)
+    assert rb.launched(["ls"]) == ["ls"]

@@ -1,5 +1,7 @@
 """Real (random-weight) mlx-lm models on the paged cache: token-exact against mlx-lm's own
-KVCache and generate_step, on every backend x path (`impl`)."""
+KVCache and generate_step, on every backend x path (`impl`) whose `variants` has the attention
+features the model needs (gpt-oss: sinks; gemma2: soft_cap); on any other path the engine must
+refuse the model, naming the missing feature."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (extra paged-attention[mlx-lm])")
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 
 from paged_attention.integrations import mlx_lm as pl  # noqa: E402
@@ -22,7 +25,21 @@ CONFIGS = {
                         layer_types=["sliding_attention", "full_attention"]),
     "gemma3": dict(BASE, model_type="gemma3_text", sliding_window=24, sliding_window_pattern=2,
                    query_pre_attn_scalar=32),
+    # attention sinks on every layer; layer 0 slides over 24 positions, layer 1 sees all; MoE
+    "gpt-oss": dict(BASE, model_type="gpt_oss", sliding_window=24, num_local_experts=4,
+                    num_experts_per_tok=2),
+    # soft-capped logits computed inline (the adapter). The cap is 1.0, not gemma2's 50: these
+    # random weights give logits of O(1), which a cap of 50 would leave almost untouched, so
+    # an engine that dropped the cap would still match. query_pre_attn_scalar 16 != head_dim:
+    # the scale must come from the model, not 1/sqrt(D).
+    "gemma2": dict(BASE, model_type="gemma2", attn_logit_softcapping=1.0,
+                   final_logit_softcapping=30.0, query_pre_attn_scalar=16),
 }
+# Weights quantized as mlx_lm.convert -q does (nn.quantize), every bits x group size; attention
+# runs in float32 (the scales' dtype). Hidden 128 so that group 128 divides every input dim.
+QUANTIZED = {f"llama-q{bits}g{group}": dict(BASE, model_type="llama", hidden_size=128,
+                                            intermediate_size=256, quantize=(group, bits))
+             for bits in (4, 8) for group in (32, 64, 128)}
 STEPS = 64
 PROMPT_LENS = (1, 7, 16, 41)
 
@@ -55,9 +72,48 @@ def assert_tokens(model, prompt, got, want):
     assert gap < 0.05, f"diverged at step {first} with a float32 top-2 gap of {gap:.3f}"
 
 
+def build(cfg: dict, dtype: str = "float32"):
+    """A random-weight model from one of the configs above (nothing is downloaded)."""
+    cfg = dict(cfg)
+    quantize = cfg.pop("quantize", None)
+    model = pl.random_model(cfg, dtype=dtype, seed=1)
+    if cfg["model_type"] == "gpt_oss":
+        # mlx-lm initialises sinks to 0 (exp(0) = 1 still joins every denominator); random
+        # ones, a few units wide as trained models' are, make each head's sink count.
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.sinks = 2 * mx.random.normal((cfg["num_attention_heads"],),
+                                                         key=mx.random.key(100 + i))
+    if quantize:
+        group, bits = quantize
+        nn.quantize(model, group_size=group, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
 @pytest.fixture(scope="module")
 def models():
-    return {name: pl.random_model(cfg, seed=1) for name, cfg in CONFIGS.items()}
+    return {name: build(cfg) for name, cfg in {**CONFIGS, **QUANTIZED}.items()}
+
+
+def missing_features(be, path, model) -> list:
+    """Features the model's attention needs that path `path` of `be` does not implement."""
+    return sorted(pl.inspect_model(model).features - be.variants.get(path, frozenset()))
+
+
+def serves(be, path, model) -> bool:
+    """True when `path` implements what the model needs; otherwise checks that the engine (and
+    make_paged_cache) refuse the model up front, naming each missing feature, and returns
+    False, so the caller's test passes on what it could check instead of skipping silently."""
+    missing = missing_features(be, path, model)
+    if not missing:
+        return True
+    for make in (lambda: pl.Engine(model, backend=be, path=path, num_blocks=8),
+                 lambda: pl.make_paged_cache(model, backend=be, path=path, num_blocks=8)):
+        with pytest.raises(pl.Unsupported) as err:
+            make()
+        for f in missing:
+            assert f in str(err.value) and repr(path) in str(err.value), str(err.value)
+    return False
 
 
 def prompts(lens, seed=0, vocab=256):
@@ -85,25 +141,30 @@ def refs(models):
     return get
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(CONFIGS) + list(QUANTIZED))
 def test_greedy_matches_mlx_lm(impl, name, models, refs):
     be, path = impl
+    if not serves(be, path, models[name]):
+        return
     ps = prompts(PROMPT_LENS)
     got = pl.generate(models[name], ps, max_tokens=STEPS, backend=be, path=path)
     for p, g in zip(ps, got):
         assert_tokens(models[name], p, g, refs(name, p))
 
 
-def test_mlx_lm_generate_step_drives_paged_cache(impl, models, refs):
+@pytest.mark.parametrize("name", ["qwen3", "gpt-oss", "gemma2", "llama-q4g64"])
+def test_mlx_lm_generate_step_drives_paged_cache(impl, name, models, refs):
     """mlx-lm's unmodified generate_step with the paged cache list (prefill in one call)."""
     be, path = impl
-    model = models["qwen3"]
+    model = models[name]
+    if not serves(be, path, model):
+        return
     p = prompts([23], seed=3)[0]
     cache = pl.make_paged_cache(model, backend=be, path=path, num_blocks=16)
     with pl.paged_attention_hook(model):
         got = [int(t) for (t, _), _ in zip(
             generate_step(mx.array(p), model, max_tokens=STEPS, prompt_cache=cache), range(STEPS))]
-    assert_tokens(model, p, got, refs("qwen3", p))
+    assert_tokens(model, p, got, refs(name, p))
 
 
 def test_cache_refuses_use_outside_hook(models):
@@ -114,12 +175,58 @@ def test_cache_refuses_use_outside_hook(models):
 
 
 def test_unsupported_architecture_is_refused():
-    from mlx_lm.models import gemma2
-    args = gemma2.ModelArgs(model_type="gemma2", hidden_size=64, num_hidden_layers=2,
-                            intermediate_size=128, num_attention_heads=4, head_dim=16,
-                            rms_norm_eps=1e-6, vocab_size=256, num_key_value_heads=2)
-    with pytest.raises(pl.Unsupported, match="gemma2"):
-        pl.Engine(gemma2.Model(args), backend="numpy")
+    model = pl.random_model(dict(BASE, model_type="starcoder2", norm_epsilon=1e-5))
+    with pytest.raises(pl.Unsupported, match=r"starcoder2 is not served .* \(supported: llama, "
+                                             "qwen2, qwen3, gemma3_text, gpt_oss, gemma2"):
+        pl.Engine(model, backend="numpy")
+
+
+def test_hook_restores_what_it_patched(models):
+    """The hook patches one name per model module (gemma2: its attention class's __call__,
+    the others: the module's scaled_dot_product_attention), nests, and puts back mlx-lm's own
+    on the way out, so a model outside the hook runs mlx-lm's code with any cache."""
+    from mlx_lm.models import gemma2, gpt_oss
+    before = (gemma2.Attention.__call__, gpt_oss.scaled_dot_product_attention)
+    with pl.paged_attention_hook(models["gemma2"]), pl.paged_attention_hook(models["gpt-oss"]):
+        with pl.paged_attention_hook(models["gemma2"]):
+            assert gemma2.Attention.__call__ is not before[0]
+            assert gpt_oss.scaled_dot_product_attention is not before[1]
+        assert gemma2.Attention.__call__ is not before[0]
+        # mlx-lm's own cache still gets mlx-lm's attention inside the hook
+        p = prompts([9], seed=12)[0]
+        inside = reference(models["gemma2"], p, 8)
+    assert (gemma2.Attention.__call__, gpt_oss.scaled_dot_product_attention) == before
+    assert inside == reference(models["gemma2"], p, 8)
+
+
+@pytest.mark.parametrize("name", ["llama-q4g64", "llama-q8g128"])
+def test_quantized_weights_pool_dtype_is_the_activation_dtype(name, models):
+    """Packed uint32 weights say nothing about attention: the pools take the dtype q, k, v
+    arrive in (float32 here, the quantization scales'; float16 for a float16 model)."""
+    info = pl.inspect_model(models[name])
+    assert models[name].layers[0].self_attn.q_proj.weight.dtype == mx.uint32
+    assert info.dtype == "float32" and info.head_dim == 32 and info.num_q_heads == 4
+    half = build(QUANTIZED["llama-q4g64"], dtype="float16")
+    assert pl.inspect_model(half).dtype == "float16"
+    eng = pl.Engine(half, backend="numpy", num_blocks=4)
+    assert eng.state.groups[0].pools[0].spec.dtype == "float16"
+
+
+def test_needed_features_are_checked_before_anything_runs():
+    """A path without sinks/soft-cap is refused when the engine is made, naming the feature
+    and the paths that have it (gpt-oss and gemma2 on a backend listing no variants)."""
+    from paged_attention.backends.numpy_backend import Backend as NumpyBackend
+
+    class Plain(NumpyBackend):
+        variants = {"reference": frozenset({"return_lse"})}
+    gpt_oss = build(CONFIGS["gpt-oss"])
+    with pytest.raises(pl.Unsupported, match=r"'reference' of backend 'numpy' does not "
+                                             r"implement sinks.*paths that do: \[\]"):
+        pl.Engine(gpt_oss, backend=Plain(), path="reference")
+    with pytest.raises(pl.Unsupported, match="no path of 'numpy' implements sinks"):
+        pl.Engine(gpt_oss, backend=Plain())
+    with pytest.raises(pl.Unsupported, match="no path of 'numpy' implements soft_cap"):
+        pl.Engine(build(CONFIGS["gemma2"]), backend=Plain())
 
 
 def test_bfloat16_refused_where_backend_has_no_bf16_pools(models):
@@ -128,7 +235,7 @@ def test_bfloat16_refused_where_backend_has_no_bf16_pools(models):
 
     class NoBf16(NumpyBackend):
         pool_dtypes = ("float16", "float32")
-    model = pl.random_model(CONFIGS["qwen3"], dtype="bfloat16", seed=1)
+    model = build(CONFIGS["qwen3"], dtype="bfloat16")
     with pytest.raises(pl.Unsupported, match="bfloat16"):
         pl.Engine(model, backend=NoBf16())
 
@@ -162,34 +269,41 @@ def test_half_precision_matches_until_a_near_tie(impl, dtype, refs):
         assert gap < 0.05, f"diverged at step {first} with a float32 top-2 gap of {gap:.3f}"
 
 
-def test_shared_prefix_allocates_only_suffix(impl, models, refs):
+@pytest.mark.parametrize("name", ["llama", "gpt-oss", "gemma2", "llama-q4g64"])
+def test_shared_prefix_allocates_only_suffix(impl, name, models, refs):
     be, path = impl
-    model = models["llama"]
+    model = models[name]
+    if not serves(be, path, model):
+        return
     block = 8
     shared = prompts([32], seed=7)[0]              # 4 full blocks
     a, b = shared + [1, 2, 3], shared + [9, 8, 7, 6, 5]
     eng = pl.Engine(model, backend=be, path=path, block_size=block, num_blocks=64)
+    full = [g.window for g in eng.state.groups].index(None)
     ra = eng.add_request(a, 8)
     eng.step()                                      # a's prompt is fully written
-    used_before = eng.block_counts()[0]
+    used_before = eng.block_counts()[full]
     rb = eng.add_request(b, 8)
     eng.step()
     # b shares a's 4 prefix blocks: it allocated only its suffix block, and a grew by none
     # (a's 36th token still fits its tail block).
     assert eng.stats.prefix_hit_tokens == 32
-    assert eng.block_counts()[0] == used_before + 1
-    assert eng.state.groups[0].bm.stats().shared == 4
+    assert eng.block_counts()[full] == used_before + 1
+    assert eng.state.groups[full].bm.stats().shared == 4
     eng.run()
-    assert_tokens(model, a, eng.results(ra)[0], refs("llama", a, 8))
-    assert_tokens(model, b, eng.results(rb)[0], refs("llama", b, 8))
+    assert_tokens(model, a, eng.results(ra)[0], refs(name, a, 8))
+    assert_tokens(model, b, eng.results(rb)[0], refs(name, b, 8))
 
 
-def test_fork_n2_matches_independent_runs(impl, models):
+@pytest.mark.parametrize("name", ["qwen3", "gpt-oss", "gemma2", "llama-q4g64"])
+def test_fork_n2_matches_independent_runs(impl, name, models, refs):
     """n = 2 samples fork one prefilled prompt (copy-on-write of its partial tail); with a
     sampler that differs per row they must match two independent runs with the same first
-    tokens, i.e. forcing each sample's first token."""
+    tokens, i.e. forcing each sample's first token (and mlx-lm's own run for them)."""
     be, path = impl
-    model = models["qwen3"]
+    model = models[name]
+    if not serves(be, path, model):
+        return
     p = prompts([21], seed=11)[0]                  # tail block 5/16 full: shared, then copied
     calls = []
 
@@ -208,6 +322,7 @@ def test_fork_n2_matches_independent_runs(impl, models):
     for sample in (s1, s2):
         want = pl.generate(model, [p + [sample[0]]], max_tokens=23, backend=be, path=path)[0]
         assert_tokens(model, p + [sample[0]], sample[1:], want)
+        assert_tokens(model, p + [sample[0]], sample[1:], refs(name, p + [sample[0]], 23))
 
 
 def test_sliding_window_blocks_stay_bounded(impl, models, refs):
@@ -262,3 +377,47 @@ def test_continuous_batching_joins_and_finishes(models, refs):
     for rid, p, n in zip(rids, ps, lens):
         assert eng.results(rid) == [refs("gemma3", p, n)]
     assert eng.block_counts() == [0, 0]
+
+
+def test_sinks_steps_leave_an_auto_path_without_sinks():
+    """plan(path="auto") cannot know run will get sinks: where auto picks a path without them
+    (here a numpy backend whose auto choice, "plain", lists no variants), the sinks model's
+    steps are planned on the first path that has them, and tokens stay mlx-lm's."""
+    from paged_attention.backends.numpy_backend import Backend as NumpyBackend
+
+    class AutoWithoutSinks(NumpyBackend):
+        paths = ("plain", "reference")
+        variants = {"plain": frozenset(), "reference": NumpyBackend.variants["reference"]}
+
+        def _auto_path(self, args, spec):
+            return "plain"
+
+        def _run_variant(self, plan, q, pool, k, v, sinks):
+            self.chosen.append(plan.path)
+            return super()._run_variant(plan, q, pool, k, v, sinks)
+
+    be = AutoWithoutSinks()
+    be.chosen = []             # the path of every layer's run (numpy's _run goes through here)
+    model = build(CONFIGS["gpt-oss"])
+    p = prompts([30], seed=13)[0]
+    assert pl.generate(model, [p], max_tokens=16, backend=be)[0] == reference(model, p, 16)
+    assert set(be.chosen) == {"reference"} and len(be.chosen) == 2 * 16  # 2 layers x 16 steps
+    # a model without sinks on that backend keeps auto's choice
+    be.chosen = []
+    pl.generate(build(CONFIGS["llama"]), [p[:5]], max_tokens=2, backend=be)
+    assert set(be.chosen) == {"plain"}
+
+
+@pytest.mark.parametrize("name, dropped", [("gpt-oss", "sinks"), ("gemma2", "soft_cap")])
+def test_configs_depend_on_the_feature(name, dropped, models, refs, monkeypatch):
+    """The token-exact tests above could not fail if these tiny models ignored their sinks or
+    cap: an engine that drops the feature must give different tokens on them."""
+    attend = pl.PagedLayerCache._attend
+
+    def without(self, q, k, v, scale, **kw):
+        kw.pop(dropped)
+        return attend(self, q, k, v, scale, **kw)
+    monkeypatch.setattr(pl.PagedLayerCache, "_attend", without)
+    ps = prompts(PROMPT_LENS)
+    got = pl.generate(models[name], ps, max_tokens=STEPS, backend="numpy")
+    assert sum(g != refs(name, p) for g, p in zip(got, ps)) >= 3

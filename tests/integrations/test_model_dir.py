@@ -1,7 +1,9 @@
 """A real mlx-lm model directory (tests/model_dir.py: config.json, safetensors, a word-level
 tokenizer saved by transformers) through `paged-attn generate --model DIR` and
 `generate(model, ["text"], tokenizer=tok)`: stops at the tokenizer's EOS, runs on with
---ignore-eos, streams text as it is produced."""
+--ignore-eos, streams text as it is produced. The models a user brings beyond llama: a 4-bit
+directory written by mlx-lm's own converter, gpt-oss (attention sinks) and gemma2 (soft-capped
+logits), through `generate()` and the CLI, as mlx-lm's own generate gives them."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +16,7 @@ pytest.importorskip("transformers", reason="transformers (installed with mlx-lm)
 import mlx.core as mx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model_dir import EOS_ID, word_id, write_model_dir  # noqa: E402
+from model_dir import EOS_ID, quantize_model_dir, word_id, write_model_dir  # noqa: E402
 
 from paged_attention.errors import InvalidInput  # noqa: E402
 from paged_attention.integrations import mlx_lm as pl  # noqa: E402
@@ -147,3 +149,85 @@ def test_cli_refuses_missing_directory_and_bad_ids(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "--random-config", str(cfg), "--prompt", "1 2",
                          "--block-size", "0", "--backend", "numpy")
     assert rc == 2 and "block_size: expected an integer >= 1, got 0" in err
+
+
+# -- the models a user brings: mlx-lm's 4-bit conversion, gpt-oss, gemma2 ---------------------
+USER_MODELS = {
+    # mlx_lm.convert -q: packed uint32 weights, quantized embedding, float32 scales
+    "llama-4bit": lambda d: quantize_model_dir(write_model_dir(d / "src"), d / "q4", bits=4,
+                                               group_size=64),
+    "gpt-oss": lambda d: write_model_dir(d / "m", model_type="gpt_oss", sliding_window=8,
+                                         num_local_experts=4, num_experts_per_tok=2),
+    # ties its head to the embedding, so it does not count: random greedy text, compared with
+    # mlx-lm's; a cap of 1.0 so that the soft-cap changes these small random logits
+    "gemma2": lambda d: write_model_dir(d / "m", model_type="gemma2",
+                                        attn_logit_softcapping=1.0),
+}
+
+
+@pytest.fixture(scope="module", params=list(USER_MODELS))
+def user_model(request, tmp_path_factory):
+    path = USER_MODELS[request.param](tmp_path_factory.mktemp(request.param))
+    from mlx_lm import load
+    return request.param, path, *load(str(path))
+
+
+def mlx_lm_text(model, tok, prompt, max_tokens):
+    from mlx_lm import generate as mlx_generate
+    return mlx_generate(model, tok, prompt, max_tokens=max_tokens)
+
+
+PROMPT = "eighty eighty-one"
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_user_models_generate_as_mlx_lm(user_model, backend):
+    """generate() with text prompts gives mlx-lm's greedy text (the counting ones count and
+    stop at EOS), and 64 tokens run past EOS equal mlx-lm's generate_step token for token."""
+    from mlx_lm.generate import generate_step
+    name, _, model, tok = user_model
+    if name == "llama-4bit":
+        assert model.layers[0].self_attn.q_proj.weight.dtype == mx.uint32
+    want = mlx_lm_text(model, tok, PROMPT, 24)
+    if name != "gemma2":
+        assert want == " ".join(f"{w}" for w in
+                                ["eighty-two", "eighty-three", "eighty-four", "eighty-five",
+                                 "eighty-six", "eighty-seven", "eighty-eight", "eighty-nine"]
+                                + ["ninety"] + [f"ninety-{o}" for o in
+                                                ("one", "two", "three", "four", "five", "six",
+                                                 "seven", "eight", "nine")])
+    got = pl.generate(model, [PROMPT], max_tokens=24, backend=backend, tokenizer=tok)
+    assert tok.decode(got[0]) == want
+    ids = tok.encode(PROMPT)
+    ref = [int(t) for (t, _), _ in zip(generate_step(mx.array(ids), model, max_tokens=64),
+                                       range(64))]
+    assert pl.generate(model, [ids], max_tokens=64, backend=backend, stop_tokens=())[0] == ref
+
+
+def test_user_models_through_the_cli(user_model, capsys):
+    name, path, model, tok = user_model
+    rc, out, _ = run_cli(capsys, "--model", str(path), "--prompt", PROMPT, "--backend", "numpy",
+                         "--max-tokens", "24")
+    assert rc == 0
+    assert out.splitlines()[0] == f"[0] {PROMPT!r} -> {mlx_lm_text(model, tok, PROMPT, 24)}"
+
+
+def test_cli_gives_a_repo_id_to_mlx_lms_loader(model_dir, loaded, capsys, monkeypatch):
+    """--model takes what mlx_lm.generate --model takes: a string shaped like a Hugging Face
+    repo id goes to mlx_lm.load, which resolves (downloads) it; here a stand-in loader returns
+    the local model, so nothing is fetched."""
+    import mlx_lm
+    asked = []
+    monkeypatch.setattr(mlx_lm, "load", lambda repo, **kw: (asked.append(repo), loaded)[1])
+    rc, out, _ = run_cli(capsys, "--model", "mlx-community/tiny-model-4bit", "--prompt",
+                         "ninety-five", "--backend", "numpy")
+    assert rc == 0 and asked == ["mlx-community/tiny-model-4bit"]
+    assert out.splitlines()[0] == \
+        "[0] 'ninety-five' -> ninety-six ninety-seven ninety-eight ninety-nine"
+
+    def offline(repo, **kw):
+        raise OSError(f"cannot reach the hub for {repo}")
+    monkeypatch.setattr(mlx_lm, "load", offline)
+    rc, _, err = run_cli(capsys, "--model", "owner/missing", "--prompt", "x")
+    assert rc == 2 and "--model: mlx-lm could not load 'owner/missing': OSError: cannot " \
+        "reach the hub for owner/missing" in err

@@ -10,7 +10,9 @@ reduced grid (shorter contexts, fewer blocks, FlashInfer's grid pairwise); set
 PAGED_ATTENTION_PEER_FULL=1 for the peers' full sizes (a GPU run: ADR 0010). A path that does not
 implement a case's variant must refuse it by name (UnsupportedPath), never skip it silently.
 The LSE is checked too, in our natural-log convention (FlashInfer's own is base 2:
-lse_2 = lse_e / ln 2)."""
+lse_2 = lse_e / ln 2). The peers' fp8 KV cases (vLLM kv_cache_dtype="fp8", FlashInfer
+kv_dtype=float8_e4m3fn) run on quantized pools (ADR 0011); a path that cannot read them must
+refuse them by name (create_pool or plan)."""
 from __future__ import annotations
 
 import itertools
@@ -21,7 +23,8 @@ import numpy as np
 import pytest
 
 from paged_attention import reference
-from paged_attention.errors import UnsupportedPath
+from paged_attention.errors import InvalidInput, UnsupportedPath
+from paged_attention.kv_formats import from_e4m3, to_e4m3
 
 FULL = os.environ.get("PAGED_ATTENTION_PEER_FULL", "") == "1"
 
@@ -68,9 +71,43 @@ if not FULL:  # every value of every axis, each pair of (heads, head size) x (al
     VLLM_CASES = [c for i, c in enumerate(VLLM_CASES) if i % 4 in (0, 3)]
 
 
+def _quantized_pool(backend, path, *args, **fmt):
+    """A pool of the format in `fmt` (create_pool's kv_* arguments), or None after checking
+    that the backend (no path reads it) or `path` refuses it by name, as ADR 0011 requires."""
+    kv_dtype = fmt["kv_dtype"]
+    if not backend.paths_reading(kv_dtype):
+        with pytest.raises(InvalidInput, match="kv_dtype"):
+            backend.create_pool(*args, **fmt)
+        return None
+    pool = backend.create_pool(*args, **fmt)
+    if kv_dtype not in backend.kv_formats.get(path, ()):
+        with pytest.raises(UnsupportedPath, match=kv_dtype):
+            backend.plan(pool, np.zeros((1, 1), np.int32), [1], num_q_heads=pool.num_kv_heads,
+                         path=path)
+        return None
+    return pool
+
+
 @pytest.mark.parametrize("case", VLLM_CASES, ids=lambda c: "h{}-{}_d{}_bs{}_{}_{}".format(
     *c[0], c[1], c[2], "alibi" if c[3] else "plain", c[4]))
 def test_vllm_paged_attention(impl, case):
+    _vllm_paged_attention(impl, case, None)
+
+
+# vLLM's kv_cache_dtype="fp8" cases: the cache holds e4m3fn(x / k_scale) (resp. v_scale), the
+# reference attends over the dequantized cache (its ref_single_query_cached_kv_attention over
+# convert_fp8's output), atol 1e-2 as vLLM's fp8 cases; scales 0.5 / 0.25 exercise them.
+VLLM_FP8_CASES = [((32, 8), 128, 16, False, "float16"), ((40, 40), 64, 32, True, "bfloat16"),
+                  ((64, 8), 128, 32, False, "bfloat16"), ((32, 8), 64, 16, True, "float16")]
+
+
+@pytest.mark.parametrize("case", VLLM_FP8_CASES, ids=lambda c: "fp8_h{}-{}_d{}_bs{}_{}_{}".format(
+    *c[0], c[1], c[2], "alibi" if c[3] else "plain", c[4]))
+def test_vllm_paged_attention_fp8(impl, case):
+    _vllm_paged_attention(impl, case, "fp8")
+
+
+def _vllm_paged_attention(impl, case, kv_cache_dtype):
     backend, path = impl
     (hq, hkv), d, bs, use_alibi, dtype = case
     if dtype not in backend.pool_dtypes:
@@ -85,14 +122,26 @@ def test_vllm_paged_attention(impl, case):
     tables = rng.integers(0, VLLM_NUM_BLOCKS, (num_seqs, max_blocks)).astype(np.int32)
     keys = _as_dtype(rng.uniform(-scale, scale, (VLLM_NUM_BLOCKS, bs, hkv, d)), dtype)
     values = _as_dtype(rng.uniform(-scale, scale, (VLLM_NUM_BLOCKS, bs, hkv, d)), dtype)
-    pool = backend.create_pool(VLLM_NUM_BLOCKS, bs, hkv, d, dtype)
+    atol = 1e-3
+    if kv_cache_dtype is None:
+        pool = backend.create_pool(VLLM_NUM_BLOCKS, bs, hkv, d, dtype)
+    else:
+        pool = _quantized_pool(backend, path, VLLM_NUM_BLOCKS, bs, hkv, d, dtype,
+                               kv_dtype="float8_e4m3", k_scale=0.5, v_scale=0.25)
+        if pool is None:
+            return
+        atol = 1e-2
     _fill(backend, pool, keys, values)
+    if kv_cache_dtype is not None:   # what the cache holds: the reference's arithmetic
+        fmt = pool.spec.kv_format
+        keys = fmt.dequantize(fmt.quantize(keys, dtype, "k"), dtype, "k")
+        values = fmt.dequantize(fmt.quantize(values, dtype, "v"), dtype, "v")
     plan = _planned(backend, path, pool, tables, lens, hq, alibi_slopes=slopes)
     if plan is None:
         return
     out = backend.to_numpy(backend.run(plan, backend.from_numpy(q, dtype), pool))
     want = reference.step(q.astype(np.float64), keys, values, plan.args)[0]
-    np.testing.assert_allclose(out.astype(np.float64), want, atol=1e-3, rtol=1e-5)
+    np.testing.assert_allclose(out.astype(np.float64), want, atol=atol, rtol=1e-5)
 
 
 # -- FlashInfer ----------------------------------------------------------------------------------
@@ -120,6 +169,22 @@ else:  # a pairwise cover of the smaller values: every pair of axis values appea
 
 @pytest.mark.parametrize("case", FI_CASES, ids=lambda c: "b{}_kv{}_ps{}_qo{}_d{}_{}".format(*c))
 def test_flashinfer_batch_decode(impl, case):
+    _flashinfer_batch_decode(impl, case, None)
+
+
+# FlashInfer's kv_dtype=torch.float8_e4m3fn cases: the cache is randn cast to e4m3fn (no
+# scale), the reference attends over it widened to float; tolerance 1e-2 as theirs for fp8.
+FI_FP8_CASES = [(12, 54, 1, 4, 128, "NONE"), (17, 97, 8, 32, 256, "ALIBI"),
+                (12, 97, 16, 32, 128, "SOFTCAP30"), (17, 512, 16, 4, 128, "NONE")]
+
+
+@pytest.mark.parametrize("case", FI_FP8_CASES,
+                         ids=lambda c: "fp8_b{}_kv{}_ps{}_qo{}_d{}_{}".format(*c))
+def test_flashinfer_batch_decode_fp8(impl, case):
+    _flashinfer_batch_decode(impl, case, "float8_e4m3fn")
+
+
+def _flashinfer_batch_decode(impl, case, kv_dtype):
     backend, path = impl
     batch, kv_len, page, hq, d, enc = case
     hkv = 4
@@ -131,7 +196,16 @@ def test_flashinfer_batch_decode(impl, case):
     values = rng.standard_normal((total, page, hkv, d)).astype(np.float16)
     tables = np.arange(total, dtype=np.int32).reshape(batch, pages_per_seq)
     lens = np.full(batch, kv_len)
-    pool = backend.create_pool(total, page, hkv, d, "float16")
+    tol = 1e-3
+    if kv_dtype is None:
+        pool = backend.create_pool(total, page, hkv, d, "float16")
+    else:
+        pool = _quantized_pool(backend, path, total, page, hkv, d, "float16",
+                               kv_dtype="float8_e4m3")
+        if pool is None:
+            return
+        tol = 1e-2
+        keys, values = (from_e4m3(to_e4m3(x.astype(np.float32))) for x in (keys, values))
     _fill(backend, pool, keys, values)
     variant = dict(return_lse=True,
                    soft_cap=30.0 if enc == "SOFTCAP30" else None,
@@ -142,5 +216,5 @@ def test_flashinfer_batch_decode(impl, case):
     out, lse = (backend.to_numpy(a) for a in backend.run(plan, backend.from_numpy(q, "float16"),
                                                          pool))
     want, want_lse = reference.step(q.astype(np.float64), keys, values, plan.args)
-    np.testing.assert_allclose(out.astype(np.float64), want, atol=1e-3, rtol=1e-3)
-    np.testing.assert_allclose(lse, want_lse, atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(out.astype(np.float64), want, atol=tol, rtol=tol)
+    np.testing.assert_allclose(lse, want_lse, atol=tol, rtol=tol)

@@ -145,14 +145,39 @@ def tolerance(*dtypes) -> float:
     return 2e-4
 
 
-def new_pool(backend, geom, dtype, nb, rng):
+@st.composite
+def kv_format(draw, formats):
+    """(kv_dtype, kv_group_size) of the pool: plain two times in three, else one of `formats`
+    (the quantized formats the backend or path lists) with a group size dividing GEOMS[0]."""
+    kinds = sorted(formats)
+    if not kinds or draw(st.integers(0, 2)):
+        return None, 64
+    return draw(st.sampled_from(kinds)), draw(st.sampled_from([32, 64]))
+
+
+def backend_formats(backend) -> set:
+    return set().union(*(backend.kv_formats.get(p, ()) for p in backend.paths))
+
+
+def stored(pool, x, which):
+    """What a pool holds for rows x (float32 [..., D] of the pool's dtype): x, or (quantized
+    pool) the reference arithmetic's dequantized x."""
+    fmt = pool.spec.kv_format
+    if fmt is None:
+        return x
+    return fmt.dequantize(fmt.quantize(x, pool.dtype, which), pool.dtype, which)
+
+
+def new_pool(backend, geom, dtype, nb, rng, kv=(None, 64)):
     d, bs, hkv, _ = geom
-    pool = backend.create_pool(nb, bs, hkv, d, dtype)
+    pool = backend.create_pool(nb, bs, hkv, d, dtype, kv_dtype=kv[0], kv_group_size=kv[1],
+                               k_scale=0.5 if kv[0] == "float8_e4m3" else 1.0)
     n = nb * bs
     k = representable(rng.standard_normal((n, hkv, d)), dtype)
     v = representable(rng.standard_normal((n, hkv, d)), dtype)
     backend.write_kv(pool, np.arange(n), k, v)
-    return pool, k.reshape(nb, bs, hkv, d), v.reshape(nb, bs, hkv, d)
+    return pool, stored(pool, k, "k").reshape(nb, bs, hkv, d), \
+        stored(pool, v, "v").reshape(nb, bs, hkv, d)
 
 
 def check_pool(pool, k, v):
@@ -209,10 +234,11 @@ def corruptions(draw, fields):
 
 
 @st.composite
-def decode_case(draw, backend):
+def decode_case(draw, backend, path):
     bad = draw(corruptions(["lens", "ids", "window", "scale", "q_dtype", "q_shape", "table_kind",
                             "lens_kind"]))
-    geom_i = draw(st.integers(0, len(GEOMS) - 1))
+    kv = draw(kv_format(backend.kv_formats.get(path, ())))
+    geom_i = 0 if kv[0] else draw(st.integers(0, len(GEOMS) - 1))
     d, bs, hkv, group = GEOMS[geom_i]
     dtype = draw(st.sampled_from(backend.pool_dtypes))
     nb = draw(st.integers(1, 8))
@@ -249,7 +275,7 @@ def decode_case(draw, backend):
     return dict(geom=GEOMS[geom_i], dtype=dtype, nb=nb, batch=batch, group=group, lens=lens,
                 table=table, width=width, window=window, scale=scale, q_dtype=q_dtype,
                 q_layout=q_layout, q_shape=q_shape, nonfinite=nonfinite, table_kind=table_kind,
-                lens_kind=lens_kind, seed=seed, corrupted=sorted(bad))
+                lens_kind=lens_kind, seed=seed, corrupted=sorted(bad), kv=kv)
 
 
 def test_decode_fuzz(impl, record_property):
@@ -259,11 +285,11 @@ def test_decode_fuzz(impl, record_property):
     @fuzz_settings(DECODE_EXAMPLES)
     @given(st.data())
     def run(data):
-        c = data.draw(decode_case(backend))
+        c = data.draw(decode_case(backend, path))
         count[0] += 1
         rng = np.random.default_rng(c["seed"])
         d, bs, hkv, group = c["geom"]
-        pool, k, v = new_pool(backend, c["geom"], c["dtype"], c["nb"], rng)
+        pool, k, v = new_pool(backend, c["geom"], c["dtype"], c["nb"], rng, c["kv"])
         b, hq = c["batch"], hkv * group
         shape = {"ok": (b, hq, d), "bad_d": (b, hq, d + 1), "bad_hq": (b, hq + 1, d) if hkv > 1
                  else (b, 0, d), "2d": (b, hq * d), "bad_b": (b + 1, hq, d)}[c["q_shape"]]
@@ -323,7 +349,8 @@ def test_decode_fuzz(impl, record_property):
 @st.composite
 def write_case(draw, backend):
     bad = draw(corruptions(["slots", "slot_kind", "k_dtype", "v_dtype", "shape"]))
-    geom = draw(st.sampled_from(GEOMS))
+    kv = draw(kv_format(backend_formats(backend)))
+    geom = GEOMS[0] if kv[0] else draw(st.sampled_from(GEOMS))
     dtype = draw(st.sampled_from(backend.pool_dtypes))
     nb = draw(st.integers(1, 5))
     slots_total = nb * geom[1]
@@ -346,7 +373,7 @@ def write_case(draw, backend):
                 shape=draw(st.sampled_from(["n+1", "d+1", "hkv+1", "2d", "v_only"]))
                 if "shape" in bad else "ok",
                 nonfinite=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 32 - 1)),
-                corrupted=sorted(bad))
+                corrupted=sorted(bad), kv=kv)
 
 
 def write_oracle(backend, spec, slots, k, v) -> str | None:
@@ -377,13 +404,15 @@ def test_write_kv_fuzz(backend, record_property):
         count[0] += 1
         rng = np.random.default_rng(c["seed"])
         d, bs, hkv, _ = c["geom"]
-        pool, k0, v0 = new_pool(backend, c["geom"], c["dtype"], c["nb"], rng)
+        pool, k0, v0 = new_pool(backend, c["geom"], c["dtype"], c["nb"], rng, c["kv"])
         n = len(c["slots"])
         shapes = {"ok": [(n, hkv, d)] * 2, "n+1": [(n + 1, hkv, d)] * 2,
                   "d+1": [(n, hkv, d + 1)] * 2, "hkv+1": [(n, hkv + 1, d)] * 2,
                   "2d": [(n, hkv * d)] * 2, "v_only": [(n, hkv, d), (n, hkv, d + 2)]}[c["shape"]]
         vals = [rng.standard_normal(s) for s in shapes]
-        if c["nonfinite"] and vals[0].size:
+        # NaN/inf in an affine group leave that group unspecified (ADR 0011): fp8 saturates.
+        affine = c["kv"][0] in ("int8", "int4")
+        if c["nonfinite"] and vals[0].size and not affine:
             vals[0].reshape(-1)[rng.integers(vals[0].size)] = rng.choice([np.nan, np.inf, -np.inf])
         k = make_float(vals[0], c["k_dtype"], c["k_layout"], rng)
         v = make_float(vals[1], c["v_dtype"], "c", rng)
@@ -399,11 +428,12 @@ def test_write_kv_fuzz(backend, record_property):
             count[1] += 1
             s = np.array(c["slots"], dtype=np.int64)
             blk, off = np.divmod(s, bs)
-            for mirror, x in ((k0, k), (v0, v)):
+            for mirror, x, which in ((k0, k, "k"), (v0, v, "v")):
                 xs = as_host(x).astype(np.float32 if dtype_name(x) != "float16" else np.float16)
-                # The pool stores x cast to its dtype (round to nearest even).
-                mirror[blk, off] = representable(xs.astype(np.float32), c["dtype"]) \
-                    if c["dtype"] == "bfloat16" else xs.astype(c["dtype"])
+                # The pool stores x cast to its dtype (round to nearest even), then quantized.
+                mirror[blk, off] = stored(pool, representable(xs.astype(np.float32), c["dtype"])
+                                          if c["dtype"] == "bfloat16" else
+                                          xs.astype(c["dtype"]), which)
             check_pool(pool, k0, v0)
         assert same(as_host(slots), slots_before)
 
@@ -451,7 +481,9 @@ def copy_case(draw, backend):
     form = draw(st.sampled_from(["fractional", "bool", "flat", "triples", "ragged", "scalar",
                                  "none"] if "form" in bad else
                                 ["list", "list", "int32", "int64", "float", "uint8"]))
-    return dict(geom=draw(st.sampled_from(GEOMS)), dtype=draw(st.sampled_from(backend.pool_dtypes)),
+    kv = draw(kv_format(backend_formats(backend)))
+    return dict(geom=GEOMS[0] if kv[0] else draw(st.sampled_from(GEOMS)),
+                dtype=draw(st.sampled_from(backend.pool_dtypes)), kv=kv,
                 nb=nb, pairs=pairs, form=form, seed=draw(st.integers(0, 2 ** 32 - 1)))
 
 
@@ -464,7 +496,7 @@ def test_copy_blocks_fuzz(backend, record_property):
         c = data.draw(copy_case(backend))
         count[0] += 1
         rng = np.random.default_rng(c["seed"])
-        pool, k0, v0 = new_pool(backend, c["geom"], c["dtype"], c["nb"], rng)
+        pool, k0, v0 = new_pool(backend, c["geom"], c["dtype"], c["nb"], rng, c["kv"])
         arr = np.array(c["pairs"], dtype=np.int64).reshape(-1, 2)
         form = c["form"]
         pairs = {"list": c["pairs"], "int32": arr.astype(np.int32), "int64": arr,
@@ -503,6 +535,24 @@ def test_create_pool_rejects_bad_dtype(backend, dtype):
         pytest.skip("supported here")
     with pytest.raises(pa.InvalidInput):
         backend.create_pool(2, 4, 2, 8, dtype)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(kv_dtype="int2"), "kv_dtype"), (dict(kv_dtype="float8"), "kv_dtype"),
+    (dict(kv_dtype=8), "kv_dtype"), (dict(kv_dtype="int8", kv_group_size=16), "kv_group_size"),
+    (dict(kv_dtype="int4", kv_group_size=64.0), "kv_group_size"),
+    (dict(kv_dtype="int8", kv_group_size=True), "kv_group_size"),
+    (dict(kv_dtype="int8", kv_group_size=128), "kv_group_size"),     # does not divide D=64
+    (dict(kv_dtype="float8_e4m3", k_scale=0.0), "k_scale"),
+    (dict(kv_dtype="float8_e4m3", k_scale=math.nan), "k_scale"),
+    (dict(kv_dtype="float8_e4m3", v_scale=-1.0), "v_scale"),
+    (dict(kv_dtype="float8_e4m3", v_scale=math.inf), "v_scale"),
+    (dict(kv_dtype="float8_e4m3", v_scale="1"), "v_scale"),
+    (dict(kv_dtype="int8", k_scale=2.0), "k_scale")])
+def test_create_pool_rejects_bad_kv_format(backend, kwargs, named):
+    """Bad format arguments are named, on every backend, whether or not it reads the format."""
+    with pytest.raises(pa.InvalidInput, match=named):
+        backend.create_pool(2, 4, 2, 64, "float32", **kwargs)
 
 
 def test_decode_step_is_all_or_nothing(impl):

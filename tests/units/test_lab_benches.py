@@ -10,7 +10,7 @@ import yaml
 from paged_attention.lab import cli, e2e
 from paged_attention.lab.generate import sequences_fitting
 
-# One block of this config is 2 (K and V) x 16 tokens x 1 head x 1 dim x 1 byte x 1 layer.
+# One block of this config is 2 (K and V) x 16 tokens x 1 head x 1 dim x 2 bytes x 1 layer.
 CONFIG = dict(num_key_value_heads=1, head_dim=1, num_hidden_layers=1, vocab_size=1000)
 
 
@@ -18,11 +18,21 @@ def test_sequences_fitting_counts_shared_prefix_blocks_once():
     """64-token prompts with room for 8 new tokens need 5 blocks each; 20 blocks hold 4. With a
     32-token common prefix (2 full blocks), every request after the first reuses both: 3 new
     blocks each, so 1 + (20 - 5) // 3 = 6 fit."""
-    budget = 20 * 2 * 16
+    budget = 20 * 2 * 16 * 2
     own = [[i * 100 + j for j in range(64)] for i in range(3)]
-    assert sequences_fitting(own, 8, 16, budget, CONFIG, 1) == 4
+    assert sequences_fitting(own, 8, 16, budget, CONFIG, "float16") == 4
     shared = [list(range(32)) + p[32:] for p in own]
-    assert sequences_fitting(shared, 8, 16, budget, CONFIG, 1) == 6
+    assert sequences_fitting(shared, 8, 16, budget, CONFIG, "float16") == 6
+
+
+def test_sequences_fitting_counts_quantized_blocks():
+    """head_dim 64: a float16 token-layer is 2 x 128 bytes, an int8 one 2 x (64 + 2 x 2) (its
+    group's fp16 scale and bias): 20 float16 blocks' bytes hold 37 int8 blocks, 7 requests."""
+    cfg = dict(CONFIG, head_dim=64)
+    budget = 20 * 16 * 256
+    own = [[i * 100 + j for j in range(64)] for i in range(3)]
+    assert sequences_fitting(own, 8, 16, budget, cfg, "float16") == 4
+    assert sequences_fitting(own, 8, 16, budget, cfg, "float16", kv_bits=8) == 7
 
 
 def _slowed(monkeypatch, be, method: str, seconds: float) -> None:

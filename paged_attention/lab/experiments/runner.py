@@ -349,6 +349,10 @@ def bench_cli(name: str, argv: list[str] | None) -> int:
         return 2
     argv = sys.argv[1:] if argv is None else list(argv)
     a = benches.parser(name).parse_args(argv)
+    follower = getattr(benches.module(name), "follower", None)
+    if follower is not None and follower():
+        benches.module(name).measure(benches.namespace(benches.resolved(name, a)))
+        return 0
     exp = BenchExperiment(name=f"bench-{name}", source="(command line)", bench=name,
                           options=benches.resolved(name, a))
     res = run_bench(exp, out_dir=a.out, command=shlex.join(["paged-attn", "bench", name, *argv]))
