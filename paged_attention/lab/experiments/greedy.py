@@ -44,7 +44,7 @@ def agreement(got: list[list[int]], base: list[list[int]]) -> dict:
             "first_divergences": firsts}
 
 
-def measure(exp_name: str, live: dict, choose, greedy: dict, fmts: list, log=print
+def measure(exp_name: str, live: dict, choose, greedy: dict, fmts: list
             ) -> list[dict]:
     """Records for every backend in `live` (name -> backend), path (`choose(backend)`: the
     experiment's [(path, skip reason)]) and quantized format in `fmts`."""

@@ -310,7 +310,7 @@ def run(exp: Experiment | BenchExperiment, *, backends: list[str] | None = None,
 
     if exp.greedy is not None:
         rows += G.measure(exp.name, live, lambda be: M.choose_paths(be, exp.paths), exp.greedy,
-                          G.formats(points), log=log)
+                          G.formats(points))
 
     # Overhead vs the dense baseline of the same backend at the same shape (the dense baseline
     # reads plain K/V: a quantized point is compared with it too).
