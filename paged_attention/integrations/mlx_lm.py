@@ -39,6 +39,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from ..block_manager import BlockManager
 from ..errors import InvalidInput, PagedAttentionError, PoolExhausted
 from ..interface import PagedAttention
+from ..kv_formats import KV_DTYPES
 from ..registry import get_backend
 from . import distributed
 
@@ -258,9 +259,19 @@ class _Step:
     plans: dict = field(default_factory=dict)
 
 
-def kv_format_args(kv_bits, kv_group_size) -> dict:
+def kv_format_args(kv_bits, kv_group_size, kv_dtype=None) -> dict:
     """mlx-lm's quantized-cache names -> create_pool's: kv_bits None (plain pools), 8 or 4
-    (MLX's affine format, ADR 0011) with kv_group_size elements per scale and bias."""
+    (MLX's affine format, ADR 0011) with kv_group_size elements per scale and bias. kv_dtype
+    names any create_pool format instead ("int8", "int4", or "float8_e4m3": vLLM's fp8 with
+    k_scale = v_scale = 1, which mlx-lm has no name for); give at most one of the two."""
+    if kv_dtype is not None:
+        if kv_bits is not None:
+            raise InvalidInput(f"kv_bits, kv_dtype: give one of them (kv_bits 8/4 is mlx-lm's "
+                               f"name for kv_dtype 'int8'/'int4'), got {kv_bits!r} and "
+                               f"{kv_dtype!r}")
+        if not isinstance(kv_dtype, str) or kv_dtype not in KV_DTYPES:
+            raise InvalidInput(f"kv_dtype: expected None or one of {KV_DTYPES}, got {kv_dtype!r}")
+        return dict(kv_dtype=kv_dtype, kv_group_size=kv_group_size)
     if kv_bits is None:
         return {}
     if isinstance(kv_bits, bool) or kv_bits not in (8, 4):
@@ -270,9 +281,9 @@ def kv_format_args(kv_bits, kv_group_size) -> dict:
 
 class _PagedState:
     def __init__(self, model, backend: PagedAttention, *, num_blocks: int, block_size: int,
-                 path: str, kv_bits=None, kv_group_size: int = 64):
+                 path: str, kv_bits=None, kv_group_size: int = 64, kv_dtype=None):
         self.info = inspect_model(model)
-        kv = kv_format_args(kv_bits, kv_group_size)
+        kv = kv_format_args(kv_bits, kv_group_size, kv_dtype)
         self.backend = backend
         self.path = path
         info = self.info
@@ -518,13 +529,14 @@ def _resolve_backend(backend) -> PagedAttention:
 
 
 def make_paged_cache(model, *, backend="mlx", num_blocks: int = 256, block_size: int = 16,
-                     path: str = "auto", kv_bits=None, kv_group_size: int = 64) -> list:
+                     path: str = "auto", kv_bits=None, kv_group_size: int = 64,
+                     kv_dtype=None) -> list:
     """A per-layer cache list for mlx-lm's own loops (`generate_step(..., prompt_cache=...)`);
     use it inside `paged_attention_hook(model)`. Each batch row is one sequence. kv_bits 8/4:
-    quantized pools (mlx-lm's names and format)."""
+    quantized pools (mlx-lm's names and format); kv_dtype: any create_pool format instead."""
     st = _PagedState(model, _resolve_backend(backend), num_blocks=num_blocks,
                      block_size=block_size, path=path, kv_bits=kv_bits,
-                     kv_group_size=kv_group_size)
+                     kv_group_size=kv_group_size, kv_dtype=kv_dtype)
     return [PagedLayerCache(st, i, auto=True) for i in range(len(model.layers))]
 
 
@@ -642,7 +654,8 @@ class Engine:
     def __init__(self, model, *, backend="mlx", path: str = "auto", block_size: int = 16,
                  num_blocks: int = 1024, sampler=None, prefix_caching: bool = True,
                  max_batch_tokens: int = 512, trim_slack: int = 16, group=None,
-                 check_steps: int = 8, kv_bits=None, kv_group_size: int = 64):
+                 check_steps: int = 8, kv_bits=None, kv_group_size: int = 64,
+                 kv_dtype=None):
         block_size = _positive_int("block_size", block_size)
         num_blocks = _positive_int("num_blocks", num_blocks)
         self.max_batch_tokens = _positive_int("max_batch_tokens", max_batch_tokens)
@@ -658,7 +671,7 @@ class Engine:
             if group is not None and group.size() > 1 else None
         self.state = _PagedState(model, _resolve_backend(backend), num_blocks=num_blocks,
                                  block_size=block_size, path=path, kv_bits=kv_bits,
-                                 kv_group_size=kv_group_size)
+                                 kv_group_size=kv_group_size, kv_dtype=kv_dtype)
         self.caches = [PagedLayerCache(self.state, i, auto=False)
                        for i in range(len(model.layers))]
         self.sampler = sampler or greedy
@@ -1043,7 +1056,7 @@ def blocks_needed(prompts, max_tokens: int, block_size: int, n: int = 1) -> int:
 
 def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, prefix_caching,
            n, num_blocks, max_batch_tokens, tokenizer, stop_tokens, group=None, kv_bits=None,
-           kv_group_size=64):
+           kv_group_size=64, kv_dtype=None):
     """An engine with every prompt queued; all input checked before anything is admitted."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise InvalidInput(f"prompts: expected a list of prompts, got {type(prompts).__name__}"
@@ -1062,7 +1075,7 @@ def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, pr
             raise InvalidInput(f"prompts[{i}]: expected at least one token id")
     max_tokens = _positive_int("max_tokens", max_tokens)
     n = _positive_int("n", n)
-    kv_format_args(kv_bits, kv_group_size)     # checked before anything is built
+    kv_format_args(kv_bits, kv_group_size, kv_dtype)     # checked before anything is built
     if stop_tokens is None and tokenizer is not None:
         stop_tokens = sorted(tokenizer.eos_token_ids)      # mlx-lm's default: stop at EOS
     stop = _stop_ids(stop_tokens, vocab)
@@ -1071,7 +1084,7 @@ def _start(model, prompts, *, max_tokens, backend, path, block_size, sampler, pr
     eng = Engine(model, backend=backend, path=path, block_size=block_size, num_blocks=num_blocks,
                  sampler=sampler, prefix_caching=prefix_caching,
                  max_batch_tokens=max_batch_tokens, group=group, kv_bits=kv_bits,
-                 kv_group_size=kv_group_size)
+                 kv_group_size=kv_group_size, kv_dtype=kv_dtype)
     # add_request refuses a request no pool of num_blocks can hold before any is queued.
     rids = [eng.add_request(p, max_tokens, n, stop_tokens=stop) for p in ids]
     return eng, rids, n
@@ -1081,7 +1094,7 @@ def generate(model, prompts: Sequence, *, max_tokens: int, backend="mlx", path: 
              block_size: int = 16, sampler=None, prefix_caching: bool = True, n: int = 1,
              num_blocks: int | None = None, max_batch_tokens: int = 512, tokenizer=None,
              stop_tokens=None, engine_out: list | None = None, group=None, kv_bits=None,
-             kv_group_size: int = 64) -> list[list[int]]:
+             kv_group_size: int = 64, kv_dtype=None) -> list[list[int]]:
     """Generate up to `max_tokens` tokens for each prompt, all requests batched continuously on
     the paged cache; returns token ids, n lists per prompt, in order.
 
@@ -1093,12 +1106,13 @@ def generate(model, prompts: Sequence, *, max_tokens: int, backend="mlx", path: 
     sharded with `model.shard(group)` runs tensor-parallel: call this on every rank with the
     same arguments (`Engine`, adr/0012-tensor-parallel.md). `kv_bits` 8 or 4 quantizes the
     cache as mlx-lm's `--kv-bits` does (its affine format with `kv_group_size`; ADR 0011), here
-    with paging, prefix sharing, forks and windows."""
+    with paging, prefix sharing, forks and windows; `kv_dtype` names any of create_pool's
+    formats instead (e.g. "float8_e4m3")."""
     eng, rids, _ = _start(model, prompts, max_tokens=max_tokens, backend=backend, path=path,
                           block_size=block_size, sampler=sampler, prefix_caching=prefix_caching,
                           n=n, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
                           tokenizer=tokenizer, stop_tokens=stop_tokens, group=group,
-                          kv_bits=kv_bits, kv_group_size=kv_group_size)
+                          kv_bits=kv_bits, kv_group_size=kv_group_size, kv_dtype=kv_dtype)
     eng.run()
     if engine_out is not None:
         engine_out.append(eng)
@@ -1125,4 +1139,4 @@ def _stream(eng: Engine, first: dict):
 _GENERATE_DEFAULTS = dict(backend="mlx", path="auto", block_size=16, sampler=None,
                           prefix_caching=True, n=1, num_blocks=None, max_batch_tokens=512,
                           tokenizer=None, stop_tokens=None, group=None, kv_bits=None,
-                          kv_group_size=64)
+                          kv_group_size=64, kv_dtype=None)

@@ -157,3 +157,23 @@ def test_quantized_pools_hold_fewer_bytes(models):
     for bits, per_head in ((8, 72), (4, 40)):
         q = pool_bytes(pl.Engine(models["qwen3"], backend="numpy", num_blocks=8, kv_bits=bits))
         assert q / plain == per_head / 256
+
+
+def test_kv_dtype_names_any_format(models):
+    """kv_dtype (create_pool's names) beside mlx-lm's kv_bits: 'int8' is kv_bits=8 token for
+    token; 'float8_e4m3', which mlx-lm has no name for, fills fp8 pools; both at once, or an
+    unknown name, is refused by name before anything is built."""
+    be, model = pa.get_backend("numpy"), models["qwen3"]
+    ps = prompts((5, 9), seed=7)
+    assert pl.generate(model, ps, max_tokens=8, backend=be, kv_dtype="int8") == \
+        pl.generate(model, ps, max_tokens=8, backend=be, kv_bits=8)
+    engines = []
+    got = pl.generate(model, ps, max_tokens=8, backend=be, kv_dtype="float8_e4m3",
+                      engine_out=engines)
+    assert [len(g) for g in got] == [8, 8]
+    pools = [p for g in engines[0].state.groups for p in g.pools.values()]
+    assert {p.kv_format.name for p in pools} == {"float8_e4m3"}
+    with pytest.raises(pa.InvalidInput, match="kv_bits, kv_dtype"):
+        pl.generate(model, ps, max_tokens=2, backend=be, kv_bits=8, kv_dtype="int8")
+    with pytest.raises(pa.InvalidInput, match="kv_dtype"):
+        pl.Engine(model, backend=be, kv_dtype="int3")

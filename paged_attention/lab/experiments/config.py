@@ -14,7 +14,9 @@ An experiment is a YAML mapping (read with `yaml.safe_load` only)::
       num_kv_heads: 2
       head_dim: 64
       block_size: 16
-      dtype: float16                 # float16 | bfloat16 | float32
+      dtype: float16                 # float16 | bfloat16 | float32 (of q, the output, the scales)
+      kv_dtype: null                 # null (K/V stored in dtype) | int8 | int4 | float8_e4m3 (ADR 0011)
+      kv_group_size: 64              # int8/int4: elements per scale and bias (32, 64, 128)
       window: null                   # null (full context) or a sliding window in tokens
       fragmentation: fragmented      # fragmented (random block order) | contiguous
       layers: 4                      # layers per decode step (per-layer time is step time / layers)
@@ -33,9 +35,17 @@ An experiment is a YAML mapping (read with `yaml.safe_load` only)::
       x: context                     # grid axis on the x axis of the plots
       facet: batch                   # one panel per value of this axis
     calibrate: false                 # true: write the path selector's calibration table
-    quick:                           # what --quick replaces (grid axes and measure keys)
+    greedy:                          # optional: greedy agreement of each quantized kv_dtype of
+      model: {model_type: llama, ...}  # the grid with plain KV, on this random mlx-lm model
+      steps: 64                      # tokens generated per prompt
+      prompts: [1, 7, 41]            # prompt lengths (random token ids)
+      seed: 0                        # weights and prompts
+    quick:                           # what --quick replaces (grid axes, measure, check, greedy keys)
       grid: {context: [256]}
       measure: {iterations: 2}
+
+Points whose kv_dtype is not affine (null, float8_e4m3) have no group size (kv_group_size
+null in their records), and affine points whose group does not divide head_dim are left out.
 
 Any key outside this schema is an error; so is a wrong type or value. Errors are
 `ConfigError`s whose message names the file, the key and what was expected.
@@ -65,6 +75,7 @@ import yaml
 
 from ... import registry
 from ...errors import PagedAttentionError
+from ...kv_formats import GROUP_SIZES, KV_DTYPES, KVFormat
 
 KINDS = ("decode", "prefix_sharing", "bench")
 BENCH_KEYS = ("name", "description", "kind", "bench", "options", "quick")
@@ -82,6 +93,7 @@ def path_names() -> tuple[str, ...]:
     return tuple(sorted(known)) + LAB_PATHS
 DTYPES = ("float16", "bfloat16", "float32")
 FRAGMENTATION = ("fragmented", "contiguous")
+KV_CHOICES = (None,) + KV_DTYPES
 
 # axis -> (kind check, description of what is expected, default)
 GRID_AXES = {
@@ -92,12 +104,15 @@ GRID_AXES = {
     "head_dim": ("posint", "a positive int", 64),
     "block_size": ("posint", "a positive int", 16),
     "dtype": ("choice", f"one of {list(DTYPES)}", "float16"),
+    "kv_dtype": ("choice", f"null or one of {list(KV_DTYPES)}", None),
+    "kv_group_size": ("choice", f"one of {list(GROUP_SIZES)}", 64),
     "window": ("window", "null or a positive int (tokens)", None),
     "fragmentation": ("choice", f"one of {list(FRAGMENTATION)}", "fragmented"),
     "layers": ("posint", "a positive int", 4),
     "shared_prefix": ("fraction", "a number in [0, 1)", 0.0),
 }
-CHOICES = {"dtype": DTYPES, "fragmentation": FRAGMENTATION}
+CHOICES = {"dtype": DTYPES, "fragmentation": FRAGMENTATION, "kv_dtype": KV_CHOICES,
+           "kv_group_size": GROUP_SIZES}
 
 MEASURE_KEYS = {
     "warmup": ("nonneg", "an int >= 0", 1),
@@ -111,8 +126,12 @@ CHECK_KEYS = {
     "sequences": ("posint", "a positive int", 2),
     "max_reference_tokens": ("posint", "a positive int", 65536),
 }
+GREEDY_KEYS = {
+    "steps": ("posint", "a positive int (tokens per prompt)", 64),
+    "seed": ("nonneg", "an int >= 0", 0),
+}
 TOP_KEYS = ("name", "description", "kind", "backends", "paths", "grid", "measure", "check",
-            "plot", "calibrate", "quick")
+            "plot", "calibrate", "greedy", "quick")
 
 
 class ConfigError(PagedAttentionError, ValueError):
@@ -134,15 +153,25 @@ class Experiment:
     description: str = ""
     quick: dict = field(default_factory=dict)
     is_quick: bool = False
+    greedy: dict | None = None       # the greedy section (lab.experiments.greedy), or None
 
     def points(self) -> list[dict]:
         """Every grid point (a dict axis -> value), in a stable order; impossible head
-        configurations (num_q_heads not a multiple of num_kv_heads) are left out."""
+        configurations (num_q_heads not a multiple of num_kv_heads, an affine group not
+        dividing head_dim) are left out, and formats without groups get kv_group_size None."""
         axes = list(GRID_AXES)
-        out = []
+        out, seen = [], set()
         for values in itertools.product(*(self.grid[a] for a in axes)):
             p = dict(zip(axes, values))
-            if p["num_q_heads"] % p["num_kv_heads"] == 0:
+            if p["num_q_heads"] % p["num_kv_heads"]:
+                continue
+            if p["kv_dtype"] is None or not KVFormat(p["kv_dtype"]).affine:
+                p["kv_group_size"] = None
+            elif p["head_dim"] % p["kv_group_size"]:
+                continue
+            key = tuple(p.values())
+            if key not in seen:
+                seen.add(key)
                 out.append(p)
         return out
 
@@ -151,7 +180,8 @@ class Experiment:
         return {"name": self.name, "description": self.description, "kind": self.kind,
                 "backends": self.backends, "paths": self.paths, "grid": self.grid,
                 "measure": self.measure, "check": self.check, "plot": self.plot,
-                "calibrate": self.calibrate, "quick_applied": self.is_quick, "source": self.source}
+                "calibrate": self.calibrate, "greedy": self.greedy,
+                "quick_applied": self.is_quick, "source": self.source}
 
 
 @dataclass
@@ -284,24 +314,54 @@ def parse(data, source: str, *, quick: bool = False) -> Experiment:
     if not isinstance(calibrate, bool):
         c.fail("calibrate", "true or false", calibrate)
 
-    quick_in = c.mapping("quick", data.get("quick"), ("grid", "measure", "check"))
+    greedy = _greedy(c, "greedy", data.get("greedy")) if data.get("greedy") is not None \
+        else None
+
+    quick_in = c.mapping("quick", data.get("quick"), ("grid", "measure", "check", "greedy"))
     quick_grid = c.mapping("quick.grid", quick_in.get("grid"), GRID_AXES)
     quick_measure = c.mapping("quick.measure", quick_in.get("measure"), MEASURE_KEYS)
     quick_check = c.mapping("quick.check", quick_in.get("check"), CHECK_KEYS)
     qgrid = {a: c.axis(a, v) for a, v in quick_grid.items()}
     qmeasure = c.scalars("quick.measure", quick_measure, MEASURE_KEYS, measure)
     qcheck = c.scalars("quick.check", quick_check, CHECK_KEYS, check)
+    if quick_in.get("greedy") is not None and greedy is None:
+        c.fail("quick.greedy", "a top-level greedy section for it to change", quick_in["greedy"])
+    qgreedy = _greedy(c, "quick.greedy", quick_in.get("greedy"), greedy) if greedy else None
 
     exp = Experiment(name=name, source=source, kind=kind, backends=backends, paths=paths,
                      grid=grid, measure=measure, check=check, plot=plot, calibrate=calibrate,
-                     description=description, quick=copy.deepcopy(quick_in))
+                     description=description, quick=copy.deepcopy(quick_in), greedy=greedy)
     if quick:
         exp.grid = {**grid, **qgrid}
-        exp.measure, exp.check, exp.is_quick = qmeasure, qcheck, True
+        exp.measure, exp.check, exp.greedy, exp.is_quick = qmeasure, qcheck, qgreedy, True
     if not exp.points():
         c.fail("grid", "at least one point with num_q_heads a multiple of num_kv_heads",
                {"num_q_heads": exp.grid["num_q_heads"], "num_kv_heads": exp.grid["num_kv_heads"]})
     return exp
+
+
+def _greedy(c: _Checker, key: str, v, base: dict | None = None) -> dict:
+    """The greedy section: an mlx-lm config for the random model (checked by mlx-lm when the
+    model is built), steps, prompt lengths and a seed; `base`: the section --quick changes."""
+    allowed = ("model", "prompts") + tuple(GREEDY_KEYS)
+    section = c.mapping(key, v, allowed)
+    out = copy.deepcopy(base) if base is not None else {k: d for k, (_, _, d) in GREEDY_KEYS.items()}
+    out.update(c.scalars(key, {k: x for k, x in section.items() if k in GREEDY_KEYS},
+                         GREEDY_KEYS, out))
+    if "model" in section:
+        m = section["model"]
+        if not isinstance(m, dict) or not isinstance(m.get("model_type"), str):
+            c.fail(f"{key}.model", "an mlx-lm config mapping with a model_type", m)
+        out["model"] = dict(m)
+    elif base is None:
+        c.fail(f"{key}.model", "an mlx-lm config mapping with a model_type", missing=True)
+    if "prompts" in section:
+        ps = section["prompts"]
+        if not isinstance(ps, list) or not ps or not all(_type_ok("posint", n) for n in ps):
+            c.fail(f"{key}.prompts", "a non-empty list of prompt lengths (positive ints)", ps)
+        out["prompts"] = list(ps)
+    out.setdefault("prompts", [1, 7, 41])
+    return out
 
 
 def _parse_bench(c: _Checker, data: dict, source: str, name: str, description: str,

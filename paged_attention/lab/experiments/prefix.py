@@ -64,7 +64,8 @@ def run_point(backend, params: dict, measure: dict, seed: int = 0):
     num_blocks = no_share_blocks
     if p["dtype"] not in backend.pool_dtypes:
         raise M.Skip(f"backend {backend.name!r} has no {p['dtype']} pools")
-    pool = backend.create_pool(num_blocks, bs, p["num_kv_heads"], p["head_dim"], p["dtype"])
+    pool = backend.create_pool(num_blocks, bs, p["num_kv_heads"], p["head_dim"], p["dtype"],
+                               **M.format_args(p))
     rng = np.random.default_rng(seed)
     tile = max(1, min(p["context"], 4096))
     kt = representable(rng.standard_normal((tile, p["num_kv_heads"], p["head_dim"])), p["dtype"])
@@ -103,7 +104,7 @@ def run_point(backend, params: dict, measure: dict, seed: int = 0):
         if spent > measure["max_seconds"]:
             break
     st = bm.stats()
-    block_bytes = 2 * bs * p["num_kv_heads"] * p["head_dim"] * M.ITEMSIZE[p["dtype"]]
+    block_bytes = pool.nbytes // num_blocks       # K, V and (quantized pools) their scales
     metrics = {
         "prefill_ms": float(np.median(times)) * 1e3,
         "prefill_attention": has_prefill,
@@ -120,6 +121,6 @@ def run_point(backend, params: dict, measure: dict, seed: int = 0):
     host_qs = [representable(rng.standard_normal((p["batch"], p["num_q_heads"], p["head_dim"])),
                              p["dtype"]) for _ in range(p["layers"])]
     qs = [backend.from_numpy(q, p["dtype"]) for q in host_qs]
-    setup = M.Setup(p, tables, lens, [pool], qs, host_qs[0].astype(np.float64), M.kv_bytes(p),
+    setup = M.Setup(p, tables, lens, [pool], qs, host_qs[0].astype(np.float64), M.kv_bytes(p, pool),
                     num_blocks * block_bytes)
     return metrics, setup

@@ -15,15 +15,20 @@ from .. import benches
 from .config import GRID_AXES
 
 # Columns of results.csv, in order (results.jsonl holds the same records).
-FIELDS = (["experiment", "backend", "device", "path", "status", "note"] + list(GRID_AXES)
+FIELDS = (["experiment", "measurement", "backend", "device", "path", "status", "note"]
+          + list(GRID_AXES)
           + ["time_source", "us_median", "us_p10", "us_p90", "host_us_median", "device_us_median",
-             "iterations", "pools", "kv_bytes", "gbs", "peak_frac", "vs_dense", "extra_mem_mb",
-             "rms", "rms_ok", "prefill_ms", "tokens_written", "prefix_hit_tokens", "blocks_used",
-             "blocks_no_sharing", "memory_saved", "kv_mb_used", "kv_mb_no_sharing"])
+             "iterations", "pools", "bytes_per_token", "kv_bytes", "gbs", "peak_frac", "vs_dense",
+             "extra_mem_mb", "rms", "rms_ok", "rms_vs_plain", "rms_vs_exact", "prefill_ms",
+             "tokens_written", "prefix_hit_tokens", "blocks_used", "blocks_no_sharing",
+             "memory_saved", "kv_mb_used", "kv_mb_no_sharing", "model", "steps", "prompts",
+             "tokens_equal", "first_divergence", "first_divergences", "greedy_s",
+             "plain_greedy_s"])
 
 AXIS_LABEL = {"batch": "B", "context": "ctx", "num_q_heads": "Hq", "num_kv_heads": "Hkv",
-              "head_dim": "D", "block_size": "block", "dtype": "dtype", "window": "window",
-              "fragmentation": "tables", "layers": "L", "shared_prefix": "shared"}
+              "head_dim": "D", "block_size": "block", "dtype": "dtype", "kv_dtype": "kv",
+              "kv_group_size": "group", "window": "window", "fragmentation": "tables",
+              "layers": "L", "shared_prefix": "shared"}
 
 
 # -- environment -----------------------------------------------------------------------------------
@@ -72,7 +77,7 @@ def columns(rows: list[dict]) -> list[str]:
     """results.csv's columns: FIELDS for the sweeps' records; for a bench's, the leading fields,
     then each measurement's params and metrics, then any other key, in first-seen order."""
     names = list(dict.fromkeys(r.get("measurement") for r in rows))
-    if names in ([], [None]):
+    if set(names) <= set(SWEEP):
         return FIELDS
     cols = ["experiment", "measurement", "status", "note", "device"]
     for name in names:
@@ -125,22 +130,36 @@ def fixed_axes(rows: list[dict]) -> dict:
     return {a: rows[0].get(a) for a in GRID_AXES if a not in varying_axes(rows)} if rows else {}
 
 
+def _decode_rows(rows: list[dict]) -> list[dict]:
+    """The sweep's own records (not a greedy or other measurement's)."""
+    return [r for r in rows if not r.get("measurement")]
+
+
+def quantized(rows: list[dict]) -> bool:
+    return any(r.get("kv_dtype") is not None for r in rows)
+
+
 def markdown_table(rows: list[dict], kind: str = "decode") -> str:
     """A markdown table of the measured rows; parameters fixed across the run are left out
-    (`fixed_line` states them)."""
-    ok = [r for r in rows if r.get("status") == "ok"]
+    (`fixed_line` states them). With quantized KV points, three more columns: bytes per token
+    and the errors vs plain KV and vs float64 over the unquantized values."""
+    ok = [r for r in _decode_rows(rows) if r.get("status") == "ok"]
     if not ok:
         return "(no measured points)\n"
     var = varying_axes(ok)
+    fmt_cols = quantized(ok)
     head = ["backend", "path"] + [AXIS_LABEL[a] for a in var]
     if kind == "prefix_sharing":
         head += ["prefill ms", "tokens written", "prefix hit tokens", "blocks used / unshared",
                  "memory saved", "decode us/layer", "GB/s", "RMS"]
     else:
         head += ["us/layer (median)", "p10-p90", "GB/s", "% peak", "x dense", "extra MB", "RMS"]
+    if fmt_cols:
+        head += ["bytes/token", "RMS vs plain", "RMS vs exact"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ok:
-        cells = [r["backend"], r["path"]] + [_fmt(r.get(a)) for a in var]
+        cells = [r["backend"], r["path"]] + [_fmt(_axis_text(a, r.get(a)) if a == "kv_dtype"
+                                                  else r.get(a)) for a in var]
         if kind == "prefix_sharing" and r["path"] == "prefill":
             cells += [_fmt(r["prefill_ms"], ".2f"), _fmt(r["tokens_written"]),
                       _fmt(r["prefix_hit_tokens"]), f"{r['blocks_used']} / {r['blocks_no_sharing']}",
@@ -154,11 +173,38 @@ def markdown_table(rows: list[dict], kind: str = "decode") -> str:
                       f"{r['us_p10']:.1f}-{r['us_p90']:.1f}", _fmt(r.get("gbs"), ".2f"),
                       "-" if pf is None else f"{100 * pf:.1f}", _fmt(r.get("vs_dense"), ".2f"),
                       _fmt(r.get("extra_mem_mb"), ".2f"), _fmt(r.get("rms"), ".1e")]
+        if fmt_cols:
+            cells += [_fmt(r.get("bytes_per_token")), _fmt(r.get("rms_vs_plain"), ".1e"),
+                      _fmt(r.get("rms_vs_exact"), ".1e")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def greedy_table(rows: list[dict]) -> str:
+    """The greedy-agreement records as a markdown table ('' when there are none)."""
+    ok = [r for r in rows if r.get("measurement") == "greedy" and r.get("status") == "ok"]
+    if not ok:
+        return ""
+    head = ["backend", "path", "kv", "group", "tokens equal", "first divergence",
+            "per prompt", "engine s (plain)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ok:
+        firsts = ", ".join("-" if f is None else str(f) for f in r["first_divergences"])
+        lines.append("| " + " | ".join([
+            r["backend"], r["path"], r["kv_dtype"], _fmt(r.get("kv_group_size")),
+            f"{100 * r['tokens_equal']:.1f}%", _fmt(r.get("first_divergence")), firsts,
+            f"{r['greedy_s']:.2f} ({r['plain_greedy_s']:.2f})"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def on_cpu(device: str) -> bool:
+    """Whether a backend's device string names a CPU (numpy, MLX on the CPU, lavapipe)."""
+    d = device.lower()
+    return "cpu" in d or "llvmpipe" in d or "lavapipe" in d
+
+
 def fixed_line(rows: list[dict]) -> str:
+    rows = _decode_rows(rows)
     ok = [r for r in rows if r.get("status") == "ok"] or rows
     fx = fixed_axes(ok)
     return ", ".join(f"{AXIS_LABEL[a]}={v}" for a, v in fx.items())
@@ -174,9 +220,32 @@ def summary_markdown(meta: dict, rows: list[dict], plots: list[str], calibration
     w("Devices: " + "; ".join(f"{b}: {d}" for b, d in meta["devices"].items()) + "\n\n")
     w(f"Fixed: {fixed_line(rows)}. Per-layer time of an L-layer decode step (median over "
       f"{meta['iterations']} timed steps, p10-p90); '(dev)' marks device timestamps, else host "
-      f"time. GB/s = K+V bytes attended / time. x dense = time / contiguous dense baseline of "
-      f"the same backend. RMS vs the float64 numpy reference on a subsample of sequences.\n\n")
+      f"time. GB/s = K+V bytes attended (quantized KV: with their scales) / time. x dense = "
+      f"time / contiguous dense baseline of the same backend. RMS vs the float64 numpy "
+      f"reference over what the pool holds (quantized: its dequantized values), on a subsample "
+      f"of sequences.")
+    if quantized(rows):
+        w(" kv: the pool's KV format (plain: K/V in dtype; ADR 0011); bytes/token: one "
+          "token's K, V and scales in one layer. RMS vs plain: vs the same path over a plain "
+          "pool holding the same values unquantized (what the format costs there); RMS vs "
+          "exact: vs float64 attention over those unquantized values (format and kernel "
+          "together).")
+    cpus = sorted(b for b, d in meta["devices"].items() if on_cpu(d))
+    if cpus:
+        w(f" **GB/s on a CPU ({', '.join(cpus)}) is reported, not meaningful for speed claims**: "
+          f"it measures host arithmetic and caches, not a GPU's memory stream.")
+    w("\n\n")
     w(markdown_table(rows, meta.get("kind", "decode")))
+    greedy = greedy_table(rows)
+    if greedy:
+        g = next(r for r in rows if r.get("measurement") == "greedy")
+        w(f"\n## Greedy agreement with plain KV\n\nA random {g['model']} model (the "
+          f"experiment's greedy.model, float weights), {g['prompts']} prompt(s), {g['steps']} "
+          f"greedy steps each through the engine, on plain pools (the model's dtype) and on "
+          f"each format; tokens equal: the fraction equal to the plain run's, position by "
+          f"position; first divergence: the first step where a prompt's tokens part ('-': "
+          f"none). Random weights give many near-ties of the top two logits.\n\n")
+        w(greedy)
     bad = [r for r in rows if r.get("status") == "ok" and r.get("rms_ok") is False]
     if bad:
         w(f"\n**{len(bad)} point(s) over the RMS tolerance {meta['rms_tolerance']}.**\n")
@@ -186,7 +255,8 @@ def summary_markdown(meta: dict, rows: list[dict], plots: list[str], calibration
             w(f"\n{title}:\n")
             seen = set()
             for r in skipped:
-                line = f"- {r['backend']} {r.get('path') or ''}: {r['note']}"
+                what = f" ({r['measurement']}, {r.get('kv_dtype')})" if r.get("measurement") else ""
+                line = f"- {r['backend']} {r.get('path') or ''}{what}: {r['note']}"
                 if line not in seen:
                     seen.add(line)
                     w(line + "\n")
@@ -231,7 +301,8 @@ def plot(run_dir: str, rows: list[dict], x: str, facet: str, metrics: list[tuple
                 if r.get(facet) != fv:
                     continue
                 name = f"{r['backend']}/{r['path']}" + "".join(
-                    f" {AXIS_LABEL[a]}={r.get(a)}" for a in others)
+                    f" {AXIS_LABEL[a]}={_axis_text(a, r.get(a))}" for a in others
+                    if not (a == "kv_group_size" and r.get(a) is None))
                 lines.setdefault(name, []).append((r.get(x), r[key]))
             for name, pts in sorted(lines.items()):
                 pts.sort(key=lambda t: (t[0] is None, t[0]))
@@ -261,16 +332,96 @@ def plot(run_dir: str, rows: list[dict], x: str, facet: str, metrics: list[tuple
     return files
 
 
+def _axis_text(axis: str, v) -> str:
+    return "plain" if axis == "kv_dtype" and v is None else str(v)
+
+
+def format_plots(run_dir: str, rows: list[dict]) -> list[str]:
+    """formats.png: per KV format, grouped by backend/path: bytes per token (x plain), the
+    errors vs float64 over the unquantized values and vs plain KV, effective GB/s, and the
+    greedy agreement; decode figures at the largest point (B x ctx) each measured."""
+    from .greedy import label
+    dec = [r for r in _decode_rows(rows) if r.get("status") == "ok"]
+    greedy = [r for r in rows if r.get("measurement") == "greedy" and r.get("status") == "ok"]
+    if not quantized(dec) and not greedy:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fmts = list(dict.fromkeys(label(r.get("kv_dtype"), r.get("kv_group_size"))
+                              for r in dec + greedy))
+    fmts.sort(key=lambda f: f != "plain")
+    at: dict = {}      # (backend/path, format) -> the row at its largest point
+    for r in dec:
+        key = (f"{r['backend']}/{r['path']}", label(r.get("kv_dtype"), r.get("kv_group_size")))
+        if key not in at or r["batch"] * r["context"] > at[key]["batch"] * at[key]["context"]:
+            at[key] = r
+    plain_bytes = {k[0]: r["bytes_per_token"] for k, r in at.items()
+                   if k[1] == "plain" and r.get("bytes_per_token")}
+    panels = [("bytes per token (x plain)",
+               {k: r["bytes_per_token"] / plain_bytes[k[0]] for k, r in at.items()
+                if k[0] in plain_bytes and r.get("bytes_per_token")}, False),
+              ("RMS vs float64, unquantized values",
+               {k: r["rms_vs_exact"] for k, r in at.items() if r.get("rms_vs_exact")}, True),
+              ("RMS vs plain KV (same path)",
+               {k: r["rms_vs_plain"] for k, r in at.items() if r.get("rms_vs_plain")}, True),
+              ("effective GB/s (bytes read incl. scales)",
+               {k: r["gbs"] for k, r in at.items() if r.get("gbs")}, False),
+              ("greedy tokens equal to plain KV (%)",
+               {(f"{r['backend']}/{r['path']}", label(r["kv_dtype"], r["kv_group_size"])):
+                100 * r["tokens_equal"] for r in greedy}, False)]
+    panels = [p for p in panels if p[1]]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 1.5, 3.6 * nrows),
+                             squeeze=False)
+    axes = [list(grid.flat)]
+    for ax in axes[0][len(panels):]:
+        ax.set_visible(False)
+    series = sorted({k[0] for _, vals, _ in panels for k in vals})
+    width = 0.8 / max(1, len(series))
+    for ax, (title, vals, logy) in zip(axes[0], panels):
+        for i, name in enumerate(series):
+            xs = [j + i * width for j, f in enumerate(fmts) if (name, f) in vals]
+            ys = [vals[(name, f)] for f in fmts if (name, f) in vals]
+            ax.bar(xs, ys, width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(fmts))])
+        ax.set_xticklabels(fmts, rotation=30, ha="right", fontsize=8)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(run_dir, "formats.png")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
+
+
 # -- comparison ------------------------------------------------------------------------------------
 # The record format of the YAML sweeps (kinds decode and prefix_sharing: records without a
 # "measurement" field); the benches declare theirs in lab.bench.BENCHES.
 DECODE = benches.Measurement(("backend", "path") + tuple(GRID_AXES),
                            (("us_median", "time"), ("gbs", "GB/s")),
                            compare=("us_median", "gbs"), x="context")
+# A sweep's greedy section (experiments.greedy): one record per backend, path and format.
+GREEDY = benches.Measurement(("backend", "path", "kv_dtype", "kv_group_size"),
+                             (("tokens_equal", "tokens equal"),
+                              ("first_divergence", "first divergence")),
+                             compare=("tokens_equal", "first_divergence"))
+SWEEP = {None: DECODE, "greedy": GREEDY}
 
 
 def schema_of(name: str | None) -> benches.Measurement | None:
-    return DECODE if name is None else benches.measurement(name)
+    return SWEEP[name] if name in SWEEP else benches.measurement(name)
 
 
 def _points(run: str) -> dict:

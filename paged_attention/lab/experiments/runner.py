@@ -14,6 +14,7 @@ import yaml
 from ... import registry, selector, settings
 from ...errors import PagedAttentionError
 from ...validation import StepArgs, PoolSpec
+from . import greedy as G
 from . import measure as M
 from . import prefix as P
 from . import results as R
@@ -87,7 +88,9 @@ def _decode_rows(exp, backend, params, setup, dense, paths, peak, rows_out):
         try:
             if isinstance(m, Exception):
                 raise m
-            rms = M.check_rms(backend, setup, m.pop("out0"), exp.check, dense if path == "dense" else None)
+            out0 = m.pop("out0")
+            rms = M.check_rms(backend, setup, out0, exp.check, dense if path == "dense" else None)
+            errors = M.format_errors(backend, setup, path, out0, exp.check, rms)
         except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
             rows_out.append({**row, "status": _status(exc), "note": _why(exc)})
             continue
@@ -97,7 +100,8 @@ def _decode_rows(exp, backend, params, setup, dense, paths, peak, rows_out):
             args = _args(params, setup.lens)
             note = f"auto -> {backend.resolve_path('auto', args, setup.pools[0].spec)}"
         rows_out.append({**row, "status": "ok", "note": note, **m, "pools": len(setup.pools),
-                         "kv_bytes": setup.kv_bytes, "gbs": gbs,
+                         "bytes_per_token": setup.pools[0].spec.bytes_per_token,
+                         "kv_bytes": setup.kv_bytes, "gbs": gbs, **errors,
                          "peak_frac": (gbs * 1e9 / peak) if (gbs and peak) else None,
                          "rms": rms,
                          "rms_ok": None if rms is None else bool(rms <= exp.check["rms_tolerance"])})
@@ -121,8 +125,9 @@ def _spec(params: dict) -> PoolSpec:
 def calibrate(exp: Experiment, backend, rows: list[dict], run_dir: str) -> dict | None:
     """Build and store the selector table of `backend` from its measured rows; regret report."""
     real = [p for p in backend.paths]
+    # The selector's buckets know no KV format: plain pools' decode points only.
     ok = [r for r in rows if r["backend"] == backend.name and r.get("status") == "ok"
-          and r["path"] in real]
+          and r["path"] in real and not r.get("measurement") and r.get("kv_dtype") is None]
     if len({r["path"] for r in ok}) < 2:
         return None
     table = selector.CalibrationTable(backend.name, backend.device, meta={
@@ -274,16 +279,19 @@ def run(exp: Experiment | BenchExperiment, *, backends: list[str] | None = None,
             for name, be in live.items():
                 if bar is not None:
                     bar.set_description(f"{name} B={params['batch']} ctx={params['context']}")
-                paths = M.choose_paths(be, exp.paths)
+                paths = M.choose_paths(be, exp.paths, params)
                 peak = be.device_facts.peak_bytes_per_s
+                # No pools are built where no path can run the point (every row skipped).
+                runnable = any(not why for _, why in paths)
+                setup = dense = None
                 try:
-                    if exp.kind == "prefix_sharing":
+                    if runnable and exp.kind == "prefix_sharing":
                         metrics, setup = P.run_point(be, params, exp.measure)
                         rows.append({**_base_row(exp, be, "prefill", params), "status": "ok",
                                      "note": "", **metrics})
                         paths = [(p, w) for p, w in paths if p != "dense"]
                         dense = None
-                    else:
+                    elif runnable:
                         setup = M.build(be, params, exp.measure)
                         dense = M.Dense(be, setup) if any(p == "dense" and not w
                                                                for p, w in paths) else None
@@ -300,12 +308,18 @@ def run(exp: Experiment | BenchExperiment, *, backends: list[str] | None = None,
         if bar is not None:
             bar.close()
 
-    # Overhead vs the dense baseline of the same backend at the same point.
-    dense_t = {(r["backend"],) + tuple(r.get(a) for a in R.GRID_AXES): r["us_median"]
+    if exp.greedy is not None:
+        rows += G.measure(exp.name, live, lambda be: M.choose_paths(be, exp.paths), exp.greedy,
+                          G.formats(points))
+
+    # Overhead vs the dense baseline of the same backend at the same shape (the dense baseline
+    # reads plain K/V: a quantized point is compared with it too).
+    shape = [a for a in R.GRID_AXES if a not in ("kv_dtype", "kv_group_size")]
+    dense_t = {(r["backend"],) + tuple(r.get(a) for a in shape): r["us_median"]
                for r in rows if r["path"] == "dense" and r.get("status") == "ok"}
     for r in rows:
         if r.get("status") == "ok" and r.get("us_median"):
-            d = dense_t.get((r["backend"],) + tuple(r.get(a) for a in R.GRID_AXES))
+            d = dense_t.get((r["backend"],) + tuple(r.get(a) for a in shape))
             r["vs_dense"] = r["us_median"] / d if d else None
 
     cal = []
@@ -323,6 +337,7 @@ def run(exp: Experiment | BenchExperiment, *, backends: list[str] | None = None,
         metrics = [("prefill_ms", "prefill (ms)", "prefill"), ("memory_saved", "KV memory saved", "memory")] \
             + metrics
     plots = R.plot(run_dir, rows, exp.plot["x"], exp.plot["facet"], metrics) if rows else []
+    plots += R.format_plots(run_dir, rows)
     meta = {"name": exp.name, "description": exp.description, "kind": exp.kind,
             "started": started.strftime("%Y-%m-%d %H:%M:%S"),
             "command": command or f"paged-attn run {shlex.quote(exp.source)}",
@@ -335,7 +350,11 @@ def run(exp: Experiment | BenchExperiment, *, backends: list[str] | None = None,
         f.write(summary)
     for be in live.values():
         be.close()
-    return RunResult(run_dir, rows, summary, R.markdown_table(rows, exp.kind), plots, cal, notes)
+    table = R.markdown_table(rows, exp.kind)
+    greedy = R.greedy_table(rows)
+    if greedy:
+        table += f"\ngreedy agreement with plain KV:\n{greedy}"
+    return RunResult(run_dir, rows, summary, table, plots, cal, notes)
 
 
 def bench_cli(name: str, argv: list[str] | None) -> int:
