@@ -43,6 +43,9 @@ class VulkanBackend(PagedAttention):
     # bfloat16 of its own). The output keeps q's dtype and kind: an MLX bfloat16 q gives an
     # mx.array back (the one exception to numpy outputs), an ml_dtypes q an ml_dtypes array.
     q_dtypes = ("float16", "bfloat16", "float32")
+    # Every variant is a compile-time form of the shaders (ADR 0010); split-K's reduce applies
+    # the sinks and writes the LSE.
+    variants = {p: frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"}) for p in KNOWN_PATHS}
 
     def __init__(self, device_index: int | None = None):
         s = settings.get()
@@ -156,6 +159,12 @@ class VulkanBackend(PagedAttention):
     def _run(self, plan: Plan, q, pool: VulkanPool, k, v):
         return self._execute([(pool, q, k, v)], plan.device, k is not None)[0]
 
+    def _run_variant(self, plan: Plan, q, pool: VulkanPool, k, v, sinks):
+        lse: list = []
+        out = self._execute([(pool, q, k, v)], plan.device, k is not None, sinks=sinks,
+                            lse_out=lse)[0]
+        return out, (lse[0] if lse else None)
+
     def _decode_repeated(self, q, pool: VulkanPool, args: StepArgs, path: str, repeat: int):
         """The attention recorded `repeat` times back to back (a barrier between repetitions) in
         one submission, so the GPU stays busy and each repetition is timed (bench_hooks.py)."""
@@ -170,9 +179,11 @@ class VulkanBackend(PagedAttention):
             return super()._decode_step(layers, plans)
         return self._execute([(l.pool, l.q, l.k, l.v) for l in layers], plan.device, writes)
 
-    def _execute(self, items, st: _PlanState, writes: bool, repeat: int = 1) -> list:
+    def _execute(self, items, st: _PlanState, writes: bool, repeat: int = 1, sinks=None,
+                 lse_out: list | None = None) -> list:
         """KV append (when `writes`) + attention for every layer in items: one submission of a
-        recorded sequence. The steps: stage inputs, find or record the sequence, submit, read."""
+        recorded sequence. The steps: stage inputs, find or record the sequence, submit, read.
+        sinks: float32 [Hq] for the variant forms; the plan's LSE rows go to `lse_out`."""
         self._check_open()
         t0 = time.perf_counter()
         pool0: VulkanPool = items[0][0]
@@ -183,16 +194,26 @@ class VulkanBackend(PagedAttention):
             for pool, _q, k, v in items:
                 if writes and st.n:
                     pool.write(st.slots_host.astype(np.int64), k, v)
+            if st.lse and lse_out is not None:
+                lse_out.extend(np.zeros((0, hq), np.float32) for _ in items)
             return [cast_out(np.zeros((0, hq, d), np.float32), dt) for dt in qdt]
         fold = len(items) > 1  # a whole step uploads its tables in its one submission
         self._tables.make_resident(st, submit=not fold)
         f16_io = all(dt is _F16 for dt in qdt)  # a byte-swapped float16 q takes the float32 path
-        rec = self._recorder.get([it[0] for it in items], st, hq, writes, f16_io, repeat)
+        rec = self._recorder.get([it[0] for it in items], st, hq, writes, f16_io, repeat,
+                                 sinks is not None)
         self._stage_inputs(rec, items, st, writes)
+        if rec.varp is not None:   # this run's slopes and sinks (layers share the plan's slopes)
+            if st.slopes is not None:
+                rec.varp[:hq] = st.slopes
+            if sinks is not None:
+                rec.varp[hq:2 * hq] = sinks
         t1 = time.perf_counter()
         self._dev.submit(rec.seq, rec.labels)
         t2 = time.perf_counter()
         outs = self._read_outputs(rec, st, d, qdt)
+        if rec.lserows is not None and lse_out is not None:
+            lse_out.extend(rows[:st.rows].copy() for rows in rec.lserows)
         self.last_host_s = {"prepare": t1 - t0, "submit_wait": t2 - t1, "outputs": time.perf_counter() - t2}
         return outs
 

@@ -22,7 +22,7 @@ class _PlanState:
     buffers), its batch size class and split geometry. `token` marks whose tables a buffer holds."""
     __slots__ = ("token", "rows", "rcls", "bcls", "maxb", "path", "window", "scale_bits", "nsplit", "chunk",
                  "n", "tables_host", "lens_host", "slots_host", "tables", "lens", "slots", "qt",
-                 "tcls", "tiles_host", "tiles", "keys")
+                 "tcls", "tiles_host", "tiles", "keys", "cap_bits", "slopes", "lse")
 
 
 class PlanTables:
@@ -51,6 +51,10 @@ class PlanTables:
         st.rcls, st.bcls = pow2_ceil(st.rows), pow2_ceil(args.batch)
         st.path, st.window = path, args.window or 0
         st.scale_bits = int(np.float32(args.scale).view(np.uint32))
+        # The attention variant (ADR 0010): compiled into the kernels, so part of every key.
+        var = args.variant
+        st.cap_bits = 0 if var.soft_cap is None else int(np.float32(var.soft_cap).view(np.uint32))
+        st.slopes, st.lse = var.alibi_slopes, bool(var.return_lse)
         st.nsplit, st.chunk = self._backend.split_geometry(args, spec) if path == "splitk" else (1, 0)
         st.n = 0 if slots is None else int(slots.shape[0])
         st.tables_host = np.ascontiguousarray(args.block_tables, dtype=np.int32).reshape(-1)

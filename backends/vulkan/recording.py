@@ -24,17 +24,47 @@ from .plan_state import PlanTables, _PlanState
 
 MAX_POOL_ALGOS = 48  # kp.Algorithm objects per pool before its recordings and kernels are rebuilt
 REDUCE_WG = 128
+# Push-constant words of the attention and reduce shaders (their Params blocks): every pipeline
+# declares all of them, variant or not, so the block always lies inside the pushed range.
+ATTN_PUSH, REDUCE_PUSH = 13, 5
 POOL_RECORDINGS, STEP_RECORDINGS = 4, 8
 
 
 class _Recorded:
-    """A recorded kp.Sequence and the mapped staging views its inputs and outputs go through."""
-    __slots__ = ("seq", "labels", "ops", "qrows", "krows", "vrows", "orows")
+    """A recorded kp.Sequence and the mapped staging views its inputs and outputs go through
+    (`varp`: the variant's slopes and sinks, float32 [2 Hq]; `lserows`: per layer [rcls, Hq])."""
+    __slots__ = ("seq", "labels", "ops", "qrows", "krows", "vrows", "orows", "varp", "lserows")
 
 
 class _Io:
     """The staging tensors and host views one recording binds."""
-    __slots__ = ("q", "qview", "out", "oview", "k", "kview", "v", "vview", "part_o", "part_ml")
+    __slots__ = ("q", "qview", "out", "oview", "k", "kview", "v", "vview", "part_o", "part_ml",
+                 "varp", "varpview", "lse", "lseview")
+
+
+class _Variant:
+    """What a recording compiles in beyond plain attention (ADR 0010): the shaders' defines,
+    whether it binds the slopes/sinks buffer and the LSE output."""
+    __slots__ = ("cap_bits", "alibi", "sinks", "lse")
+
+    def __init__(self, st: _PlanState, sinks: bool):
+        self.cap_bits, self.alibi, self.sinks, self.lse = \
+            st.cap_bits, st.slopes is not None, bool(sinks), st.lse
+
+    @property
+    def key(self) -> tuple:
+        return (self.cap_bits, self.alibi, self.sinks, self.lse)
+
+    @property
+    def varp(self) -> bool:
+        return self.alibi or self.sinks
+
+    def defines(self) -> dict:
+        return {"SOFTCAP": int(self.cap_bits != 0), "ALIBI": int(self.alibi),
+                "SINKS": int(self.sinks), "LSE": int(self.lse)}
+
+
+_PLAIN_KEY = (0, False, False, False)
 
 
 class Recorder:
@@ -47,16 +77,18 @@ class Recorder:
         self._algos: dict = {}            # the split-K reduce kernels
         self.recordings = 0               # kp Sequences recorded for attention so far
 
-    def get(self, pools, st: _PlanState, hq: int, writes: bool, f16_io: bool, repeat: int) -> _Recorded:
+    def get(self, pools, st: _PlanState, hq: int, writes: bool, f16_io: bool, repeat: int,
+            sinks: bool = False) -> _Recorded:
         """The recorded sequence for these pools and this batch shape. It binds only size-class
         buffers, so every later step with the same shape re-runs it with new tables, lengths, q
         and k/v written into those buffers."""
-        memo = (hq, writes, f16_io, repeat, len(pools))
+        var = _Variant(st, sinks)
+        memo = (hq, writes, f16_io, repeat, len(pools), var.key)
         key = st.keys.get(memo)
         if key is None:
             key = st.keys[memo] = (st.path, st.rcls, st.bcls, st.maxb, hq, st.n if writes else 0, st.window,
                                    st.scale_bits, st.nsplit, st.chunk, f16_io, repeat, len(pools),
-                                   st.qt, st.tcls)
+                                   st.qt, st.tcls, var.key)
         full = key if len(pools) == 1 else key + (tuple(p.uid for p in pools),)
         cache = pools[0].recorded if len(pools) == 1 else self._steps
         timed = self._dev.record_timestamps   # a timestamped sequence is recorded for one use
@@ -64,7 +96,7 @@ class Recorder:
         if rec is not None:
             cache.move_to_end(full)
             return rec
-        rec = self._record(pools, st, hq, writes, f16_io, repeat)
+        rec = self._record(pools, st, hq, writes, f16_io, repeat, var)
         if not timed:
             cache[full] = rec
             while len(cache) > (POOL_RECORDINGS if len(pools) == 1 else STEP_RECORDINGS):
@@ -95,7 +127,8 @@ class Recorder:
                     pool.recorded.clear()
                 self._dev.drop_algorithms(cache)
 
-    def _io(self, pool0, nl: int, per_layer: int, n: int, st: _PlanState, f16_io: bool) -> _Io:
+    def _io(self, pool0, nl: int, per_layer: int, n: int, st: _PlanState, f16_io: bool,
+            var: _Variant, hq: int) -> _Io:
         dev, io, b = self._dev, _Io(), "host" if self._dev.host_io else "device"
         if f16_io:
             # Every q is fp16: q goes up and the output comes back as fp16 pairs, so the host
@@ -112,18 +145,24 @@ class Recorder:
         if n:
             io.k, io.kview = dev.staging("knew", nl * n * pool0.row_words, np.uint32, b)
             io.v, io.vview = dev.staging("vnew", nl * n * pool0.row_words, np.uint32, b)
+        io.varp = io.varpview = io.lse = io.lseview = None
+        if var.varp:    # slopes [Hq], then sinks [Hq]
+            io.varp, io.varpview = dev.staging("varp", 2 * hq, np.float32, b)
+        if var.lse:
+            io.lse, io.lseview = dev.staging("lse", nl * st.rcls * hq, np.float32, b)
         if st.path == "splitk":
             rows = per_layer // pool0.dp
             io.part_o = dev.staging("part_o", nl * rows * st.nsplit * pool0.dp, np.float32, "storage")[0]
             io.part_ml = dev.staging("part_ml", nl * rows * st.nsplit * 2, np.float32, "storage")[0]
         return io
 
-    def _record(self, pools, st: _PlanState, hq: int, writes: bool, f16_io: bool, repeat: int):
+    def _record(self, pools, st: _PlanState, hq: int, writes: bool, f16_io: bool, repeat: int,
+                var: _Variant):
         self._bound_algos(pools)
         dev, pool0, nl = self._dev, pools[0], len(pools)
         per_layer = st.rcls * hq * pool0.dp
         n = st.n if writes else 0
-        io = self._io(pool0, nl, per_layer, n, st, f16_io)
+        io = self._io(pool0, nl, per_layer, n, st, f16_io, var, hq)
         ops, labels = [], []
 
         def add(op, label):
@@ -131,7 +170,8 @@ class Recorder:
             labels.append(label)
 
         tables = PlanTables.table_bufs(st) if nl > 1 else []
-        uploads = ([] if dev.host_io else [io.q] + ([io.k, io.v] if n else [])) + tables
+        uploads = ([] if dev.host_io else [io.q] + ([io.k, io.v] if n else []) +
+                   ([io.varp] if var.varp else [])) + tables
         if uploads:
             add(dev.upload(uploads), "upload")
         if dev.patched:
@@ -144,17 +184,18 @@ class Recorder:
         for r in range(repeat):
             if r:
                 add(dev.barrier(), "barrier")
-            self._attention_ops(add, pools, st, hq, f16_io, io, r)
+            self._attention_ops(add, pools, st, hq, f16_io, io, r, var)
         if dev.host_io:
             add(dev.barrier("compute->host"), "barrier")
         else:
             if dev.patched:
                 add(dev.barrier("compute->transfer"), "barrier")
-            add(dev.download([io.out]), "download")
+            add(dev.download([io.out] + ([io.lse] if var.lse else [])), "download")
         self.recordings += 1
         return self._recorded(dev.record(ops), labels, ops, pool0, st, hq, n, nl, io)
 
-    def _attention_ops(self, add, pools, st: _PlanState, hq: int, f16_io: bool, io: _Io, r: int):
+    def _attention_ops(self, add, pools, st: _PlanState, hq: int, f16_io: bool, io: _Io, r: int,
+                       var: _Variant):
         """One repetition's attention dispatch per layer (and the split-K reduce)."""
         dev, spec, dp = self._dev, pools[0].spec, pools[0].dp
         group, splitk = hq // spec.num_kv_heads, st.path == "splitk"
@@ -173,18 +214,32 @@ class Recorder:
                 wgx = st.rcls * spec.num_kv_heads
             defines["OUT_F16"] = int(f16_io and not splitk)
             defines["Q_F16"] = int(f16_io)
-            algo = dev.algorithm(pool.algos, shader, defines, tensors, [wgx, st.nsplit, 1], 11, "attn")
+            if var.key != _PLAIN_KEY:   # the plain kernels keep their exact defines
+                defines.update(var.defines())
+                # Split-K: the partial kernel applies cap and ALiBi, the reduce sinks and LSE.
+                if var.alibi or (var.sinks and not splitk):
+                    tensors.append(io.varp)
+                if var.lse and not splitk:
+                    tensors.append(io.lse)
+            algo = dev.algorithm(pool.algos, shader, defines, tensors, [wgx, st.nsplit, 1],
+                                 ATTN_PUSH, "attn")
             out_off = i * rows * st.nsplit if splitk else i * per_layer
             add(dev.dispatch(algo, [i * per_layer, out_off, 0, st.maxb, spec.num_blocks,
-                                    st.window, st.scale_bits, st.nsplit, st.chunk, 0, st.rcls]),
+                                    st.window, st.scale_bits, st.nsplit, st.chunk, 0, st.rcls,
+                                    st.cap_bits, i * st.rcls * hq]),
                 f"attn{i}.{r}")
         if splitk:
             add(dev.barrier(), "barrier")
-            ralgo = dev.algorithm(self._algos, "splitk_reduce.comp",
-                                  {"DP": dp, "WG": REDUCE_WG, "OUT_F16": int(f16_io)},
-                                  [io.part_o, io.part_ml, io.out], [rows, 1, 1], 4, "reduce")
+            defines = {"DP": dp, "WG": REDUCE_WG, "OUT_F16": int(f16_io)}
+            tensors = [io.part_o, io.part_ml, io.out]
+            if var.sinks or var.lse:
+                defines.update(SINKS=int(var.sinks), LSE=int(var.lse), HQ=hq)
+                tensors += ([io.varp] if var.sinks else []) + ([io.lse] if var.lse else [])
+            ralgo = dev.algorithm(self._algos, "splitk_reduce.comp", defines, tensors,
+                                  [rows, 1, 1], REDUCE_PUSH, "reduce")
             for i in range(len(pools)):
-                add(dev.dispatch(ralgo, [i * rows * st.nsplit, i * per_layer, st.nsplit, rows]),
+                add(dev.dispatch(ralgo, [i * rows * st.nsplit, i * per_layer, st.nsplit, rows,
+                                         i * rows]),
                     f"reduce{i}.{r}")
 
     @staticmethod
@@ -197,6 +252,9 @@ class Recorder:
         # [n, Hkv, DP] new k/v rows in the pool's element type.
         rec.qrows = [io.qview[i * per_layer:(i + 1) * per_layer].reshape(rcls, hq, dp) for i in range(nl)]
         rec.orows = [io.oview[i * per_layer:(i + 1) * per_layer].reshape(rcls, hq, dp) for i in range(nl)]
+        rec.varp = io.varpview
+        rec.lserows = None if io.lseview is None else \
+            [io.lseview[i * rcls * hq:(i + 1) * rcls * hq].reshape(rcls, hq) for i in range(nl)]
         rec.krows = rec.vrows = None
         if n:
             w = n * pool0.row_words

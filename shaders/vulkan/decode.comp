@@ -262,18 +262,20 @@ void main() {
         float Lsum = 0.0;
         for (uint j = 0u; j < NG; ++j) Lsum += sh_l[j] * exp(sh_m[j] - M);
         const uint row = b * HQ + h * G + uint(g);
-        float wsink = 1.0;  // FUSED_SINKS: the accumulator's rescale to the max with the sink
+        // FUSED_SINKS: the denominator and the LSE are taken at max(M, sink); the lane groups'
+        // accumulators stay weighted at M below, so the output is rescaled by wsink once.
+        float wsink = 1.0;
+        float Mden = M;
 #if FUSED_SINKS
         {
             const float sk = varp[HQ + h * G + uint(g)];
-            const float M2 = max(M, sk);
-            wsink = exp(M - M2);
-            Lsum = Lsum * wsink + exp(sk - M2);
-            M = M2;
+            Mden = max(M, sk);
+            wsink = exp(M - Mden);
+            Lsum = Lsum * wsink + exp(sk - Mden);
         }
 #endif
 #if FUSED_LSE
-        if (tid == 0u) lsebuf[pc.lse_off + row] = Lsum == 0.0 ? -1.0 / 0.0 : M + log(Lsum);
+        if (tid == 0u) lsebuf[pc.lse_off + row] = Lsum == 0.0 ? -1.0 / 0.0 : Mden + log(Lsum);
 #endif
 #if OUT_F16 && !SPLITK
         // Two adjacent elements per thread, one packed word (DP is a multiple of 8 or 4: even).
