@@ -154,6 +154,10 @@ class PagedAttention(ABC):
     # reads plain pools. 'auto' steps around a path that cannot read a step's pools, an explicit
     # one is refused by name, and create_pool refuses a format no path here reads.
     kv_formats: dict[str, frozenset] = {}
+    # True when a quantized pool stores exactly the reference arithmetic's values
+    # (kv_formats.KVFormat.quantize). A device that quantizes with its own float division may
+    # break a rounding tie the other way: a group's scale or a code one step apart (ADR 0011).
+    kv_quantization_exact: bool = True
     pool_dtypes: tuple[str, ...] = ("float16", "float32")
     q_dtypes: tuple[str, ...] = FLOAT_DTYPES
 

@@ -24,6 +24,7 @@ from paged_attention import settings
 from paged_attention.errors import PagedAttentionError
 from paged_attention.host_arrays import cast_out, copy_into, host, out_dtype
 from paged_attention.interface import LayerStep, PagedAttention, Plan
+from paged_attention.kv_formats import KV_DTYPES
 from paged_attention.validation import PoolSpec, StepArgs
 
 from . import KNOWN_PATHS, geometry
@@ -46,6 +47,12 @@ class VulkanBackend(PagedAttention):
     # Every variant is a compile-time form of the shaders (ADR 0010); split-K's reduce applies
     # the sinks and writes the LSE.
     variants = {p: frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"}) for p in KNOWN_PATHS}
+    # Quantized pools (ADR 0011): quantized on write by kv_quant.comp, dequantized on load by
+    # both attention shaders (kv_read.glsl).
+    kv_formats = {p: frozenset(KV_DTYPES) for p in KNOWN_PATHS}
+    # Shader division is not correctly rounded (Vulkan allows 2.5 ulp): at a rounding tie a
+    # group's scale or a code may land one step from the reference's (ADR 0011).
+    kv_quantization_exact = False
 
     def __init__(self, device_index: int | None = None):
         s = settings.get()

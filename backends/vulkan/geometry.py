@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 from paged_attention import devices, settings
 from paged_attention.validation import PoolSpec, StepArgs
 
@@ -29,8 +31,9 @@ def pow2_floor(x: int) -> int:
 
 
 def padded_dim(spec: PoolSpec) -> int:
-    """Head dim padded to whole 16-byte vectors: 8 16-bit elements or 4 float32 (VulkanPool.dp)."""
-    vec = 8 if spec.dtype in ("float16", "bfloat16") else 4
+    """Head dim padded to whole vectors (VulkanPool.dp): 8 16-bit elements or 4 float32 per
+    16-byte load; a quantized pool's loads hold 8 elements (8 or 4 bytes)."""
+    vec = 8 if spec.dtype in ("float16", "bfloat16") or spec.kv_format is not None else 4
     return -(-spec.head_dim // vec) * vec
 
 
@@ -84,7 +87,7 @@ def split_geometry(args: StepArgs, spec: PoolSpec, units: int) -> tuple[int, int
 def decode_defines(pool, group: int, splitk: bool, subgroup_size: int) -> dict:
     """decode.comp's compile-time constants for a pool (VulkanPool) at G query heads per KV head."""
     s = pool.spec
-    vec = 8 if pool.f16 else 4
+    vec = 8 if pool.f16 or pool.kvq else 4
     nv = pool.dp // vec
     tpt = min(pow2_floor(nv), pow2_floor(subgroup_size))
     s_ = settings.get()
@@ -96,7 +99,18 @@ def decode_defines(pool, group: int, splitk: bool, subgroup_size: int) -> dict:
     unroll = s_.vk_unroll or (8 if regs <= 32 else 4 if regs <= 64 else 2)
     return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size, "WG": ng * tpt,
             "TPT": tpt, "F16": int(pool.f16), "BF16": int(pool.bf16), "U": unroll,
-            "SPLITK": int(splitk)}
+            "SPLITK": int(splitk), **kv_defines(pool)}
+
+
+def kv_defines(pool) -> dict:
+    """A quantized pool's reading constants (ADR 0011); none for a plain pool, whose kernels
+    keep their exact defines. F16/BF16 then say what the (scale, bias) pairs are stored in."""
+    if not pool.kvq:
+        return {}
+    fmt = pool.fmt
+    return {"KVQ": pool.kvq, "GS": fmt.group_size,
+            "KSC": int(np.float32(fmt.k_scale).view(np.uint32)),
+            "VSC": int(np.float32(fmt.v_scale).view(np.uint32))}
 
 
 def prefill_layout(group: int, dp: int, qt: int) -> dict | None:
@@ -135,4 +149,5 @@ def query_tile(group: int, spec: PoolSpec) -> int:
 def prefill_defines(pool, group: int, qt: int) -> dict:
     s = pool.spec
     return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size,
-            "F16": int(pool.f16), "BF16": int(pool.bf16), **prefill_layout(group, pool.dp, qt)}
+            "F16": int(pool.f16), "BF16": int(pool.bf16), **prefill_layout(group, pool.dp, qt),
+            **kv_defines(pool)}

@@ -143,8 +143,8 @@ class Recorder:
             io.out, io.oview = dev.staging("out", nl * per_layer, np.float32, b)
         io.k = io.v = io.kview = io.vview = io.part_o = io.part_ml = None
         if n:
-            io.k, io.kview = dev.staging("knew", nl * n * pool0.row_words, np.uint32, b)
-            io.v, io.vview = dev.staging("vnew", nl * n * pool0.row_words, np.uint32, b)
+            io.k, io.kview = dev.staging("knew", nl * n * pool0.stage_words, np.uint32, b)
+            io.v, io.vview = dev.staging("vnew", nl * n * pool0.stage_words, np.uint32, b)
         io.varp = io.varpview = io.lse = io.lseview = None
         if var.varp:    # slopes [Hq], then sinks [Hq]
             io.varp, io.varpview = dev.staging("varp", 2 * hq, np.float32, b)
@@ -178,7 +178,7 @@ class Recorder:
             add(dev.barrier("full"), "barrier")
         if n:
             for i, pool in enumerate(pools):
-                add(pool.append_op(n, i * n * pool.row_words, 0, tensors=(io.k, io.v, st.slots)),
+                add(pool.append_op(n, i * n * pool.stage_words, 0, tensors=(io.k, io.v, st.slots)),
                     f"append{i}")
             add(dev.barrier(), "barrier")
         for r in range(repeat):
@@ -221,6 +221,8 @@ class Recorder:
                     tensors.append(io.varp)
                 if var.lse and not splitk:
                     tensors.append(io.lse)
+            if pool.affine:            # the format's scales bind last (ADR 0011)
+                tensors += [pool.ks, pool.vs]
             algo = dev.algorithm(pool.algos, shader, defines, tensors, [wgx, st.nsplit, 1],
                                  ATTN_PUSH, "attn")
             out_off = i * rows * st.nsplit if splitk else i * per_layer
@@ -257,7 +259,7 @@ class Recorder:
             [io.lseview[i * rcls * hq:(i + 1) * rcls * hq].reshape(rcls, hq) for i in range(nl)]
         rec.krows = rec.vrows = None
         if n:
-            w = n * pool0.row_words
+            w = n * pool0.stage_words
             rec.krows, rec.vrows = ([pool0.rows(view[i * w:(i + 1) * w]) for i in range(nl)]
                                     for view in (io.kview, io.vview))
         return rec

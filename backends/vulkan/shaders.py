@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +22,9 @@ from paged_attention.errors import BackendUnavailable, PagedAttentionError
 # Package data (paged_attention.shaders), so installed wheels find their kernels too.
 SHADER_DIR = Path(str(resources.files("paged_attention.shaders") / "vulkan"))
 TARGET_ENV = "vulkan1.1"  # subgroup shuffles need SPIR-V 1.3
+
+
+_INCLUDE = re.compile(r'\s*#\s*include\s+"([^"]+)"')
 
 
 class ShaderCompileError(PagedAttentionError):
@@ -91,5 +95,16 @@ class ShaderCompiler:
 
     def compile(self, name: str, **defines) -> tuple[str, bytes]:
         """(key, SPIR-V) of `shaders/vulkan/<name>` specialised with `defines`."""
-        source = (self.shader_dir / name).read_text()
-        return self.compile_source(source, defines, name)
+        return self.compile_source(self.source(name), defines, name)
+
+    def source(self, name: str) -> str:
+        """The shader's text with its `#include "file"` lines replaced by those files (from the
+        shader folder), so the cache key covers every line glslc compiles."""
+        out = []
+        for line in (self.shader_dir / name).read_text().splitlines(keepends=True):
+            m = _INCLUDE.match(line)
+            if m:
+                out.append(self.source(m.group(1)) + "\n")
+            elif "GL_GOOGLE_include_directive" not in line:
+                out.append(line)
+        return "".join(out)

@@ -23,10 +23,14 @@
 // query_pos), slopes in varp[0, HQ)), SINKS (exp(sink[hq]) joins the denominator, varp[HQ, 2HQ);
 // split-K leaves it to the reduce), LSE (the natural log of each row's denominator into lsebuf
 // at pc.lse_off; split-K: the reduce writes it).
+// KVQ (quantized pools, ADR 0011; kv_read.glsl): vectors of 8 packed values dequantized on load.
 #extension GL_KHR_shader_subgroup_basic : enable
 #extension GL_KHR_shader_subgroup_shuffle : enable
+#extension GL_GOOGLE_include_directive : enable
 
-#if F16
+#include "kv_read.glsl"
+#if KVQ
+#elif F16
 #define VEC 8
 #define VTYPE uvec4
 #else
@@ -90,6 +94,13 @@ layout(std430, binding = B_VAR) readonly buffer VarP { float varp[]; };  // slop
 #endif
 #if FUSED_LSE
 layout(std430, binding = B_LSE) writeonly buffer Lse { float lsebuf[]; };  // [rows, HQ]
+#define B_KS (B_LSE + 1)
+#else
+#define B_KS B_LSE
+#endif
+#if KVQ_AFFINE
+layout(std430, binding = B_KS) readonly buffer KScale { SCT kscale[]; };  // [slots, HKV, DP/GS]
+layout(std430, binding = B_KS + 1) readonly buffer VScale { SCT vscale[]; };
 #endif
 
 layout(push_constant) uniform Params {
@@ -112,6 +123,7 @@ shared float sh_m[NG];
 shared float sh_l[NG];
 shared float sh_acc[NG * DP];
 
+#if !KVQ
 void load_vec(VTYPE v, out float f[VEC]) {
 #if F16 && BF16
     // bfloat16 is the top half of a float32: widening is a shift (low half first, little-endian).
@@ -129,6 +141,7 @@ void load_vec(VTYPE v, out float f[VEC]) {
     for (int c = 0; c < 4; ++c) f[c] = v[c];
 #endif
 }
+#endif
 
 void main() {
     const uint tid = gl_LocalInvocationID.x;
@@ -177,6 +190,10 @@ void main() {
     for (uint base = start; base < end; base += NG * U) {
         VTYPE kv[U][NL];
         VTYPE vv[U][NL];
+#if KVQ_AFFINE
+        SCT ksc[U][NL];
+        SCT vsc[U][NL];
+#endif
         bool valid[U];
         // Issue all loads of the U tokens first.
         for (int u = 0; u < U; ++u) {
@@ -190,6 +207,11 @@ void main() {
                 bool ok = valid[u] && vi < NV;
                 kv[u][i] = ok ? kpool[row + vi] : VTYPE(0);
                 vv[u][i] = ok ? vpool[row + vi] : VTYPE(0);
+#if KVQ_AFFINE
+                uint srow = ((blk * BS + tt % BS) * HKV + h) * (DP / GS) + (vi * VEC) / GS;
+                ksc[u][i] = ok ? kscale[srow] : SCT(0);
+                vsc[u][i] = ok ? vscale[srow] : SCT(0);
+#endif
             }
         }
         // Scores.
@@ -198,7 +220,13 @@ void main() {
             float kf[NL * VEC];
             for (int i = 0; i < NL; ++i) {
                 float f[VEC];
+#if KVQ_AFFINE
+                dequant(kv[u][i], ksc[u][i], 1.0, f);
+#elif KVQ
+                dequant(kv[u][i], 0u, KSCALE, f);
+#else
                 load_vec(kv[u][i], f);
+#endif
                 for (int e = 0; e < VEC; ++e) kf[i * VEC + e] = f[e];
             }
             for (int g = 0; g < G; ++g) {
@@ -221,7 +249,13 @@ void main() {
         for (int u = 0; u < U; ++u) {
             for (int i = 0; i < NL; ++i) {
                 float f[VEC];
+#if KVQ_AFFINE
+                dequant(vv[u][i], vsc[u][i], 1.0, f);
+#elif KVQ
+                dequant(vv[u][i], 0u, VSCALE, f);
+#else
                 load_vec(vv[u][i], f);
+#endif
                 for (int e = 0; e < VEC; ++e) vf[u][i * VEC + e] = f[e];
             }
         }

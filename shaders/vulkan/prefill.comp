@@ -39,8 +39,15 @@
 // natural-log denominator into lsebuf at pc.lse_off).
 
 #extension GL_EXT_control_flow_attributes : enable
+#extension GL_GOOGLE_include_directive : enable
 
-#if F16
+// KVQ (quantized pools, ADR 0011; kv_read.glsl): vectors of 8 packed values dequantized into the
+// shared K/V tile, as 16-bit pools' vectors are widened.
+#include "kv_read.glsl"
+#if KVQ
+struct KVW { VTYPE d; SCT s; };
+#define KVT KVW
+#elif F16
 #define VEC 8
 #define VTYPE uvec4
 #else
@@ -109,6 +116,23 @@ layout(std430, binding = 7) readonly buffer VarP { float varp[]; };  // slopes [
 #endif
 #if LSE
 layout(std430, binding = B_LSE) writeonly buffer Lse { float lsebuf[]; };  // [rows, HQ]
+#define B_KS (B_LSE + 1)
+#else
+#define B_KS B_LSE
+#endif
+#if KVQ_AFFINE
+layout(std430, binding = B_KS) readonly buffer KScale { SCT kscale[]; };  // [slots, HKV, DP/GS]
+layout(std430, binding = B_KS + 1) readonly buffer VScale { SCT vscale[]; };
+#endif
+#ifndef KVT
+#define KVT VTYPE
+#endif
+#if KVQ
+#define KSCALE_OR_1 KSCALE
+#define VSCALE_OR_1 VSCALE
+#else
+#define KSCALE_OR_1 1.0
+#define VSCALE_OR_1 1.0
 #endif
 
 layout(push_constant) uniform Params {
@@ -140,8 +164,13 @@ uvec2 row_range(uint b, uint j) {
 }
 
 // Pool vector vi of key `key` of the tile, widened into the shared K/V tile.
-void store_kv(uint key, uint vi, VTYPE w) {
-#if F16 && BF16
+void store_kv(uint key, uint vi, KVT w, float fs) {
+#if KVQ
+    float f[VEC];
+    dequant(w.d, w.s, fs, f);
+    sh_kv[key * QSV + 2u * vi] = vec4(f[0], f[1], f[2], f[3]);
+    sh_kv[key * QSV + 2u * vi + 1u] = vec4(f[4], f[5], f[6], f[7]);
+#elif F16 && BF16
     // bfloat16 is the top half of a float32: widening is a shift (low half first, little-endian).
     const uvec4 hi = w & 0xFFFF0000u;
     sh_kv[key * QSV + 2u * vi] = uintBitsToFloat(uvec4(w.x << 16, hi.x, w.y << 16, hi.y));
@@ -157,28 +186,45 @@ void store_kv(uint key, uint vi, VTYPE w) {
 // Issues the loads of the K and V rows of key tile [base, base + KT): pool vector idx % NV of key
 // idx / NV for idx = tid + n*WG. Keys past `end` read as zeros (p is 0 there, and 0 * garbage
 // could be NaN).
-void load_tile(uint base, uint end, uint tab_base, uint h, out VTYPE kr[NLD], out VTYPE vr[NLD]) {
+void load_tile(uint base, uint end, uint tab_base, uint h, out KVT kr[NLD], out KVT vr[NLD]) {
     const uint tid = gl_LocalInvocationID.x;
     [[unroll]] for (int n = 0; n < NLD; ++n) {
         uint idx = tid + uint(n) * WG;
         uint t = base + idx / NV;
+#if KVQ
+        kr[n].d = VTYPE(0);
+        vr[n].d = VTYPE(0);
+        kr[n].s = SCT(0);
+        vr[n].s = SCT(0);
+#else
         kr[n] = VTYPE(0);
         vr[n] = VTYPE(0);
+#endif
         if (idx < KT * NV && t < end) {  // t < end <= maxb*BS: inside the table row
             // Clamped block id: never leave the pool.
             uint blk = min(uint(tables[tab_base + t / BS]), pc.num_blocks - 1u);
             uint row = ((blk * BS + t % BS) * HKV + h) * NV + idx % NV;
+#if KVQ
+            kr[n].d = kpool[row];
+            vr[n].d = vpool[row];
+#if KVQ_AFFINE
+            uint srow = ((blk * BS + t % BS) * HKV + h) * (DP / GS) + ((idx % NV) * VEC) / GS;
+            kr[n].s = kscale[srow];
+            vr[n].s = vscale[srow];
+#endif
+#else
             kr[n] = kpool[row];
             vr[n] = vpool[row];
+#endif
         }
     }
 }
 
-void store_tile(VTYPE w[NLD]) {
+void store_tile(KVT w[NLD], float fs) {
     const uint tid = gl_LocalInvocationID.x;
     [[unroll]] for (int n = 0; n < NLD; ++n) {
         uint idx = tid + uint(n) * WG;
-        if (idx < KT * NV) store_kv(idx / NV, idx % NV, w[n]);
+        if (idx < KT * NV) store_kv(idx / NV, idx % NV, w[n], fs);
     }
 }
 
@@ -202,8 +248,8 @@ void main() {
     start = min(start, end);
     const uint tab_base = pc.tab_off + uint(lens[pc.seq_off + b]) * pc.maxb;  // a tile is one sequence's
 
-    VTYPE kr[NLD];
-    VTYPE vr[NLD];
+    KVT kr[NLD];
+    KVT vr[NLD];
     if (start < end) load_tile(start, end, tab_base, h, kr, vr);
 
     for (uint idx = tid; idx < RWP * NDV; idx += WG) {
@@ -242,7 +288,7 @@ void main() {
         [[unroll]] for (int k = 0; k < OCV; ++k) acc[i][k] = vec4(0.0);
 
     for (uint base = start; base < end; base += KT) {
-        store_tile(kr);
+        store_tile(kr, KSCALE_OR_1);
         barrier();  // K tile (and, the first time, Q) in place
 
         float s[RB][KB];
@@ -275,7 +321,7 @@ void main() {
         }
         barrier();  // K consumed, partial maxima in place
 
-        store_tile(vr);
+        store_tile(vr, VSCALE_OR_1);
         [[unroll]] for (int i = 0; i < RB; ++i) {
             const uint r = sr + uint(i) * NSR;
             float mx = m[i];

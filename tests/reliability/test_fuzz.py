@@ -176,8 +176,25 @@ def new_pool(backend, geom, dtype, nb, rng, kv=(None, 64)):
     k = representable(rng.standard_normal((n, hkv, d)), dtype)
     v = representable(rng.standard_normal((n, hkv, d)), dtype)
     backend.write_kv(pool, np.arange(n), k, v)
+    if kv[0] is not None and not backend.kv_quantization_exact:
+        # Ties broken the device's way (ADR 0011): the mirror starts from what it stored.
+        k0, v0 = pool.to_numpy()
+        assert near_stored(k0, stored(pool, k, "k").reshape(k0.shape), pool)
+        return pool, k0, v0
     return pool, stored(pool, k, "k").reshape(nb, bs, hkv, d), \
         stored(pool, v, "v").reshape(nb, bs, hkv, d)
+
+
+def near_stored(got, want, pool) -> bool:
+    """A device's quantization against the reference's: equal but for rounding ties, where a
+    group's scale or a code may be one step apart; at most a few percent of the elements."""
+    fmt = pool.spec.kv_format
+    differ = ~np.isclose(got, want, rtol=0, atol=0, equal_nan=True)
+    if not differ.any():
+        return True
+    span = np.nanmax(np.abs(want)) if want.size else 0.0
+    step = 2 * span / ((1 << fmt.bits) - 1) if fmt.affine else span / 8
+    return bool(differ.mean() <= 0.05 and np.nanmax(np.abs(got - want)[differ]) <= 1.5 * step)
 
 
 def check_pool(pool, k, v):
@@ -434,7 +451,14 @@ def test_write_kv_fuzz(backend, record_property):
                 mirror[blk, off] = stored(pool, representable(xs.astype(np.float32), c["dtype"])
                                           if c["dtype"] == "bfloat16" else
                                           xs.astype(c["dtype"]), which)
-            check_pool(pool, k0, v0)
+            if c["kv"][0] is not None and not backend.kv_quantization_exact:
+                kk, vv = pool.to_numpy()
+                untouched = np.ones(k0.shape[:2], bool)
+                untouched[blk, off] = False
+                assert same(kk[untouched], k0[untouched]) and same(vv[untouched], v0[untouched])
+                assert near_stored(kk, k0, pool) and near_stored(vv, v0, pool)
+            else:
+                check_pool(pool, k0, v0)
         assert same(as_host(slots), slots_before)
 
     run()
