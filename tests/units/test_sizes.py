@@ -12,8 +12,6 @@ MAX_CLASS, MAX_FUNCTION = 300, 60
 KNOWN = {  # "path:qualified name": ceiling in lines (split them when next touched)
     "paged_attention/block_manager.py:BlockManager": 340,
     "paged_attention/interface.py:PagedAttention": 475,
-    "paged_attention/integrations/mlx_lm.py:Engine": 413,
-    "paged_attention/integrations/mlx_lm.py:Engine.step": 73,
 }
 
 
