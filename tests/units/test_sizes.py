@@ -10,7 +10,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 MAX_CLASS, MAX_FUNCTION = 300, 60
 KNOWN = {  # "path:qualified name": ceiling in lines (split them when next touched)
-    "paged_attention/block_manager.py:BlockManager": 340,
     "paged_attention/interface.py:PagedAttention": 475,
 }
 
