@@ -14,7 +14,8 @@ Three layers, each usable alone:
 - `Engine` / `generate`: continuous batching. Every step is ONE model call over the ragged batch
   laid out token-major: input ids [N, 1] (one "batch row" per token) with per-token rope offsets,
   so mlx-lm's [B, H, L, D] tensors are [N, H, 1, D], i.e. plan/run's [N, H, D] without a copy.
-  Prefill chunks and decode tokens share the step's plan through `query_lens`.
+  Prefill chunks and decode tokens share the step's plan through `query_lens`. Which rows a
+  step computes and every block decision are the engine's `Scheduler`'s (scheduler.py).
 
 `make_paged_cache(model, ...)` gives a cache list that mlx-lm's own `generate_step` can drive
 (one sequence per batch row, L tokens per call) inside `paged_attention_hook(model)`.
