@@ -10,7 +10,8 @@ Prefix caching works as vLLM's: every full block of a sequence whose token ids a
 hash chained over all tokens up to its end, so equal hashes mean equal K/V contents. A new
 sequence whose prompt starts with cached blocks references them instead of allocating. A
 cached block nobody references is kept, still reusable, until the pool needs room; then the
-least recently released one is evicted.
+least recently released one is evicted. Those books are the `PrefixCache`; the `BlockManager`
+keeps reference counts, the free list and the sequences' tables.
 """
 from __future__ import annotations
 
@@ -53,6 +54,91 @@ class _Sequence:
         return self.blocks[self.released:]
 
 
+class PrefixCache:
+    """Automatic prefix caching's books (vLLM's): the chained hash of every registered full block
+    -> the block holding it, and the cached blocks nobody references, least recently released
+    first. The `BlockManager` owns reference counts and the free list; a block it releases is
+    `park`ed here when it holds a prefix (kept, reusable, until the pool needs room: `evict`)."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self._block_of: dict[int, int] = {}         # prefix hash -> block holding it
+        self._hash_of: dict[int, int] = {}          # block -> its prefix hash
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced, LRU first
+
+    @property
+    def num_evictable(self) -> int:
+        return len(self._evictable)
+
+    def hash_of(self, block: int) -> int:
+        return self._hash_of[block]
+
+    def is_evictable(self, block: int) -> bool:
+        return block in self._evictable
+
+    def revive(self, block: int) -> None:
+        """A cached block is referenced again: it may no longer be evicted."""
+        self._evictable.pop(block, None)
+
+    def park(self, block: int) -> bool:
+        """A block nobody references any more: kept as evictable if it holds a prefix (True),
+        else the caller frees it (False)."""
+        if block not in self._hash_of:
+            return False
+        self._evictable[block] = None                # keep the prefix until room is needed
+        return True
+
+    def evict(self) -> int:
+        """Forget the least recently released cached block and return it for reuse."""
+        victim, _ = self._evictable.popitem(last=False)
+        del self._block_of[self._hash_of.pop(victim)]
+        return victim
+
+    def withdraw(self, block: int) -> None:
+        """Forget a referenced block's prefix (it is about to be rewritten), if it has one."""
+        if block in self._hash_of:
+            del self._block_of[self._hash_of.pop(block)]
+
+    def block_hashes(self, token_ids: list, count: int, start: int = 0, prev: int = 0) -> list[int]:
+        """Chained hashes of full blocks start..count-1; each covers every token up to its end."""
+        out = []
+        for i in range(start, count):
+            prev = hash((prev, tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])))
+            out.append(prev)
+        return out
+
+    def lookup(self, token_ids: list) -> list[int]:
+        """The cached blocks holding the leading full blocks of `token_ids`, in order."""
+        hits = []
+        for h in self.block_hashes(token_ids, len(token_ids) // self.block_size):
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def register(self, seq: _Sequence) -> None:
+        """Register the sequence's full blocks past those it already registered."""
+        full = seq.num_tokens // self.block_size
+        if seq.token_ids is None or full <= seq.hashed:
+            return
+        # The chain continues from the sequence's own record: a released block may be reused.
+        prev = seq.hashes[seq.hashed - 1] if seq.hashed else 0
+        for i, h in enumerate(self.block_hashes(seq.token_ids, full, seq.hashed, prev), seq.hashed):
+            if i < seq.released:
+                break
+            block = seq.blocks[i]
+            if h not in self._block_of and block not in self._hash_of:
+                self._block_of[h] = block
+                self._hash_of[block] = h
+            elif self._block_of.get(h) != block:
+                # Another block already holds this prefix: stop here, since later hashes chain
+                # through blocks this sequence does not share.
+                break
+            seq.hashed = i + 1
+            seq.hashes.append(h)
+
+
 class BlockManager:
     """Allocates fixed-size blocks of a pool of `num_blocks` blocks to sequences.
 
@@ -71,16 +157,14 @@ class BlockManager:
         self._free: list[int] = list(range(self.num_blocks))  # a heap when not fragmented
         self._ref = np.zeros(self.num_blocks, dtype=np.int64)
         self._seqs: dict[Hashable, _Sequence] = {}
-        self._cache: dict[int, int] = {}            # prefix hash -> block holding it
-        self._hash_of: dict[int, int] = {}          # block -> its prefix hash
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced, LRU first
+        self._prefix = PrefixCache(self.block_size)
         self._prefix_hit_tokens = 0
 
     # -- queries -------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
         """Blocks available for allocation, cached-but-unreferenced ones included."""
-        return len(self._free) + len(self._evictable)
+        return len(self._free) + self._prefix.num_evictable
 
     def __contains__(self, seq_id) -> bool:
         return seq_id in self._seqs
@@ -130,7 +214,7 @@ class BlockManager:
             free=self.num_free,
             used=int((self._ref > 0).sum()),
             shared=int((self._ref > 1).sum()),
-            cached=len(self._evictable),
+            cached=self._prefix.num_evictable,
             prefix_hit_tokens=self._prefix_hit_tokens,
             blocks_per_seq={s: len(q.blocks) - q.released for s, q in self._seqs.items()},
             tokens_per_seq={s: q.num_tokens for s, q in self._seqs.items()},
@@ -155,24 +239,24 @@ class BlockManager:
             num_tokens = len(token_ids)
         if num_tokens < 0:
             raise InvalidInput(f"num_tokens: expected >= 0, got {num_tokens}")
-        hits = self._lookup(token_ids) if token_ids is not None else []
+        hits = self._prefix.lookup(token_ids) if token_ids is not None else []
         if max_cached_tokens is not None:
             hits = hits[:max(0, int(max_cached_tokens)) // self.block_size]
         need = self._blocks_for(num_tokens) - len(hits)
         # Cached blocks about to be reused cannot also be evicted to make room.
-        reusable = sum(1 for b in hits if b in self._evictable)
+        reusable = sum(1 for b in hits if self._prefix.is_evictable(b))
         if need > self.num_free - reusable:
             raise PoolExhausted(f"need {need} free blocks, {self.num_free - reusable} available")
         for b in hits:
-            self._evictable.pop(b, None)
+            self._prefix.revive(b)
             self._ref[b] += 1
         blocks = hits + self._allocate(need)
         seq = _Sequence(blocks, int(num_tokens), token_ids, hashed=len(hits),
                         hit_tokens=len(hits) * self.block_size,
-                        hashes=[self._hash_of[b] for b in hits])
+                        hashes=[self._prefix.hash_of(b) for b in hits])
         self._seqs[seq_id] = seq
         self._prefix_hit_tokens += len(hits) * self.block_size
-        self._register_full_blocks(seq)
+        self._prefix.register(seq)
         return self.slots(seq_id, len(hits) * self.block_size, num_tokens)
 
     def cached_tokens(self, seq_id) -> int:
@@ -243,7 +327,7 @@ class BlockManager:
                     seq.token_ids = None
                 else:
                     seq.token_ids.extend(token_ids[i])
-                    self._register_full_blocks(seq)
+                    self._prefix.register(seq)
             out.append(self.slots(s, start, seq.num_tokens))
         return (np.concatenate(out) if out else np.zeros(0, dtype=np.int64)), copies
 
@@ -256,7 +340,7 @@ class BlockManager:
     def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
         """The cached blocks a sequence with this prompt would share (read-only: nothing is
         referenced). An engine uses it to hold back a request whose prefix is still being written."""
-        return self._lookup(list(token_ids))
+        return self._prefix.lookup(list(token_ids))
 
     def trim(self, seq_id, num_tokens: int) -> int:
         """Forget the last `num_tokens` tokens of a sequence (rejected speculative tokens).
@@ -283,10 +367,8 @@ class BlockManager:
         if seq.hashed > full:
             seq.hashed = full
             del seq.hashes[full:]
-        if new_len % self.block_size:
-            tail = seq.blocks[-1]
-            if tail in self._hash_of and self._ref[tail] == 1:
-                del self._cache[self._hash_of.pop(tail)]
+        if new_len % self.block_size and self._ref[seq.blocks[-1]] == 1:
+            self._prefix.withdraw(seq.blocks[-1])
         if seq.token_ids is not None:
             del seq.token_ids[new_len:]
         return n
@@ -321,9 +403,7 @@ class BlockManager:
         out = []
         for _ in range(n):
             if not self._free:                       # evict the least recently released prefix
-                victim, _ = self._evictable.popitem(last=False)
-                del self._cache[self._hash_of.pop(victim)]
-                out.append(victim)
+                out.append(self._prefix.evict())
             elif self.fragmented:
                 i = self._rng.randrange(len(self._free))
                 self._free[i], self._free[-1] = self._free[-1], self._free[i]
@@ -337,50 +417,12 @@ class BlockManager:
         self._ref[block] -= 1
         if self._ref[block] > 0:
             return
-        if block in self._hash_of:
-            self._evictable[block] = None            # keep the prefix until room is needed
-        elif self.fragmented:
+        if self._prefix.park(block):
+            return
+        if self.fragmented:
             self._free.append(block)
         else:
             heapq.heappush(self._free, block)
-
-    # -- prefix cache --------------------------------------------------------------------------
-    def _block_hashes(self, token_ids: list, count: int, start: int = 0, prev: int = 0) -> list[int]:
-        """Chained hashes of full blocks start..count-1; each covers every token up to its end."""
-        out = []
-        for i in range(start, count):
-            prev = hash((prev, tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])))
-            out.append(prev)
-        return out
-
-    def _lookup(self, token_ids: list) -> list[int]:
-        hits = []
-        for h in self._block_hashes(token_ids, len(token_ids) // self.block_size):
-            block = self._cache.get(h)
-            if block is None:
-                break
-            hits.append(block)
-        return hits
-
-    def _register_full_blocks(self, seq: _Sequence) -> None:
-        full = seq.num_tokens // self.block_size
-        if seq.token_ids is None or full <= seq.hashed:
-            return
-        # The chain continues from the sequence's own record: a released block may be reused.
-        prev = seq.hashes[seq.hashed - 1] if seq.hashed else 0
-        for i, h in enumerate(self._block_hashes(seq.token_ids, full, seq.hashed, prev), seq.hashed):
-            if i < seq.released:
-                break
-            block = seq.blocks[i]
-            if h not in self._cache and block not in self._hash_of:
-                self._cache[h] = block
-                self._hash_of[block] = h
-            elif self._cache.get(h) != block:
-                # Another block already holds this prefix: stop here, since later hashes chain
-                # through blocks this sequence does not share.
-                break
-            seq.hashed = i + 1
-            seq.hashes.append(h)
 
     def _key(self, seq_id):
         if seq_id not in self._seqs:

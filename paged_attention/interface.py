@@ -1,8 +1,8 @@
 """The backend-neutral contract: `KVPool` and `PagedAttention`.
 
-A backend subclasses both and implements the underscored hooks. The public methods here own
-validation and path resolution, so every backend rejects bad input identically and before
-any of its kernels run.
+A backend subclasses both and implements the underscored hooks (listed in hooks.py). The public
+methods here own validation and path resolution (paths.py), so every backend rejects bad input
+identically and before any of its kernels run.
 """
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import devices, host_arrays, reference, settings
+from . import host_arrays
+from .capabilities import LabCapabilities
 from .errors import InvalidInput, UnsupportedPath
+from .hooks import BackendHooks
+from .paths import PathResolution
 from .validation import (FLOAT_DTYPES, PLAIN, PoolSpec, StepArgs, Variant, check_copy_pairs,
                          check_kv, check_num_q_heads, check_pool_spec, check_prefill, check_q,
                          check_query_lens, check_sinks, check_slots, check_states, check_tables,
@@ -138,11 +141,15 @@ class LayerStep:
     v: Any
 
 
-class PagedAttention(ABC):
+class PagedAttention(PathResolution, LabCapabilities, BackendHooks):
     """Paged decode attention on one backend.
 
     Data-oriented like vLLM/FlashInfer kernels: plain arrays in, array out. Allocation and
-    sharing of blocks live in `BlockManager`, never here.
+    sharing of blocks live in `BlockManager`, never here. The one class a backend subclasses;
+    three parts of it live in their own modules: the underscored hooks a backend implements
+    (hooks.py), path resolution (`resolve_path`, the `*_reason` methods, `selector`; paths.py)
+    and the lab's capabilities with their defaults (`synchronize`, `device_time`, ...;
+    capabilities.py).
     """
 
     name: str = "abstract"
@@ -176,7 +183,7 @@ class PagedAttention(ABC):
         self = super().__new__(cls)
         self._call_lock = threading.RLock()  # see _serialized: public calls are thread-safe
         self._pool_token = object()          # marks the pools this instance created
-        self._resolved_paths: dict = {}      # see resolve_path
+        self._resolved_paths: dict = {}      # see paths.PathResolution.resolve_path
         return self
 
     # -- pools ---------------------------------------------------------------------------------
@@ -353,74 +360,6 @@ class PagedAttention(ABC):
         """A host numpy copy of one of this backend's arrays (bfloat16 comes back as float32)."""
         return host_arrays.host(x)
 
-    @property
-    def known_paths(self) -> tuple[str, ...]:
-        """Every path this backend has on some device; `paths` is the subset usable here."""
-        return self.paths
-
-    def paths_reading(self, kv_dtype: str | None) -> tuple[str, ...]:
-        """The paths available here that read pools of `kv_dtype` (None: plain pools, all)."""
-        return self.paths if kv_dtype is None else \
-            tuple(p for p in self.paths if kv_dtype in self.kv_formats.get(p, ()))
-
-    def path_unavailable_reason(self, path: str) -> str | None:
-        """None when `path` runs here, else why not (used for errors and test skips)."""
-        if path in self.paths:
-            return None
-        return f"path {path!r} is not available on backend {self.name!r} (device {self.device})"
-
-    def shape_unsupported_reason(self, path: str, spec: PoolSpec) -> str | None:
-        """None when `path` (available here) handles pools of this geometry, else why not
-        (e.g. a kernel limited to some head dims). 'auto' never picks such a path."""
-        return None
-
-    def resolve_path(self, path: str, args: StepArgs, spec: PoolSpec, *more: PoolSpec) -> str:
-        """'auto' -> $PAGED_ATTENTION_PATH if set, else the selector's choice (moved to the first
-        path that handles every given pool geometry); explicit paths are checked."""
-        chosen = settings.get().path if path == "auto" else path
-        if not chosen:   # the selector looks at the step itself
-            return self._resolve_path(path, args, spec, *more)
-        # Decided by names, geometry and variant alone: once per combination (plan() runs every
-        # step).
-        key = (chosen, spec, more, self.paths,
-               () if args.variant is PLAIN else args.variant.features())
-        hit = self._resolved_paths.get(key)
-        if hit is None:
-            hit = self._resolved_paths[key] = self._resolve_path(chosen, args, spec, *more)
-        return hit
-
-    def _resolve_path(self, path: str, args: StepArgs, spec: PoolSpec, *more: PoolSpec) -> str:
-        auto = False
-        if path == "auto":
-            path = settings.get().path
-            if not path:
-                path, auto = self._auto_path(args, spec), True
-        if path not in self.paths:
-            why = self.path_unavailable_reason(path) if path in self.known_paths else \
-                f"unknown path {path!r} for backend {self.name!r}"
-            raise UnsupportedPath(f"{why}; available paths: {self.paths}")
-
-        feats = () if args.variant is PLAIN else args.variant.features()
-
-        def unsupported(p):
-            missing = tuple(f for f in feats if f not in self.variants.get(p, ()))
-            if missing:
-                return self._variant_reason(p, missing)
-            fmt = next((s.kv_dtype for s in (spec, *more) if s.kv_dtype is not None and
-                        s.kv_dtype not in self.kv_formats.get(p, ())), None)
-            if fmt is not None:
-                return (f"path {p!r} of backend {self.name!r} does not read kv_dtype {fmt!r} "
-                        f"pools; paths that do: {self.paths_reading(fmt)}")
-            return next(filter(None, (self.shape_unsupported_reason(p, s) for s in (spec, *more))),
-                        None)
-        why = unsupported(path)
-        if why and auto:
-            path = next((p for p in self.paths if not unsupported(p)), path)
-            why = unsupported(path)
-        if why:
-            raise UnsupportedPath(why)
-        return path
-
     def _make_plan(self, spec: PoolSpec, block_tables, context_lens, num_q_heads: int, query_lens,
                    slot_mapping, scale, window, path: str, batch: int | None = None,
                    more_specs: Sequence[PoolSpec] = (), variant: Variant = PLAIN) -> Plan:
@@ -477,58 +416,6 @@ class PagedAttention(ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- hooks for backends --------------------------------------------------------------------
-    @abstractmethod
-    def _create_pool(self, spec: PoolSpec) -> KVPool: ...
-
-    @abstractmethod
-    def _write_kv(self, pool: KVPool, slots: np.ndarray, k, v) -> None: ...
-
-    @abstractmethod
-    def _copy_blocks(self, pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None: ...
-
-    def _run_variant(self, plan: Plan, q, pool: KVPool, k, v, sinks: np.ndarray | None):
-        """One layer of a checked plan whose Variant is not plain, or given sinks (float32 [Hq]
-        on the host): returns (out, lse float32 [N, Hq]). Only paths listed in `variants` for
-        the features used are ever called."""
-        raise NotImplementedError(f"{type(self).__name__} lists variants it does not run")
-
-    def _merge_states(self, out_a, lse_a, out_b, lse_b):
-        """merge_states of checked host arrays (backends with device arrays override this)."""
-        out, lse = reference.merge_states(host_arrays.host(out_a), host_arrays.host(lse_a),
-                                          host_arrays.host(out_b), host_arrays.host(lse_b))
-        return host_arrays.cast_out(out, host_arrays.out_dtype(out_a)), lse.astype(np.float32)
-
-    def _variant_reason(self, path: str, features) -> str:
-        return (f"path {path!r} of backend {self.name!r} does not implement "
-                f"{', '.join(features)}; paths that do: "
-                f"{[p for p in self.paths if set(features) <= set(self.variants.get(p, ()))]}")
-
-    def _prepare(self, plan: Plan) -> Any:
-        """The backend's metadata builder: from the plan's sequence-level form (plan.args) to
-        what its kernels read (device copies of tables and lengths, per-row indices, kernel
-        choices); stored as plan.device. Runs once per plan, never per layer."""
-        return None
-
-    @abstractmethod
-    def _run(self, plan: Plan, q, pool: KVPool, k, v):
-        """One layer of a checked plain plan: write k, v at plan.slots (when given), then attend;
-        returns [N, Hq, D] in q's dtype. O(1) host work: everything per step is in plan.device."""
-
-    def _decode_step(self, layers: list[LayerStep], plans: list[Plan]) -> list:
-        """Run every layer of a checked step; backends that batch a step into one submission
-        override this."""
-        return [self._run(p, layer.q, layer.pool, layer.k, layer.v) for layer, p in zip(layers, plans)]
-
-    def _auto_path(self, args: StepArgs, spec: PoolSpec) -> str:
-        return self.selector.choose(args, spec)
-
-    @functools.cached_property
-    def selector(self):
-        """This instance's PathSelector (paged_attention.selector): path="auto" decisions."""
-        from .selector import PathSelector
-        return PathSelector(self.name, self.device, self.paths)
-
     def _check_pool(self, pool) -> None:
         if not isinstance(pool, KVPool) or getattr(pool, "backend_name", None) != self.name:
             raise InvalidInput(f"pool: expected a KVPool created by backend {self.name!r}, "
@@ -540,80 +427,3 @@ class PagedAttention(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} device={self.device!r} paths={self.paths}>"
-
-    # -- capabilities the lab relies on (benchmarks, experiments, soak). The defaults suit a
-    # synchronous host backend; a backend overrides what its device does differently, so lab code
-    # asks for a capability and never for a backend's name.
-    def synchronize(self, outs: Sequence = (), pools: Sequence[KVPool] = ()) -> None:
-        """Block until `outs` (arrays this backend returned) and pending writes to `pools` are
-        computed. Synchronous backends have nothing to wait for."""
-
-    def submit(self, outs: Sequence = ()) -> None:
-        """Start computing `outs` without waiting for them (lazy backends), so the host can
-        prepare the next step's plan meanwhile. Synchronous backends have computed them already."""
-
-    def from_numpy(self, x: np.ndarray, dtype: str):
-        """`x` as a query array of this backend in `dtype` (16-bit float or float32 on the host;
-        bfloat16 becomes float32 where the array type has none)."""
-        return np.asarray(x).astype(np.float16 if dtype == "float16" else np.float32)
-
-    def memory_in_use(self) -> int | None:
-        """Bytes this backend holds on its device, or None when it cannot tell (host backends and
-        lavapipe: their memory is in the process's RSS)."""
-        return None
-
-    def release_cached_memory(self) -> None:
-        """Give cached allocations back, so that a memory sample measures live memory."""
-
-    def peak_memory_of(self, fn) -> tuple[Any, int | None]:
-        """(fn(), the extra bytes at the peak while it ran), or None for the bytes when the
-        backend cannot tell."""
-        return fn(), None
-
-    @property
-    def device_facts(self) -> devices.DeviceFacts:
-        """Peak bandwidth, compute units, timestamp period of this device (paged_attention.devices)."""
-        return devices.lookup(self.device)
-
-    has_device_timer: bool = False
-
-    def device_time(self, fn) -> tuple[Any, float | None]:
-        """(fn(), device seconds of the attention kernels of the last call fn made), None for the
-        seconds when this backend has no device timer."""
-        return fn(), None
-
-    def dense_attention(self, q, k, v, scale: float):
-        """Attention over contiguous K/V [B, Hkv, T, D] (arrays from `from_numpy`) for q
-        [B, Hq, D]: the contiguous-cache baseline the lab compares paged paths with."""
-        raise UnsupportedPath(f"backend {self.name!r} has no dense attention baseline")
-
-    @property
-    def has_dense_attention(self) -> bool:
-        return type(self).dense_attention is not PagedAttention.dense_attention
-
-    # Seams of plan/run for benchmarks that split a step's cost into its parts (lab/e2e.py):
-    # each is one of run()'s or plan()'s own steps, named. Not part of a model loop.
-    def check_run(self, plan: Plan, q, pool: KVPool, k=None, v=None) -> None:
-        """run()'s O(1) checks alone (raises InvalidInput as run() would), nothing executed."""
-        self._check_run(plan, q, pool, k, v)
-
-    def run_unchecked(self, plan: Plan, q, pool: KVPool, k=None, v=None):
-        """run() without its checks or its lock: the backend's kernel call for a plan already
-        checked against these arrays. Wrong inputs are undefined behaviour; single-threaded
-        benchmarks only."""
-        return self._run(plan, q, pool, k, v)
-
-    def prepare_unchecked(self, plan: Plan, **changes) -> Plan:
-        """A copy of `plan` with `changes` (Plan fields) applied and the backend's per-step work
-        (plan.device) redone, nothing validated: what a step's new inputs cost the backend
-        alone, without plan()'s checks and path choice."""
-        plan = dataclasses.replace(plan, device=None, **changes)
-        device = self._prepare(plan)
-        if device is not None:   # as in _make_plan: set once, before anyone sees the plan
-            object.__setattr__(plan, "device", device)
-        return plan
-
-    def auto_path(self, args: StepArgs, spec: PoolSpec) -> str:
-        """The path `path="auto"` picks for these decode rows on this backend itself (its
-        selector table, else its heuristic), ignoring $PAGED_ATTENTION_PATH."""
-        return self._auto_path(args, spec)

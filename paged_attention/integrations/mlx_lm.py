@@ -14,14 +14,14 @@ Three layers, each usable alone:
 - `Engine` / `generate`: continuous batching. Every step is ONE model call over the ragged batch
   laid out token-major: input ids [N, 1] (one "batch row" per token) with per-token rope offsets,
   so mlx-lm's [B, H, L, D] tensors are [N, H, 1, D], i.e. plan/run's [N, H, D] without a copy.
-  Prefill chunks and decode tokens share the step's plan through `query_lens`.
+  Prefill chunks and decode tokens share the step's plan through `query_lens`. Which rows a
+  step computes and every block decision are the engine's `Scheduler`'s (scheduler.py).
 
 `make_paged_cache(model, ...)` gives a cache list that mlx-lm's own `generate_step` can drive
 (one sequence per batch row, L tokens per call) inside `paged_attention_hook(model)`.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -37,11 +37,12 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
                       "pip install 'paged-attention[mlx-lm]'") from e
 
 from ..block_manager import BlockManager
-from ..errors import InvalidInput, PagedAttentionError, PoolExhausted
+from ..errors import InvalidInput, PagedAttentionError
 from ..interface import PagedAttention
 from ..kv_formats import KV_DTYPES
 from ..registry import get_backend
 from . import distributed
+from .scheduler import EngineStats, Scheduler, Seq, WindowGroup, group_block_bytes
 
 
 class Unsupported(PagedAttentionError, NotImplementedError):
@@ -239,16 +240,6 @@ def random_model(config: dict, *, dtype: str = "float32", seed: int = 0):
 
 # -- the step state every layer cache shares ------------------------------------------------
 @dataclass
-class _Group:
-    """Layers sharing one attention window share one block manager (one table per sequence)."""
-
-    window: int | None
-    layers: list
-    bm: BlockManager
-    pools: dict = field(default_factory=dict)    # layer -> KVPool
-
-
-@dataclass
 class _Step:
     seq_ids: list
     query_lens: np.ndarray       # int32 [B]
@@ -294,13 +285,13 @@ class _PagedState:
         # lacking the plan's own features, and sinks are given to run, not plan.
         self.sinks_path = _variant_path(backend, path, info.features)
         self._sinks: dict = {}            # layer -> (the model's sinks array, float32 numpy)
-        self.groups: list[_Group] = []
+        self.groups: list[WindowGroup] = []
         self.group_of: list[int] = []
         by_window: dict = {}
         for i, w in enumerate(info.windows):
             if w not in by_window:
                 by_window[w] = len(self.groups)
-                self.groups.append(_Group(w, [], BlockManager(num_blocks, block_size)))
+                self.groups.append(WindowGroup(w, [], BlockManager(num_blocks, block_size)))
             g = self.groups[by_window[w]]
             g.layers.append(i)
             g.pools[i] = backend.create_pool(num_blocks, block_size, info.num_kv_heads,
@@ -339,13 +330,7 @@ class _PagedState:
 
     def kv_bytes(self) -> int:
         """Bytes of the blocks referenced right now, over every layer (the cache's live KV)."""
-        per_block = 0
-        total = 0
-        for g in self.groups:
-            pool = next(iter(g.pools.values()))
-            per_block = pool.nbytes // pool.num_blocks
-            total += g.bm.stats().used * per_block * len(g.layers)
-        return total
+        return sum(g.bm.stats().used * group_block_bytes(g) for g in self.groups)
 
 
 def _to_mx(x, dtype):
@@ -600,39 +585,6 @@ def greedy(logprobs):
     return mx.argmax(logprobs, axis=-1)
 
 
-@dataclass(eq=False)
-class _Seq:
-    sid: int
-    rid: int
-    index: int            # this sample's position among its request's samples
-    tokens: list          # prompt + generated
-    prompt_len: int
-    max_tokens: int
-    stop: frozenset       # token ids that end this sample (not included in its tokens)
-    computed: int = 0     # leading tokens whose K/V are in the cache; between steps also every
-                          # group's context length for this sequence (blocks grow per step)
-    n_children: int = 0   # forks still to make when the prompt finishes (n > 1)
-    order: int = -1       # admission order (-1: waiting); preemption takes the largest first
-
-    @property
-    def generated(self):
-        return self.tokens[self.prompt_len:]
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0
-    tokens_computed: int = 0     # token rows run through the model (prefill + decode + recompute)
-    tokens_generated: int = 0    # tokens added to results (stop tokens are not)
-    prefix_hit_tokens: int = 0
-    preemptions: int = 0         # sequences evicted to the waiting queue for recompute
-    peak_blocks: int = 0         # most blocks referenced at once (all groups)
-    peak_kv_bytes: int = 0
-    blocks_used: int = 0
-    blocks_shared: int = 0
-    peak_running: int = 0        # most sequences admitted (holding blocks) at once
-
-
 class Engine:
     """Continuous batching over a paged cache: requests join, finish and leave at any step.
 
@@ -644,6 +596,10 @@ class Engine:
     prompt (copy-on-write), a sample ends at one of its stop tokens or at `max_tokens`,
     `abort(rid)` drops a request, blocks that left every window are released, and
     `trim(seq_id, k)` rewinds a sequence. Policy and reasons: adr/0009-mlx-lm-integration.md.
+
+    The engine owns the requests, the model call and sampling; which rows a step computes and
+    every block decision (admission, growth, preemption, windows, trim) are its `scheduler`'s
+    (`integrations/scheduler.py`), as vLLM splits its scheduler from its model runner.
 
     A model sharded with mlx-lm's `model.shard(group)` (or `group=` given) runs tensor-parallel:
     every rank runs this same engine on its own KV heads (pools, `num_blocks` and the bytes in
@@ -680,14 +636,19 @@ class Engine:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.vocab_size = self.state.info.vocab_size
+        self.stats = EngineStats()
+        self.scheduler = Scheduler(self.state.groups, self.state.backend, self.stats,
+                                   block_size=block_size, num_blocks=num_blocks,
+                                   max_batch_tokens=self.max_batch_tokens,
+                                   trim_slack=self.trim_slack, prefix_caching=prefix_caching)
         self._next_id = 0
-        self._admissions = 0
-        self._waiting: collections.deque[_Seq] = collections.deque()  # FIFO; preempted in front
-        self._seqs: dict[int, _Seq] = {}          # running (admitted), in admission order
-        self._live: dict[int, _Seq] = {}          # every unfinished sequence, waiting or running
+        self._live: dict[int, Seq] = {}           # every unfinished sequence, waiting or running
         self._requests: dict[int, list] = {}      # rid -> seq ids in sample order
         self.finished: dict[int, list] = {}       # seq id -> generated tokens
-        self.stats = EngineStats()
+
+    # The scheduler's queue and running sequences (admission order), under the engine's names.
+    _waiting = property(lambda self: self.scheduler.waiting)
+    _seqs = property(lambda self: self.scheduler.running)
 
     # -- requests --
     def add_request(self, prompt: Sequence[int], max_tokens: int, n: int = 1, *,
@@ -701,17 +662,10 @@ class Engine:
         max_tokens = _positive_int("max_tokens", max_tokens)
         n = _positive_int("n", n)
         stop = _stop_ids(stop_tokens, self.vocab_size)
-        # The last sampled token is never written, so a sample holds len + max_tokens - 1
-        # positions at most; full-attention groups keep them all.
-        need = -(-(len(prompt) + max_tokens - 1) // self.block_size)
-        if need > self.num_blocks and any(g.window is None for g in self.state.groups):
-            raise PoolExhausted(f"prompt, max_tokens: one sample of {len(prompt)} + {max_tokens} "
-                                f"tokens needs {need} blocks of {self.block_size}, the pool has "
-                                f"{self.num_blocks}: raise num_blocks")
+        self.scheduler.check_fits(len(prompt), max_tokens)
         rid = self._new_id()
-        s = _Seq(self._new_id(), rid, 0, prompt, len(prompt), max_tokens, stop,
-                 n_children=n - 1)
-        self._waiting.append(s)
+        s = Seq(self._new_id(), rid, 0, prompt, len(prompt), max_tokens, stop, n_children=n - 1)
+        self.scheduler.add(s)
         self._live[s.sid] = s
         self._requests[rid] = [s.sid]
         return rid
@@ -740,27 +694,22 @@ class Engine:
         """Drop a request, waiting, running or finished: all its samples, their blocks released
         now. Other requests' tokens are the ones they would have produced without it."""
         sids = set(self._sids(rid))
-        self._waiting = collections.deque(s for s in self._waiting if s.sid not in sids)
+        self.scheduler.drop(sids)
         for sid in sids:
-            if sid in self._seqs:
-                del self._seqs[sid]
-                for g in self.state.groups:
-                    g.bm.free(sid)
             self._live.pop(sid, None)
             self.finished.pop(sid, None)
         del self._requests[rid]
-        self._account()
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting or self._seqs)
+        return self.scheduler.has_work
 
     def sequences(self, rid: int) -> list[int]:
         return list(self._sids(rid))
 
     def running(self) -> list[int]:
         """Sequence ids holding blocks now, in admission order."""
-        return list(self._seqs)
+        return list(self.scheduler.running)
 
     def _sids(self, rid) -> list:
         sids = self._requests.get(rid)
@@ -773,249 +722,97 @@ class Engine:
         self._next_id += 1
         return self._next_id - 1
 
-    # -- admission --
-    def _group_need(self, g: _Group, tokens: int) -> int:
-        """Blocks a prompt of `tokens` tokens may hold at once in group g: all of them under full
-        attention; under a window, the window, the trim slack and one step's chunk."""
-        need = -(-tokens // self.block_size)
-        if g.window is not None:
-            need = min(need, -(-(g.window + self.trim_slack + self.max_batch_tokens)
-                               // self.block_size) + 2)
-        return need
-
-    def _reserved(self, g: _Group) -> int:
-        """Blocks admitted prompts still have to allocate for their remaining prefill."""
-        return sum(max(0, self._group_need(g, len(s.tokens)) - -(-s.computed // self.block_size))
-                   for s in self._seqs.values() if s.computed < len(s.tokens) - 1)
-
-    def _admit(self) -> None:
-        # First come, first served: a request that does not fit yet holds back later ones, so
-        # a long prompt (or a preempted sequence, queued in front) is not starved.
-        while self._waiting and self._try_admit(self._waiting[0]):
-            self._waiting.popleft()
-
-    def _try_admit(self, s: _Seq) -> bool:
-        st = self.state
-        toks = s.tokens
-        cached = 0
-        hits = [[] for _ in st.groups]
-        if self.prefix_caching:
-            # At least the last token is recomputed: its query gives the next logits.
-            cached = (len(toks) - 1) // self.block_size * self.block_size
-            for gi, g in enumerate(st.groups):
-                hits[gi] = g.bm.match_prefix(toks[:cached])
-                cached = min(cached, len(hits[gi]) * self.block_size)
-        for gi, g in enumerate(st.groups):
-            shared = hits[gi][:cached // self.block_size]
-            revived = sum(1 for b in shared if g.bm.ref_count(b) == 0)   # cached, unreferenced
-            need = max(0, self._group_need(g, len(toks)) - len(shared)) + revived
-            if need > g.bm.num_free - self._reserved(g):
-                return False
-        for g in st.groups:
-            # Blocks are allocated as the prompt is computed (`_grow`), so every block the
-            # prefix cache knows holds what its hash says by the end of each step.
-            if self.prefix_caching:
-                g.bm.add_sequence(s.sid, token_ids=toks[:cached])
-            else:
-                g.bm.add_sequence(s.sid, 0)
-        self.stats.prefix_hit_tokens += cached
-        s.computed = cached
-        s.order = self._admissions
-        self._admissions += 1
-        self._seqs[s.sid] = s
-        return True
-
-    # -- blocks for one step, preempting when they run out --
-    def _blocks_needed(self, g: _Group, entries) -> int:
-        """Blocks group g must allocate for `entries` (seq, new tokens): new blocks plus a copy of
-        each shared partial tail (an upper bound when siblings share one tail)."""
-        need = 0
-        for s, n in entries:
-            have = -(-s.computed // self.block_size)
-            need += -(-(s.computed + n) // self.block_size) - have
-            if s.computed % self.block_size and g.bm.ref_count(g.bm.block_table(s.sid)[-1]) > 1:
-                need += 1
-        return need
-
-    def _fits(self, entries) -> bool:
-        return all(self._blocks_needed(g, entries) <= g.bm.num_free for g in self.state.groups)
-
-    def _append(self, entries) -> None:
-        st = self.state
-        by_len: dict[int, list] = {}
-        for s, n in entries:
-            by_len.setdefault(n, []).append(s)
-        for g in st.groups:
-            for n, seqs in by_len.items():
-                toks = [s.tokens[s.computed:s.computed + n] for s in seqs] \
-                    if self.prefix_caching else None
-                _, copies = g.bm.append_batch([s.sid for s in seqs], n, toks)
-                if copies:
-                    for pool in g.pools.values():
-                        st.backend.copy_blocks(pool, copies)
-
-    def _grow(self, batch: list) -> list:
-        """Allocate the step's blocks; returns the batch less the sequences preempted for them."""
-        if self._fits(batch):
-            self._append(batch)
-            return batch
-        done: set = set()
-        for s, n in sorted(batch, key=lambda e: e[0].order):
-            if s.sid not in self._seqs:          # preempted for an earlier sequence
-                continue
-            while not self._fits([(s, n)]):
-                victim = max((v for v in self._seqs.values() if v.sid not in done),
-                             key=lambda v: v.order)
-                if victim is s and len(self._seqs) == 1:
-                    raise PoolExhausted(
-                        f"num_blocks: sequence {s.sid} (request {s.rid}) alone needs more than "
-                        f"the pool's {self.num_blocks} blocks for {s.computed + n} tokens")
-                self._preempt(victim)
-                if victim is s:
-                    break
-            else:
-                self._append([(s, n)])
-                done.add(s.sid)
-        return [(s, n) for s, n in batch if s.sid in done]
-
-    def _preempt(self, s: _Seq) -> None:
-        """Recompute policy (vLLM's): free every block, queue prompt + generated tokens in
-        front. Its written blocks stay in the prefix cache, so readmission may reuse them."""
-        for g in self.state.groups:
-            g.bm.free(s.sid)
-        del self._seqs[s.sid]
-        s.computed = 0
-        s.order = -1
-        self._waiting.appendleft(s)
-        self.stats.preemptions += 1
-
     # -- one step --
     def step(self) -> list[tuple[int, int, int]]:
         """One model call. Returns the step's tokens as (request id, sample, token) events, in
         the order sampled; a stop token ends its sample without an event."""
-        st = self.state
-        self._admit()
-        decodes = [s for s in self._seqs.values() if s.computed == len(s.tokens) - 1]
-        prefills = [s for s in self._seqs.values() if s.computed < len(s.tokens) - 1]
-        budget = self.max_batch_tokens - len(decodes)
-        batch: list[tuple[_Seq, int]] = [(s, 1) for s in decodes]
-        for s in prefills:
-            if budget <= 0:
-                break
-            take = min(len(s.tokens) - s.computed, budget)
-            batch.append((s, take))
-            budget -= take
-        if batch:
-            batch = self._grow(batch)
-        self.stats.peak_running = max(self.stats.peak_running, len(self._seqs))
+        batch = self.scheduler.schedule()
         if not batch:
-            if self._waiting:
-                raise PoolExhausted("num_blocks: no request fits in the pool")
             return []
+        logits = self._forward(batch)
+        # Sample where a sequence's known tokens are all in the cache after this step.
+        last = np.cumsum([n for _, n in batch]) - 1
+        rows, ready = [], []
+        for (s, n), row in zip(batch, last):
+            s.computed += n
+            if s.computed == len(s.tokens):
+                rows.append(int(row))
+                ready.append(s)
+        events: list[tuple[int, int, int]] = []
+        if ready:
+            self._sample(logits[mx.array(rows), 0, :], ready, events)
+        self.scheduler.end_step()
+        return events
+
+    def _forward(self, batch: list[tuple[Seq, int]]):
+        """The model over the step's rows, token-major (input ids [N, 1], per-token rope
+        offsets); returns its logits [N, 1, vocab]."""
+        st = self.state
         ids = [s.sid for s, _ in batch]
         qlens = np.array([n for _, n in batch], np.int32)
         ctx = np.array([s.computed + n for s, n in batch], np.int32)
         positions = np.concatenate([np.arange(s.computed, s.computed + n) for s, n in batch])
         tokens = np.concatenate([s.tokens[s.computed:s.computed + n] for s, n in batch])
-        tables, slots = {}, {}
-        for gi, g in enumerate(st.groups):
-            tables[gi] = g.bm.block_tables(ids)
-            slots[gi] = np.concatenate([g.bm.slots(s.sid, s.computed, s.computed + n)
-                                        for s, n in batch])
+        tables, slots = self.scheduler.tables_and_slots(batch)
         st.step = _Step(ids, qlens, ctx, mx.array(positions.astype(np.int32)), tables, slots)
         if self.tp is not None:
             # Tables and slots carry admission, prefix hits, forks, window releases and trims;
             # query lengths the chunking; tokens what was sampled before.
             self.tp.check_plan(self.stats.steps, [np.asarray(ids), qlens, ctx, tokens, positions,
-                                                  len(self._waiting), self.stats.preemptions,
+                                                  len(self.scheduler.waiting),
+                                                  self.stats.preemptions,
                                                   *tables.values(), *slots.values()])
         with paged_attention_hook(self.model):
             logits = self.model(mx.array(tokens.astype(np.int32))[:, None], cache=self.caches)
         st.step = None
         self.stats.steps += 1
         self.stats.tokens_computed += int(qlens.sum())
-        # Sample where a sequence's known tokens are all in the cache after this step.
-        last = np.cumsum(qlens) - 1
-        sample_rows, sample_seqs = [], []
-        for (s, n), row in zip(batch, last):
-            s.computed += n
-            if s.computed == len(s.tokens):
-                sample_rows.append(int(row))
-                sample_seqs.append(s)
-        events: list[tuple[int, int, int]] = []
-        if sample_seqs:
-            rows = logits[mx.array(sample_rows), 0, :]
-            reps = [1 + s.n_children for s in sample_seqs]
-            if any(r > 1 for r in reps):   # n samples of one prompt share its logits row
-                rows = mx.concatenate([mx.broadcast_to(rows[i:i + 1], (r, rows.shape[-1]))
-                                       for i, r in enumerate(reps)])
-            logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
-            picked = self.sampler(logprobs).tolist()
-            if self.tp is not None:
-                picked = self.tp.agree(picked)
-            k = 0
-            for s, r in zip(sample_seqs, reps):
-                mine = picked[k:k + r]
-                k += r
-                children = self._fork_children(s, mine[1:])
-                for seq, tok in [(s, mine[0])] + children:
-                    self._accept(seq, int(tok), events)
-        self._release_windows()
-        self._account()
-        return events
+        return logits
 
-    def _accept(self, s: _Seq, tok: int, events: list) -> None:
+    def _sample(self, rows, ready: list[Seq], events: list) -> None:
+        """Sample the next token of each ready sequence from its logits row ([len(ready), V]);
+        a prompt with n > 1 samples forks its samples 2..n here."""
+        reps = [1 + s.n_children for s in ready]
+        if any(r > 1 for r in reps):   # n samples of one prompt share its logits row
+            rows = mx.concatenate([mx.broadcast_to(rows[i:i + 1], (r, rows.shape[-1]))
+                                   for i, r in enumerate(reps)])
+        logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+        picked = self.sampler(logprobs).tolist()
+        if self.tp is not None:
+            picked = self.tp.agree(picked)
+        k = 0
+        for s, r in zip(ready, reps):
+            mine = picked[k:k + r]
+            k += r
+            children = self._fork_children(s, mine[1:])
+            for seq, tok in [(s, mine[0])] + children:
+                self._accept(seq, int(tok), events)
+
+    def _accept(self, s: Seq, tok: int, events: list) -> None:
         """A sampled token: the end of its sample if it is a stop token, else one more token."""
         if tok not in s.stop:
             s.tokens.append(tok)
             self.stats.tokens_generated += 1
             events.append((s.rid, s.index, tok))
         if tok in s.stop or len(s.generated) >= s.max_tokens:
-            self._finish(s)
+            self.scheduler.finish(s)
+            del self._live[s.sid]
+            self.finished[s.sid] = s.generated
 
-    def _fork_children(self, parent: _Seq, first_tokens: list) -> list:
+    def _fork_children(self, parent: Seq, first_tokens: list) -> list:
         """Samples 2..n of a prompt that just finished: each shares the parent's blocks."""
         forked = []
         for tok in first_tokens:
             sids = self._requests[parent.rid]
-            child = _Seq(self._new_id(), parent.rid, len(sids), list(parent.tokens),
-                         parent.prompt_len, parent.max_tokens, parent.stop,
-                         computed=parent.computed, order=self._admissions)
-            self._admissions += 1
-            for g in self.state.groups:
-                g.bm.fork(parent.sid, child.sid)
-            self._seqs[child.sid] = child
+            child = Seq(self._new_id(), parent.rid, len(sids), list(parent.tokens),
+                        parent.prompt_len, parent.max_tokens, parent.stop,
+                        computed=parent.computed)
+            self.scheduler.fork(parent, child)
             self._live[child.sid] = child
             sids.append(child.sid)
             forked.append((child, int(tok)))
         parent.n_children = 0
         return forked
-
-    def _finish(self, s: _Seq) -> None:
-        del self._seqs[s.sid]
-        del self._live[s.sid]
-        self.finished[s.sid] = s.generated
-        for g in self.state.groups:
-            g.bm.free(s.sid)
-
-    def _release_windows(self) -> None:
-        for g in self.state.groups:
-            if g.window is None:
-                continue
-            for s in self._seqs.values():
-                # The next query (position len) sees positions > len - window; keep trim_slack
-                # more so trim() can rewind that far.
-                g.bm.release_before(s.sid, s.computed - g.window - self.trim_slack)
-
-    def _account(self) -> None:
-        used = shared = 0
-        for g in self.state.groups:
-            stt = g.bm.stats()
-            used += stt.used
-            shared += stt.shared
-        self.stats.blocks_used, self.stats.blocks_shared = used, shared
-        self.stats.peak_blocks = max(self.stats.peak_blocks, used)
-        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.state.kv_bytes())
 
     def trim(self, sid: int, k: int) -> int:
         """Drop the last k generated tokens of an unfinished sequence (rejected speculation);
@@ -1029,12 +826,8 @@ class Engine:
         if k <= 0:
             return 0
         del s.tokens[len(s.tokens) - k:]
-        keep = len(s.tokens) - 1          # the newest token is fed again as the next query
-        drop = s.computed - keep
-        if drop > 0 and sid in self._seqs:
-            for g in self.state.groups:
-                g.bm.trim(sid, drop)
-            s.computed = keep
+        # The newest kept token is fed again as the next query.
+        self.scheduler.trim(s, len(s.tokens) - 1)
         return k
 
     def run(self, progress: Callable[[int], None] | None = None) -> None:
@@ -1046,7 +839,7 @@ class Engine:
 
     def block_counts(self) -> list[int]:
         """Blocks referenced now, per window group (full attention first if present)."""
-        return [g.bm.stats().used for g in self.state.groups]
+        return self.scheduler.block_counts()
 
 
 def blocks_needed(prompts, max_tokens: int, block_size: int, n: int = 1) -> int:
