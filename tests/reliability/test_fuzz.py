@@ -697,3 +697,101 @@ def test_pool_of_another_instance_is_rejected(backend):
         np.asarray(other.decode(q, pool, [[0]], [3]))   # its creator still uses it
     finally:
         other.close()
+
+
+# -- attention variants (ADR 0010) -------------------------------------------------------------------
+VARIANT_GEOM = (64, 16, 2, 2)   # one geometry: the variant forms compile per geometry on Vulkan
+
+
+def _variant_value(draw, kind: str, hq: int):
+    """A soft_cap, alibi_slopes or sinks argument, valid or hostile; (value, why it is bad)."""
+    bad = draw(st.sampled_from([None, None, None, "shape", "dtype", "nonfinite", "type"]))
+    if kind == "soft_cap":
+        if bad is None:
+            return draw(st.floats(0.5, 60.0)), None
+        return draw(st.sampled_from([0.0, -1.0, float("nan"), float("inf"), "30", True])), "soft_cap"
+    values = np.linspace(-0.5, 0.5, hq).astype(np.float32)
+    if bad is None:
+        return values, None
+    return {"shape": values[:-1], "dtype": np.arange(hq), "type": "x",
+            "nonfinite": np.where(np.arange(hq) == 0, np.nan, values)}[bad], kind
+
+
+def variant_case(draw, backend, path):
+    d, bs, hkv, group = VARIANT_GEOM
+    hq = hkv * group
+    b = draw(st.integers(1, 3))
+    ql = draw(st.lists(st.integers(0, 6), min_size=b, max_size=b))
+    lens = [q + draw(st.integers(0, 40)) for q in ql]
+    picks = draw(st.lists(st.sampled_from(["soft_cap", "alibi_slopes", "sinks", "return_lse"]),
+                          min_size=1, max_size=4, unique=True))
+    args, bad = {}, None
+    for k in ("soft_cap", "alibi_slopes", "sinks"):
+        if k in picks:
+            args[k], why = _variant_value(draw, k, hq)
+            bad = bad or why
+    args["return_lse"] = "return_lse" in picks
+    return dict(b=b, ql=ql, lens=lens, args=args, bad=bad, seed=draw(st.integers(0, 2**31)),
+                window=draw(st.sampled_from([None, None, 5])),
+                dtype=draw(st.sampled_from(["float32", "float16"])))
+
+
+@pytest.mark.parametrize("examples", [max(10, DECODE_EXAMPLES // 5)])
+def test_variant_fuzz(impl, examples, record_property):
+    """Ragged plan/run with soft-cap, ALiBi, sinks and the LSE, valid or hostile: the reference's
+    answer (out, lse), or InvalidInput naming the argument with the pool untouched (the plan's
+    k/v writes included), or UnsupportedPath naming the feature on a path that lacks it."""
+    backend, path = impl
+    d, bs, hkv, group = VARIANT_GEOM
+    hq = hkv * group
+    count = [0, 0]
+
+    @fuzz_settings(examples)
+    @given(st.data())
+    def run(data):
+        c = data.draw(st.composite(lambda draw: variant_case(draw, backend, path))())
+        count[0] += 1
+        rng = np.random.default_rng(c["seed"])
+        nb = 3 * 4
+        pool, _, _ = new_pool(backend, (d, bs, hkv, 0), c["dtype"], nb, rng)
+        tables = rng.permutation(nb)[:3 * 4].reshape(3, 4)[:c["b"]].astype(np.int32)
+        ql = np.array(c["ql"])
+        n = int(ql.sum())
+        ends = np.array(c["lens"])
+        # The new rows: each sequence's last ql[b] positions.
+        slots = np.concatenate([tables[i, p // bs] * bs + p % bs for i in range(c["b"])
+                                for p in [np.arange(ends[i] - ql[i], ends[i])]]).astype(np.int64)
+        q = representable(rng.standard_normal((n, hq, d)), "float16")
+        kv = representable(rng.standard_normal((n, hkv, d)), "float16")
+        plan_kw = {k: v for k, v in c["args"].items() if k != "sinks"}
+        sinks = c["args"].get("sinks")
+        before = pool.to_numpy()
+        need = [f for f, on in (("soft_cap", "soft_cap" in c["args"]),
+                                ("alibi_slopes", "alibi_slopes" in c["args"]),
+                                ("return_lse", c["args"]["return_lse"])) if on]
+        try:
+            plan = backend.plan(pool, tables, ends, num_q_heads=hq, query_lens=ql,
+                                slot_mapping=slots, window=c["window"], path=path, **plan_kw)
+            got = backend.run(plan, q, pool, kv, kv, sinks=sinks)
+        except pa.InvalidInput as e:
+            assert c["bad"] is not None and c["bad"] in str(e), (c["bad"], str(e))
+            after = pool.to_numpy()
+            assert all(same(a, b) for a, b in zip(before, after)), "a refused call wrote"
+            return
+        except pa.UnsupportedPath as e:
+            lacking = [f for f in need + (["sinks"] if sinks is not None else [])
+                       if f not in backend.variants.get(path, ())]
+            assert lacking and lacking[0] in str(e), str(e)
+            return
+        assert c["bad"] is None, f"{c['bad']} accepted"
+        count[1] += 1
+        out, lse = got if c["args"]["return_lse"] else (got, None)
+        k, v = pool.to_numpy()
+        want, want_lse = reference.step(q, k, v, plan.args, sinks)
+        tol = tolerance(c["dtype"])
+        assert reference.rms(as_host(out).astype(np.float64), want) < tol
+        if lse is not None:
+            np.testing.assert_allclose(as_host(lse), want_lse, atol=50 * tol, rtol=0)
+
+    run()
+    report(record_property, "variants", backend, path, count)
