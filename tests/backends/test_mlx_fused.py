@@ -542,20 +542,25 @@ def nvcc_cubin(tmp_path, name, source):
     return (folder / "kernel.cubin").read_bytes(), r.stderr
 
 
-def form_unit(kernel, split, feats, dtype, d, group, q_dtype="float16"):
-    """The CUDA translation unit MLX would build for one form (decode or reduce)."""
-    sig_types = {"q": q_dtype, "k_pool": dtype, "v_pool": dtype, "pa_step": "int32",
+def form_unit(kernel, split, feats, dtype, d, group, q_dtype="float16", kv=None, kv_group=64):
+    """The CUDA translation unit MLX would build for one form (decode or reduce); kv: the
+    quantized format the decode form reads (its pools uint32 words or uint8 codes, the affine
+    scales in `dtype`)."""
+    from paged_attention.kv_formats import KVFormat
+    fmt = None if kv is None else KVFormat(kv, kv_group)
+    data = dtype if fmt is None else "uint32" if fmt.affine else "uint8"
+    sig_types = {"q": q_dtype, "k_pool": data, "v_pool": data, "pa_step": "int32",
                  "o_part": "float32", "ml_part": "float32", "pa_sinks": "float32",
-                 "out": q_dtype, "lse": "float32"}
-    ins = {n: sig_types[n] for n in ks.input_names(kernel, split, feats)}
+                 "out": q_dtype, "lse": "float32", **{n: dtype for n in ks.AFFINE_INPUTS}}
+    ins = {n: sig_types[n] for n in ks.input_names(kernel, split, feats, kv)}
     outs = {n: sig_types[n] for n in ks.output_names(kernel, split, feats)}
     if kernel == "reduce":
         tmpl = [("OutT", q_dtype), ("D", d), ("HQ", 8 * group)]
     else:
-        cfg = kernel_config(d, 16, 8, group, MX[dtype])
-        tmpl = [(n, dtype if n == "T" else q_dtype if n == "OutT" else v)
+        cfg = kernel_config(d, 16, 8, group, MX[dtype], kv_format=fmt)
+        tmpl = [(n, data if n == "T" else q_dtype if n == "OutT" else dtype if n == "ST" else v)
                 for n, v in cfg.template(None, None)]
-    return ks.cuda_translation_unit(kernel, split, ins, outs, tmpl, feats)
+    return ks.cuda_translation_unit(kernel, split, ins, outs, tmpl, feats, kv)
 
 
 FORMS = [(kernel, split, feats) for kernel, split in (("decode", False), ("decode", True), ("reduce", False))
@@ -624,8 +629,8 @@ def test_run_launches_the_form_for_exactly_the_features_used(monkeypatch, query_
     from paged_attention.backends.mlx import fused
     launched = []
 
-    def stand_in(api, kernel, split, features=frozenset()):
-        ins, outs = ks.input_names(kernel, split, features), ks.output_names(kernel, split, features)
+    def stand_in(api, kernel, split, features=frozenset(), kv=None):
+        ins, outs = ks.input_names(kernel, split, features, kv), ks.output_names(kernel, split, features)
 
         def launch(inputs, output_shapes, output_dtypes, template, grid, threadgroup):
             assert len(inputs) == len(ins) and len(output_shapes) == len(outs) == len(output_dtypes)
