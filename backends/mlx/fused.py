@@ -5,7 +5,9 @@ The decode kernel reads K/V straight out of the block pools through the block ta
 gather copy). Long contexts are split across threadgroups (flash-decoding / split-K): each
 partition writes unnormalised partial outputs plus (max, sum), and a reduce kernel combines
 them. Extra device memory per call is the output plus, when split, the partials:
-B * Hq * num_parts * (D + 2) * 4 bytes. See adr/0004-mlx-fused-kernel.md.
+B * Hq * num_parts * (D + 2) * 4 bytes. See adr/0004-mlx-fused-kernel.md. Quantized pools
+(int8, int4, fp8 e4m3) are read in place by the kernel's PA_KV forms, which dequantize in
+registers: adr/0011-quantized-kv.md, "MLX fused kernel".
 """
 from __future__ import annotations
 
@@ -144,18 +146,18 @@ def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
     # plain pools give it at most 8 (so 8 heads fit), a packed vector 16 or 32: fewer heads
     # per threadgroup, the same registers (the other chunks re-read K/V, from L2: ADR 0011).
     per_head = MAX_HEADS_PER_GROUP if kv is None else max(1, 64 // (nv * elems))
+    env = settings.get().mlx_variant
+    v = dict(DEFAULT_VARIANT, **(parse_variant(env) if env else {}), **(variant or {}))
+    if v.get("chunk"):   # benchmarking: at most this many query heads per threadgroup
+        per_head = max(1, min(int(v["chunk"]), per_head))
     chunks = -(-group // per_head)
     chunk = -(-group // chunks)
     regs = 2 * chunk * nv * elems                           # q + accumulators per thread
     iters = 8 if regs <= 64 else 4 if regs <= 128 else 2
-    env = settings.get().mlx_variant
-    v = dict(DEFAULT_VARIANT, **(parse_variant(env) if env else {}), **(variant or {}))
     if v["prefetch"]:
         iters = max(2, iters // 2)   # two register stages of ITER tokens each
     if v.get("iters"):
         iters = int(v["iters"])
-    if v.get("chunk"):   # benchmarking: at most this many query heads per threadgroup
-        chunk = -(-group // -(-group // max(1, min(int(v["chunk"]), chunk))))
     return KernelConfig(head_dim, block_size, num_kv_heads, group, chunk, KINDS[pool_dtype],
                         tpt, nv, iters, bool(v["prefetch"]), int(v["stream"]),
                         heads_fast=bool(v["hf"]), warps=int(v.get("warps") or NUM_WARPS),
@@ -415,11 +417,11 @@ class DecodePlan:
         else:
             pools = self._inputs(ints)
             if self.num_parts == 1:
-                decode = _kernel(self.api, "decode", False, kv=kv)
+                decode = _kernel(self.api, "decode", False, frozenset(), kv)
                 return lambda q, k, v: decode(
                     inputs=[q, *pools(k, v)], output_shapes=[shape],
                     output_dtypes=[q_dtype], **common)[0]
-        decode = _kernel(self.api, "decode", True, kv=kv)
+        decode = _kernel(self.api, "decode", True, frozenset(), kv)
         reduce = _kernel(self.api, "reduce", False)
         part_shapes = [(batch, hq, self.num_parts, d), (batch, hq, self.num_parts, 2)]
         reduce_kw = dict(template=[("OutT", q_dtype), ("D", d), ("HQ", hq)],
