@@ -904,3 +904,22 @@ def test_kv_forms_compile_for_every_geometry(tmp_path, kv):
                                    form_unit("decode", split, feats, dtype, d, group, q_dtype,
                                              kv=kv, kv_group=32))
             assert "0 bytes spill stores" in report, report[-2000:]
+
+
+def test_kernel_element_decoding_is_exact():
+    """The two bit tricks of common.h's pa_kv_elem, mirrored in numpy over every code: an
+    e4m3fn code's bits placed as a float16 ((c & 0x7f) << 7 | (c & 0x80) << 8) are its value
+    / 2^8 (normals and subnormals; the kernel's fp8 scales carry the 2^8), and an affine code
+    OR 0x4B000000 as a float32, minus 2^23, is the code. The source must still say so."""
+    from paged_attention.kv_formats import from_e4m3
+    header = ks._read("common.h")
+    assert "pa_h2f(((w & 0x7fu) << 7) | ((w & 0x80u) << 8))" in header
+    assert "pa_bits_f32(0x4B000000u | (w & (KV == 2 ? 0xfu : 0xffu))) - 8388608.0f" in header
+    c = np.arange(256, dtype=np.uint32)
+    finite = (c & 0x7F) != 0x7F
+    half = (((c & 0x7F) << 7) | ((c & 0x80) << 8)).astype(np.uint16).view(np.float16)
+    got = half.astype(np.float32) * np.float32(256)
+    np.testing.assert_array_equal(got[finite], from_e4m3(c[finite].astype(np.uint8)))
+    assert np.array_equal(np.signbit(got[finite]), c[finite] >= 128)   # -0 stays -0
+    magic = (np.uint32(0x4B000000) | c).view(np.float32) - np.float32(8388608.0)
+    np.testing.assert_array_equal(magic, c.astype(np.float32))
