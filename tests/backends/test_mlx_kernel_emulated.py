@@ -18,7 +18,6 @@ from paged_attention import reference  # noqa: E402
 from paged_attention.backends.mlx import kernel_source as ks  # noqa: E402
 from paged_attention.backends.mlx.backend import MLXBackend  # noqa: E402
 from paged_attention.backends.mlx.fused import DecodePlan  # noqa: E402
-from paged_attention.kv_formats import unpack  # noqa: E402
 from paged_attention.validation import check_decode, check_variant  # noqa: E402
 
 needs_cxx = pytest.mark.skipif(emu.unavailable_reason() is not None,
@@ -29,23 +28,6 @@ VARIANTS = ("soft_cap", "alibi_slopes", "sinks", "return_lse")
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("kernels")
-
-
-def float32_dequantized(pool):
-    """(K, V) as the kernel computes them: codes * scale + bias in float32 (MLX's quantized
-    matmuls' arithmetic), where pool.to_numpy() is mx.dequantize's (rounded to the pool dtype
-    after the product and after the sum)."""
-    fmt = pool.kv_format
-    if fmt is None or not fmt.affine:
-        return pool.to_numpy()
-    out = []
-    for data, scales, biases in ((pool.k, pool.k_scales, pool.k_biases),
-                                 (pool.v, pool.v_scales, pool.v_biases)):
-        codes = unpack(np.array(data), fmt.bits).astype(np.float32)
-        codes = codes.reshape(*codes.shape[:-1], -1, fmt.group_size)
-        s, b = (np.array(a.astype(mx.float32))[..., None] for a in (scales, biases))
-        out.append((codes * s + b).reshape(*codes.shape[:-2], -1))
-    return tuple(out)
 
 
 def emulated_step(workdir, kv, kv_group, dtype, lens, hkv, group, d, bs, window, partitions,
@@ -105,7 +87,7 @@ def test_emulated_kernel_matches_the_reference(workdir, case):
     q, out, lse, args, pool, sinks = emulated_step(workdir, kv, kv_group, dtype, lens, hkv,
                                                    group, d, bs, window, parts, feats,
                                                    seed=len(lens) + d)
-    want, want_lse = reference.step(q, *float32_dequantized(pool), args, sinks)
+    want, want_lse = reference.step(q, *emu.float32_dequantized(pool), args, sinks)
     assert reference.rms(out, want) < 3e-4, reference.rms(out, want)
     assert reference.rms(out, reference.step(q, *pool.to_numpy(), args, sinks)[0]) < 5e-3
     if "return_lse" in feats:
@@ -121,7 +103,7 @@ def test_emulated_float32_is_exact_to_float32(workdir):
     for kv in ("int8", "float8_e4m3"):
         q, out, _, args, pool, _ = emulated_step(workdir, kv, 64, "float32", [300, 45], 2, 4,
                                                  128, 16, None, 1, q_dtype=np.float32)
-        assert reference.rms(out, reference.step(q, *float32_dequantized(pool), args)[0]) < 1e-6
+        assert reference.rms(out, reference.step(q, *emu.float32_dequantized(pool), args)[0]) < 1e-6
 
 
 def test_the_cpu_prologue_defines_what_the_cuda_one_does():
