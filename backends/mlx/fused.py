@@ -407,20 +407,16 @@ class DecodePlan:
         ints, kv = self.ints, cfg.kv
         common = dict(template=self._template(k_pool, q_dtype),
                       grid=cfg.grid(self.num_parts, batch), threadgroup=(cfg.threads, 1, 1))
-        if kv is None:   # the plain launch, as it was: no extra call per layer
-            if self.num_parts == 1:
-                decode = _kernel(self.api, "decode", False)
+        pools = self._inputs(ints)
+        if self.num_parts == 1:
+            decode = _kernel(self.api, "decode", False, frozenset(), kv)
+            if kv is None:   # the plain launch as it was: no extra call per layer
                 return lambda q, k, v: decode(
                     inputs=[q, k, v, ints], output_shapes=[shape],
                     output_dtypes=[q_dtype], **common)[0]
-            pools = lambda k, v: [k, v, ints]  # noqa: E731
-        else:
-            pools = self._inputs(ints)
-            if self.num_parts == 1:
-                decode = _kernel(self.api, "decode", False, frozenset(), kv)
-                return lambda q, k, v: decode(
-                    inputs=[q, *pools(k, v)], output_shapes=[shape],
-                    output_dtypes=[q_dtype], **common)[0]
+            return lambda q, k, v: decode(
+                inputs=[q, *pools(k, v)], output_shapes=[shape],
+                output_dtypes=[q_dtype], **common)[0]
         decode = _kernel(self.api, "decode", True, frozenset(), kv)
         reduce = _kernel(self.api, "reduce", False)
         part_shapes = [(batch, hq, self.num_parts, d), (batch, hq, self.num_parts, 2)]
