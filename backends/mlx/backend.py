@@ -104,9 +104,9 @@ class MLXBackend(PagedAttention):
     # form (its prompt chunks go through gather's variant attention): ADR 0010.
     variants = {"gather": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"}),
                 "fused": frozenset({"soft_cap", "alibi_slopes", "return_lse", "sinks"})}
-    # Gather dequantizes the blocks it takes (ADR 0011); the fused kernel's reading of the
-    # formats is its own next step, so until then it refuses quantized pools by name.
-    kv_formats = {"gather": frozenset(KV_DTYPES)}
+    # Gather dequantizes the blocks it takes; the fused kernel reads the packed data and
+    # dequantizes in registers (one form per format), its prompt chunks as gather (ADR 0011).
+    kv_formats = {"gather": frozenset(KV_DTYPES), "fused": frozenset(KV_DTYPES)}
 
     def __init__(self):
         self.kernel_api = gpu_kind()

@@ -5,7 +5,9 @@ The decode kernel reads K/V straight out of the block pools through the block ta
 gather copy). Long contexts are split across threadgroups (flash-decoding / split-K): each
 partition writes unnormalised partial outputs plus (max, sum), and a reduce kernel combines
 them. Extra device memory per call is the output plus, when split, the partials:
-B * Hq * num_parts * (D + 2) * 4 bytes. See adr/0004-mlx-fused-kernel.md.
+B * Hq * num_parts * (D + 2) * 4 bytes. See adr/0004-mlx-fused-kernel.md. Quantized pools
+(int8, int4, fp8 e4m3) are read in place by the kernel's PA_KV forms, which dequantize in
+registers: adr/0011-quantized-kv.md, "MLX fused kernel".
 """
 from __future__ import annotations
 
@@ -69,6 +71,12 @@ class KernelConfig:
     warps: int = NUM_WARPS
     heads_fast: bool = True  # HF: KV heads along grid x (the heads of a block run together)
     l2_ahead: int = 0        # L2PF: tiles ahead whose K/V lines are hinted into L2 (0: none)
+    kv: str | None = None    # the quantized KV format read (PA_KV; None: a plain pool)
+    group_size: int = 0      # GS: the affine formats' elements per scale and bias
+
+    @property
+    def affine(self) -> bool:
+        return self.kv in ("int8", "int4")
 
     @property
     def num_chunks(self) -> int:
@@ -82,13 +90,16 @@ class KernelConfig:
     def tile(self) -> int:
         return self.iters * self.warps * (32 // self.tpt)
 
-    def template(self, pool_dtype, out_dtype) -> list:
+    def template(self, pool_dtype, out_dtype, scale_dtype=None) -> list:
+        """pool_dtype: the K/V array's dtype (quantized: its storage, uint32 or uint8);
+        scale_dtype: the affine formats' scales (the pool's compute dtype)."""
         return [("T", pool_dtype), ("OutT", out_dtype), ("D", self.head_dim),
                 ("BS", self.block_size), ("HKV", self.num_kv_heads), ("G", self.group),
                 ("GC", self.chunk), ("KIND", self.kind), ("TPT", self.tpt), ("NV", self.nv),
                 ("ITER", self.iters), ("NW", self.warps), ("PF", bool(self.prefetch)),
                 ("LDNC", int(self.stream)), ("HF", bool(self.heads_fast)),
-                ("L2PF", int(self.l2_ahead))]
+                ("L2PF", int(self.l2_ahead))] + \
+            ([("ST", scale_dtype), ("GS", self.group_size)] if self.affine else [])
 
     def grid(self, num_parts: int, batch: int) -> tuple[int, int, int]:
         """MLX grid (in threads along x) for num_parts partitions of batch sequences."""
@@ -110,24 +121,39 @@ def head_dim_unsupported_reason(head_dim: int) -> str | None:
             f"use path='gather'")
 
 
+# Elements in one 16-byte vector of a quantized format's packed data (kernel_source.KV_DEFINES).
+KV_ELEMS = {"int8": 16, "int4": 32, "float8_e4m3": 16}
+
+
 def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
-                  pool_dtype, variant: dict | None = None) -> KernelConfig:
-    """variant (benchmarking): overrides of prefetch / iters / stream."""
+                  pool_dtype, variant: dict | None = None, kv_format=None) -> KernelConfig:
+    """variant (benchmarking): overrides of prefetch / iters / stream. pool_dtype: the pool's
+    (compute) dtype; kv_format: its KVFormat when quantized (paged_attention.kv_formats)."""
     why = head_dim_unsupported_reason(head_dim)
     if why:
         raise UnsupportedPath(why)
     if pool_dtype not in KINDS:
         raise UnsupportedPath(f"fused MLX kernel supports float16/bfloat16/float32 pools, got {pool_dtype}")
-    elems = 4 if pool_dtype == mx.float32 else 8          # elements per 16-byte vector
+    kv = None if kv_format is None else kv_format.name
+    if kv is not None and kv not in KV_ELEMS:
+        raise UnsupportedPath(f"the fused MLX kernel reads kv_dtype {sorted(KV_ELEMS)}, got {kv!r}")
+    # Elements per 16-byte vector: loads stay 16 bytes, of packed data when quantized.
+    elems = KV_ELEMS[kv] if kv else 4 if pool_dtype == mx.float32 else 8
     nvec = head_dim // elems
     tpt = min(32, 1 << (nvec - 1).bit_length())             # next power of two, at most a warp
     nv = -(-nvec // tpt)
-    chunks = -(-group // MAX_HEADS_PER_GROUP)
+    # A thread holds q and the accumulators of its nv * elems elements for each of GC heads;
+    # plain pools give it at most 8 (so 8 heads fit), a packed vector 16 or 32: fewer heads
+    # per threadgroup, the same registers (the other chunks re-read K/V, from L2: ADR 0011).
+    per_head = MAX_HEADS_PER_GROUP if kv is None else max(1, 64 // (nv * elems))
+    env = settings.get().mlx_variant
+    v = dict(DEFAULT_VARIANT, **(parse_variant(env) if env else {}), **(variant or {}))
+    if v.get("chunk"):   # benchmarking: at most this many query heads per threadgroup
+        per_head = max(1, min(int(v["chunk"]), per_head))
+    chunks = -(-group // per_head)
     chunk = -(-group // chunks)
     regs = 2 * chunk * nv * elems                           # q + accumulators per thread
     iters = 8 if regs <= 64 else 4 if regs <= 128 else 2
-    env = settings.get().mlx_variant
-    v = dict(DEFAULT_VARIANT, **(parse_variant(env) if env else {}), **(variant or {}))
     if v["prefetch"]:
         iters = max(2, iters // 2)   # two register stages of ITER tokens each
     if v.get("iters"):
@@ -135,18 +161,21 @@ def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
     return KernelConfig(head_dim, block_size, num_kv_heads, group, chunk, KINDS[pool_dtype],
                         tpt, nv, iters, bool(v["prefetch"]), int(v["stream"]),
                         heads_fast=bool(v["hf"]), warps=int(v.get("warps") or NUM_WARPS),
-                        l2_ahead=int(v.get("l2", 0)))
+                        l2_ahead=int(v.get("l2", 0)), kv=kv,
+                        group_size=kv_format.group_size if kv_format is not None and
+                        kv_format.affine else 0)
 
 
 def parse_variant(text: str) -> dict:
     """'pf1i4nc2hf0' -> {'prefetch': True, 'iters': 4, 'stream': 2, 'hf': False}
     (bench --variants); 'nc' alone means stream mode 1; hf is left at its default unless given."""
     import re
-    m = re.fullmatch(r"pf([01])(?:i(\d+))?(?:nc([0-3]?))?(?:hf([01]))?(?:w([1248]))?(?:l(\d))?",
-                     text.strip())
+    m = re.fullmatch(r"pf([01])(?:i(\d+))?(?:nc([0-3]?))?(?:hf([01]))?(?:w([1248]))?(?:l(\d))?"
+                     r"(?:c(\d+))?", text.strip())
     if m is None:
         raise ValueError(f"variant {text!r}: expected pf0|pf1, optional i<iters>, optional nc[1-3], "
-                         f"optional hf0|hf1, optional w<warps>, optional l<tiles of L2 prefetch>")
+                         f"optional hf0|hf1, optional w<warps>, optional l<tiles of L2 prefetch>, "
+                         f"optional c<query heads per threadgroup, at most>")
     stream = 0 if m.group(3) is None else int(m.group(3) or 1)
     out = {"prefetch": m.group(1) == "1", "iters": int(m.group(2) or 0), "stream": stream}
     if m.group(4) is not None:
@@ -155,6 +184,8 @@ def parse_variant(text: str) -> dict:
         out["warps"] = int(m.group(5))
     if m.group(6) is not None:
         out["l2"] = int(m.group(6))
+    if m.group(7) is not None:
+        out["chunk"] = int(m.group(7))
     return out
 
 
@@ -203,12 +234,14 @@ def choose_partitions(batch: int, groups_per_seq: int, max_tokens: int, tile: in
 
 
 @functools.cache
-def _kernel(api: str, kernel: str, split: bool, features: frozenset = frozenset()):
+def _kernel(api: str, kernel: str, split: bool, features: frozenset = frozenset(),
+            kv: str | None = None):
     """The MLX kernel object of one form (`features`: the attention variants compiled in, ADR
-    0010); MLX compiles (and caches) one binary per template-argument set."""
-    header, body = kernel_source(api, kernel, split, features)
-    kw = dict(name=kernel_name(kernel, split, features),
-              input_names=input_names(kernel, split, features),
+    0010; `kv`: the quantized KV format the decode kernel reads, ADR 0011); MLX compiles (and
+    caches) one binary per template-argument set."""
+    header, body = kernel_source(api, kernel, split, features, kv)
+    kw = dict(name=kernel_name(kernel, split, features, kv),
+              input_names=input_names(kernel, split, features, kv),
               output_names=output_names(kernel, split, features), source=body, header=header,
               ensure_row_contiguous=True)
     if api == "metal":
@@ -223,8 +256,10 @@ def _kernel(api: str, kernel: str, split: bool, features: frozenset = frozenset(
 # the attended length rounded up to whole tiles, so it is reused for `tile` steps in a row
 # (partitions past a sequence's end are empty, as they are for the shorter rows of a batch).
 @functools.lru_cache(maxsize=256)
-def _step_config(head_dim, block_size, num_kv_heads, group, pool_dtype, _settings) -> KernelConfig:
-    return kernel_config(head_dim, block_size, num_kv_heads, group, pool_dtype)
+def _step_config(head_dim, block_size, num_kv_heads, group, pool_dtype, kv_format,
+                 _settings) -> KernelConfig:
+    return kernel_config(head_dim, block_size, num_kv_heads, group, pool_dtype,
+                         kv_format=kv_format)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -232,10 +267,11 @@ def _step_partitions(batch, groups, tiles, tile, units, partitions, _settings) -
     return choose_partitions(batch, groups, tiles * tile, tile, units, partitions)
 
 
-# pa_step: [num_blocks, MB, window, part_size, num_parts, scale bits, L, T, soft-cap bits, A]:
-# L and T the offsets of the lengths and tables, A of the ALiBi slopes' bits (0: none); a
-# plain kernel never reads the last two (paged_decode.body).
-STEP_HEADER = 10
+# pa_step: [num_blocks, MB, window, part_size, num_parts, scale bits, L, T, soft-cap bits, A,
+# k_scale bits, v_scale bits]: L and T the offsets of the lengths and tables, A of the ALiBi
+# slopes' bits (0: none); a plain kernel never reads the last four, the fp8 form reads the
+# pool's two scales (paged_decode.body). A plan serves pools of one spec, so of one format.
+STEP_HEADER = 12
 
 
 @functools.lru_cache(maxsize=64)
@@ -252,20 +288,23 @@ class DecodePlan:
                  scale: float, window: int | None, *, num_blocks: int, block_size: int,
                  num_kv_heads: int, num_q_heads: int, head_dim: int, pool_dtype,
                  partitions: int | None = None, variant: dict | None = None,
-                 slots: np.ndarray | None = None, attention: Variant = PLAIN):
+                 slots: np.ndarray | None = None, attention: Variant = PLAIN, kv_format=None):
         """slots: int [S], the step's write slots; their (block, offset) ride in the same device
         array and come back as `self.write` (two int32 [S] device views), else None.
         attention: the step's attention variant (ADR 0010), served by `with_lse`; `variant` is
-        the kernel's tuning (prefetch, iters, ...), a different thing."""
+        the kernel's tuning (prefetch, iters, ...), a different thing. kv_format: the pools'
+        KVFormat when quantized (ADR 0011): the kernels then take the pools' `sources()`."""
         context_lens, block_tables = np.asarray(context_lens), np.asarray(block_tables)
         self.api = api
         self.attention = attention
         self.batch = batch = int(context_lens.shape[0])
         self.num_q_heads = num_q_heads
         group = num_q_heads // num_kv_heads
-        self.cfg = kernel_config(head_dim, block_size, num_kv_heads, group, pool_dtype, variant) \
+        self.cfg = kernel_config(head_dim, block_size, num_kv_heads, group, pool_dtype, variant,
+                                 kv_format) \
             if variant else _step_config(head_dim, block_size, num_kv_heads, group, pool_dtype,
-                                         settings.get())
+                                         kv_format, settings.get())
+        self.kv_format = kv_format
         max_tokens = int(context_lens.max(initial=0))
         if window is not None:
             max_tokens = min(max_tokens, window)
@@ -288,10 +327,13 @@ class DecodePlan:
         ints = np.zeros(write_at + 2 * n, np.int32) if block_tables is None else \
             np.empty(write_at + 2 * n, np.int32)
         cap = attention.soft_cap
+        fp8 = kv_format is not None and not kv_format.affine
         ints[:STEP_HEADER] = (num_blocks, mb, window or 0, self.part_size, self.num_parts,
                               _float_bits(scale), STEP_HEADER, tables_at,
                               0 if cap is None else _float_bits(cap),
-                              0 if slopes is None else slopes_at)
+                              0 if slopes is None else slopes_at,
+                              _float_bits(kv_format.k_scale) if fp8 else 0,
+                              _float_bits(kv_format.v_scale) if fp8 else 0)
         ints[STEP_HEADER:tables_at] = context_lens
         if block_tables is not None:
             ints[tables_at:slopes_at].reshape(batch, mb)[...] = block_tables
@@ -304,14 +346,15 @@ class DecodePlan:
         self._launches: dict = {}
 
     @classmethod
-    def from_args(cls, api: str, args: StepArgs, k_pool: mx.array, partitions=None,
+    def from_args(cls, api: str, args: StepArgs, k_pool, partitions=None,
                   variant: dict | None = None):
-        """The plan for decode rows `args` (their attention variant included) over k_pool."""
+        """The plan for decode rows `args` (their attention variant included) over k_pool (an
+        mx.array, or a quantized pool's source: backend.QuantizedSource)."""
         nb, bs, hkv, d = k_pool.shape
         return cls(api, args.block_tables, args.context_lens, args.scale, args.window,
                    num_blocks=nb, block_size=bs, num_kv_heads=hkv, num_q_heads=args.num_q_heads,
                    head_dim=d, pool_dtype=k_pool.dtype, partitions=partitions, variant=variant,
-                   attention=args.variant)
+                   attention=args.variant, kv_format=getattr(k_pool, "fmt", None))
 
     @classmethod
     def from_spec(cls, api: str, args: StepArgs, spec, partitions=None, slots=None,
@@ -322,7 +365,8 @@ class DecodePlan:
                    num_blocks=spec.num_blocks, block_size=spec.block_size,
                    num_kv_heads=spec.num_kv_heads, num_q_heads=args.num_q_heads,
                    head_dim=spec.head_dim, pool_dtype=DTYPES[spec.dtype], partitions=partitions,
-                   slots=slots, attention=args.variant if attention is None else attention)
+                   slots=slots, attention=args.variant if attention is None else attention,
+                   kv_format=spec.kv_format)
 
     def partial_bytes(self) -> int:
         """Device bytes of the split-K partials (0 without a split)."""
@@ -330,29 +374,50 @@ class DecodePlan:
             return 0
         return self.batch * self.num_q_heads * self.num_parts * (self.cfg.head_dim + 2) * 4
 
-    def __call__(self, q: mx.array, k_pool: mx.array, v_pool: mx.array) -> mx.array:
+    def _inputs(self, ints: mx.array):
+        """(k, v) -> the kernel inputs after q, in kernel_source.input_names' order: the pools
+        and the step array, or a quantized pool's storage (k, v: backend.QuantizedSource), the
+        step array and, affine, the scales and biases."""
+        if self.kv_format is None:
+            return lambda k, v: [k, v, ints]
+        if self.kv_format.affine:
+            return lambda k, v: [k.data, v.data, ints, k.scales, k.biases, v.scales, v.biases]
+        return lambda k, v: [k.data, v.data, ints]
+
+    def _template(self, k, q_dtype) -> list:
+        if self.kv_format is None:
+            return self.cfg.template(k.dtype, q_dtype)
+        return self.cfg.template(k.data.dtype, q_dtype, k.dtype)
+
+    def __call__(self, q: mx.array, k_pool, v_pool) -> mx.array:
         """q [B, Hq, D] -> [B, Hq, D] in q's dtype. Per call: one (or, split, two) kernel
-        launches; everything else was decided at construction (run() is ~1 custom-kernel call)."""
+        launches; everything else was decided at construction (run() is ~1 custom-kernel call).
+        k_pool, v_pool: the pools' arrays, or a quantized pool's sources (backend.py)."""
         launch = self._launches.get((k_pool.dtype, q.dtype))
         if launch is None:
-            launch = self._launches[(k_pool.dtype, q.dtype)] = self._launch(k_pool.dtype, q.dtype)
+            launch = self._launches[(k_pool.dtype, q.dtype)] = self._launch(k_pool, q.dtype)
         return launch(q, k_pool, v_pool)
 
-    def _launch(self, pool_dtype, q_dtype):
+    def _launch(self, k_pool, q_dtype):
         """A closure over everything but the arrays: kernels, template, grid, output shapes."""
         cfg, batch, hq, d = self.cfg, self.batch, self.num_q_heads, self.cfg.head_dim
         if batch == 0:
             return lambda q, k, v: mx.zeros(q.shape, dtype=q.dtype)
         shape = (batch, hq, d)
-        ints = self.ints
-        common = dict(template=cfg.template(pool_dtype, q_dtype), grid=cfg.grid(self.num_parts, batch),
-                      threadgroup=(cfg.threads, 1, 1))
+        ints, kv = self.ints, cfg.kv
+        common = dict(template=self._template(k_pool, q_dtype),
+                      grid=cfg.grid(self.num_parts, batch), threadgroup=(cfg.threads, 1, 1))
+        pools = self._inputs(ints)
         if self.num_parts == 1:
-            decode = _kernel(self.api, "decode", False)
+            decode = _kernel(self.api, "decode", False, frozenset(), kv)
+            if kv is None:   # the plain launch as it was: no extra call per layer
+                return lambda q, k, v: decode(
+                    inputs=[q, k, v, ints], output_shapes=[shape],
+                    output_dtypes=[q_dtype], **common)[0]
             return lambda q, k, v: decode(
-                inputs=[q, k, v, ints], output_shapes=[shape],
+                inputs=[q, *pools(k, v)], output_shapes=[shape],
                 output_dtypes=[q_dtype], **common)[0]
-        decode = _kernel(self.api, "decode", True)
+        decode = _kernel(self.api, "decode", True, frozenset(), kv)
         reduce = _kernel(self.api, "reduce", False)
         part_shapes = [(batch, hq, self.num_parts, d), (batch, hq, self.num_parts, 2)]
         reduce_kw = dict(template=[("OutT", q_dtype), ("D", d), ("HQ", hq)],
@@ -360,13 +425,13 @@ class DecodePlan:
                          output_shapes=[shape], output_dtypes=[q_dtype])
 
         def split(q, k, v):
-            o_part, ml_part = decode(inputs=[q, k, v, ints],
+            o_part, ml_part = decode(inputs=[q, *pools(k, v)],
                                      output_shapes=part_shapes,
                                      output_dtypes=[mx.float32, mx.float32], **common)
             return reduce(inputs=[o_part, ml_part, ints], **reduce_kw)[0]
         return split
 
-    def with_lse(self, q: mx.array, k_pool: mx.array, v_pool: mx.array,
+    def with_lse(self, q: mx.array, k_pool, v_pool,
                  sinks: mx.array | None) -> tuple[mx.array, mx.array | None]:
         """The step with its attention variant and `sinks` (float32 [Hq] or None): (out
         [B, Hq, D] in q's dtype, lse float32 [B, Hq] (natural log) when the variant asks for
@@ -375,34 +440,36 @@ class DecodePlan:
         key = (k_pool.dtype, q.dtype, features)
         launch = self._launches.get(key)
         if launch is None:
-            launch = self._launches[key] = self._launch_variant(k_pool.dtype, q.dtype,
+            launch = self._launches[key] = self._launch_variant(k_pool, q.dtype,
                                                                 frozenset(features))
         return launch(q, k_pool, v_pool, sinks)
 
-    def _launch_variant(self, pool_dtype, q_dtype, features: frozenset):
+    def _launch_variant(self, k_pool, q_dtype, features: frozenset):
         cfg, batch, hq, d = self.cfg, self.batch, self.num_q_heads, self.cfg.head_dim
         lse_on = "return_lse" in features
         if batch == 0:
             return lambda q, k, v, sinks: (mx.zeros(q.shape, dtype=q.dtype),
                                            mx.zeros((0, hq), mx.float32) if lse_on else None)
         shape = (batch, hq, d)
-        ints = self.ints
-        common = dict(template=cfg.template(pool_dtype, q_dtype), grid=cfg.grid(self.num_parts, batch),
-                      threadgroup=(cfg.threads, 1, 1))
+        ints, kv = self.ints, cfg.kv
+        pools = self._inputs(ints)
+        common = dict(template=self._template(k_pool, q_dtype),
+                      grid=cfg.grid(self.num_parts, batch), threadgroup=(cfg.threads, 1, 1))
         extra_out = ([(batch, hq)], [mx.float32]) if lse_on else ([], [])
 
         def finish(outs):
             return outs[0], (outs[1] if lse_on else None)
 
         if self.num_parts == 1:
-            decode = _kernel(self.api, "decode", False, features)
+            decode = _kernel(self.api, "decode", False, features, kv)
             return lambda q, k, v, sinks: finish(decode(
-                inputs=[q, k, v, ints] + ([] if sinks is None else [sinks]),
+                inputs=[q, *pools(k, v)] + ([] if sinks is None else [sinks]),
                 output_shapes=[shape] + extra_out[0], output_dtypes=[q_dtype] + extra_out[1],
                 **common))
         # Split-K: the partitions get the cap and the bias; the reduce, which sees each query
         # once, the sinks and the LSE (so a sink is counted once, not once per partition).
-        decode = _kernel(self.api, "decode", True, features & KERNEL_FEATURES[("decode", True)])
+        decode = _kernel(self.api, "decode", True, features & KERNEL_FEATURES[("decode", True)],
+                         kv)
         reduce = _kernel(self.api, "reduce", False, features & KERNEL_FEATURES[("reduce", False)])
         part_shapes = [(batch, hq, self.num_parts, d), (batch, hq, self.num_parts, 2)]
         reduce_kw = dict(template=[("OutT", q_dtype), ("D", d), ("HQ", hq)],
@@ -411,7 +478,7 @@ class DecodePlan:
                          output_dtypes=[q_dtype] + extra_out[1])
 
         def split(q, k, v, sinks):
-            o_part, ml_part = decode(inputs=[q, k, v, ints], output_shapes=part_shapes,
+            o_part, ml_part = decode(inputs=[q, *pools(k, v)], output_shapes=part_shapes,
                                      output_dtypes=[mx.float32, mx.float32], **common)
             return finish(reduce(inputs=[o_part, ml_part, ints] + ([] if sinks is None else [sinks]),
                                  **reduce_kw))

@@ -4,9 +4,10 @@ prologue (shaders/mlx/). Pure text: importable and testable without MLX or a GPU
     header = target prologue (header part) + common.h        -> `header=` of the MLX kernel
     body   = [#defines] + target prologue (body part) + <kernel>.body -> `source=`
 
-The #defines select the kernel's form: PA_SPLIT (decode: partials for split-K) and the
-attention variants of ADR 0010 (PA_SOFTCAP, PA_ALIBI, PA_SINKS, PA_LSE), each of which may add
-an input or an output, so every form is its own MLX kernel object with its own name.
+The #defines select the kernel's form: PA_SPLIT (decode: partials for split-K), the
+attention variants of ADR 0010 (PA_SOFTCAP, PA_ALIBI, PA_SINKS, PA_LSE) and, for the decode
+kernel, the quantized KV format it reads (PA_KV, ADR 0011), each of which may add an input or an
+output, so every form is its own MLX kernel object with its own name.
 
 The prologues (target_cuda.h, target_metal.h) define the same names (PA_* macros, pa_* helpers,
 thread/threadgroup indices); the bodies and common.h use nothing else target-specific, so the
@@ -54,6 +55,22 @@ KERNEL_FEATURES = {
 }
 _SHORT = {"soft_cap": "cap", "alibi_slopes": "alibi", "sinks": "sinks", "return_lse": "lse"}
 
+# Quantized KV formats (create_pool's kv_dtype, paged_attention/kv_formats.py) -> PA_KV of the
+# decode kernel (0: a plain pool) and the short name in the kernel's name. Only the decode
+# kernel reads pools: its split partials are float32 whatever the format, so the reduce is one.
+KV_DEFINES = {"int8": 1, "int4": 2, "float8_e4m3": 3}
+_KV_SHORT = {"int8": "int8", "int4": "int4", "float8_e4m3": "fp8"}
+# The affine formats' per-group scales and biases: inputs after pa_step (fp8's two per-pool
+# scales ride in pa_step).
+AFFINE_INPUTS = ["k_scales", "k_biases", "v_scales", "v_biases"]
+
+
+def _kv(kernel: str, kv: str | None) -> str | None:
+    if kv is not None and (kernel != "decode" or kv not in KV_DEFINES):
+        raise ValueError(f"kv format {kv!r}: only the decode kernel reads quantized pools, in "
+                         f"the formats {sorted(KV_DEFINES)}")
+    return kv
+
 
 def _features(kernel: str, split: bool, features) -> tuple[str, ...]:
     """`features` checked against what this kernel form implements, in canonical order."""
@@ -65,9 +82,11 @@ def _features(kernel: str, split: bool, features) -> tuple[str, ...]:
     return tuple(f for f in FEATURE_DEFINES if f in features)
 
 
-def input_names(kernel: str, split: bool = False, features=()) -> list[str]:
+def input_names(kernel: str, split: bool = False, features=(), kv: str | None = None) -> list[str]:
     """Input names of a kernel form, in the order they are passed."""
-    return INPUTS[kernel] + (["pa_sinks"] if "sinks" in _features(kernel, split, features) else [])
+    affine = _kv(kernel, kv) in ("int8", "int4")
+    return INPUTS[kernel] + (AFFINE_INPUTS if affine else []) + \
+        (["pa_sinks"] if "sinks" in _features(kernel, split, features) else [])
 
 
 def output_names(kernel: str, split: bool = False, features=()) -> list[str]:
@@ -96,9 +115,11 @@ def shared_body(kernel: str) -> str:
     return _read(KERNELS[kernel])
 
 
-def kernel_source(api: str, kernel: str, split: bool = False, features=()) -> tuple[str, str]:
+def kernel_source(api: str, kernel: str, split: bool = False, features=(),
+                  kv: str | None = None) -> tuple[str, str]:
     """(header, body) to hand to mx.fast.{metal,cuda}_kernel for `kernel` on target `api`;
-    `features`: the attention variants compiled in (KERNEL_FEATURES says which form takes which)."""
+    `features`: the attention variants compiled in (KERNEL_FEATURES says which form takes which);
+    `kv`: the quantized KV format the decode kernel reads (None: a plain pool)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {sorted(KERNELS)}")
     if split and kernel != "decode":
@@ -106,7 +127,10 @@ def kernel_source(api: str, kernel: str, split: bool = False, features=()) -> tu
     on = _features(kernel, split, features)
     head, body_prologue = prologue(api)
     header = f"// ---- target prologue: {api}\n{head}\n// ---- common.h\n{_read('common.h')}"
+    kv = _kv(kernel, kv)
     defines = f"#define PA_SPLIT {int(split)}\n" if kernel == "decode" else ""
+    if kernel == "decode":
+        defines += f"#define PA_KV {KV_DEFINES.get(kv, 0)}\n"
     if kernel != "stream_read":
         defines += "".join(f"#define {FEATURE_DEFINES[f]} {int(f in on)}\n"
                            for f in FEATURE_DEFINES)
@@ -114,17 +138,19 @@ def kernel_source(api: str, kernel: str, split: bool = False, features=()) -> tu
     return header, body
 
 
-def kernel_name(kernel: str, split: bool = False, features=()) -> str:
-    """The kernel's name; each variant form has its own (MLX caches compiled code by name)."""
+def kernel_name(kernel: str, split: bool = False, features=(), kv: str | None = None) -> str:
+    """The kernel's name; each form (variants, KV format) has its own (MLX caches compiled code
+    by name)."""
     suffix = "".join(f"_{_SHORT[f]}" for f in _features(kernel, split, features))
-    return f"pa_paged_{kernel}{'_split' if split else ''}{suffix}"
+    fmt = "" if _kv(kernel, kv) is None else f"_{_KV_SHORT[kv]}"
+    return f"pa_paged_{kernel}{'_split' if split else ''}{fmt}{suffix}"
 
 
 # ---- whole translation units, assembled the way MLX 0.32 does (for offline checks) ----------
 CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "int32": "int32_t",
-              "uint32": "uint32_t"}
+              "uint32": "uint32_t", "uint8": "uint8_t"}
 METAL_TYPES = {"float16": "float16_t", "bfloat16": "bfloat16_t", "float32": "float", "int32": "int32_t",
-               "uint32": "uint32_t"}
+               "uint32": "uint32_t", "uint8": "uint8_t"}
 # MLX's CUDA default header includes mlx/backend/cuda/device/utils.cuh; offline we stand in
 # the CUDA headers that file brings.
 CUDA_STANDIN_HEADER = """#include <cuda_fp16.h>
@@ -143,20 +169,21 @@ def _tmpl_value(value, types):
     return types[value] if isinstance(value, str) else str(int(value))
 
 
-def _check_signature(kernel, split, features, ins, outs):
-    want_in, want_out = input_names(kernel, split, features), output_names(kernel, split, features)
+def _check_signature(kernel, split, features, ins, outs, kv=None):
+    want_in = input_names(kernel, split, features, kv)
+    want_out = output_names(kernel, split, features)
     if list(ins) != want_in or list(outs) != want_out:
-        raise ValueError(f"{kernel_name(kernel, split, features)} takes inputs {want_in} and "
+        raise ValueError(f"{kernel_name(kernel, split, features, kv)} takes inputs {want_in} and "
                          f"outputs {want_out}; got {list(ins)} and {list(outs)}")
 
 
 def cuda_translation_unit(kernel: str, split: bool, inputs: dict, outputs: dict,
-                          template: list, features=()) -> str:
+                          template: list, features=(), kv: str | None = None) -> str:
     """The CUDA source MLX would compile (mx.fast.cuda_kernel: mlx/backend/cuda/custom_kernel.cpp,
     build_kernel). inputs/outputs: name -> dtype name ('float16', ...), in the kernel's order;
     template: [(name, dtype name, bool or int)]."""
-    _check_signature(kernel, split, features, inputs, outputs)
-    header, body = kernel_source("cuda", kernel, split, features)
+    _check_signature(kernel, split, features, inputs, outputs, kv)
+    header, body = kernel_source("cuda", kernel, split, features, kv)
     params = [f"    const {CUDA_TYPES[t]}* {n}" for n, t in inputs.items()]
     params += [f"    {CUDA_TYPES[t]}* {n}" for n, t in outputs.items()]
     consts = "".join(f"  using {n} = {CUDA_TYPES[v]};\n" if isinstance(v, str)
@@ -164,18 +191,18 @@ def cuda_translation_unit(kernel: str, split: bool, inputs: dict, outputs: dict,
                      else f"  constexpr int {n} = {int(v)};\n" for n, v in template)
     return (f"{CUDA_STANDIN_HEADER}\n{header}\nnamespace mlx::core::cu {{\n"
             f"namespace cg = cooperative_groups;\n"
-            f"__global__ void {kernel_name(kernel, split, features)}(\n" + ",\n".join(params)
+            f"__global__ void {kernel_name(kernel, split, features, kv)}(\n" + ",\n".join(params)
             + ") {\n"
             f"{consts}\n{body}\n}}\n}} // namespace mlx::core::cu\n")
 
 
 def metal_translation_unit(kernel: str, split: bool, inputs: dict, outputs: dict,
-                           template: list, features=(), small=()) -> str:
+                           template: list, features=(), small=(), kv: str | None = None) -> str:
     """The Metal source MLX would compile (mx.fast.metal_kernel: mlx/backend/metal/
     custom_kernel.cpp, write_signature; its utils preamble abbreviated). `small`: inputs of
     fewer than 8 elements, which MLX passes in the constant address space."""
-    _check_signature(kernel, split, features, inputs, outputs)
-    header, body = kernel_source("metal", kernel, split, features)
+    _check_signature(kernel, split, features, inputs, outputs, kv)
+    header, body = kernel_source("metal", kernel, split, features, kv)
     params, index = [], 0
     for n, t in inputs.items():
         space = "constant" if n in small else "device"
@@ -188,7 +215,7 @@ def metal_translation_unit(kernel: str, split: bool, inputs: dict, outputs: dict
     tparams = ", ".join(f"typename {n}" if isinstance(v, str) else f"bool {n}"
                         if isinstance(v, bool) else f"int {n}" for n, v in template)
     targs = ", ".join(_tmpl_value(v, METAL_TYPES) for _, v in template)
-    name = kernel_name(kernel, split, features)
+    name = kernel_name(kernel, split, features, kv)
     return ("#include <metal_stdlib>\nusing namespace metal;\ntypedef half float16_t;\n"
             f"typedef bfloat bfloat16_t;\n{header}\ntemplate <{tparams}>\n[[kernel]] void {name}(\n"
             + ",\n".join(params) + f") {{\n{body}\n}}\n"

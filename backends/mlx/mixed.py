@@ -15,7 +15,7 @@ import numpy as np
 
 from paged_attention.validation import PLAIN, StepArgs, Variant
 
-from .gather import attend_variant, step_mask
+from .gather import attend_variant, step_mask, take_blocks
 
 
 class Chunk:
@@ -43,13 +43,14 @@ class Chunk:
             k_pos = np.arange(first, context)[None, :]
             self.mask = mx.array((k_pos <= q_pos) & (k_pos > q_pos - window))
 
-    def __call__(self, q: mx.array, k_pool: mx.array, v_pool: mx.array) -> mx.array:
-        """q [T, Hq, D] -> [T, Hq, D] in q's dtype."""
+    def __call__(self, q: mx.array, k_pool, v_pool) -> mx.array:
+        """q [T, Hq, D] -> [T, Hq, D] in q's dtype. k_pool, v_pool: the pools' arrays or a
+        quantized pool's sources (backend.QuantizedSource: dequantized as gather does)."""
         _, _, hkv, d = k_pool.shape
         dtype = mx.float32 if mx.float32 in (q.dtype, k_pool.dtype) else k_pool.dtype
 
-        def keys(pool):
-            kv = mx.take(pool, self.table, axis=0).reshape(-1, hkv, d)
+        def keys(pool):   # a quantized pool's source dequantizes only the blocks taken
+            kv = take_blocks(pool, self.table).reshape(-1, hkv, d)
             kv = kv[self.offset:self.offset + self.keys]
             return kv.transpose(1, 0, 2)[None].astype(dtype)   # [1, Hkv, keys, D]
         out = mx.fast.scaled_dot_product_attention(

@@ -15,6 +15,8 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
+import kernel_emulation  # noqa: E402
+
 from paged_attention.backends.mlx import kernel_source as ks  # noqa: E402
 from paged_attention.backends.mlx.backend import MLXBackend, gpu_kind  # noqa: E402
 from paged_attention.backends.mlx.fused import (DecodePlan, choose_partitions, fused_decode,  # noqa: E402
@@ -542,20 +544,25 @@ def nvcc_cubin(tmp_path, name, source):
     return (folder / "kernel.cubin").read_bytes(), r.stderr
 
 
-def form_unit(kernel, split, feats, dtype, d, group, q_dtype="float16"):
-    """The CUDA translation unit MLX would build for one form (decode or reduce)."""
-    sig_types = {"q": q_dtype, "k_pool": dtype, "v_pool": dtype, "pa_step": "int32",
+def form_unit(kernel, split, feats, dtype, d, group, q_dtype="float16", kv=None, kv_group=64):
+    """The CUDA translation unit MLX would build for one form (decode or reduce); kv: the
+    quantized format the decode form reads (its pools uint32 words or uint8 codes, the affine
+    scales in `dtype`)."""
+    from paged_attention.kv_formats import KVFormat
+    fmt = None if kv is None else KVFormat(kv, kv_group)
+    data = dtype if fmt is None else "uint32" if fmt.affine else "uint8"
+    sig_types = {"q": q_dtype, "k_pool": data, "v_pool": data, "pa_step": "int32",
                  "o_part": "float32", "ml_part": "float32", "pa_sinks": "float32",
-                 "out": q_dtype, "lse": "float32"}
-    ins = {n: sig_types[n] for n in ks.input_names(kernel, split, feats)}
+                 "out": q_dtype, "lse": "float32", **{n: dtype for n in ks.AFFINE_INPUTS}}
+    ins = {n: sig_types[n] for n in ks.input_names(kernel, split, feats, kv)}
     outs = {n: sig_types[n] for n in ks.output_names(kernel, split, feats)}
     if kernel == "reduce":
         tmpl = [("OutT", q_dtype), ("D", d), ("HQ", 8 * group)]
     else:
-        cfg = kernel_config(d, 16, 8, group, MX[dtype])
-        tmpl = [(n, dtype if n == "T" else q_dtype if n == "OutT" else v)
+        cfg = kernel_config(d, 16, 8, group, MX[dtype], kv_format=fmt)
+        tmpl = [(n, data if n == "T" else q_dtype if n == "OutT" else dtype if n == "ST" else v)
                 for n, v in cfg.template(None, None)]
-    return ks.cuda_translation_unit(kernel, split, ins, outs, tmpl, feats)
+    return ks.cuda_translation_unit(kernel, split, ins, outs, tmpl, feats, kv)
 
 
 FORMS = [(kernel, split, feats) for kernel, split in (("decode", False), ("decode", True), ("reduce", False))
@@ -624,8 +631,8 @@ def test_run_launches_the_form_for_exactly_the_features_used(monkeypatch, query_
     from paged_attention.backends.mlx import fused
     launched = []
 
-    def stand_in(api, kernel, split, features=frozenset()):
-        ins, outs = ks.input_names(kernel, split, features), ks.output_names(kernel, split, features)
+    def stand_in(api, kernel, split, features=frozenset(), kv=None):
+        ins, outs = ks.input_names(kernel, split, features, kv), ks.output_names(kernel, split, features)
 
         def launch(inputs, output_shapes, output_dtypes, template, grid, threadgroup):
             assert len(inputs) == len(ins) and len(output_shapes) == len(outs) == len(output_dtypes)
@@ -664,3 +671,261 @@ def test_run_launches_the_form_for_exactly_the_features_used(monkeypatch, query_
             assert out.shape == q.shape and out.dtype == q.dtype
             if lse:
                 assert lse_out.shape == (plan.num_rows, 8) and lse_out.dtype == mx.float32
+
+
+# ---- quantized KV (ADR 0011): the PA_KV forms read int8 / int4 / fp8 pools in place -----------
+KV_FORMATS = [("int8", 64), ("int4", 64), ("int4", 32), ("float8_e4m3", 64)]
+
+
+def quantized_case(seed, kv, kv_group, lens, hkv, group, d, bs, dtype, scales=(1.0, 1.0)):
+    """An MLX backend's quantized pool holding `lens` tokens per sequence (fragmented tables),
+    written through write_kv (so quantized as the backend stores them), and a q."""
+    rng = np.random.default_rng(seed)
+    be = MLXBackend()
+    lens = np.asarray(lens, np.int32)
+    need = [-(-int(n) // bs) for n in lens]
+    nb = sum(need) + 3
+    perm = rng.permutation(nb)
+    tables = np.zeros((len(lens), max(need + [1]) + 1), np.int32)
+    at = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[at:at + n]
+        at += n
+    fp8 = {"k_scale": scales[0], "v_scale": scales[1]} if kv == "float8_e4m3" else {}
+    pool = be.create_pool(nb, bs, hkv, d, dtype, kv_dtype=kv, kv_group_size=kv_group, **fp8)
+    slots = np.arange(nb * bs)
+    k, v = rng.standard_normal((2, slots.size, hkv, d)).astype(np.float32)
+    be.write_kv(pool, slots, k, v)
+    q = rng.standard_normal((len(lens), hkv * group, d)).astype(np.float32)
+    return be, pool, q, tables, lens
+
+
+@needs_gpu
+@pytest.mark.parametrize("partitions", ["off", "5", None])
+@pytest.mark.parametrize("kv,kv_group", KV_FORMATS, ids=lambda x: str(x))
+def test_quantized_pools_match_the_reference(kv, kv_group, partitions):
+    """The fused kernel on int8 / int4 / fp8 pools, unsplit, split-K forced and chosen, vs the
+    float64 reference over the pool's dequantized K/V (pool.to_numpy(), mx.dequantize's values):
+    RMS < 5e-3; and over K/V in the kernel's own arithmetic (float32 codes * scale + bias, ADR
+    0011): within the output's rounding. The same checks on the CPU emulation of the kernel:
+    test_mlx_kernel_emulated.py."""
+    from paged_attention import settings
+    for i, (dtype, lens, hkv, group, d, bs, window) in enumerate(
+            [("float16", [1500, 1, 0, 700], 2, 4, 128, 16, None),
+             ("bfloat16", [900, 37], 1, 8, 64, 32, 300),
+             ("float32", [1200, 3], 2, 6, 96, 16, None),
+             ("float16", [333, 12], 1, 16, 256, 16, 100)]):
+        if d % kv_group:
+            continue
+        be, pool, q, tables, lens = quantized_case(41 + i, kv, kv_group, lens, hkv, group, d,
+                                                   bs, dtype, (0.5, 0.25))
+        with settings.override(mlx_splitk=partitions or ""):
+            plan = be.plan(pool, tables, lens, num_q_heads=hkv * group, window=window,
+                           path="fused")
+            got = host(be.run(plan, q.astype(np.float16 if dtype == "float16" else np.float32),
+                              pool))
+        assert partitions != "5" or plan.device.attend.num_parts == 5
+        want = reference.step(q, *pool.to_numpy(), plan.args)[0]
+        assert reference.rms(got, want) < TOL, (dtype, d, reference.rms(got, want))
+        # the kernel's own arithmetic (float32 codes * scale + bias): within output rounding
+        exact = reference.step(q, *kernel_emulation.float32_dequantized(pool), plan.args)[0]
+        assert reference.rms(got, exact) < 3e-4, (dtype, d, reference.rms(got, exact))
+        assert not got[lens == 0].any()
+
+
+@needs_gpu
+@pytest.mark.parametrize("partitions", ["off", "4"])
+@pytest.mark.parametrize("kv,kv_group", KV_FORMATS[:2] + KV_FORMATS[3:], ids=lambda x: str(x))
+def test_quantized_pools_with_every_variant(kv, kv_group, partitions):
+    """The quantized forms composed with the attention variants (cap, ALiBi, sinks, LSE) and
+    split-K, and a ragged step (prompt chunks through gather's dequantizing take)."""
+    from paged_attention import settings
+    be, pool, q, tables, lens = quantized_case(53, kv, kv_group, [1300, 40, 9], 2, 4, 128, 16,
+                                               "float16", (2.0, 0.5))
+    rng = np.random.default_rng(5)
+    slopes = -rng.uniform(0.01, 0.3, 8).astype(np.float32)
+    sink = rng.standard_normal(8).astype(np.float32)
+    k, v = pool.to_numpy()
+    for qlens in (None, [1, 6, 1]):
+        rows = 3 if qlens is None else 8
+        qq = rng.standard_normal((rows, 8, 128)).astype(np.float16)
+        with settings.override(mlx_splitk=partitions):
+            plan = be.plan(pool, tables, lens, num_q_heads=8, query_lens=qlens, soft_cap=20.0,
+                           alibi_slopes=slopes, return_lse=True, path="fused")
+            out, lse = be.run(plan, qq, pool, sinks=sink)
+        want, want_lse = reference.step(qq, k, v, plan.args, sink)
+        assert reference.rms(host(out), want) < TOL
+        np.testing.assert_allclose(np.array(lse), want_lse, atol=2e-3, rtol=0)
+
+
+# CPU-runnable: the quantized forms' names, sources, signatures, step array and host path.
+def test_every_kv_form_has_its_own_name_and_inputs():
+    names = set()
+    for kv in ks.KV_DEFINES:
+        for split in (False, True):
+            name = ks.kernel_name("decode", split, (), kv)
+            names.add(name)
+            _, body = ks.kernel_source("cuda", "decode", split, (), kv)
+            assert f"#define PA_KV {ks.KV_DEFINES[kv]}\n" in body
+            ins = ks.input_names("decode", split, (), kv)
+            assert ins[:4] == ks.INPUTS["decode"]
+            assert (ins[4:] == ks.AFFINE_INPUTS) == (kv != "float8_e4m3")
+        assert ks.kernel_name("decode", False, ("soft_cap", "sinks"), kv).endswith(
+            f"_{'fp8' if kv == 'float8_e4m3' else kv}_cap_sinks")
+        assert ks.input_names("decode", False, ("sinks",), kv)[-1] == "pa_sinks"
+    assert len(names) == 6 and ks.kernel_name("decode") not in names
+    assert "#define PA_KV 0\n" in ks.kernel_source("cuda", "decode")[1]   # plain: no format
+    # The Metal specialisation, as MLX would wrap it: packed storage, scales in the pool dtype,
+    # ST and GS template parameters (compiled on Apple silicon only; CUDA's nvcc tests below).
+    from paged_attention.kv_formats import KVFormat
+    cfg = kernel_config(128, 16, 2, 4, mx.float16, kv_format=KVFormat("int4", 32))
+    tmpl = [(n, "uint32" if n == "T" else "float16" if n in ("OutT", "ST") else v)
+            for n, v in cfg.template(None, None)]
+    ins = dict({"q": "float16", "k_pool": "uint32", "v_pool": "uint32", "pa_step": "int32"},
+               **{n: "float16" for n in ks.AFFINE_INPUTS})
+    metal = ks.metal_translation_unit("decode", False, ins, {"out": "float16"}, tmpl, kv="int4")
+    assert "const device uint32_t* k_pool [[buffer(1)]]" in metal
+    assert "const device float16_t* v_biases [[buffer(7)]]" in metal
+    assert "typename ST, int GS>" in metal and "pa_paged_decode_int4<" in metal
+    with pytest.raises(ValueError, match="only the decode kernel"):
+        ks.kernel_source("cuda", "reduce", False, (), "int8")
+    with pytest.raises(ValueError, match="only the decode kernel"):
+        ks.input_names("decode", False, (), "int2")
+
+
+def test_kv_kernel_config_keeps_16_byte_loads_and_the_register_budget():
+    """A packed vector is 16 bytes: 16 int8/fp8 or 32 int4 elements per thread and vector, so
+    fewer query heads share a threadgroup (q and accumulators stay within the plain kernel's
+    128 per thread), and every row is covered."""
+    from paged_attention.kv_formats import KVFormat
+    for kv, elems in (("int8", 16), ("int4", 32), ("float8_e4m3", 16)):
+        for d in range(32, 257, 32):
+            for g in (1, 3, 4, 8, 16):
+                c = kernel_config(d, 16, 2, g, mx.float16, kv_format=KVFormat(kv, 32))
+                assert c.tpt * c.nv * elems >= d and 32 % c.tpt == 0 and d % elems == 0
+                assert 2 * c.chunk * c.nv * elems <= 128 and c.num_chunks * c.chunk >= g
+                tmpl = dict(c.template("uint32", "float16", "float16"))
+                assert (tmpl.get("GS"), tmpl.get("ST")) == ((32, "float16") if kv != "float8_e4m3"
+                                                            else (None, None))
+    assert "GS" not in dict(kernel_config(128, 16, 2, 4, mx.float16).template(None, None))
+    from paged_attention.backends.mlx.fused import parse_variant
+    c = kernel_config(128, 16, 2, 4, mx.float16, parse_variant("pf0i4c2"), kv_format=KVFormat("int8"))
+    assert (c.chunk, c.num_chunks, c.iters) == (2, 2, 4)
+
+
+def test_step_array_carries_the_fp8_scales():
+    from paged_attention.kv_formats import KVFormat
+    tables, lens = np.array([[3, 9]], np.int32), np.array([20], np.int32)
+
+    def ints(fmt):
+        return np.array(DecodePlan("cuda", tables, lens, 0.125, None, num_blocks=64,
+                                   block_size=16, num_kv_heads=2, num_q_heads=4, head_dim=64,
+                                   pool_dtype=mx.float16, kv_format=fmt).ints)
+    a = ints(KVFormat("float8_e4m3", 64, 0.5, 0.125))
+    np.testing.assert_array_equal(a[10:12].view(np.float32), [0.5, 0.125])
+    assert list(ints(KVFormat("int4", 64))[10:12]) == [0, 0] == list(ints(None)[10:12])
+
+
+@pytest.mark.parametrize("kv", list(ks.KV_DEFINES))
+@pytest.mark.parametrize("splitk", ["off", "4"])
+def test_run_on_quantized_pools_launches_the_format_form(monkeypatch, kv, splitk):
+    """The host side on a quantized pool, on any MLX device (kernels replaced by a stand-in
+    that checks each launch against its form's signature): the form of the pool's format, its
+    packed storage and (affine) scales and biases passed in input_names' order with the
+    template's T / ST / GS, split-K's reduce unchanged; a ragged step's chunks dequantize."""
+    from paged_attention import settings
+    from paged_attention.backends.mlx import fused
+    launched = []
+
+    def stand_in(api, kernel, split, features=frozenset(), kv_=None):
+        ins = ks.input_names(kernel, split, features, kv_)
+
+        def launch(inputs, output_shapes, output_dtypes, template, grid, threadgroup):
+            assert len(inputs) == len(ins)
+            if kernel == "decode":
+                t = dict(template)
+                data = mx.uint8 if kv == "float8_e4m3" else mx.uint32
+                assert inputs[1].dtype == inputs[2].dtype == t["T"] == data
+                assert inputs[3].dtype == mx.int32
+                for a in inputs[4:8] if kv != "float8_e4m3" else ():
+                    assert a.dtype == mx.float16 == t["ST"] and a.shape == (256, 16, 2, 2)
+                assert ("GS" in t) == (kv != "float8_e4m3")
+            launched.append(ks.kernel_name(kernel, split, features, kv_))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return launch
+    monkeypatch.setattr(fused, "_kernel", stand_in)
+    be = MLXBackend()
+    monkeypatch.setattr(be, "kernel_api", "cuda")
+    monkeypatch.setattr(be, "paths", ("gather", "fused"))
+    pool = be.create_pool(256, 16, 2, 64, "float16", kv_dtype=kv, kv_group_size=32)
+    rng = np.random.default_rng(1)
+    be.write_kv(pool, np.arange(256 * 16), *rng.standard_normal((2, 4096, 2, 64)).astype(np.float32))
+    tables = rng.permutation(256)[:192].reshape(3, 64).astype(np.int32)
+    lens = np.array([1000, 9, 600])
+    short = {"int8": "int8", "int4": "int4", "float8_e4m3": "fp8"}[kv]
+    with settings.override(mlx_splitk=splitk):
+        plan = be.plan(pool, tables, lens, num_q_heads=8, path="fused")
+        be.run(plan, rng.standard_normal((3, 8, 64)).astype(np.float16), pool)
+        split = splitk != "off"
+        assert launched == [f"pa_paged_decode{'_split' if split else ''}_{short}"] + \
+            (["pa_paged_reduce"] if split else [])
+        # Ragged: the chunk's rows through gather's dequantizing take, against the reference
+        # (the decode rows are the stand-in's zeros and are left out).
+        plan = be.plan(pool, tables, lens, num_q_heads=8, query_lens=[1, 5, 1], path="fused")
+        q = rng.standard_normal((7, 8, 64)).astype(np.float16)
+        got = host(be.run(plan, q, pool))
+    k, v = pool.to_numpy()
+    want = reference.step(q, k, v, plan.args)[0]
+    assert reference.rms(got[1:6], want[1:6]) < TOL
+
+
+KV_FORMS = [(kv, gs, split, feats) for kv, gs in (("int8", 64), ("int4", 32), ("int4", 128),
+                                                  ("float8_e4m3", 64))
+            for split, feats in ((False, ()), (True, ()), (False, tuple(VARIANT_FEATURES)),
+                                 (True, ("soft_cap", "alibi_slopes")))]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("i", range(len(KV_FORMS)),
+                         ids=[f"{kv}-g{gs}{'-split' if s else ''}-{'+'.join(f) or 'plain'}"
+                              for kv, gs, s, f in KV_FORMS])
+def test_every_kv_form_compiles_for_cuda_without_spills(tmp_path, i):
+    """Each format x (split or not) x variants, as MLX would assemble it, through nvcc for sm_90
+    at the common shape (fp16 pools, D=128, G=4): types hold and no register spills."""
+    kv, gs, split, feats = KV_FORMS[i]
+    _, report = nvcc_cubin(tmp_path, "k", form_unit("decode", split, feats, "float16", 128, 4,
+                                                    kv=kv, kv_group=gs))
+    assert "0 bytes spill stores" in report, report[-2000:]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("kv", list(ks.KV_DEFINES))
+def test_kv_forms_compile_for_every_geometry(tmp_path, kv):
+    """The all-features forms of each format over the other geometries (bf16 D=64 G=8 with a
+    float32 q, fp32 D=256 G=8 with a bf16 q), unsplit and split."""
+    for (dtype, d, group), q_dtype in zip(GEOMETRIES[1:], ["float32", "bfloat16"]):
+        for split in (False, True):
+            feats = tuple(f for f in VARIANT_FEATURES if f in ks.KERNEL_FEATURES[("decode", split)])
+            _, report = nvcc_cubin(tmp_path, f"{dtype}{int(split)}",
+                                   form_unit("decode", split, feats, dtype, d, group, q_dtype,
+                                             kv=kv, kv_group=32))
+            assert "0 bytes spill stores" in report, report[-2000:]
+
+
+def test_kernel_element_decoding_is_exact():
+    """The two bit tricks of common.h's pa_kv_elem, mirrored in numpy over every code: an
+    e4m3fn code's bits placed as a float16 ((c & 0x7f) << 7 | (c & 0x80) << 8) are its value
+    / 2^8 (normals and subnormals; the kernel's fp8 scales carry the 2^8), and an affine code
+    OR 0x4B000000 as a float32, minus 2^23, is the code. The source must still say so."""
+    from paged_attention.kv_formats import from_e4m3
+    header = ks._read("common.h")
+    assert "pa_h2f(((w & 0x7fu) << 7) | ((w & 0x80u) << 8))" in header
+    assert "pa_bits_f32(0x4B000000u | (w & (KV == 2 ? 0xfu : 0xffu))) - 8388608.0f" in header
+    c = np.arange(256, dtype=np.uint32)
+    finite = (c & 0x7F) != 0x7F
+    half = (((c & 0x7F) << 7) | ((c & 0x80) << 8)).astype(np.uint16).view(np.float16)
+    got = half.astype(np.float32) * np.float32(256)
+    np.testing.assert_array_equal(got[finite], from_e4m3(c[finite].astype(np.uint8)))
+    assert np.array_equal(np.signbit(got[finite]), c[finite] >= 128)   # -0 stays -0
+    magic = (np.uint32(0x4B000000) | c).view(np.float32) - np.float32(8388608.0)
+    np.testing.assert_array_equal(magic, c.astype(np.float32))

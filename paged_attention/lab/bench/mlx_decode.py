@@ -15,7 +15,9 @@ drift hits both sides of their ratio alike. Paths timed:
            per eval so its per-layer copies fit in memory
   sdpa   - mx.fast.scaled_dot_product_attention on contiguous [B, Hkv, T, D] K/V: the
            contiguous-cache baseline a paged kernel is measured against
-Effective bandwidth = K+V bytes read / per-layer time, next to the HBM peak (--preset) and,
+--kv-dtype int8|int4|float8_e4m3 (--kv-group-size): fused and gather read quantized pools (ADR
+0011; K/V normal values quantized as the backend stores them), sdpa stays on float16 dense K/V.
+Effective bandwidth = K+V bytes read (quantized: data and scales) / per-layer time, next to the HBM peak (--preset) and,
 with --ceiling, the streaming-read bandwidth this device actually reaches (mlx_ceiling). The paths
 are timed by paged_attention.lab.timing (interleaved, one mx.eval per step).
 """
@@ -86,15 +88,40 @@ def random_kv(count: int, shape: tuple, dtype) -> list:
         out.append((k, v))
     return out
 
+def quantized_kv(count: int, shape: tuple, dtype, fmt) -> list:
+    """`count` (k, v) pairs of a quantized pool's sources: normal values quantized as MLXPool
+    stores them (mx.quantize / mx.to_fp8), in the layout the kernels read."""
+    from paged_attention.backends.mlx.backend import QuantizedSource
+    out = []
+    for _ in range(count):
+        pair = []
+        for scale in (fmt.k_scale, fmt.v_scale):
+            x = mx.random.normal(shape, dtype=dtype)
+            if fmt.affine:
+                data, scales, biases = mx.quantize(x, group_size=fmt.group_size, bits=fmt.bits)
+            else:
+                data, scales, biases = mx.to_fp8(x.astype(mx.float32) / scale), None, None
+            mx.eval(data, *(a for a in (scales, biases) if a is not None))
+            pair.append(QuantizedSource(data, scales, biases, fmt, dtype, shape, scale))
+        out.append(tuple(pair))
+    return out
+
+
 def run_point(a, api, batch, ctx, rng) -> dict:
     dtype = DTYPES[a.dtype]
     itemsize = 4 if a.dtype == "float32" else 2
     hq, hkv, d, bs = a.hq, a.hkv, a.head_dim, a.block_size
-    kv_bytes = batch * ctx * hkv * d * itemsize * 2
+    fmt = None
+    if a.kv_dtype:
+        from paged_attention.kv_formats import KVFormat
+        fmt = KVFormat(a.kv_dtype, a.kv_group_size)
+    kv_bytes = batch * ctx * (hkv * d * itemsize * 2 if fmt is None else
+                              fmt.bytes_per_token(hkv, d, a.dtype))
     budget = int(a.pool_budget_gb * 2**30)
     pools = max(1, min(a.layers, budget // kv_bytes))
     scale = 1.0 / math.sqrt(d)
-    res = {"batch": batch, "context": ctx, "kv_bytes": kv_bytes, "pools": pools}
+    res = {"batch": batch, "context": ctx, "kv_bytes": kv_bytes, "pools": pools,
+           "kv_dtype": a.kv_dtype}
     qs = [mx.random.normal((batch, hq, d)).astype(dtype) for _ in range(a.layers)]
     mx.eval(qs)
 
@@ -115,12 +142,13 @@ def run_point(a, api, batch, ctx, rng) -> dict:
     order = rng.permutation(nb) if a.tables == "fragmented" else np.arange(nb)
     tables = order.astype(np.int32).reshape(batch, blocks_per_seq)
     lens = np.full(batch, ctx, np.int32)
-    paged = random_kv(pools, (nb, bs, hkv, d), dtype)
+    paged = random_kv(pools, (nb, bs, hkv, d), dtype) if fmt is None else \
+        quantized_kv(pools, (nb, bs, hkv, d), dtype, fmt)
 
     def plan_for(variant=None):
         return DecodePlan(api, tables, lens, scale, None, num_blocks=nb, block_size=bs,
                           num_kv_heads=hkv, num_q_heads=hq, head_dim=d, pool_dtype=dtype,
-                          partitions=a.partitions, variant=variant)
+                          partitions=a.partitions, variant=variant, kv_format=fmt)
 
     if "fused" in a.paths:
         plans = {"fused": plan_for()}
@@ -233,6 +261,9 @@ def add_arguments(p) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     p.add_argument("--paths", default="fused,gather,sdpa")
+    p.add_argument("--kv-dtype", choices=("int8", "int4", "float8_e4m3"), default=None,
+                   help="quantized pools for fused and gather (ADR 0011); sdpa stays float16")
+    p.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64)
     p.add_argument("--tables", choices=("fragmented", "contiguous"), default="fragmented",
                    help="block tables: a random permutation of the pool (default) or each sequence's "
                         "blocks in order, back to back (isolates the cost of scattered blocks)")
@@ -268,6 +299,7 @@ def measure(a):
     print(f"device: {info.get('device_name', api)} ({api}); mlx {mx.__version__}; "
           f"HBM peak {peak or '?'} TB/s; layers/step {a.layers}; dtype {a.dtype}; "
           f"Hq {a.hq} Hkv {a.hkv} D {a.head_dim} block {a.block_size}; "
+          f"kv {a.kv_dtype or a.dtype}{f' group {a.kv_group_size}' if a.kv_dtype else ''}; "
           f"layers {'serial' if a.serial else 'independent'}")
     ceiling = None
     if a.ceiling:
@@ -316,7 +348,8 @@ def records(results: list[dict], device: str) -> list[dict]:
             path = key[:-2]
             out.append({"measurement": "mlx", "backend": "mlx", "device": device, "path": path,
                         "batch": r["batch"], "context": r["context"], "pools": r["pools"],
-                        "kv_bytes": r["kv_bytes"], "us_per_layer": r[key] * 1e6,
+                        "kv_bytes": r["kv_bytes"], "kv_dtype": r.get("kv_dtype"),
+                        "us_per_layer": r[key] * 1e6,
                         "tbs": r["kv_bytes"] / r[key] / 1e12,
                         "parts": r.get("parts" if path == "fused" else f"{path}_parts"),
                         "layers_per_eval": r.get("gather_layers_per_eval") if path == "gather" else None,

@@ -1,0 +1,117 @@
+"""The fused MLX kernel's shared bodies run on the CPU (kernel_emulation.py, target_cpu.h)
+against the float64 reference: plain pools and the quantized formats of ADR 0011, unsplit and
+split-K, with the attention variants of ADR 0010. On any machine with a C++20 compiler: the GPU
+runs of the same checks are test_mlx_fused.py's."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+import kernel_emulation as emu  # noqa: E402
+
+from paged_attention import reference  # noqa: E402
+from paged_attention.backends.mlx import kernel_source as ks  # noqa: E402
+from paged_attention.backends.mlx.backend import MLXBackend  # noqa: E402
+from paged_attention.backends.mlx.fused import DecodePlan  # noqa: E402
+from paged_attention.validation import check_decode, check_variant  # noqa: E402
+
+needs_cxx = pytest.mark.skipif(emu.unavailable_reason() is not None,
+                               reason=str(emu.unavailable_reason()))
+VARIANTS = ("soft_cap", "alibi_slopes", "sinks", "return_lse")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels")
+
+
+def emulated_step(workdir, kv, kv_group, dtype, lens, hkv, group, d, bs, window, partitions,
+                  features=(), seed=0, q_dtype=np.float16):
+    """Pools written through the MLX backend (quantized as it stores them), a DecodePlan as
+    plan() builds it, its kernels emulated; (out, lse, args, pool, sinks)."""
+    rng = np.random.default_rng(seed)
+    be = MLXBackend()
+    lens = np.asarray(lens, np.int32)
+    need = [-(-int(n) // bs) for n in lens]
+    nb = sum(need) + 3
+    perm = rng.permutation(nb)
+    tables = np.zeros((len(lens), max(need) + 1), np.int32)
+    at = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[at:at + n]
+        at += n
+    fp8 = {"k_scale": 0.5, "v_scale": 0.25} if kv == "float8_e4m3" else {}
+    pool = be.create_pool(nb, bs, hkv, d, dtype, kv_dtype=kv, kv_group_size=kv_group, **fp8)
+    k, v = rng.standard_normal((2, nb * bs, hkv, d)).astype(np.float32)
+    be.write_kv(pool, np.arange(nb * bs), k, v)
+    hq = hkv * group
+    q = rng.standard_normal((len(lens), hq, d)).astype(q_dtype)
+    slopes = -rng.uniform(0.01, 0.3, hq).astype(np.float32) if "alibi_slopes" in features else None
+    sinks = rng.standard_normal(hq).astype(np.float32) if "sinks" in features else None
+    args = dataclasses.replace(check_decode(q, pool.spec, tables, lens, None, window),
+                               variant=check_variant(20.0 if "soft_cap" in features else None,
+                                                     slopes, "return_lse" in features, hq))
+    plan = DecodePlan.from_spec("cuda", args, pool.spec, partitions=partitions)
+    assert (plan.num_parts > 1) == (partitions > 1)
+    out, lse = emu.run_plan(workdir, plan, q, *pool.sources(), sinks, frozenset(features))
+    return q, out, lse, args, pool, sinks
+
+
+CASES = [  # (kv_dtype, group), (dtype, lens, Hkv, G, D, block, window), partitions, features
+    *[(kv, ("float16", [700, 1, 0, 300], 2, 4, 128, 16, None), 1, ())
+      for kv in [(None, 64), ("int8", 64), ("int4", 32), ("int4", 128), ("float8_e4m3", 64)]],
+    *[(kv, ("float16", [700, 1, 0, 300], 2, 4, 128, 16, 200), 3, VARIANTS)
+      for kv in [(None, 64), ("int8", 64), ("int4", 32), ("float8_e4m3", 64)]],
+    (("int8", 32), ("bfloat16", [900, 37], 1, 8, 64, 32, 300), 3, VARIANTS),
+    (("int4", 32), ("float32", [1200, 3], 2, 6, 96, 16, None), 5, ("soft_cap", "sinks")),
+    (("float8_e4m3", 64), ("float16", [333, 12], 1, 16, 256, 16, 100), 1, VARIANTS),
+    (("int8", 128), ("float32", [500, 77], 2, 1, 128, 16, None), 2, ("alibi_slopes",)),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", CASES, ids=[
+    f"{c[0][0] or 'plain'}-g{c[0][1]}-{c[1][0]}-D{c[1][4]}-G{c[1][3]}-p{c[2]}-"
+    f"{'+'.join(c[3]) or 'none'}" for c in CASES])
+def test_emulated_kernel_matches_the_reference(workdir, case):
+    """The kernel's output against float64 attention over K/V as the kernel dequantizes them
+    (float32 codes * scale + bias; fp8 and plain pools exactly) within the float16 output's
+    rounding, and over mx.dequantize's values (the pool's to_numpy) within the issue's 5e-3;
+    the LSE where asked; empty sequences give zeros (or the sinks' share)."""
+    (kv, kv_group), (dtype, lens, hkv, group, d, bs, window), parts, feats = case
+    q, out, lse, args, pool, sinks = emulated_step(workdir, kv, kv_group, dtype, lens, hkv,
+                                                   group, d, bs, window, parts, feats,
+                                                   seed=len(lens) + d)
+    want, want_lse = reference.step(q, *emu.float32_dequantized(pool), args, sinks)
+    assert reference.rms(out, want) < 3e-4, reference.rms(out, want)
+    assert reference.rms(out, reference.step(q, *pool.to_numpy(), args, sinks)[0]) < 5e-3
+    if "return_lse" in feats:
+        np.testing.assert_allclose(lse, want_lse, atol=2e-3, rtol=0)
+    if 0 in lens:
+        assert not out[list(lens).index(0)].any()
+
+
+@needs_cxx
+def test_emulated_float32_is_exact_to_float32(workdir):
+    """With float32 q and output, the int8 and fp8 forms agree with the float64 reference over
+    their dequantization to float32 rounding: nothing in the kernel loses more than that."""
+    for kv in ("int8", "float8_e4m3"):
+        q, out, _, args, pool, _ = emulated_step(workdir, kv, 64, "float32", [300, 45], 2, 4,
+                                                 128, 16, None, 1, q_dtype=np.float32)
+        assert reference.rms(out, reference.step(q, *emu.float32_dequantized(pool), args)[0]) < 1e-6
+
+
+def test_the_cpu_prologue_defines_what_the_cuda_one_does():
+    """The emulation compiles the bodies unchanged only if its prologue provides every name the
+    GPU prologues do (and the same per-thread indices)."""
+    (cuda_head, cuda_body), (cpu_head, cpu_body) = ks.prologue("cuda"), emu._prologue()
+    macros = re.compile(r"#define (PA_\w+)")
+    assert set(macros.findall(cuda_head)) == set(macros.findall(cpu_head))
+    helpers = re.compile(r"PA_FN [\w<> ]+? (pa_\w+)(?:<[^>]*>)?\(")
+    assert set(helpers.findall(cuda_head)) - {"pa_ld_stream"} <= set(helpers.findall(cpu_head))
+    assert re.findall(r"const int (pa_\w+)", cuda_body) == re.findall(r"const int (pa_\w+)", cpu_body)
