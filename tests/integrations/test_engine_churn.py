@@ -66,12 +66,7 @@ def check_books(eng: pl.Engine) -> None:
             assert bm.context_len(sid) == eng._seqs[sid].computed
 
 
-@pytest.fixture(autouse=True)
-def on_cpu():
-    before = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(before)
+pytestmark = pytest.mark.usefixtures("on_cpu")   # tests/integrations/conftest.py
 
 
 class EngineChurn(RuleBasedStateMachine):

@@ -25,12 +25,7 @@ STEPS = 64
 NEAR_TIE = 0.05
 
 
-@pytest.fixture(autouse=True)
-def on_cpu():
-    before = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(before)
+pytestmark = pytest.mark.usefixtures("on_cpu")   # tests/integrations/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from paged_attention.integrations import mlx_lm as pl  # noqa: E402
 from paged_attention.lab import cli  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def on_cpu():
-    before = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(before)
+pytestmark = pytest.mark.usefixtures("on_cpu")   # tests/integrations/conftest.py
 
 
 @pytest.fixture(scope="module")

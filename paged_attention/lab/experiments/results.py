@@ -210,12 +210,17 @@ def fixed_line(rows: list[dict]) -> str:
     return ", ".join(f"{AXIS_LABEL[a]}={v}" for a, v in fx.items())
 
 
-def summary_markdown(meta: dict, rows: list[dict], plots: list[str], calibration: list[dict]) -> str:
+def _summary_head(meta: dict):
+    """(buffer, its write) with a run summary's title and description written."""
     out = io.StringIO()
-    w = out.write
-    w(f"# {meta['name']} ({meta['started']})\n\n")
+    out.write(f"# {meta['name']} ({meta['started']})\n\n")
     if meta.get("description"):
-        w(meta["description"].strip() + "\n\n")
+        out.write(meta["description"].strip() + "\n\n")
+    return out, out.write
+
+
+def summary_markdown(meta: dict, rows: list[dict], plots: list[str], calibration: list[dict]) -> str:
+    out, w = _summary_head(meta)
     w(f"Command: `{meta['command']}`\n\n")
     w("Devices: " + "; ".join(f"{b}: {d}" for b, d in meta["devices"].items()) + "\n\n")
     w(f"Fixed: {fixed_line(rows)}. Per-layer time of an L-layer decode step (median over "
@@ -488,11 +493,7 @@ def bench_table(rows: list[dict], name: str) -> str:
 
 
 def bench_summary(meta: dict, rows: list[dict], plots: list[str], notes: list[str]) -> str:
-    out = io.StringIO()
-    w = out.write
-    w(f"# {meta['name']} ({meta['started']})\n\n")
-    if meta.get("description"):
-        w(meta["description"].strip() + "\n\n")
+    out, w = _summary_head(meta)
     w(f"Bench: `{meta['bench']}`. Command: `{meta['command']}`\n\n")
     if meta["devices"]:
         w("Devices: " + "; ".join(f"{b}: {d}" for b, d in meta["devices"].items()) + "\n\n")
