@@ -369,8 +369,10 @@ class PagedAttention(PathResolution, LabCapabilities, BackendHooks):
             args = dataclasses.replace(args, variant=variant)
         slots = None if slot_mapping is None else check_slots(spec, slot_mapping)
         chosen = self.resolve_path(path, args, spec, *more_specs)
-        for a in (args.block_tables, args.context_lens, args.qo_indptr):
-            _frozen(a)
+        _frozen(args.block_tables)
+        _frozen(args.context_lens)
+        if not args.decode_only:   # a decode step's qo_indptr is a shared read-only array
+            _frozen(args.qo_indptr)
         plan = Plan(backend=self, spec=spec, path=chosen, args=args,
                     slots=None if slots is None else _frozen(slots),
                     q_shape=(args.num_rows, num_q_heads, spec.head_dim),

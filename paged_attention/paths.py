@@ -67,18 +67,16 @@ class PathResolution:
             raise UnsupportedPath(f"{why}; available paths: {self.paths}")
 
         feats = () if args.variant is PLAIN else args.variant.features()
+        specs = (spec, *more)
+        # Depends on names, geometries and features alone: memoised (plan() with path="auto"
+        # asks every step).
+        memo = self.__dict__.setdefault("_unsupported_memo", {})
 
         def unsupported(p):
-            missing = tuple(f for f in feats if f not in self.variants.get(p, ()))
-            if missing:
-                return self._variant_reason(p, missing)
-            fmt = next((s.kv_dtype for s in (spec, *more) if s.kv_dtype is not None and
-                        s.kv_dtype not in self.kv_formats.get(p, ())), None)
-            if fmt is not None:
-                return (f"path {p!r} of backend {self.name!r} does not read kv_dtype {fmt!r} "
-                        f"pools; paths that do: {self.paths_reading(fmt)}")
-            return next(filter(None, (self.shape_unsupported_reason(p, s) for s in (spec, *more))),
-                        None)
+            key = (p, specs, feats)
+            if key not in memo:
+                memo[key] = self._why_unsupported(p, specs, feats)
+            return memo[key]
         why = unsupported(path)
         if why and auto:
             path = next((p for p in self.paths if not unsupported(p)), path)
@@ -86,6 +84,18 @@ class PathResolution:
         if why:
             raise UnsupportedPath(why)
         return path
+
+    def _why_unsupported(self, p: str, specs: tuple, feats: tuple) -> str | None:
+        """Why path p cannot run a step of these pool geometries with these features, or None."""
+        missing = tuple(f for f in feats if f not in self.variants.get(p, ()))
+        if missing:
+            return self._variant_reason(p, missing)
+        fmt = next((s.kv_dtype for s in specs if s.kv_dtype is not None and
+                    s.kv_dtype not in self.kv_formats.get(p, ())), None)
+        if fmt is not None:
+            return (f"path {p!r} of backend {self.name!r} does not read kv_dtype {fmt!r} "
+                    f"pools; paths that do: {self.paths_reading(fmt)}")
+        return next(filter(None, (self.shape_unsupported_reason(p, s) for s in specs)), None)
 
     def _variant_reason(self, path: str, features) -> str:
         return (f"path {path!r} of backend {self.name!r} does not implement "

@@ -246,17 +246,16 @@ class StepArgs:
     qo_indptr: np.ndarray = None  # type: ignore[assignment]  (default: one query each)
     decode_only: bool = True
     variant: "Variant" = None     # type: ignore[assignment]  (default: plain attention)
+    num_rows: int = dataclasses.field(default=0, init=False)
 
     def __post_init__(self):
         if self.qo_indptr is None:
             object.__setattr__(self, "qo_indptr", _decode_indptr(self.batch))
         if self.variant is None:
             object.__setattr__(self, "variant", PLAIN)
-
-    @property
-    def num_rows(self) -> int:
-        """N, the query rows of the step (rows of q and of the output)."""
-        return int(self.qo_indptr[-1])
+        # N, the query rows of the step (rows of q and of the output): read several times per
+        # plan, so taken out of the array once.
+        object.__setattr__(self, "num_rows", int(self.qo_indptr[-1]))
 
     @property
     def query_lens(self) -> np.ndarray:

@@ -17,6 +17,17 @@ from paged_attention.validation import PoolSpec, StepArgs
 from .device import VulkanDevice, pow2_ceil
 
 
+_ROW_IDS = np.arange(1024, dtype=np.int32)
+
+
+def _row_ids(n: int) -> np.ndarray:
+    """0..n-1 as int32 (a decode step's row -> sequence map), from one array kept across plans."""
+    global _ROW_IDS
+    if n > _ROW_IDS.size:
+        _ROW_IDS = np.arange(max(n, 2 * _ROW_IDS.size), dtype=np.int32)
+    return _ROW_IDS[:n]
+
+
 class _PlanState:
     """plan.device: a step's tables/lengths/slots (host copies and their size-class device
     buffers), its batch size class and split geometry. `token` marks whose tables a buffer holds."""
@@ -62,7 +73,7 @@ class PlanTables:
         st.lens_host = np.zeros(2 * st.rcls, np.int32)
         st.lens_host[:st.rows] = args.row_context_lens()
         if args.decode_only:
-            st.lens_host[st.rcls:st.rcls + st.rows] = np.arange(st.rows, dtype=np.int32)
+            st.lens_host[st.rcls:st.rcls + st.rows] = _row_ids(st.rows)
         else:
             st.lens_host[st.rcls:st.rcls + st.rows] = args.row_sequences()
         st.slots_host = None if slots is None else np.ascontiguousarray(slots, dtype=np.int32)
