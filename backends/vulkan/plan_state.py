@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paged_attention.validation import PoolSpec, StepArgs
+from paged_attention.validation import PLAIN, PoolSpec, StepArgs
 
 from .device import VulkanDevice, pow2_ceil
 
@@ -64,8 +64,12 @@ class PlanTables:
         st.scale_bits = int(np.float32(args.scale).view(np.uint32))
         # The attention variant (ADR 0010): compiled into the kernels, so part of every key.
         var = args.variant
-        st.cap_bits = 0 if var.soft_cap is None else int(np.float32(var.soft_cap).view(np.uint32))
-        st.slopes, st.lse = var.alibi_slopes, bool(var.return_lse)
+        if var is PLAIN:
+            st.cap_bits, st.slopes, st.lse = 0, None, False
+        else:
+            st.cap_bits = 0 if var.soft_cap is None else \
+                int(np.float32(var.soft_cap).view(np.uint32))
+            st.slopes, st.lse = var.alibi_slopes, bool(var.return_lse)
         st.nsplit, st.chunk = self._backend.split_geometry(args, spec) if path == "splitk" else (1, 0)
         st.n = 0 if slots is None else int(slots.shape[0])
         st.tables_host = np.ascontiguousarray(args.block_tables, dtype=np.int32).reshape(-1)
