@@ -258,7 +258,9 @@ class PagedAttention(PathResolution, LabCapabilities, BackendHooks):
         hq = check_num_q_heads(pool.spec, num_q_heads)
         return self._make_plan(pool.spec, block_tables, context_lens, hq, query_lens,
                                slot_mapping, scale, window, path,
-                               variant=check_variant(soft_cap, alibi_slopes, return_lse, hq))
+                               variant=PLAIN if soft_cap is None and alibi_slopes is None and
+                               return_lse is False else
+                               check_variant(soft_cap, alibi_slopes, return_lse, hq))
 
     def run(self, plan: Plan, q, pool: KVPool, k=None, v=None, *, sinks=None):
         """One layer of a planned step: write k, v at the plan's slot_mapping (if given), then attend.

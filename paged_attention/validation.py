@@ -221,7 +221,7 @@ def _decode_indptr(batch: int) -> np.ndarray:
     return a
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class StepArgs:
     """One validated step, per sequence (FlashInfer's form): sequence b owns the query rows
     [qo_indptr[b], qo_indptr[b + 1]) of q, its newest tokens, and query j of it sees positions
@@ -248,14 +248,19 @@ class StepArgs:
     variant: "Variant" = None     # type: ignore[assignment]  (default: plain attention)
     num_rows: int = dataclasses.field(default=0, init=False)
 
-    def __post_init__(self):
-        if self.qo_indptr is None:
-            object.__setattr__(self, "qo_indptr", _decode_indptr(self.batch))
-        if self.variant is None:
-            object.__setattr__(self, "variant", PLAIN)
-        # N, the query rows of the step (rows of q and of the output): read several times per
-        # plan, so taken out of the array once.
-        object.__setattr__(self, "num_rows", int(self.qo_indptr[-1]))
+    def __init__(self, batch: int, num_q_heads: int, block_tables: np.ndarray,
+                 context_lens: np.ndarray, scale: float, window: int | None,
+                 qo_indptr: np.ndarray | None = None, decode_only: bool = True,
+                 variant: "Variant | None" = None):
+        # plan() makes one per step: the fields go in as one dict (a frozen dataclass's own
+        # __init__ sets them one object.__setattr__ at a time, twice the cost).
+        object.__setattr__(self, "__dict__", {
+            "batch": batch, "num_q_heads": num_q_heads, "block_tables": block_tables,
+            "context_lens": context_lens, "scale": scale, "window": window,
+            "qo_indptr": _decode_indptr(batch) if qo_indptr is None else qo_indptr,
+            "decode_only": decode_only, "variant": PLAIN if variant is None else variant,
+            # N, the query rows (rows of q and of the output), taken out of the array once.
+            "num_rows": batch if qo_indptr is None else int(qo_indptr[-1])})
 
     @property
     def query_lens(self) -> np.ndarray:
