@@ -10,22 +10,24 @@ plan, longest contexts first) for prefill.comp.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from paged_attention.validation import PLAIN, PoolSpec, StepArgs
 
+from . import geometry
 from .device import VulkanDevice, pow2_ceil
 
 
-_ROW_IDS = np.arange(1024, dtype=np.int32)
-
-
-def _row_ids(n: int) -> np.ndarray:
-    """0..n-1 as int32 (a decode step's row -> sequence map), from one array kept across plans."""
-    global _ROW_IDS
-    if n > _ROW_IDS.size:
-        _ROW_IDS = np.arange(max(n, 2 * _ROW_IDS.size), dtype=np.int32)
-    return _ROW_IDS[:n]
+@functools.lru_cache(maxsize=64)
+def _decode_lens(rows: int, rcls: int) -> np.ndarray:
+    """A decode step's lens buffer less its lengths: zeros [rcls], then the row -> sequence map
+    0..rows-1 and zeros to rcls (made once per batch size; each plan copies it)."""
+    a = np.zeros(2 * rcls, np.int32)
+    a[rcls:rcls + rows] = np.arange(rows, dtype=np.int32)
+    a.flags.writeable = False
+    return a
 
 
 class _PlanState:
@@ -59,7 +61,8 @@ class PlanTables:
         st.token = object()
         st.keys = {}  # recording.py's cache keys, per (hq, writes, f16_io, repeat, layers)
         st.rows, st.maxb = args.num_rows, int(args.block_tables.shape[1])
-        st.rcls, st.bcls = pow2_ceil(st.rows), pow2_ceil(args.batch)
+        st.rcls = pow2_ceil(st.rows)
+        st.bcls = st.rcls if args.decode_only else pow2_ceil(args.batch)
         st.path, st.window = path, args.window or 0
         st.scale_bits = int(np.float32(args.scale).view(np.uint32))
         # The attention variant (ADR 0010): compiled into the kernels, so part of every key.
@@ -70,15 +73,17 @@ class PlanTables:
             st.cap_bits = 0 if var.soft_cap is None else \
                 int(np.float32(var.soft_cap).view(np.uint32))
             st.slopes, st.lse = var.alibi_slopes, bool(var.return_lse)
-        st.nsplit, st.chunk = self._backend.split_geometry(args, spec) if path == "splitk" else (1, 0)
+        st.nsplit, st.chunk = geometry.split_geometry(args, spec, self._backend.compute_units) \
+            if path == "splitk" else (1, 0)
         st.n = 0 if slots is None else int(slots.shape[0])
         st.tables_host = np.ascontiguousarray(args.block_tables, dtype=np.int32).reshape(-1)
         # [rcls] row lengths, then [rcls] row sequences; rows past N see nothing (zeros out).
-        st.lens_host = np.zeros(2 * st.rcls, np.int32)
-        st.lens_host[:st.rows] = args.row_context_lens()
-        if args.decode_only:
-            st.lens_host[st.rcls:st.rcls + st.rows] = _row_ids(st.rows)
+        if args.decode_only:   # row b is sequence b: the second half is a shared template
+            st.lens_host = _decode_lens(st.rows, st.rcls).copy()
+            st.lens_host[:st.rows] = args.context_lens
         else:
+            st.lens_host = np.zeros(2 * st.rcls, np.int32)
+            st.lens_host[:st.rows] = args.row_context_lens()
             st.lens_host[st.rcls:st.rcls + st.rows] = args.row_sequences()
         st.slots_host = None if slots is None else np.ascontiguousarray(slots, dtype=np.int32)
         st.tables = self._dev.staging("tables", st.bcls * max(1, st.maxb), np.int32)[0]
