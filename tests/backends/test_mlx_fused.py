@@ -724,7 +724,9 @@ def test_quantized_pools_match_the_reference(kv, kv_group, partitions):
                            path="fused")
             got = host(be.run(plan, q.astype(np.float16 if dtype == "float16" else np.float32),
                               pool))
-        assert partitions != "5" or plan.device.attend.num_parts == 5
+        # A forced count is rounded to whole tiles per partition (choose_partitions): a short
+        # context gets fewer, but split it is (seen on the H200: 3 or 4 of 5).
+        assert partitions != "5" or 1 < plan.device.attend.num_parts <= 5
         want = reference.step(q, *pool.to_numpy(), plan.args)[0]
         assert reference.rms(got, want) < TOL, (dtype, d, reference.rms(got, want))
         # the kernel's own arithmetic (float32 codes * scale + bias): within output rounding

@@ -72,7 +72,9 @@ def test_variants_match_the_reference(impl, dtype, case):
     out, lse = got if lse_on else (got, None)
     k, v = pool.to_numpy()
     want, want_lse = reference.step(backend.to_numpy(qx), k, v, plan.args, sinks)
-    tol = 5e-3 if dtype != "float32" else 1e-4
+    # float32: 1e-3, not 1e-4, as tests/matrix/test_plan_run.py: on CUDA MLX's float32 matmuls
+    # of a prompt chunk's variant attention give 1.1e-4 (H200, 2026-12-05).
+    tol = 5e-3 if dtype != "float32" else 1e-3
     assert reference.rms(backend.to_numpy(out), want) < tol
     if lse_on:
         lse = backend.to_numpy(lse)
