@@ -210,6 +210,17 @@ def fixed_line(rows: list[dict]) -> str:
     return ", ".join(f"{AXIS_LABEL[a]}={v}" for a, v in fx.items())
 
 
+def _shared_legend(fig, row_axes) -> None:
+    """One legend for a figure, right of its plots: every label of the row's axes, once."""
+    handles, labels = [], []
+    for ax in row_axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+
+
 def _summary_head(meta: dict):
     """(buffer, its write) with a run summary's title and description written."""
     out = io.StringIO()
@@ -322,13 +333,7 @@ def plot(run_dir: str, rows: list[dict], x: str, facet: str, metrics: list[tuple
             ax.set_xlabel(AXIS_LABEL.get(x, x))
             ax.set_ylabel(label)
             ax.grid(True, alpha=0.3)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        for ax in axes[0][1:]:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                if lab not in labels:
-                    handles.append(h)
-                    labels.append(lab)
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+        _shared_legend(fig, axes[0])
         fig.tight_layout()
         path = os.path.join(run_dir, f"{stem}.png")
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -397,13 +402,7 @@ def format_plots(run_dir: str, rows: list[dict]) -> list[str]:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
-    handles, labels = [], []
-    for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    _shared_legend(fig, axes[0])
     fig.tight_layout()
     path = os.path.join(run_dir, "formats.png")
     fig.savefig(path, dpi=110, bbox_inches="tight")
