@@ -4,8 +4,11 @@ A `KVFormat` says what a pool holds per token and head (the storage of K/V and o
 scales), how many bytes that is, and how values go in and come back out. Validation, pools,
 backends and the reference ask it; a new format is a `KVFormat` here plus the kernels that read
 it. The numpy `quantize` / `dequantize` below are the reference arithmetic every backend must
-match: the affine formats are MLX's `mx.quantize(x, group_size, bits)` / `mx.dequantize`, bit
-for bit; "float8_e4m3" is vLLM's kv_cache_dtype="fp8" (stored = e4m3fn(x / scale), round to
+match: the affine formats store MLX's `mx.quantize(x, group_size, bits)`, bit for bit, and read
+back as `codes * scale + bias` in float32 (the stored scale and bias, no rounding to the pool's
+dtype in between: what MLX's quantized matmuls and every kernel here compute, and
+`mx.dequantize` with float32 scales, bit for bit; ADR 0011, "One definition of the values");
+"float8_e4m3" is vLLM's kv_cache_dtype="fp8" (stored = e4m3fn(x / scale), round to
 nearest even, saturating at +-448, as MLX's `mx.to_fp8`; read back as stored * scale).
 
 Storage per pool, each array indexed [block, offset, kv_head, ...] like an unquantized pool's,
@@ -102,10 +105,10 @@ class KVFormat:
             return QuantizedRows(to_e4m3(x / np.float32(self.scale_of(which))))
 
     def dequantize(self, rows: QuantizedRows, dtype: str, which: str = "k") -> np.ndarray:
-        """Storage -> float32 [..., D] values: affine in the pool's dtype's arithmetic (as
-        mx.dequantize: round(round(scale * q) + bias)), fp8 as float32(stored) * scale."""
+        """Storage -> float32 [..., D] values: affine as float32 codes * scale + bias (the
+        stored scale and bias; `dtype` only names the pool), fp8 as float32(stored) * scale."""
         if self.affine:
-            return _affine_dequantize(rows, self.group_size, self.bits, dtype)
+            return _affine_dequantize(rows, self.group_size, self.bits)
         return from_e4m3(rows.data) * np.float32(self.scale_of(which))
 
 
@@ -179,13 +182,13 @@ def unpack(words: np.ndarray, bits: int) -> np.ndarray:
     return q.reshape(*words.shape[:-1], words.shape[-1] * (32 // bits))
 
 
-def _affine_dequantize(rows: QuantizedRows, group: int, bits: int, dtype: str) -> np.ndarray:
+def _affine_dequantize(rows: QuantizedRows, group: int, bits: int) -> np.ndarray:
     q = unpack(rows.data, bits).astype(np.float32)
     lead, d = q.shape[:-1], q.shape[-1]
     q = q.reshape(*lead, d // group, group)
     s = np.asarray(rows.scales, np.float32)[..., None]
     b = np.asarray(rows.biases, np.float32)[..., None]
-    return round_to(round_to(s * q, dtype) + b, dtype).reshape(*lead, d)
+    return (s * q + b).reshape(*lead, d)
 
 
 # -- fp8 e4m3fn (no infinities; 0x7f/0xff are NaN; max finite 448) -------------------------------

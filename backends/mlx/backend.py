@@ -76,8 +76,9 @@ class MLXPool(KVPool):
 
 class QuantizedSource:
     """One of a quantized pool's K or V as the gather path reads it: `take(table)` gathers the
-    blocks' data and scales, then dequantizes only those (float32 for fp8, the pool's dtype for
-    the affine formats, bit for bit mx.dequantize(*mx.quantize(x)))."""
+    blocks' data and scales, then dequantizes only those, to float32 (the affine formats through
+    mx.dequantize with float32 scales: codes * scale + bias with no rounding to the pool's dtype
+    in between, the reference arithmetic of paged_attention.kv_formats bit for bit)."""
 
     __slots__ = ("data", "scales", "biases", "fmt", "dtype", "shape", "scale")
 
@@ -87,8 +88,8 @@ class QuantizedSource:
 
     def dequantize(self, data, scales, biases) -> mx.array:
         if self.fmt.affine:
-            return mx.dequantize(data, scales, biases, group_size=self.fmt.group_size,
-                                 bits=self.fmt.bits)
+            return mx.dequantize(data, scales.astype(mx.float32), biases.astype(mx.float32),
+                                 group_size=self.fmt.group_size, bits=self.fmt.bits)
         return mx.from_fp8(data, mx.float32) * self.scale
 
     def take(self, table: mx.array) -> mx.array:

@@ -165,24 +165,3 @@ def run_plan(workdir: Path, plan, q: np.ndarray, k, v, sinks=None, features=froz
                    {"out": ((batch, hq, d), qn), **lse}, [("OutT", qn), ("D", d), ("HQ", hq)],
                    (1, hq, batch), REDUCE_THREADS)
     return r["out"].astype(np.float32), r.get("lse")
-
-
-def float32_dequantized(pool):
-    """(K, V) of an MLX pool as the fused kernel computes them (ADR 0011, "MLX fused kernel"):
-    affine formats as float32 codes * scale + bias (MLX's quantized matmuls' arithmetic), where
-    pool.to_numpy() gives mx.dequantize's values (rounded to the pool dtype after the product
-    and after the sum); fp8 and plain pools as to_numpy()."""
-    import mlx.core as mx
-
-    from paged_attention.kv_formats import unpack
-    fmt = pool.kv_format
-    if fmt is None or not fmt.affine:
-        return pool.to_numpy()
-    out = []
-    for data, scales, biases in ((pool.k, pool.k_scales, pool.k_biases),
-                                 (pool.v, pool.v_scales, pool.v_biases)):
-        codes = unpack(np.array(data), fmt.bits).astype(np.float32)
-        codes = codes.reshape(*codes.shape[:-1], -1, fmt.group_size)
-        s, b = (np.array(a.astype(mx.float32))[..., None] for a in (scales, biases))
-        out.append((codes * s + b).reshape(*codes.shape[:-2], -1))
-    return tuple(out)

@@ -41,7 +41,9 @@ def test_affine_reference_is_mlx_quantize_bit_for_bit(dtype, name, group):
     np.testing.assert_array_equal(got.data, np.array(wq))
     np.testing.assert_array_equal(got.scales, f32(s))
     np.testing.assert_array_equal(got.biases, f32(b))
-    deq = mx.dequantize(wq, s, b, group_size=group, bits=fmt.bits)
+    # Read back as float32 codes * scale + bias: mx.dequantize over float32 scales, bit for bit.
+    deq = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group,
+                        bits=fmt.bits)
     np.testing.assert_array_equal(fmt.dequantize(got, dtype), f32(deq))
 
 
@@ -80,9 +82,10 @@ def test_pool_bytes_count_scales_within_the_issue_bounds(name, bound):
 
 
 @pytest.mark.parametrize("name", KV_DTYPES)
-def test_mlx_pool_holds_mx_dequantize_of_mx_quantize(name):
+def test_mlx_pool_holds_mx_quantize_read_in_float32(name):
     """The MLX gather path stores mx.quantize / mx.to_fp8 output and reads back exactly
-    mx.dequantize(*mx.quantize(x)) (resp. from_fp8(to_fp8(x / s)) * s); numpy's pool agrees."""
+    mx.quantize's codes * scale + bias in float32 (resp. from_fp8(to_fp8(x / s)) * s); numpy's
+    pool agrees."""
     x = rows(7, n=48, d=64)
     kw = dict(k_scale=0.5, v_scale=0.25) if name == "float8_e4m3" else {}
     pools = []
@@ -95,7 +98,8 @@ def test_mlx_pool_holds_mx_dequantize_of_mx_quantize(name):
         want = f32(mx.from_fp8(mx.to_fp8(xm.astype(mx.float32) / 0.5), mx.float32)) * np.float32(0.5)
     else:
         bits = 8 if name == "int8" else 4
-        want = f32(mx.dequantize(*mx.quantize(xm, group_size=64, bits=bits), group_size=64,
+        wq, s, b = mx.quantize(xm, group_size=64, bits=bits)
+        want = f32(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=64,
                                  bits=bits))
     for k, v in pools:
         np.testing.assert_array_equal(k.reshape(64, 2, 64)[:48], want)
