@@ -1,5 +1,6 @@
 """Facts about known devices, kept in one table: peak memory bandwidth, compute units (NVIDIA SMs,
-Apple GPU cores) and the Vulkan timestamp period.
+Apple GPU cores) and the Vulkan timestamp period; beside it the streaming-read ceilings measured
+on the devices this project ran on.
 
 Used by the MLX fused kernel's split-K heuristic (compute units), the Vulkan backend's split
 geometry (compute units), and the lab's reports (measured bandwidth as a fraction of peak). A
@@ -71,6 +72,14 @@ DEVICES: tuple[tuple[str, float | None, int | None, int | None], ...] = (
     ("M4", 120e9, 8, None),
 )
 
+# Measured streaming-read ceilings: what a kernel that reads memory once, with the decode
+# kernels' own 16-byte loads, reaches on the device (`paged-attn bench mlx-ceiling`). Decode is
+# memory-bound, so every TB/s figure is read against this as well as against the datasheet
+# peak. Only devices measured here have a row: (bytes/s, where the figure comes from).
+CEILINGS: dict[str, tuple[float, str]] = {
+    "H100": (2.96e12, "ADR 0004: paged-attn bench mlx-ceiling, 2.93-3.02 TB/s in three runs"),
+}
+
 # When the device is not in the table: the split-K heuristics still need a count.
 FALLBACK_COMPUTE_UNITS = {"cuda": 132, "metal": 8, "vulkan-discrete": 108, "vulkan": 32}
 
@@ -87,3 +96,9 @@ def lookup(device: str) -> DeviceFacts:
 def peak_bandwidth(device: str) -> float | None:
     """Peak bytes/s of `device`, or None when unknown."""
     return lookup(device).peak_bytes_per_s
+
+
+def ceiling_bandwidth(device: str) -> float | None:
+    """The measured streaming-read bytes/s of `device` (CEILINGS), or None when not measured."""
+    row = CEILINGS.get(lookup(device).key)
+    return None if row is None else row[0]

@@ -355,7 +355,10 @@ def measure(a) -> list[dict]:
         # The device's own peak where it is known (the preset's is the H100's).
         known = pa.devices.peak_bandwidth(be.device)
         peak_tbs = known / 1e12 if known else cfg["peak_tbs"]
-        print(f"# {name} on {be.device}: paths {paths}; peak {peak_tbs or '?'} TB/s")
+        ceiling = pa.devices.ceiling_bandwidth(be.device)
+        ceil_tbs = ceiling / 1e12 if ceiling else None
+        print(f"# {name} on {be.device}: paths {paths}; peak {peak_tbs or '?'} TB/s; measured "
+              f"read ceiling {ceil_tbs or '?'} TB/s (paged_attention.devices.CEILINGS)")
         for path in paths:
             if a.host:
                 h = host_costs(be, path)
@@ -370,9 +373,12 @@ def measure(a) -> list[dict]:
                 for ctx in cfg["contexts"]:
                     c = dict(cfg, sdpa=not a.no_sdpa and has_sdpa_baseline(be))
                     r = bench_point(be, path, batch, ctx, c)
-                    rows.append({"measurement": "e2e", "device": be.device, **r})
+                    rows.append({"measurement": "e2e", "device": be.device, "peak_tbs": peak_tbs,
+                                 "ceiling_tbs": ceil_tbs, **r})
                     peak = f" ({100 * r['api_tbs'] / peak_tbs:.0f}% of {peak_tbs:.2f})" \
                         if peak_tbs else ""
+                    if ceil_tbs:
+                        peak += f" ({100 * r['api_tbs'] / ceil_tbs:.0f}% of ceiling {ceil_tbs:.2f})"
                     print(f"{name + '/' + path:16s} {batch:3d} {ctx:6d} {r['api_ms']:9.2f} {r['overlap_ms']:9.2f} {r['fresh_ms']:9.2f} {r['run_ms']:9.2f} {r['inputs_ms']:9.2f} "
                           f"{r['kernel_ms']:9.2f} {r['api_over_kernel']:8.3f} {r['api_over_inputs']:8.3f} {r['overlap_over_kernel']:8.3f} "
                           f"{r['pipe_ms']:8.2f} {r['pipe_over_kernel']:8.3f} "

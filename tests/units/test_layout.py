@@ -120,6 +120,18 @@ def test_device_table_whole_words_first_match():
     assert devices.peak_bandwidth("HBM2e thing") is None     # "M2" is not a whole word here
 
 
+def test_measured_ceilings_belong_to_table_rows():
+    """A measured ceiling is keyed by a row of the device table, never above its peak, and is
+    only reported for devices that were measured (no guess for the rest)."""
+    keys = {row[0]: row[1] for row in devices.DEVICES}
+    for key, (bps, source) in devices.CEILINGS.items():
+        assert key in keys and source
+        assert keys[key] is None or 0 < bps <= keys[key]
+    assert devices.ceiling_bandwidth("NVIDIA H100 80GB HBM3") == devices.CEILINGS["H100"][0]
+    assert devices.ceiling_bandwidth("NVIDIA H100 PCIe") is None   # another row, not measured
+    assert devices.ceiling_bandwidth("llvmpipe (LLVM 15.0.6, 256 bits)") is None
+
+
 def test_experiment_names_come_from_the_registry(monkeypatch):
     base = {"name": "t", "backends": ["numpy"], "paths": ["reference", "dense"]}
     assert config.parse(base, "t").backends == ["numpy"]
