@@ -104,7 +104,7 @@ BENCHES = {b.name: b for b in (
                compare=("plan_us", "run_us", "decode_us"))}),
     Bench("generate", "paged_attention.lab.generate", None,
           "tokens/s of mlx-lm models on the paged cache vs mlx-lm's own",
-          {"generate": Measurement(("backend", "path", "batch", "lengths", "ragged",
+          {"generate": Measurement(("backend", "path", "kv_bits", "batch", "lengths", "ragged",
                                     "shared_prefix"),
                                    (("tokens_per_s", "tokens/s"), ("seconds", "s"),
                                     ("peak_kv_bytes", "peak KV bytes")),

@@ -270,12 +270,12 @@ def run_mlx_lm(model, prompts, max_tokens):
 
 
 def run_paged(model, prompts, max_tokens, backend, path, block_size, batch_tokens=2048,
-              kv_bits=None):
+              kv_bits=None, kv_group_size=64):
     import mlx.core as mx
     from ..integrations import mlx_lm as pl
     eng = pl.Engine(model, backend=backend, path=path, block_size=block_size,
                     num_blocks=pl.blocks_needed(prompts, max_tokens, block_size),
-                    max_batch_tokens=batch_tokens, kv_bits=kv_bits)
+                    max_batch_tokens=batch_tokens, kv_bits=kv_bits, kv_group_size=kv_group_size)
     for p in prompts:
         eng.add_request(p, max_tokens)
     t0 = time.perf_counter()
@@ -286,7 +286,7 @@ def run_paged(model, prompts, max_tokens, backend, path, block_size, batch_token
 
 
 def sequences_fitting(prompts, max_tokens: int, block_size: int, kv_bytes: int, config: dict,
-                      dtype: str, seed: int = 0, kv_bits=None) -> int:
+                      dtype: str, seed: int = 0, kv_bits=None, kv_group_size: int = 64) -> int:
     """How many requests like `prompts` (their common prefix shared, each with its own random
     suffix of the same length, room for max_tokens) the paged cache admits in kv_bytes of KV
     (pools of `dtype`, quantized to kv_bits): the block manager's own admission, prefix cache
@@ -299,7 +299,8 @@ def sequences_fitting(prompts, max_tokens: int, block_size: int, kv_bytes: int, 
     from ..errors import PoolExhausted
     from ..validation import check_pool_spec
     spec = check_pool_spec(1, block_size, config["num_key_value_heads"], config["head_dim"],
-                           dtype, (dtype,), None if kv_bits is None else f"int{kv_bits}")
+                           dtype, (dtype,), None if kv_bits is None else f"int{kv_bits}",
+                           kv_group_size)
     per_block = block_size * spec.bytes_per_token * config["num_hidden_layers"]
     bm = BlockManager(kv_bytes // per_block, block_size)
     prefix = list(os.path.commonprefix([list(p) for p in prompts]))
@@ -339,8 +340,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the paged engine's max tokens per step (prefill chunks + decode rows)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip the untimed first run per impl")
-    ap.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
-                    help="quantized paged KV (ADR 0011); reports sequences admitted per MiB")
+    ap.add_argument("--kv-bits", type=kv_bits_list, default=None,
+                    help="quantized paged KV (ADR 0011): 8, 4, or a comma list where 16 means the "
+                         "pool's own dtype (e.g. 16,8: each paged impl at both, in one run, "
+                         "for tokens/s side by side); reports sequences admitted per MiB")
+    ap.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=None,
+                    help="with --kv-bits: elements per scale and bias (default 64, or the head "
+                         "dim when smaller)")
     tp = ap.add_argument_group("tensor parallel (under mlx.launch -n N)")
     tp.add_argument("--tp", type=int, default=1,
                     help="N > 1: rows for 1 and N ranks (run under `mlx.launch -n N`): tokens/s, "
@@ -348,6 +354,26 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     tp.add_argument("--kv-mib", type=float, default=None,
                     help="with --tp: each rank's KV pool in MiB (default: what one rank needs to "
                          "hold half the batch)")
+
+
+def kv_bits_list(text: str) -> list:
+    """'8' -> [8]; '16,8' -> [None, 8]: None is the unquantized pool (the weights' dtype)."""
+    out = []
+    for part in str(text).split(","):
+        if part.strip() not in ("16", "8", "4"):
+            raise argparse.ArgumentTypeError(f"--kv-bits: expected 8, 4 or 16 (unquantized), "
+                                             f"comma-separated; got {part.strip()!r}")
+        out.append(None if part.strip() == "16" else int(part))
+    return list(dict.fromkeys(out))
+
+
+def _bits(a) -> tuple:
+    """The run's KV formats: (None,) for plain pools; --kv-bits as parsed (an int from a config
+    snapshot or an older caller is one format)."""
+    kb = a.kv_bits
+    if kb is None:
+        return (None,)
+    return (kb,) if isinstance(kb, int) else tuple(kb)
 
 
 def follower() -> bool:
@@ -379,6 +405,10 @@ def measure(a) -> list[dict]:
     if a.lengths:
         lo, hi = (int(x) for x in a.lengths.split("-"))
     impls = a.impls.split(",") if a.impls else default_impls
+    group = getattr(a, "kv_group_size", None) or min(64, cfg["head_dim"])
+    # Each paged impl once per KV format; "impl" then carries the format ("mlx:fused@int8").
+    impls = [i if i == "mlx-lm" else (i if b is None else f"{i}@int{b}")
+             for i in impls for b in (_bits(a) if i != "mlx-lm" else (None,))]
     batches = [int(b) for b in (a.batches or "1,8,32").split(",")]
     t0 = time.perf_counter()
     model = build_model(cfg, dtype)
@@ -392,8 +422,9 @@ def measure(a) -> list[dict]:
         if impl == "mlx-lm":
             return run_mlx_lm(model, prompts, steps)
         backend, path = impl.split(":")
+        path, _, fmt = path.partition("@int")
         return run_paged(model, prompts, steps, backend, path, a.block_size, a.batch_tokens,
-                         a.kv_bits)
+                         int(fmt) if fmt else None, group)
 
     rows = []
     if a.warmup:
@@ -426,20 +457,25 @@ def measure(a) -> list[dict]:
                     base[0]["paged_sequences_in_same_kv"] = fit
                     print(f"{'':16s} {b:3d} paged cache admits {fit} such sequences in mlx-lm's "
                           f"{budget / 2**20:.0f} MiB ({fit / b:.2f}x)", flush=True)
-                    if a.kv_bits:   # the same budget, quantized pools: sequences per byte
+                    base[0]["sequences_per_mib"] = fit / (budget / 2**20)
+                    for bits in _bits(a):   # the same budget, quantized pools: sequences per byte
+                        if bits is None:
+                            continue
                         qfit = sequences_fitting(prompts, steps, a.block_size, budget, cfg, dtype,
-                                                 kv_bits=a.kv_bits)
+                                                 kv_bits=bits, kv_group_size=group)
                         for r in rows[-len(impls):]:
-                            if r["impl"] != "mlx-lm":
-                                r["kv_bits"] = a.kv_bits
+                            if r["impl"].endswith(f"@int{bits}"):
+                                r["kv_bits"] = bits
                                 r["sequences_per_mib"] = qfit / (budget / 2**20)
-                        base[0]["sequences_per_mib"] = fit / (budget / 2**20)
-                        print(f"{'':16s} {b:3d} int{a.kv_bits} paged cache admits {qfit} "
+                        print(f"{'':16s} {b:3d} int{bits} paged cache admits {qfit} "
                               f"({qfit / (budget / 2**20):.2f}/MiB against "
-                              f"{fit / (budget / 2**20):.2f}/MiB unquantized)", flush=True)
+                              f"{fit / (budget / 2**20):.2f}/MiB unquantized, "
+                              f"{qfit / max(fit, 1):.2f}x)", flush=True)
     for r in rows:  # the lab's record fields: backend and path ("mlx-lm": its own cache)
         backend, _, path = r["impl"].partition(":")
-        r.update(measurement="generate", backend=backend, path=path or "-")
+        path, _, fmt = path.partition("@int")
+        r.update(measurement="generate", backend=backend, path=path or "-",
+                 kv_bits=int(fmt) if fmt else None)
     return rows
 
 

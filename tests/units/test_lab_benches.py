@@ -164,3 +164,24 @@ def test_compare_matches_nothing_across_measurements(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["compare", str(a), str(tmp_path / "b")]) == 1
     assert "0 matched point(s); 2 only in A, 1 only in B." in capsys.readouterr().out
+
+
+def test_generate_kv_bits_list_and_rows_per_format(tmp_path):
+    """--kv-bits 16,8 runs each paged impl on plain and on int8 pools in one run: one row per
+    format (kv_bits None / 8, the same backend and path), and a bad value is refused by name."""
+    import argparse
+
+    import pytest
+
+    from paged_attention.lab.generate import kv_bits_list
+    assert kv_bits_list("16,8") == [None, 8] and kv_bits_list("4") == [4]
+    with pytest.raises(argparse.ArgumentTypeError, match="--kv-bits"):
+        kv_bits_list("2")
+    pytest.importorskip("mlx_lm")
+    out = tmp_path / "run"
+    assert cli.main(["bench", "generate", "--batches", "1", "--max-tokens", "2", "--impls",
+                     "numpy:reference", "--kv-bits", "16,8", "--lengths", "8-8", "--no-warmup",
+                     "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("measurement") == "generate"]
+    assert {(r["path"], r["kv_bits"]) for r in rows} == {("reference", None), ("reference", 8)}
