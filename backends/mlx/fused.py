@@ -72,6 +72,7 @@ class KernelConfig:
     heads_fast: bool = True  # HF: KV heads along grid x (the heads of a block run together)
     l2_ahead: int = 0        # L2PF: tiles ahead whose K/V lines are hinted into L2 (0: none)
     kv: str | None = None    # the quantized KV format read (PA_KV; None: a plain pool)
+    warp_softmax: bool = False  # WS: each warp's own online softmax, merged once at the end
     group_size: int = 0      # GS: the affine formats' elements per scale and bias
 
     @property
@@ -98,7 +99,7 @@ class KernelConfig:
                 ("GC", self.chunk), ("KIND", self.kind), ("TPT", self.tpt), ("NV", self.nv),
                 ("ITER", self.iters), ("NW", self.warps), ("PF", bool(self.prefetch)),
                 ("LDNC", int(self.stream)), ("HF", bool(self.heads_fast)),
-                ("L2PF", int(self.l2_ahead))] + \
+                ("L2PF", int(self.l2_ahead)), ("WS", bool(self.warp_softmax))] + \
             ([("ST", scale_dtype), ("GS", self.group_size)] if self.affine else [])
 
     def grid(self, num_parts: int, batch: int) -> tuple[int, int, int]:
@@ -162,20 +163,22 @@ def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
                         tpt, nv, iters, bool(v["prefetch"]), int(v["stream"]),
                         heads_fast=bool(v["hf"]), warps=int(v.get("warps") or NUM_WARPS),
                         l2_ahead=int(v.get("l2", 0)), kv=kv,
+                        warp_softmax=bool(v.get("ws", False)),
                         group_size=kv_format.group_size if kv_format is not None and
                         kv_format.affine else 0)
 
 
 def parse_variant(text: str) -> dict:
     """'pf1i4nc2hf0' -> {'prefetch': True, 'iters': 4, 'stream': 2, 'hf': False}
-    (bench --variants); 'nc' alone means stream mode 1; hf is left at its default unless given."""
+    (bench --variants); 'nc' alone means stream mode 1; hf is left at its default unless given;
+    a trailing ws1 / ws0 turns the per-warp softmax on / off."""
     import re
     m = re.fullmatch(r"pf([01])(?:i(\d+))?(?:nc([0-3]?))?(?:hf([01]))?(?:w([1248]))?(?:l(\d))?"
-                     r"(?:c(\d+))?", text.strip())
+                     r"(?:c(\d+))?(?:ws([01]))?", text.strip())
     if m is None:
         raise ValueError(f"variant {text!r}: expected pf0|pf1, optional i<iters>, optional nc[1-3], "
                          f"optional hf0|hf1, optional w<warps>, optional l<tiles of L2 prefetch>, "
-                         f"optional c<query heads per threadgroup, at most>")
+                         f"optional c<query heads per threadgroup, at most>, optional ws0|ws1")
     stream = 0 if m.group(3) is None else int(m.group(3) or 1)
     out = {"prefetch": m.group(1) == "1", "iters": int(m.group(2) or 0), "stream": stream}
     if m.group(4) is not None:
@@ -186,6 +189,8 @@ def parse_variant(text: str) -> dict:
         out["l2"] = int(m.group(6))
     if m.group(7) is not None:
         out["chunk"] = int(m.group(7))
+    if m.group(8) is not None:
+        out["ws"] = m.group(8) == "1"
     return out
 
 

@@ -78,15 +78,19 @@ CASES = [  # (kv_dtype, group), (dtype, lens, Hkv, G, D, block, window), partiti
 @pytest.mark.parametrize("case", CASES, ids=[
     f"{c[0][0] or 'plain'}-g{c[0][1]}-{c[1][0]}-D{c[1][4]}-G{c[1][3]}-p{c[2]}-"
     f"{'+'.join(c[3]) or 'none'}" for c in CASES])
-def test_emulated_kernel_matches_the_reference(workdir, case):
+@pytest.mark.parametrize("tuning", ["", "pf0ws1", "pf1i4ws1"], ids=["block", "ws", "ws-pf"])
+def test_emulated_kernel_matches_the_reference(workdir, case, tuning):
     """The kernel's output against float64 attention over the pool's values (to_numpy: float32
     codes * scale + bias, as the kernel dequantizes them; fp8 and plain pools exactly) within
     the float16 output's rounding; the LSE where asked; empty sequences give zeros (or the
-    sinks' share)."""
+    sinks' share). Both softmax forms: one per threadgroup (the default) and per warp (WS,
+    with and without prefetch)."""
+    from paged_attention import settings
     (kv, kv_group), (dtype, lens, hkv, group, d, bs, window), parts, feats = case
-    q, out, lse, args, pool, sinks = emulated_step(workdir, kv, kv_group, dtype, lens, hkv,
-                                                   group, d, bs, window, parts, feats,
-                                                   seed=len(lens) + d)
+    with settings.override(mlx_variant=tuning):
+        q, out, lse, args, pool, sinks = emulated_step(workdir, kv, kv_group, dtype, lens, hkv,
+                                                       group, d, bs, window, parts, feats,
+                                                       seed=len(lens) + d)
     want, want_lse = reference.step(q, *pool.to_numpy(), args, sinks)
     assert reference.rms(out, want) < 3e-4, reference.rms(out, want)
     if "return_lse" in feats:
