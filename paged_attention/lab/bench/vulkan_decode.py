@@ -242,11 +242,11 @@ def bench_point(be, a, batch, ctx, rng, reference):
         outs = {c.name: c.call() for c in cases}  # compile, record, first submit
         ks = kernel_times(be, a, path, q, cases)
         walls = round_robin({c.name: wall(c.call) for c in cases}, a.iters)
-        plain_ns = float(np.median(ks["plain"]))
+        plain_ns = float(np.median(ks[cases[0].name]))
         for c in cases:
             k_ns = float(np.median(ks[c.name]))
             gbs = c.nbytes / k_ns  # bytes/ns == GB/s
-            ratio = None if c.name == "plain" else k_ns / plain_ns
+            ratio = None if c is cases[0] else k_ns / plain_ns   # plain comes first
             bound, ok = (None, None) if ratio is None else \
                 against_plain.verdict(c.name, batch, ctx, ratio)
             geo = be.split_geometry(c.args, c.pool.spec) if path == "splitk" else (1, 0)
