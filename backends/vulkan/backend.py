@@ -172,11 +172,12 @@ class VulkanBackend(PagedAttention):
                             lse_out=lse)[0]
         return out, (lse[0] if lse else None)
 
-    def _decode_repeated(self, q, pool: VulkanPool, args: StepArgs, path: str, repeat: int):
+    def _decode_repeated(self, q, pool: VulkanPool, args: StepArgs, path: str, repeat: int,
+                         sinks=None):
         """The attention recorded `repeat` times back to back (a barrier between repetitions) in
         one submission, so the GPU stays busy and each repetition is timed (bench_hooks.py)."""
         st = self._tables.state(args, pool.spec, path, None)
-        return self._execute([(pool, q, None, None)], st, False, repeat=repeat)[0]
+        return self._execute([(pool, q, None, None)], st, False, repeat=repeat, sinks=sinks)[0]
 
     def _decode_step(self, layers: list[LayerStep], plans: list[Plan]) -> list:
         plan = plans[0]

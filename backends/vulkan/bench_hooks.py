@@ -16,12 +16,13 @@ import numpy as np
 from paged_attention.validation import StepArgs
 
 
-def decode_repeated(be, q, pool, args: StepArgs, path: str, repeat: int):
+def decode_repeated(be, q, pool, args: StepArgs, path: str, repeat: int, sinks=None):
     """The attention of `args` on `path` recorded `repeat` times back to back (a barrier between
     repetitions) in one submission, so the GPU stays busy and, with `be.record_timestamps`, each
-    repetition is timed (its ops are labelled attn<layer>.<rep> / reduce<layer>.<rep>)."""
+    repetition is timed (its ops are labelled attn<layer>.<rep> / reduce<layer>.<rep>). args may
+    carry an attention variant (a plan's `args`); sinks: float32 [Hq] for the sinks form."""
     with be._call_lock:
-        return be._decode_repeated(q, pool, args, path, repeat)
+        return be._decode_repeated(q, pool, args, path, repeat, sinks)
 
 
 def fence_spin_ns(be) -> int:

@@ -57,12 +57,16 @@ class Bench:
 
 
 _POINT = ("backend", "path", "batch", "context")
+# A decode bench's point is also its attention variant and pool format (None: plain, and the
+# bench's own pools), so a run comparing them keeps one record per variant and format.
+_DECODE_POINT = _POINT + ("attention", "kv_dtype")
 
 BENCHES = {b.name: b for b in (
     Bench("mlx", "paged_attention.lab.bench.mlx_decode", "mlx",
           "MLX decode kernels (fused, gather, sdpa) on a GPU",
-          {"mlx": Measurement(_POINT, (("us_per_layer", "us/layer"), ("tbs", "TB/s"),
-                                       ("rms_vs_gather", "RMS vs gather")),
+          {"mlx": Measurement(_DECODE_POINT, (("us_per_layer", "us/layer"), ("tbs", "TB/s"),
+                                              ("ratio_vs_plain", "x plain"),
+                                              ("rms_vs_gather", "RMS vs gather")),
                               compare=("us_per_layer", "tbs"), x="context")}),
     Bench("mlx-ceiling", "paged_attention.lab.bench.mlx_ceiling", "mlx",
           "MLX streaming-read ceiling and launch cost",
@@ -71,8 +75,9 @@ BENCHES = {b.name: b for b in (
            "mlx-ceiling.launch": Measurement(("backend", "kernel"), (("us", "us per launch"),))}),
     Bench("vulkan", "paged_attention.lab.bench.vulkan_decode", "vulkan",
           "Vulkan decode kernels, step, model-like loop, round trips, prefill",
-          {"vulkan.point": Measurement(_POINT, (("kernel_us", "kernel us"), ("gbs", "GB/s"),
-                                                ("wall_us", "call wall us"), ("rms", "RMS")),
+          {"vulkan.point": Measurement(_DECODE_POINT, (("kernel_us", "kernel us"), ("gbs", "GB/s"),
+                                                       ("ratio_vs_plain", "x plain"),
+                                                       ("wall_us", "call wall us"), ("rms", "RMS")),
                                        compare=("kernel_us", "wall_us"), x="context"),
            "vulkan.step": Measurement(_POINT + ("layers",), (("gpu_ms", "GPU ms"),
                                                             ("wall_ms", "wall ms")),

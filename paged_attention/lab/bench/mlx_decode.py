@@ -17,6 +17,12 @@ drift hits both sides of their ratio alike. Paths timed:
            contiguous-cache baseline a paged kernel is measured against
 --kv-dtype int8|int4|float8_e4m3 (--kv-group-size): fused and gather read quantized pools (ADR
 0011; K/V normal values quantized as the backend stores them), sdpa stays on float16 dense K/V.
+--kv-dtype fp16,int8,int4,float8_e4m3 (a list): the fused path also reads each quantized
+format's own pools (same tables), timed in turns with the plain pools; ratio format/fp16, each
+format's bytes read (data + scales). --attention sinks,softcap,alibi,lse|all: the fused path with
+each attention variant (ADR 0010) on the plain path's pools and tables, timed in turns with it;
+ratio variant/plain. A targets line per point holds the ratios to the H200 run issue's bounds
+(lab/bench/against_plain.py).
 Effective bandwidth = K+V bytes read (quantized: data and scales) / per-layer time, next to the HBM peak (--preset) and,
 with --ceiling, the streaming-read bandwidth this device actually reaches (mlx_ceiling). The paths
 are timed by paged_attention.lab.timing (interleaved, one mx.eval per step).
@@ -33,9 +39,13 @@ import numpy as np
 from paged_attention import devices
 from paged_attention.backends.mlx.arrays import gpu_kind
 from paged_attention.backends.mlx.fused import DecodePlan, parse_variant
-from paged_attention.backends.mlx.gather import gather_decode
+from paged_attention.backends.mlx.gather import GatherPlan, gather_decode
+from paged_attention.errors import InvalidInput
+from paged_attention.kv_formats import KVFormat
+from paged_attention.validation import PLAIN, StepArgs, check_variant
 
 from ..timing import time_steps as _time_steps
+from . import against_plain
 
 # --preset: device constants from paged_attention.devices, for runs where MLX names the device
 # differently (or not at all); without it the device's own name is looked up.
@@ -107,21 +117,48 @@ def quantized_kv(count: int, shape: tuple, dtype, fmt) -> list:
     return out
 
 
+def layer_fn(plan: DecodePlan, sources: list, sinks):
+    """(i, q) -> layer i's output over pool pair i % len(sources): the plain launch, or the
+    variant launch (`with_lse`, its output; an LSE comes from the same kernel)."""
+    n = len(sources)
+    if plan.attention.plain and sinks is None:
+        return lambda i, q: plan(q, *sources[i % n])
+    return lambda i, q: plan.with_lse(q, *sources[i % n], sinks)[0]
+
+
+def gather_reference(q, sources, tables, lens, scale, block_size, attention, sinks):
+    """(out, lse or None) of the gather path over the same pools, tables and attention."""
+    if attention.plain and sinks is None:
+        return gather_decode(q, *sources, tables, lens, scale, None), None
+    args = StepArgs(batch=q.shape[0], num_q_heads=q.shape[1], block_tables=tables,
+                    context_lens=lens, scale=scale, window=None, variant=attention)
+    return GatherPlan(args, block_size).with_lse(q, *sources, sinks)
+
+
+def rms(a, b) -> float:
+    return float(mx.sqrt(mx.mean((a.astype(mx.float32) - b.astype(mx.float32)) ** 2)).item())
+
+
 def run_point(a, api, batch, ctx, rng) -> dict:
     dtype = DTYPES[a.dtype]
     itemsize = 4 if a.dtype == "float32" else 2
     hq, hkv, d, bs = a.hq, a.hkv, a.head_dim, a.block_size
-    fmt = None
-    if a.kv_dtype:
-        from paged_attention.kv_formats import KVFormat
-        fmt = KVFormat(a.kv_dtype, a.kv_group_size)
-    kv_bytes = batch * ctx * (hkv * d * itemsize * 2 if fmt is None else
-                              fmt.bytes_per_token(hkv, d, a.dtype))
-    budget = int(a.pool_budget_gb * 2**30)
-    pools = max(1, min(a.layers, budget // kv_bytes))
+    base, compared = against_plain.split_kv_dtypes(a.kv_dtype, a.dtype)
+    fmt = None if base is None else KVFormat(base, a.kv_group_size)
+
+    def nbytes(f):
+        return batch * ctx * (hkv * d * itemsize * 2 if f is None else
+                              f.bytes_per_token(hkv, d, a.dtype))
+    kv_bytes = nbytes(fmt)
+    # The compared formats' pools share the memory budget with the plain ones.
+    budget = int(a.pool_budget_gb * 2**30) // (1 + len(compared))
+
+    def pool_count(size):
+        return max(1, min(a.layers, budget // size))
+    pools = pool_count(kv_bytes)
     scale = 1.0 / math.sqrt(d)
     res = {"batch": batch, "context": ctx, "kv_bytes": kv_bytes, "pools": pools,
-           "kv_dtype": a.kv_dtype}
+           "kv_dtype": base}
     qs = [mx.random.normal((batch, hq, d)).astype(dtype) for _ in range(a.layers)]
     mx.eval(qs)
 
@@ -145,29 +182,52 @@ def run_point(a, api, batch, ctx, rng) -> dict:
     paged = random_kv(pools, (nb, bs, hkv, d), dtype) if fmt is None else \
         quantized_kv(pools, (nb, bs, hkv, d), dtype, fmt)
 
-    def plan_for(variant=None):
+    def plan_for(variant=None, attention=PLAIN, kv_format=fmt):
         return DecodePlan(api, tables, lens, scale, None, num_blocks=nb, block_size=bs,
                           num_kv_heads=hkv, num_q_heads=hq, head_dim=d, pool_dtype=dtype,
-                          partitions=a.partitions, variant=variant, kv_format=fmt)
+                          partitions=a.partitions, variant=variant, attention=attention,
+                          kv_format=kv_format)
 
     if "fused" in a.paths:
-        plans = {"fused": plan_for()}
-        plans.update({f"variant_{name}": plan_for(parse_variant(name)) for name in a.variants})
-        for key, plan in plans.items():
+        # key -> (plan, its pools, sinks): the plain kernel, its tuning variants, the attention
+        # variants on the same pools, the compared formats on their own; all timed in turns.
+        cases = {"fused": (plan_for(), paged, None)}
+        cases.update({f"variant_{n}": (plan_for(parse_variant(n)), paged, None)
+                      for n in a.variants})
+        for name in a.attention:
+            kw, sinks = against_plain.attention_case(name, hq, rng)
+            attention = check_variant(kw.get("soft_cap"), kw.get("alibi_slopes"),
+                                      kw.get("return_lse", False), hq)
+            cases[f"attn_{name}"] = (plan_for(attention=attention), paged,
+                                     None if sinks is None else mx.array(sinks))
+        for name in compared:
+            f = KVFormat(name, a.kv_group_size)
+            res[f"kv_{name}_bytes"] = nbytes(f)
+            res[f"kv_{name}_pools"] = n = pool_count(nbytes(f))
+            cases[f"kv_{name}"] = (plan_for(kv_format=f),
+                                   quantized_kv(n, (nb, bs, hkv, d), dtype, f), None)
+        for key, (plan, sources, sinks) in cases.items():
             res[f"{key}_parts" if key != "fused" else "parts"] = plan.num_parts
-            chain = chained(a, lambda i, q, plan=plan: plan(q, *paged[i % pools]))
+            chain = chained(a, layer_fn(plan, sources, sinks))
             timed[key] = lambda i, chain=chain: chain(i, qs[i])
         if a.check:
-            ref = gather_decode(qs[0], *paged[0], tables, lens, scale, None).astype(mx.float32)
-            for key, plan in plans.items():
-                got = plan(qs[0], *paged[0]).astype(mx.float32)
-                name = "rms_vs_gather" if key == "fused" else f"{key}_rms"
-                res[name] = float(mx.sqrt(mx.mean((got - ref) ** 2)).item())
-            del ref, got
+            for key, (plan, sources, sinks) in cases.items():
+                want, want_lse = gather_reference(qs[0], sources[0], tables, lens, scale, bs,
+                                                  plan.attention, sinks)
+                if plan.attention.plain and sinks is None:
+                    got, lse = plan(qs[0], *sources[0]), None
+                else:
+                    got, lse = plan.with_lse(qs[0], *sources[0], sinks)
+                res["rms_vs_gather" if key == "fused" else f"{key}_rms"] = rms(got, want)
+                if lse is not None:
+                    res[f"{key}_lse_rms"] = rms(lse, want_lse)
+                del want, want_lse, got, lse
             free()
     for key, sec in time_steps(timed, a.layers, a.repeats, a.warmup).items():
         res[f"{key}_s"] = sec
     timed.clear()
+    if "fused" in a.paths:
+        cases.clear()
     if "sdpa" in a.paths:
         del dense, q4
         free()
@@ -187,6 +247,32 @@ def run_point(a, api, batch, ctx, rng) -> dict:
     qs.clear()
     free()
     return res
+
+
+def ratios(r: dict) -> dict[str, float]:
+    """name -> its time / the plain fused time, for each attention variant (attn_<name>) and
+    compared format (kv_<name>) timed at point r."""
+    if "fused_s" not in r:
+        return {}
+    return {key[len(pre):-2]: r[key] / r["fused_s"] for key in r for pre in ("attn_", "kv_")
+            if key.startswith(pre) and key.endswith("_s")}
+
+
+def compared_cells(r: dict) -> str:
+    """The point's attention variants and compared formats: time, ratio to plain, parity."""
+    line = ""
+    for name, ratio in ratios(r).items():
+        key = f"attn_{name}" if f"attn_{name}_s" in r else f"kv_{name}"
+        t = r[f"{key}_s"]
+        line += f" | {name} {t * 1e6:.1f}us {ratio:.2f}x p{r[f'{key}_parts']}"
+        if key.startswith("kv_"):
+            line += (f" {r[f'{key}_bytes'] / 2**20:.2f}MiB "
+                     f"{r[f'{key}_bytes'] / t / 1e12:.2f}TB/s")
+        if f"{key}_rms" in r:
+            line += f" rms {r[f'{key}_rms']:.1e}"
+        if f"{key}_lse_rms" in r:
+            line += f" lse rms {r[f'{key}_lse_rms']:.1e}"
+    return line
 
 
 def fmt_point(r, peak, ceiling=None) -> str:
@@ -261,8 +347,15 @@ def add_arguments(p) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     p.add_argument("--paths", default="fused,gather,sdpa")
-    p.add_argument("--kv-dtype", choices=("int8", "int4", "float8_e4m3"), default=None,
-                   help="quantized pools for fused and gather (ADR 0011); sdpa stays float16")
+    p.add_argument("--kv-dtype", type=against_plain.kv_dtype_option, default=None,
+                   help="one of int8, int4, float8_e4m3: quantized pools for fused and gather "
+                        "(ADR 0011; sdpa stays float16); a comma list with fp16 (e.g. "
+                        "fp16,int8,int4,float8_e4m3): the fused path on each format's pools "
+                        "timed in turns with plain pools, ratio format/fp16")
+    p.add_argument("--attention", type=against_plain.attention_option, default="",
+                   help="attention variants (ADR 0010) of the fused path timed in turns with "
+                        "plain on the same pools: a comma list of plain, sinks, softcap, alibi, "
+                        "lse, or all; ratio variant/plain")
     p.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64)
     p.add_argument("--tables", choices=("fragmented", "contiguous"), default="fragmented",
                    help="block tables: a random permutation of the pool (default) or each sequence's "
@@ -283,13 +376,23 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def resolve(a) -> None:
+    """Refuse option combinations that cannot be measured, before any device work."""
+    _, compared = against_plain.split_kv_dtypes(a.kv_dtype, a.dtype)
+    if (a.attention or compared) and "fused" not in a.paths.split(","):
+        raise InvalidInput(f"--paths: --attention and a --kv-dtype list time the fused path; "
+                           f"expected fused among the paths, got {a.paths}")
+
+
 def measure(a):
-    """Records "mlx": one per point x timed path (fused, its variants, gather, sdpa); the
-    targets' verdicts as notes."""
+    """Records "mlx": one per point x timed path (fused, its variants, gather, sdpa) and per
+    attention variant and compared format (path fused); the targets' verdicts as notes."""
     from ..benches import BenchUnavailable
     a = argparse.Namespace(**vars(a))
+    resolve(a)
     a.paths = set(a.paths.split(","))
     a.variants = [v for v in a.variants.split(",") if v]
+    a.attention = [v for v in a.attention.split(",") if v]
     api = gpu_kind()
     if api is None:
         raise BenchUnavailable("no Metal or CUDA device for MLX custom kernels: nothing to benchmark")
@@ -326,12 +429,16 @@ def measure(a):
                          f" p{r[f'variant_{name}_parts']}")
                 if f"variant_{name}_rms" in r:
                     line += f" rms {r[f'variant_{name}_rms']:.1e}"
-            print(line, flush=True)
+            print(line + compared_cells(r), flush=True)
+            if ratios(r):
+                print(against_plain.summary_line(batch, ctx, ratios(r), "fused"), flush=True)
     print()
     print(header(ceiling))
     for r in results:
-        print(fmt_point(r, peak, ceiling))
-    verdicts = check_targets(results)
+        print(fmt_point(r, peak, ceiling) + compared_cells(r))
+    verdicts = check_targets(results) + against_plain.overall(
+        [{"name": n, "batch": r["batch"], "context": r["context"], "ratio": x, "where": "fused"}
+         for r in results for n, x in ratios(r).items()])
     for name, ok, detail in verdicts:
         print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}")
     notes = [f"{'PASS' if ok else 'FAIL'} {name}: {detail}" for name, ok, detail in verdicts]
@@ -346,14 +453,27 @@ def records(results: list[dict], device: str) -> list[dict]:
     for r in results:
         for key in [k for k in r if k.endswith("_s")]:
             path = key[:-2]
-            out.append({"measurement": "mlx", "backend": "mlx", "device": device, "path": path,
-                        "batch": r["batch"], "context": r["context"], "pools": r["pools"],
-                        "kv_bytes": r["kv_bytes"], "kv_dtype": r.get("kv_dtype"),
+            # An attention variant or compared format is the fused path with another attention
+            # or other pools: its own fields, its ratio to plain fused and the target's verdict.
+            attention = path[5:] if path.startswith("attn_") else None
+            compared = path[3:] if path.startswith("kv_") else None
+            name = attention or compared
+            kv_bytes = r[f"{path}_bytes"] if compared else r["kv_bytes"]
+            ratio = r[key] / r["fused_s"] if name and "fused_s" in r else None
+            bound, ok = against_plain.verdict(name, r["batch"], r["context"], ratio) \
+                if ratio is not None else (None, None)
+            out.append({"measurement": "mlx", "backend": "mlx", "device": device,
+                        "path": "fused" if name else path, "attention": attention,
+                        "batch": r["batch"], "context": r["context"],
+                        "pools": r[f"{path}_pools"] if compared else r["pools"],
+                        "kv_bytes": kv_bytes, "kv_dtype": compared or r.get("kv_dtype"),
                         "us_per_layer": r[key] * 1e6,
-                        "tbs": r["kv_bytes"] / r[key] / 1e12,
+                        "tbs": kv_bytes / r[key] / 1e12,
+                        "ratio_vs_plain": ratio, "target": bound, "target_ok": ok,
                         "parts": r.get("parts" if path == "fused" else f"{path}_parts"),
                         "layers_per_eval": r.get("gather_layers_per_eval") if path == "gather" else None,
-                        "rms_vs_gather": r.get("rms_vs_gather" if path == "fused" else f"{path}_rms")})
+                        "rms_vs_gather": r.get("rms_vs_gather" if path == "fused" else f"{path}_rms"),
+                        "lse_rms_vs_gather": r.get(f"{path}_lse_rms")})
     return out
 
 

@@ -11,19 +11,31 @@ effective bandwidth (K+V bytes the attention must read / kernel time), the fract
 peak when known, the wall time of a whole decode call (upload + submit + wait + download), the
 parity against the float64 numpy reference and its time. Then one decode step over --layers layers
 (KV append + attention for every layer), reporting the submissions it took and its time.
+
+--attention sinks,softcap,alibi,lse|all (ADR 0010) and --kv-dtype int8,int4,float8_e4m3 (ADR
+0011; fp16 may be listed, it is the plain pool): at every point and path, each variant (on the
+plain pool) and each format (its own pool, same tables and values' distribution) is timed in
+turns with plain, --rounds rounds of --iters repetitions; "x plain" = its kernel time / plain's,
+its parity against the numpy reference over what its pool holds, and a targets line per point
+and path (lab/bench/against_plain.py: the H200 run issue's bounds).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from paged_attention import devices
 from paged_attention.backends.vulkan import bench_hooks as hooks
+from paged_attention.errors import InvalidInput
+from paged_attention.validation import StepArgs
 
 from ..timing import round_robin, wall, warm_up
+from . import against_plain
 
 
 def medians(rows: list[dict], scale: float) -> dict:
@@ -69,6 +81,17 @@ def add_arguments(p) -> None:
                    help="skip the numpy reference above this many B*ctx tokens")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds of GPU warm-up before each timing")
     p.add_argument("--prefill-tokens", type=int, help="prompt length of the prefill timing")
+    p.add_argument("--attention", type=against_plain.attention_option, default="",
+                   help="attention variants (ADR 0010) timed in turns with plain on the same pool: "
+                        "a comma list of plain, sinks, softcap, alibi, lse, or all")
+    p.add_argument("--kv-dtype", type=against_plain.kv_dtype_option, default=None,
+                   help="quantized formats (ADR 0011) timed in turns with the plain pool, each on "
+                        "its own pool: a comma list of int8, int4, float8_e4m3 (fp16 names the "
+                        "plain pool)")
+    p.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of --iters repetitions per case when variants or formats are "
+                        "timed in turns with plain")
 
 
 def resolve(a) -> None:
@@ -89,6 +112,15 @@ def resolve(a) -> None:
         a.prefill_tokens = a.prefill_tokens or 256
     a.step_context = a.step_context or max(a.context)
     a.step_batch = a.step_batch or max(a.batch)
+    against_plain.split_kv_dtypes(a.kv_dtype, a.dtype)   # InvalidInput on another plain dtype
+    if a.rounds < 1:
+        raise InvalidInput(f"--rounds: expected >= 1, got {a.rounds}")
+
+
+def compared_formats(a) -> list[str]:
+    """--kv-dtype's quantized formats: here even a single one is compared with plain."""
+    base, compared = against_plain.split_kv_dtypes(a.kv_dtype, a.dtype)
+    return compared or ([base] if base else [])
 
 
 def fill_pool(be, pool, n_tokens, rng, dtype):
@@ -119,42 +151,116 @@ def rep_kernel_ns(be) -> list[float]:
     return [(ts[idx[-1]][1] - ts[idx[0] - 1][1]) * ns_per_tick(be) for _, idx in sorted(reps.items())]
 
 
-def bench_point(be, a, batch, ctx, rng, reference):
+@dataclass
+class Case:
+    """One kernel timed at a point: plain, an attention variant on the plain pool, or a
+    quantized format's own pool (same tables)."""
+    name: str                   # "plain", an attention variant or a format
+    pool: object
+    args: StepArgs              # what decode_repeated records (a variant plan's args carry it)
+    sinks: np.ndarray | None
+    call: Callable[[], object]  # one whole call through the public API: out, or (out, lse)
+    nbytes: int                 # K/V bytes the kernel must read (a format's: data + scales)
+    attention: str | None = None
+    kv_dtype: str | None = None
+
+
+def point_cases(be, a, path, q, pool, formats, variants, tables, lens) -> list[Case]:
+    """Plain first (the ratios' denominator), then each attention variant, then each format."""
+    tokens = int(lens.sum())
+    plain_bytes = tokens * pool.spec.bytes_per_token
+    cases = [Case("plain", pool, _args(be, q, pool, tables, lens), None,
+                  lambda: be.decode(q, pool, tables, lens, path=path), plain_bytes)]
+    for name, (kw, sinks) in variants.items():
+        plan = be.plan(pool, tables, lens, num_q_heads=q.shape[1], path=path, **kw)
+        cases.append(Case(name, pool, plan.args, sinks,
+                          lambda plan=plan, sinks=sinks: be.run(plan, q, pool, sinks=sinks),
+                          plain_bytes, attention=name))
+    for name, fpool in formats.items():
+        cases.append(Case(name, fpool, _args(be, q, fpool, tables, lens), None,
+                          lambda fpool=fpool: be.decode(q, fpool, tables, lens, path=path),
+                          tokens * fpool.spec.bytes_per_token, kv_dtype=name))
+    return cases
+
+
+def kernel_times(be, a, path, q, cases: list[Case]) -> dict[str, list[float]]:
+    """Per-repetition kernel ns of every case: --iters repetitions in one submission, the cases
+    in turns for --rounds rounds (one round when plain is alone), so drift hits them alike."""
+    be.record_timestamps = True
+    try:
+        def one_round(out):
+            for c in cases:
+                hooks.decode_repeated(be, q, c.pool, c.args, path, a.iters, c.sinks)
+                out.setdefault(c.name, []).extend(rep_kernel_ns(be))
+        warm_up(lambda: one_round({}), a.warmup)
+        ks: dict[str, list[float]] = {}
+        for _ in range(1 if len(cases) == 1 else a.rounds):
+            one_round(ks)
+        return ks
+    finally:
+        be.record_timestamps = False
+
+
+def parity(case: Case, got, q, tables, lens, plain_kv, refs: dict) -> dict:
+    """rms (and lse_rms) of a case's output against the float64 numpy reference over what its
+    pool holds (a quantized pool: its dequantized values), and the reference's ms. `refs`
+    caches each case's reference across paths."""
     from paged_attention import reference as ref
+    if case.name not in refs:
+        t0 = time.perf_counter()
+        if case.kv_dtype is not None:
+            k, v = case.pool.to_numpy()
+            refs[case.name] = (ref.decode(q, k, v, tables, lens), None)
+        else:
+            refs[case.name] = ref.step(q, *plain_kv, case.args, case.sinks)
+        refs[case.name] += ((time.perf_counter() - t0) * 1e3,)
+    want, want_lse, ms = refs[case.name]
+    out, lse = got if isinstance(got, tuple) else (got, None)
+    return {"rms": ref.rms(out, want), "ref_ms": ms,
+            "lse_rms": None if lse is None else ref.rms(lse, want_lse)}
+
+
+def bench_point(be, a, batch, ctx, rng, reference):
     dt = np.dtype(a.dtype)
     tables, lens = make_tables(batch, ctx, a.block_size, rng)
     pool = be.create_pool(tables.size, a.block_size, a.kv_heads, a.head_dim, a.dtype)
     fill_pool(be, pool, tables.size * a.block_size, rng, dt)
+    formats = {}
+    for name in a.compared:
+        formats[name] = be.create_pool(tables.size, a.block_size, a.kv_heads, a.head_dim,
+                                       a.dtype, kv_dtype=name, kv_group_size=a.kv_group_size)
+        fill_pool(be, formats[name], tables.size * a.block_size, rng, dt)
     q = rng.standard_normal((batch, a.q_heads, a.head_dim)).astype(dt)
-    nbytes = 2 * batch * ctx * a.kv_heads * a.head_dim * dt.itemsize
-    args = _args(be, q, pool, tables, lens)
-    auto = be.resolve_path("auto", args, pool.spec)
-    rows, outs = [], {}
+    variants = {name: against_plain.attention_case(name, a.q_heads, rng) for name in a.attention}
+    auto = be.resolve_path("auto", _args(be, q, pool, tables, lens), pool.spec)
+    check = reference and batch * ctx <= a.reference_max_tokens
+    plain_kv = pool.to_numpy() if check else None
+    peak = peak_gbs(be.device)
+    rows, refs = [], {}
     for path in a.paths:
-        outs[path] = be.decode(q, pool, tables, lens, path=path)  # compile, record, first submit
-        be.record_timestamps = True
-        warm_up(lambda: hooks.decode_repeated(be, q, pool, args, path, a.iters), a.warmup)
-        hooks.decode_repeated(be, q, pool, args, path, a.iters)
-        be.record_timestamps = False
-        ks = rep_kernel_ns(be)
-        walls = round_robin({path: wall(lambda: be.decode(q, pool, tables, lens, path=path))},
-                            a.iters)[path]
-        k_ns = float(np.median(ks))
-        gbs = nbytes / k_ns  # bytes/ns == GB/s
-        peak = peak_gbs(be.device)
-        geo = be.split_geometry(args, pool.spec) if path == "splitk" else (1, 0)
-        rows.append(dict(batch=batch, context=ctx, path=path, auto=(path == auto), kernel_us=k_ns / 1e3,
-                         kernel_min_us=min(ks) / 1e3, wall_us=float(np.median(walls)) * 1e6,
-                         gbs=gbs, peak_frac=(gbs / peak if peak else None), rms=None, ref_ms=None,
-                         nsplit=geo[0], mbytes=nbytes / 1e6))
-    if reference and batch * ctx <= a.reference_max_tokens:
-        k, v = pool.to_numpy()
-        t0 = time.perf_counter()
-        want = ref.decode(q, k, v, tables, lens)
-        ref_ms = (time.perf_counter() - t0) * 1e3
-        for r in rows:
-            r["rms"], r["ref_ms"] = ref.rms(outs[r["path"]], want), ref_ms
-    del pool
+        cases = point_cases(be, a, path, q, pool, formats, variants, tables, lens)
+        outs = {c.name: c.call() for c in cases}  # compile, record, first submit
+        ks = kernel_times(be, a, path, q, cases)
+        walls = round_robin({c.name: wall(c.call) for c in cases}, a.iters)
+        plain_ns = float(np.median(ks[cases[0].name]))
+        for c in cases:
+            k_ns = float(np.median(ks[c.name]))
+            gbs = c.nbytes / k_ns  # bytes/ns == GB/s
+            ratio = None if c is cases[0] else k_ns / plain_ns   # plain comes first
+            bound, ok = (None, None) if ratio is None else \
+                against_plain.verdict(c.name, batch, ctx, ratio)
+            geo = be.split_geometry(c.args, c.pool.spec) if path == "splitk" else (1, 0)
+            row = dict(batch=batch, context=ctx, path=path, attention=c.attention,
+                       kv_dtype=c.kv_dtype, auto=(path == auto), kernel_us=k_ns / 1e3,
+                       kernel_min_us=min(ks[c.name]) / 1e3,
+                       wall_us=float(np.median(walls[c.name])) * 1e6, gbs=gbs,
+                       peak_frac=(gbs / peak if peak else None), ratio_vs_plain=ratio,
+                       target=bound, target_ok=ok, rms=None, lse_rms=None, ref_ms=None,
+                       nsplit=geo[0], mbytes=c.nbytes / 1e6)
+            if check:
+                row.update(parity(c, outs[c.name], q, tables, lens, plain_kv, refs))
+            rows.append(row)
+    del pool, formats
     return rows
 
 
@@ -367,26 +473,52 @@ def main(argv=None) -> int:
     return bench_cli("vulkan", argv)
 
 
-def measure(a) -> list[dict]:
+def point_line(r: dict, comparing: bool) -> str:
+    """A row of the points table; with variants or formats compared, their case and ratio."""
+    case = [r["attention"] or r["kv_dtype"] or "plain"] if comparing else []
+    ratio = [fmt(r["ratio_vs_plain"], ".3f")] if comparing else []
+    lse = f" (lse {r['lse_rms']:.2e})" if r.get("lse_rms") is not None else ""
+    cells = [r["batch"], r["context"], r["path"], *case, "*" if r["auto"] else "",
+             f"{r['kernel_us']:.1f}", f"{r['gbs']:.4g}",
+             fmt(r["peak_frac"] and 100 * r["peak_frac"], ".1f"), *ratio, f"{r['wall_us']:.0f}",
+             r["nsplit"], fmt(r["rms"], ".2e") + lse, fmt(r["ref_ms"], ".0f")]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def point_header(comparing: bool) -> str:
+    cols = ["B", "ctx", "path", *(["case"] if comparing else []), "auto", "kernel us", "GB/s",
+            "% peak", *(["x plain"] if comparing else []), "call wall us", "nsplit",
+            "rms vs ref", "numpy ref ms"]
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+
+
+def measure(a):
     from paged_attention.registry import get_backend
+    a = argparse.Namespace(**vars(a))
+    a.attention = [n for n in a.attention.split(",") if n]
+    a.compared = compared_formats(a)
+    comparing = bool(a.attention or a.compared)
     be = get_backend("vulkan")
     rng = np.random.default_rng(0)
     peak = peak_gbs(be.device)
     print(f"device: {be.device} (subgroup {be.subgroup_size}, ~{be.compute_units} compute units, "
           f"peak {fmt(peak, '.0f')} GB/s); timestamps assume {ns_per_tick(be)} ns/tick")
     print(f"Hq={a.q_heads} Hkv={a.kv_heads} D={a.head_dim} block={a.block_size} dtype={a.dtype} "
-          f"iters={a.iters}")
-    print("| B | ctx | path | auto | kernel us | GB/s | % peak | call wall us | nsplit | rms vs ref | numpy ref ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"iters={a.iters}" + (f"; compared with plain in {a.rounds} rounds: "
+                                f"{', '.join(a.attention + a.compared)}" if comparing else ""))
+    print(point_header(comparing))
     rows = []
     for batch in a.batch:
         for ctx in a.context:
-            for r in bench_point(be, a, batch, ctx, rng, reference=True):
-                rows.append(r)
-                print(f"| {r['batch']} | {r['context']} | {r['path']} | {'*' if r['auto'] else ''} | "
-                      f"{r['kernel_us']:.1f} | {r['gbs']:.4g} | {fmt(r['peak_frac'] and 100 * r['peak_frac'], '.1f')} | "
-                      f"{r['wall_us']:.0f} | {r['nsplit']} | {fmt(r['rms'], '.2e')} | {fmt(r['ref_ms'], '.0f')} |",
-                      flush=True)
+            point = bench_point(be, a, batch, ctx, rng, reference=True)
+            rows += point
+            for r in point:
+                print(point_line(r, comparing), flush=True)
+            for path in a.paths if comparing else ():
+                print(against_plain.summary_line(batch, ctx, {
+                    r["attention"] or r["kv_dtype"]: r["ratio_vs_plain"] for r in point
+                    if r["path"] == path and r["ratio_vs_plain"] is not None}, path), flush=True)
+    plain = [r for r in rows if r["attention"] is None and r["kv_dtype"] is None]
     extra = {"readback": bench_readback(be)}
     print(f"readback: {extra['readback']['gbs']:.2f} GB/s reading {extra['readback']['mib']} MiB of mapped "
           f"{extra['readback']['buffer']} buffer memory (memory flags {extra['readback']['staging_flags']}; kp patched: "
@@ -398,7 +530,7 @@ def measure(a) -> list[dict]:
               f"path={step['path']}: {step['submissions_per_step']:.0f} submission(s)/step, "
               f"GPU {step['gpu_ms']:.2f} ms ({step['gbs']:.0f} GB/s), wall {step['wall_ms']:.2f} ms "
               f"(backend host breakdown ms: " + ", ".join(f"{k} {v:.2f}" for k, v in step["host_ms"].items()) + ")")
-        one = [r for r in rows if r["batch"] == step["batch"] and r["context"] == step["context"]
+        one = [r for r in plain if r["batch"] == step["batch"] and r["context"] == step["context"]
                and r["path"] == step["path"]]
         kernel_us = one[0]["kernel_us"] if one else None
         if kernel_us:
@@ -429,7 +561,7 @@ def measure(a) -> list[dict]:
               f"decode() {blocking['tiny']['decode_us']:.0f} us" + (
                   f", model-like loop {blocking['model_loop']['wall_ms']:.2f} ms" if a.layers else ""),
               flush=True)
-    for r in rows:
+    for r in plain:
         if r["batch"] == 1 and r["context"] == max(a.context) and r["path"] == "splitk":
             print(f"B=1 x {r['context']} split-K: {r['gbs'] / 1e3:.2f} TB/s, nsplit {r['nsplit']} "
                   f"(target >= 1.5 TB/s on the H100)")
@@ -451,8 +583,15 @@ def measure(a) -> list[dict]:
         r = max(rows, key=lambda r: r["kernel_us"])
         print(f"tick check: largest point kernel {r['kernel_us']:.0f} us vs its whole call's wall time "
               f"{r['wall_us']:.0f} us (ratio {r['kernel_us'] / r['wall_us']:.2f}, must be <= 1)")
+    verdicts = against_plain.overall(
+        [{"name": r["attention"] or r["kv_dtype"], "batch": r["batch"], "context": r["context"],
+          "ratio": r["ratio_vs_plain"], "where": r["path"]}
+         for r in rows if r["ratio_vs_plain"] is not None])
+    notes = [f"{'PASS' if ok else 'FAIL'} {name}: {detail}" for name, ok, detail in verdicts]
+    for note in notes:
+        print(f"[{note.split(' ', 1)[0]}] {note.split(' ', 1)[1]}")
     be.close()
-    return records(be, rows, step, extra)
+    return records(be, rows, step, extra), notes
 
 
 def records(be, rows, step, extra) -> list[dict]:
