@@ -79,9 +79,16 @@ def _files(d: Path | None, pattern: str) -> int:
     return len([f for f in d.glob(pattern) if f.is_file()]) if d is not None and d.is_dir() else 0
 
 
-# The Vulkan drivers' pipeline caches (SPIR-V -> device code), pointed at a temporary directory
-# by --fresh-caches. NVIDIA does not create its directory; it must exist.
-_DRIVER_CACHE_VARS = ("MESA_SHADER_CACHE_DIR", "__GL_SHADER_DISK_CACHE_PATH")
+def fresh_env(root: str) -> dict:
+    """This process's environment with every cache the processes use under `root`: MLX's PTX,
+    our SPIR-V, and the Vulkan drivers' pipeline caches (SPIR-V -> device code; NVIDIA does not
+    create its directory, so it is made here)."""
+    driver = os.path.join(root, "driver")
+    os.makedirs(driver, exist_ok=True)
+    env = dict(os.environ, MLX_PTX_CACHE_DIR=os.path.join(root, "ptx"))
+    env.update(PAGED_ATTENTION_VK_SPIRV_CACHE=os.path.join(root, "spirv"),
+               MESA_SHADER_CACHE_DIR=driver, __GL_SHADER_DISK_CACHE_PATH=driver)
+    return env
 
 
 def child(cfg: dict) -> dict:
@@ -103,8 +110,7 @@ def child(cfg: dict) -> dict:
                            (cfg["batch"], cfg["prompt_tokens"])).tolist()
     compiler = getattr(be, "compiler", None)       # Vulkan's ShaderCompiler
     ptx = ptx_cache_dir()
-    driver = os.environ.get(_DRIVER_CACHE_VARS[0])
-    driver = Path(driver) if driver else None
+    driver = Path(cfg["driver_dir"]) if cfg.get("driver_dir") else None
     startup = time.perf_counter() - t0
 
     def counters():
@@ -134,12 +140,13 @@ def child(cfg: dict) -> dict:
                 ptx_before=c0["ptx"], ptx_written=c1["ptx"] - c0["ptx"],
                 ptx_written_warm=c2["ptx"] - c1["ptx"], ptx_dir=str(ptx),
                 driver_cache_files=c1["driver"] if driver else None,
+                spirv=compiler is not None,
                 spirv_dir=None if compiler is None or compiler.cache is None
                 else str(compiler.cache),
                 spirv_disk_error=getattr(compiler, "disk_error", None))
 
 
-def _spawn(cfg: dict, env: dict, timeout: float) -> dict:
+def _spawn(cfg: dict, env: dict | None, timeout: float) -> dict:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", __name__, "--child", json.dumps(cfg)],
@@ -167,13 +174,11 @@ def measure(a) -> tuple[list[dict], list[str]]:
         raise BenchUnavailable(f"--processes: expected >= 1, got {a.processes}")
     cfg = dict(model=_model_config(a), backend=a.backend, path=a.path, dtype=a.dtype,
                batch=a.batch, prompt_tokens=a.prompt_tokens, max_tokens=a.max_tokens)
-    env = dict(os.environ)
     tmp = tempfile.TemporaryDirectory(prefix="pa-coldstart-") if a.fresh_caches else None
+    env = None                   # the processes inherit this one's environment
     if tmp is not None:
-        env["MLX_PTX_CACHE_DIR"] = os.path.join(tmp.name, "ptx")
-        env["PAGED_ATTENTION_VK_SPIRV_CACHE"] = os.path.join(tmp.name, "spirv")
-        os.makedirs(os.path.join(tmp.name, "driver"))
-        env.update({v: os.path.join(tmp.name, "driver") for v in _DRIVER_CACHE_VARS})
+        env = fresh_env(tmp.name)
+        cfg["driver_dir"] = os.path.join(tmp.name, "driver")
     rows = []
     print(f"{'process':>7s} {'start-up s':>10s} {'first s':>8s} {'warm s':>7s} "
           f"{'first-warm s':>12s} {'glslc runs':>10s} {'SPIR-V loaded':>13s} "
@@ -193,7 +198,7 @@ def measure(a) -> tuple[list[dict], list[str]]:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    spirv = "" if a.backend != "vulkan" else f", SPIR-V {rows[0]['spirv_dir'] or 'off'}"
+    spirv = f", SPIR-V {rows[0]['spirv_dir'] or 'off'}" if rows[0]["spirv"] else ""
     notes = [f"caches: PTX {rows[0]['ptx_dir']}{spirv}"
              + (" (fresh, removed after the run)" if a.fresh_caches else "")]
     for r in rows[1:]:
