@@ -8,6 +8,9 @@ declare(
     Knob("vk_device", "VK_DEVICE", int, 0, "Vulkan physical device index"),
     Knob("vk_probe_timeout_s", "VK_PROBE_TIMEOUT", float, 60.0,
          "seconds the Vulkan probe subprocess may take", shown="`60`"),
+    Knob("vk_spirv_cache", "VK_SPIRV_CACHE", str, None,
+         "directory of compiled SPIR-V shared by every process (`off`: each process compiles "
+         "in memory; ADR 0008)", shown="`${XDG_CACHE_HOME:-~/.cache}/paged-attention/spirv`"),
     Knob("vk_compute_units", "VK_CUS", int, None,
          "compute units the Vulkan split-K geometry assumes", shown="from `devices.py`"),
     Knob("vk_chunk", "VK_CHUNK", int, None, "Vulkan split-K tokens per split", shown="heuristic"),

@@ -55,11 +55,11 @@ def disjoint_tables(batch, nblocks_per_seq, num_blocks, rng):
 
 # -- shader pipeline ---------------------------------------------------------------------------------
 def test_shader_cache_hit_skips_glslc(tmp_path, monkeypatch):
-    from paged_attention.backends.vulkan.shaders import ShaderCompiler
+    from paged_attention.backends.vulkan.shaders import ShaderCompiler, unpack
     defines = dict(DP=64, G=2, HKV=2, BS=16, WG=64, TPT=8, F16=1, U=2, SPLITK=0)
     c1 = ShaderCompiler(cache=tmp_path)
     key, spirv = c1.compile("decode.comp", **defines)
-    assert c1.compiles == 1 and (tmp_path / f"{key}.spv").read_bytes() == spirv
+    assert c1.compiles == 1 and unpack((tmp_path / f"{key}.spv").read_bytes()) == spirv
     assert spirv[:4] == b"\x03\x02\x23\x07"  # SPIR-V magic
     # A fresh compiler (new process, say) finds it on disk and never runs glslc.
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("glslc ran on a cache hit"))

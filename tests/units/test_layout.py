@@ -93,7 +93,9 @@ def test_the_core_names_no_backend_setting():
 
 # Variables other programs define and set (the XDG base directories; mlx.launch's rendezvous),
 # read where they are used: they are not this package's settings.
-FOREIGN_ENV = ("XDG_CACHE_HOME", "MLX_HOSTFILE", "NCCL_HOST_IP")
+# Other programs' variables; MLX_PTX_CACHE_DIR: where `bench coldstart` counts MLX's CUDA
+# binaries, and sets them and the drivers' caches for its processes.
+FOREIGN_ENV = ("XDG_CACHE_HOME", "MLX_HOSTFILE", "NCCL_HOST_IP", "MLX_PTX_CACHE_DIR")
 
 
 def test_every_env_read_goes_through_settings():
