@@ -167,7 +167,7 @@ def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
     per_head = MAX_HEADS_PER_GROUP if kv is None else max(1, 64 // (nv * elems))
     env = settings.get().mlx_variant
     tuned = {k: v for k, v in rule.params if k in VARIANT_KNOBS}
-    v = dict(DEFAULT_VARIANT, **tuned, **(parse_variant(env) if env else {}), **(variant or {}))
+    v = {**DEFAULT_VARIANT, **tuned, **(parse_variant(env) if env else {}), **(variant or {})}
     if v.get("chunk"):   # benchmarking: at most this many query heads per threadgroup
         per_head = max(1, min(int(v["chunk"]), per_head))
     chunks = -(-group // per_head)

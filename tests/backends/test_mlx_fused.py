@@ -931,3 +931,29 @@ def test_kernel_element_decoding_is_exact():
     assert np.array_equal(np.signbit(got[finite]), c[finite] >= 128)   # -0 stays -0
     magic = (np.uint32(0x4B000000) | c).view(np.float32) - np.float32(8388608.0)
     np.testing.assert_array_equal(magic, c.astype(np.float32))
+
+
+# -- per-device tuning: every candidate of `paged-attn tune --backend mlx --candidates full` --------
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_every_full_tuning_candidate_matches_the_reference(tmp_path, dtype):
+    """Each candidate read as a tuning-table row (as tune times it): a ragged batch, once with
+    the candidate's own split-K choice and once forced to 4 partitions, within the bound."""
+    import json
+
+    from paged_attention import settings
+    from paged_attention.lab.tune import mlx_candidates
+    cands = mlx_candidates("full")
+    table = tmp_path / "candidates.json"
+    table.write_text(json.dumps({"rows": {c.name: {"mlx": {"rules": [
+        {"max_batch": None, "params": c.params}]}} for c in cands}}))
+    q, k, v, tables, lens = make_case(11, [2100, 1, 517], 2, 4, 128, 16, dtype)
+    spec = PoolSpec(*k.shape, dtype=dtype)
+    args = check_decode(q, spec, tables, lens, None, None)
+    want = reference.decode(q, host(k), host(v), tables, lens)
+    for c in cands:
+        with settings.override(tuning_table=str(table), tuning_device=c.name):
+            for partitions in (None, 4):
+                got = host(fused_decode(mx.array(q), k, v, args, api=API, partitions=partitions))
+                err = reference.rms(got, want)
+                assert err < TOL, f"{c.name} partitions={partitions}: RMS {err:.2e}"
