@@ -322,17 +322,15 @@ class DecodePlan:
         the kernel's tuning (prefetch, iters, ...), a different thing. kv_format: the pools'
         KVFormat when quantized (ADR 0011): the kernels then take the pools' `sources()`."""
         context_lens, block_tables = np.asarray(context_lens), np.asarray(block_tables)
-        self.api = api
-        self.attention = attention
+        self.api, self.attention, self.kv_format = api, attention, kv_format
         self.batch = batch = int(context_lens.shape[0])
         self.num_q_heads = num_q_heads
         group = num_q_heads // num_kv_heads
-        self.rule = rule = tuning.rule("mlx", device_name(api), batch)
+        rule = tuning.rule("mlx", device_name(api), batch)
         self.cfg = kernel_config(head_dim, block_size, num_kv_heads, group, pool_dtype, variant,
                                  kv_format, rule) \
             if variant else _step_config(head_dim, block_size, num_kv_heads, group, pool_dtype,
                                          kv_format, rule, settings.get())
-        self.kv_format = kv_format
         max_tokens = int(context_lens.max(initial=0))
         if window is not None:
             max_tokens = min(max_tokens, window)

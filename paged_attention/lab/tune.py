@@ -43,7 +43,7 @@ OVERRIDES = {"mlx": ("mlx_variant", "mlx_splitk"),
 
 @dataclass(frozen=True)
 class Candidate:
-    name: str
+    label: str   # its parameters as text, e.g. 'iters=4,stream=2' (a row key of the scratch table)
     params: dict = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -136,7 +136,7 @@ def candidate_table(backend: str, cands: list[Candidate]):
     a context manager under which the backend reads that candidate's row."""
     with tempfile.TemporaryDirectory(prefix="paged-attn-tune-") as tmp:
         path = Path(tmp) / "candidates.json"
-        rows = {c.name: {backend: {"rules": [{"max_batch": None, "params": c.params}]}}
+        rows = {c.label: {backend: {"rules": [{"max_batch": None, "params": c.params}]}}
                 for c in cands}
         path.write_text(json.dumps({"rows": rows}))
         tuning.load(str(path))   # a malformed candidate fails here, before anything runs
@@ -235,7 +235,7 @@ def tune(m, cands: list[Candidate], batches: list[int], contexts: list[int], a) 
     points, winners = [], []
     with candidate_table(m.backend, cands) as use:
         for batch in batches:
-            per: dict[str, dict[int, float]] = {c.name: {} for c in cands}
+            per: dict[str, dict[int, float]] = {c.label: {} for c in cands}
             for ctx in contexts:
                 secs, errors, facts = m.point(batch, ctx, cands, use)
                 for name, s in secs.items():
@@ -248,8 +248,8 @@ def tune(m, cands: list[Candidate], batches: list[int], contexts: list[int], a) 
                 return {"backend": m.backend, "device": m.device, "points": points,
                         "rules": None, "winners": winners, "grid": grid(a, batches, contexts)}
             winners.append((batch, winner, scores(per, contexts)[winner], per[winner],
-                            per.get(DEFAULT.name, {})))
-    by_name = {c.name: c.params for c in cands}
+                            per.get(DEFAULT.label, {})))
+    by_name = {c.label: c.params for c in cands}
     rules = [{"max_batch": mb, "params": by_name[name]}
              for mb, name in merge([(b, n) for b, n, *_ in winners])]
     return {"backend": m.backend, "device": m.device, "peak_bytes_per_s": m.peak,
@@ -279,16 +279,16 @@ def point_table(p: dict, cands: list[Candidate], peak: float | None) -> str:
     lines = [f"B={p['batch']} ctx={p['context']}: candidate | us/layer | TB/s | %peak"]
     best = min(p["seconds"].values(), default=None)
     for c in cands:
-        if c.name in p["errors"]:
-            lines.append(f"  {c.name:42s} | skipped: {p['errors'][c.name]}")
+        if c.label in p["errors"]:
+            lines.append(f"  {c.label:42s} | skipped: {p['errors'][c.label]}")
             continue
-        s = p["seconds"].get(c.name)
+        s = p["seconds"].get(c.label)
         if s is None:
             continue
         tbs = p["kv_bytes"] / s / 1e12
         pct = f"{tbs * 1e12 / peak * 100:5.1f}" if peak else "    -"
         mark = " *" if s == best else ""
-        lines.append(f"  {c.name:42s} | {s * 1e6:9.1f} | {tbs:6.3f} | {pct}{mark}")
+        lines.append(f"  {c.label:42s} | {s * 1e6:9.1f} | {tbs:6.3f} | {pct}{mark}")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ class TuneUnavailable(PagedAttentionError):
 
 
 def measurer(a):
-    return MLXMeasurer(a) if a.backend == "mlx" else VulkanMeasurer(a)
+    return {"mlx": MLXMeasurer, "vulkan": VulkanMeasurer}[a.backend](a)
 
 
 def rel_rms(got: np.ndarray, want: np.ndarray) -> float:
@@ -71,11 +71,11 @@ class _Base:
         """Drop (into errors) every candidate whose output is off the default's by > REL_TOL."""
         want = outs.get(DEFAULT_NAME)
         for c in cands:
-            if c.name in outs and want is not None and c.name != DEFAULT_NAME:
-                err = rel_rms(outs[c.name], want)
+            if c.label in outs and want is not None and c.label != DEFAULT_NAME:
+                err = rel_rms(outs[c.label], want)
                 if not err <= REL_TOL:
-                    errors[c.name] = f"output off the default's by {err:.1e} (relative RMS)"
-                    del outs[c.name]
+                    errors[c.label] = f"output off the default's by {err:.1e} (relative RMS)"
+                    del outs[c.label]
 
 
 class MLXMeasurer(_Base):
@@ -112,17 +112,17 @@ class MLXMeasurer(_Base):
         plans, outs, errors, facts = {}, {}, {}, {}
         for c in cands:
             try:
-                with use(c.name):
+                with use(c.label):
                     plan = self.DecodePlan(
                         self.api, tables, lens, 1.0 / math.sqrt(a.head_dim), None, num_blocks=nb,
                         block_size=a.block_size, num_kv_heads=a.hkv, num_q_heads=a.hq,
                         head_dim=a.head_dim, pool_dtype=dtype)
                 out = plan(qs[0], *pools[0])
-                outs[c.name] = np.array(out.astype(mx.float32))   # compiles and runs it
-                plans[c.name] = plan
-                facts[c.name] = {"parts": plan.num_parts, "tile": plan.cfg.tile}
+                outs[c.label] = np.array(out.astype(mx.float32))   # compiles and runs it
+                plans[c.label] = plan
+                facts[c.label] = {"parts": plan.num_parts, "tile": plan.cfg.tile}
             except Exception as e:  # noqa: BLE001 - a candidate that fails is skipped, not fatal
-                errors[c.name] = _why(e)
+                errors[c.label] = _why(e)
         self.check(outs, cands, errors)
         fns = {n: (lambda i, p=p: p(qs[i], *pools[i % len(pools)]))
                for n, p in plans.items() if n in outs}
@@ -178,15 +178,15 @@ class VulkanMeasurer(_Base):
         plans, outs, errors, facts = {}, {}, {}, {}
         for c in cands:
             try:
-                with use(c.name):   # the plan keeps its rule: its runs need no override
+                with use(c.label):   # the plan keeps its rule: its runs need no override
                     plan = be.plan(pools[0], tables, lens, num_q_heads=a.hq)
-                    facts[c.name] = {"path": plan.path,
+                    facts[c.label] = {"path": plan.path,
                                      "nsplit": be.split_geometry(plan.args, plan.spec)[0]
                                      if plan.path == "splitk" else 1}
-                outs[c.name] = np.asarray(be.run(plan, q, pools[0]), np.float32)
-                plans[c.name] = plan
+                outs[c.label] = np.asarray(be.run(plan, q, pools[0]), np.float32)
+                plans[c.label] = plan
             except Exception as e:  # noqa: BLE001 - a candidate that fails is skipped, not fatal
-                errors[c.name] = _why(e)
+                errors[c.label] = _why(e)
         self.check(outs, cands, errors)
         fns = {nm: (lambda i, p=p: be.run(p, q, pools[i % len(pools)]))
                for nm, p in plans.items() if nm in outs}

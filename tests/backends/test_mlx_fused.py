@@ -946,15 +946,15 @@ def test_every_tuning_candidate_matches_the_reference(tmp_path, dtype, which):
     from paged_attention.lab.tune import mlx_candidates
     cands = mlx_candidates(which)
     table = tmp_path / "candidates.json"
-    table.write_text(json.dumps({"rows": {c.name: {"mlx": {"rules": [
+    table.write_text(json.dumps({"rows": {c.label: {"mlx": {"rules": [
         {"max_batch": None, "params": c.params}]}} for c in cands}}))
     q, k, v, tables, lens = make_case(11, [2100, 1, 517], 2, 4, 128, 16, dtype)
     spec = PoolSpec(*k.shape, dtype=dtype)
     args = check_decode(q, spec, tables, lens, None, None)
     want = reference.decode(q, host(k), host(v), tables, lens)
     for c in cands:
-        with settings.override(tuning_table=str(table), tuning_device=c.name):
+        with settings.override(tuning_table=str(table), tuning_device=c.label):
             for partitions in (None, 4):
                 got = host(fused_decode(mx.array(q), k, v, args, api=API, partitions=partitions))
                 err = reference.rms(got, want)
-                assert err < TOL, f"{c.name} partitions={partitions}: RMS {err:.2e}"
+                assert err < TOL, f"{c.label} partitions={partitions}: RMS {err:.2e}"

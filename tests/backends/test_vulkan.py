@@ -264,7 +264,7 @@ def test_build_script_is_a_no_op_when_kp_is_installed():
 
 # -- per-device tuning (paged_attention/tuning.py, paged-attn tune) -----------------------------------
 def candidate_rows(cands, backend):
-    return {"rows": {c.name: {backend: {"rules": [{"max_batch": None, "params": c.params}]}}
+    return {"rows": {c.label: {backend: {"rules": [{"max_batch": None, "params": c.params}]}}
                      for c in cands}}
 
 
@@ -303,13 +303,13 @@ def test_every_full_tuning_candidate_matches_the_reference(vk64, tmp_path):
     want = reference.decode(q, k, v, tables, lens)
     splits = set()
     for c in cands:
-        with settings.override(tuning_table=str(table), tuning_device=c.name):
+        with settings.override(tuning_table=str(table), tuning_device=c.label):
             a = check_decode(q, pool.spec, tables, lens, None, None)
             splits.add(vk.split_geometry(a, pool.spec)[0])
             for path in ("fused", "splitk"):
                 got = vk.decode(q, pool, tables, lens, path=path)
                 err = reference.rms(got, want)
-                assert err < TOL, f"{c.name} {path}: RMS {err:.2e}"
+                assert err < TOL, f"{c.label} {path}: RMS {err:.2e}"
     assert max(splits) > 1 and len(splits) > 1   # the split geometry did follow the candidates
 
 

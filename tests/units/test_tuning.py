@@ -154,11 +154,11 @@ def test_merge_joins_adjacent_batches_with_the_same_winner():
 def test_candidate_sets():
     for backend in ("mlx", "vulkan"):
         quick, full = tune.CANDIDATES[backend]("quick"), tune.CANDIDATES[backend]("full")
-        assert quick[0].name == full[0].name == "default" and not quick[0].params
+        assert quick[0].label == full[0].label == "default" and not quick[0].params
         assert 10 <= len(quick) <= 16 and len(full) > len(quick)
         for c in full + quick:   # every candidate is a valid rule
             tuning.parse_rules(backend, [{"max_batch": None, "params": c.params}])
-        assert len({c.name for c in full}) == len(full)
+        assert len({c.label for c in full}) == len(full)
     assert len(tune.vulkan_candidates("full")) == 1 + 3 * 3 * 5 * 3
 
 
@@ -173,13 +173,13 @@ class FakeMeasurer:
     def point(self, batch, ctx, cands, use):
         secs, errors = {}, {}
         for c in cands:
-            with use(c.name):   # the candidate's row is what the backend reads
+            with use(c.label):   # the candidate's row is what the backend reads
                 assert tuning.rule("vulkan", self.device, batch).as_dict() == c.params
-            if c.name == "wg=1024":
-                errors[c.name] = "RuntimeError: does not compile"
+            if c.label == "wg=1024":
+                errors[c.label] = "RuntimeError: does not compile"
                 continue
-            fast = c.name == ("wg=256" if batch <= 4 else "unroll=2")
-            secs[c.name] = batch * ctx * 1e-9 * (0.8 if fast else 1.0)
+            fast = c.label == ("wg=256" if batch <= 4 else "unroll=2")
+            secs[c.label] = batch * ctx * 1e-9 * (0.8 if fast else 1.0)
         return secs, errors, {}
 
 
