@@ -145,6 +145,12 @@ declare(
     Knob("path", "PATH", str, None, "force `path=\"auto\"` to this path on every backend"),
     Knob("selector_dir", "SELECTOR_DIR", str, None, "where calibration tables are read and written",
          shown="`${XDG_CACHE_HOME:-~/.cache}/paged-attention/selector`"),
+    Knob("tuning_table", "TUNING_TABLE", str, None,
+         "the per-device tuning table the fused kernels read (`paged-attn tune --write` writes it)",
+         shown="the shipped `paged_attention/tuning.json`"),
+    Knob("tuning_device", "TUNING_DEVICE", str, None,
+         "the tuning table's row to use (a `devices.py` key) instead of the device's own",
+         shown="the device's `devices.py` key"),
 )
 
 

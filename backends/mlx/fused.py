@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from paged_attention import devices, settings
+from paged_attention import devices, settings, tuning
 from paged_attention.errors import UnsupportedPath
 from paged_attention.validation import PLAIN, StepArgs, Variant
 
@@ -36,6 +36,13 @@ SPLIT_LAUNCH_COST = 15   # the reduce kernel's launch, in tile iterations (ADR 0
 SPLIT_TOLERANCE = 1.03   # take the fewest partitions within 3% of the best modelled cost
 KINDS = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
 DEFAULT_VARIANT = {"prefetch": False, "stream": 0, "hf": True}
+VARIANT_KNOBS = ("prefetch", "iters", "stream", "hf", "warps", "l2", "chunk")
+# The values a device without a row in the tuning table runs (paged_attention/tuning.py; ADR
+# 0004, "Per-device tuning"): the constants above, measured on the H100. Its H100 rows hold
+# exactly these (tests/units/test_tuning.py); iters and chunk are left to the register budget.
+BUILT_IN = {**DEFAULT_VARIANT, "warps": NUM_WARPS, "l2": 0, "ctas_per_unit": CTAS_PER_UNIT,
+            "min_part_tokens": MIN_PART_TOKENS, "split_tile_cost": SPLIT_TILE_COST,
+            "split_launch_cost": SPLIT_LAUNCH_COST, "split_tolerance": SPLIT_TOLERANCE}
 
 @functools.cache
 def compute_units(api: str) -> int:
@@ -50,6 +57,15 @@ def compute_units(api: str) -> int:
     except Exception:  # noqa: BLE001 - informational only
         name = ""
     return devices.lookup(name).compute_units or devices.FALLBACK_COMPUTE_UNITS[api]
+
+
+@functools.cache
+def device_name(api: str) -> str:
+    """MLX's name of the GPU: the tuning table's row is looked up with it."""
+    try:
+        return str(mx.device_info().get("device_name", api))
+    except Exception:  # noqa: BLE001 - informational only
+        return api
 
 
 @dataclass(frozen=True)
@@ -127,9 +143,12 @@ KV_ELEMS = {"int8": 16, "int4": 32, "float8_e4m3": 16}
 
 
 def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
-                  pool_dtype, variant: dict | None = None, kv_format=None) -> KernelConfig:
+                  pool_dtype, variant: dict | None = None, kv_format=None,
+                  rule: tuning.Rule = tuning.EMPTY) -> KernelConfig:
     """variant (benchmarking): overrides of prefetch / iters / stream. pool_dtype: the pool's
-    (compute) dtype; kv_format: its KVFormat when quantized (paged_attention.kv_formats)."""
+    (compute) dtype; kv_format: its KVFormat when quantized (paged_attention.kv_formats).
+    The knobs come from, last winning: DEFAULT_VARIANT, the device's tuning `rule`,
+    PAGED_ATTENTION_MLX_VARIANT, `variant`."""
     why = head_dim_unsupported_reason(head_dim)
     if why:
         raise UnsupportedPath(why)
@@ -148,7 +167,8 @@ def kernel_config(head_dim: int, block_size: int, num_kv_heads: int, group: int,
     # per threadgroup, the same registers (the other chunks re-read K/V, from L2: ADR 0011).
     per_head = MAX_HEADS_PER_GROUP if kv is None else max(1, 64 // (nv * elems))
     env = settings.get().mlx_variant
-    v = dict(DEFAULT_VARIANT, **(parse_variant(env) if env else {}), **(variant or {}))
+    tuned = {k: v for k, v in rule.params if k in VARIANT_KNOBS}
+    v = {**DEFAULT_VARIANT, **tuned, **(parse_variant(env) if env else {}), **(variant or {})}
     if v.get("chunk"):   # benchmarking: at most this many query heads per threadgroup
         per_head = max(1, min(int(v["chunk"]), per_head))
     chunks = -(-group // per_head)
@@ -195,7 +215,8 @@ def parse_variant(text: str) -> dict:
 
 
 def choose_partitions(batch: int, groups_per_seq: int, max_tokens: int, tile: int,
-                      units: int, partitions: int | None = None) -> tuple[int, int]:
+                      units: int, partitions: int | None = None,
+                      rule: tuning.Rule = tuning.EMPTY) -> tuple[int, int]:
     """(num_parts, part_size): split each sequence's attended range into partitions of
     part_size tokens (a multiple of the tile) for batch * groups_per_seq * num_parts
     threadgroups. `partitions` (or PAGED_ATTENTION_MLX_SPLITK=off|N) forces a count; 1 means no split.
@@ -206,7 +227,8 @@ def choose_partitions(batch: int, groups_per_seq: int, max_tokens: int, tile: in
     Each partition also costs SPLIT_TILE_COST tiles (its partials). The fewest partitions
     within SPLIT_TOLERANCE of the cheapest win; partitions are no shorter than MIN_PART_TOKENS.
     So B=1 at 32k fills every SM in one wave, and a large batch is left unsplit unless a split
-    evens out a ragged last wave."""
+    evens out a ragged last wave. The device's tuning `rule` may replace each constant
+    (ctas_per_unit, min_part_tokens, split_tile_cost, split_launch_cost, split_tolerance)."""
     if max_tokens <= 0:
         return 1, tile
     if partitions is None:
@@ -223,16 +245,19 @@ def choose_partitions(batch: int, groups_per_seq: int, max_tokens: int, tile: in
 
     if partitions is not None:
         return shape(max(1, int(partitions)))
-    slots = max(1, units * CTAS_PER_UNIT)
+    slots = max(1, int(units * rule.get("ctas_per_unit", CTAS_PER_UNIT)))
+    tile_cost = rule.get("split_tile_cost", SPLIT_TILE_COST)
+    launch_cost = rule.get("split_launch_cost", SPLIT_LAUNCH_COST)
     # Every candidate count at once (numpy): plan() runs this once per step, up to 128 options
     # at 32k tokens, where a Python loop over them was a large share of plan() (ADR 0007).
-    n = np.arange(1, max(1, max_tokens // MIN_PART_TOKENS) + 1, dtype=np.int64)
+    n = np.arange(1, max(1, max_tokens // rule.get("min_part_tokens", MIN_PART_TOKENS)) + 1,
+                  dtype=np.int64)
     part = -(-(-(-max_tokens // n)) // tile) * tile
     count = -(-max_tokens // part)
     split = (count > 1).astype(np.float64)
     waves = -(-ctas * count // slots)
-    cost = waves * (part // tile + SPLIT_TILE_COST * split) + SPLIT_LAUNCH_COST * split
-    ok = np.flatnonzero(cost <= cost.min() * SPLIT_TOLERANCE)
+    cost = waves * (part // tile + tile_cost * split) + launch_cost * split
+    ok = np.flatnonzero(cost <= cost.min() * rule.get("split_tolerance", SPLIT_TOLERANCE))
     best = ok[np.lexsort((part[ok], count[ok]))[0]]   # fewest partitions, then the shortest
     count, part = int(count[best]), int(part[best])
     return count, part
@@ -260,16 +285,18 @@ def _kernel(api: str, kernel: str, split: bool, features: frozenset = frozenset(
 # 0007): what depends only on the geometry is decided once. The split-K decision is taken for
 # the attended length rounded up to whole tiles, so it is reused for `tile` steps in a row
 # (partitions past a sequence's end are empty, as they are for the shorter rows of a batch).
+# Both are keyed on the step's tuning rule (one memoised lookup per step, tuning.rule).
 @functools.lru_cache(maxsize=256)
-def _step_config(head_dim, block_size, num_kv_heads, group, pool_dtype, kv_format,
+def _step_config(head_dim, block_size, num_kv_heads, group, pool_dtype, kv_format, rule,
                  _settings) -> KernelConfig:
     return kernel_config(head_dim, block_size, num_kv_heads, group, pool_dtype,
-                         kv_format=kv_format)
+                         kv_format=kv_format, rule=rule)
 
 
 @functools.lru_cache(maxsize=4096)
-def _step_partitions(batch, groups, tiles, tile, units, partitions, _settings) -> tuple[int, int]:
-    return choose_partitions(batch, groups, tiles * tile, tile, units, partitions)
+def _step_partitions(batch, groups, tiles, tile, units, partitions, rule,
+                     _settings) -> tuple[int, int]:
+    return choose_partitions(batch, groups, tiles * tile, tile, units, partitions, rule)
 
 
 # pa_step: [num_blocks, MB, window, part_size, num_parts, scale bits, L, T, soft-cap bits, A,
@@ -300,22 +327,21 @@ class DecodePlan:
         the kernel's tuning (prefetch, iters, ...), a different thing. kv_format: the pools'
         KVFormat when quantized (ADR 0011): the kernels then take the pools' `sources()`."""
         context_lens, block_tables = np.asarray(context_lens), np.asarray(block_tables)
-        self.api = api
-        self.attention = attention
+        self.api, self.attention, self.kv_format = api, attention, kv_format
         self.batch = batch = int(context_lens.shape[0])
         self.num_q_heads = num_q_heads
         group = num_q_heads // num_kv_heads
+        rule = tuning.rule("mlx", device_name(api), batch)
         self.cfg = kernel_config(head_dim, block_size, num_kv_heads, group, pool_dtype, variant,
-                                 kv_format) \
+                                 kv_format, rule) \
             if variant else _step_config(head_dim, block_size, num_kv_heads, group, pool_dtype,
-                                         kv_format, settings.get())
-        self.kv_format = kv_format
+                                         kv_format, rule, settings.get())
         max_tokens = int(context_lens.max(initial=0))
         if window is not None:
             max_tokens = min(max_tokens, window)
         self.num_parts, self.part_size = _step_partitions(
             batch, num_kv_heads * self.cfg.num_chunks, -(-max_tokens // self.cfg.tile),
-            self.cfg.tile, compute_units(api), partitions, settings.get())
+            self.cfg.tile, compute_units(api), partitions, rule, settings.get())
         mb = block_tables.shape[1] if block_tables.ndim == 2 else 0
         if mb == 0:
             block_tables, mb = None, 1   # an all-empty step: one zero entry per row

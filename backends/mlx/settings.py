@@ -8,7 +8,8 @@ declare(
     Knob("mlx_compute_units", "MLX_COMPUTE_UNITS", int, None,
          "SMs / GPU cores the MLX split-K heuristic assumes", shown="from `devices.py`"),
     Knob("mlx_variant", "MLX_VARIANT", str, "",
-         "MLX fused kernel variant, e.g. `pf1i4` (bench `--variants` syntax)"),
+         "MLX fused kernel variant, e.g. `pf1i4` (bench `--variants` syntax)",
+         shown="tuning table, else built-in"),
     Knob("mlx_splitk", "MLX_SPLITK", str, "", "`off` or a partition count for the MLX fused kernel",
-         shown="heuristic"),
+         shown="heuristic (tuning table)"),
 )

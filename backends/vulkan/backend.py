@@ -20,7 +20,7 @@ import weakref
 
 import numpy as np
 
-from paged_attention import settings
+from paged_attention import settings, tuning
 from paged_attention.errors import PagedAttentionError
 from paged_attention.host_arrays import cast_out, copy_into, host, out_dtype
 from paged_attention.interface import LayerStep, PagedAttention, Plan
@@ -144,10 +144,16 @@ class VulkanBackend(PagedAttention):
         return self.selector.choose(args, spec, fallback=self.heuristic_path)
 
     def heuristic_path(self, args: StepArgs, spec: PoolSpec) -> str:
-        return geometry.heuristic_path(args, spec, self.compute_units)
+        return geometry.heuristic_path(args, spec, self.compute_units,
+                                       self.tuning_rule(args.batch))
 
     def split_geometry(self, args: StepArgs, spec: PoolSpec) -> tuple[int, int]:
-        return geometry.split_geometry(args, spec, self.compute_units)
+        return geometry.split_geometry(args, spec, self.compute_units,
+                                       self.tuning_rule(args.batch))
+
+    def tuning_rule(self, batch: int) -> tuning.Rule:
+        """This device's tuning-table rule for a B=`batch` step (memoised; paged_attention/tuning.py)."""
+        return tuning.rule("vulkan", self._dev.name, batch)
 
     def query_tile(self, group: int, spec: PoolSpec) -> int:
         return geometry.query_tile(group, spec)

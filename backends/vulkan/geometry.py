@@ -17,10 +17,18 @@ import os
 
 import numpy as np
 
-from paged_attention import devices, settings
+from paged_attention import devices, settings, tuning
 from paged_attention.validation import PoolSpec, StepArgs
 
 MIN_CHUNK = 512             # split-K: fewest tokens per split
+PER_CU = 1.5                # split-K workgroups per compute unit (split_geometry)
+SPLIT_OCCUPANCY = 2.0       # ... when the (sequence, KV head) workgroups fill under a quarter
+DECODE_WG = 512             # decode.comp's workgroup size (64 on subgroups under 32 lanes)
+# The values a device without a row in the tuning table runs (paged_attention/tuning.py; ADR
+# 0004, "Per-device tuning"), measured on the H100 (ADR 0008): its rows hold exactly these
+# (tests/units/test_tuning.py); unroll and tpt are left to the register heuristic.
+BUILT_IN = {"wg": DECODE_WG, "per_cu": PER_CU, "split_occupancy": SPLIT_OCCUPANCY,
+            "min_chunk": MIN_CHUNK}
 PREFILL_WG = 128            # prefill.comp workgroup size
 PREFILL_ROWS = 32           # prefill.comp query rows (queries x heads) per workgroup, the default
 PREFILL_SHARED = 48 * 1024  # shared-memory budget: the most NVIDIA gives a workgroup without opt-in
@@ -53,21 +61,24 @@ def compute_units(device_name: str) -> int:
     return devices.FALLBACK_COMPUTE_UNITS["vulkan"]
 
 
-def heuristic_path(args: StepArgs, spec: PoolSpec, units: int) -> str:
+def heuristic_path(args: StepArgs, spec: PoolSpec, units: int,
+                   rule: tuning.Rule = tuning.EMPTY) -> str:
     """split-K when the (sequence, KV head) workgroups cannot fill the device and the context is
     long enough for the extra reduce to pay; fused otherwise."""
     if args.num_rows == 0:
         return "fused"
     longest = int(args.attended_tokens().max())
     wgs = args.num_rows * spec.num_kv_heads   # decode.comp: one workgroup per (row, KV head)
-    if longest >= 1024 and wgs < 2 * units and split_geometry(args, spec, units)[0] > 1:
+    if longest >= 1024 and wgs < 2 * units and split_geometry(args, spec, units, rule)[0] > 1:
         return "splitk"
     return "fused"
 
 
-def split_geometry(args: StepArgs, spec: PoolSpec, units: int) -> tuple[int, int]:
+def split_geometry(args: StepArgs, spec: PoolSpec, units: int,
+                   rule: tuning.Rule = tuning.EMPTY) -> tuple[int, int]:
     """(nsplit, chunk): chunk tokens per split, from the table's capacity so that a decode loop
-    with a fixed table width keeps one recorded command buffer while contexts grow."""
+    with a fixed table width keeps one recorded command buffer while contexts grow. `rule`: the
+    device's tuning (per_cu, split_occupancy, min_chunk); the VK_* settings win over it."""
     cap = args.block_tables.shape[1] * spec.block_size
     span = max(1, min(cap, args.window) if args.window else cap)
     chunk = settings.get().vk_chunk
@@ -78,25 +89,31 @@ def split_geometry(args: StepArgs, spec: PoolSpec, units: int) -> tuple[int, int
         # KV head) workgroups fill under a quarter of the CUs (B=1..4 at Hkv=8), that leaves
         # most of each SM idle, so aim at SPLIT_OCC (default 2) per CU there. Measurements:
         # ADR 0008, section 4.
-        per_cu = 1.5 if 4 * wgs > units else settings.get().vk_split_occupancy
+        if 4 * wgs > units:
+            per_cu = rule.get("per_cu", PER_CU)
+        else:
+            per_cu = settings.get().vk_split_occupancy or rule.get("split_occupancy",
+                                                                   SPLIT_OCCUPANCY)
         want = max(1, math.ceil(per_cu * units / wgs))
-        chunk = max(MIN_CHUNK, -(-(-(-span // want)) // 256) * 256)
+        chunk = max(rule.get("min_chunk", MIN_CHUNK), -(-(-(-span // want)) // 256) * 256)
     return max(1, -(-span // chunk)), chunk
 
 
-def decode_defines(pool, group: int, splitk: bool, subgroup_size: int) -> dict:
-    """decode.comp's compile-time constants for a pool (VulkanPool) at G query heads per KV head."""
+def decode_defines(pool, group: int, splitk: bool, subgroup_size: int,
+                   rule: tuning.Rule = tuning.EMPTY) -> dict:
+    """decode.comp's compile-time constants for a pool (VulkanPool) at G query heads per KV head;
+    `rule`: the device's tuning (wg, unroll, tpt), under the VK_* settings."""
     s = pool.spec
     vec = 8 if pool.f16 or pool.kvq else 4
     nv = pool.dp // vec
     tpt = min(pow2_floor(nv), pow2_floor(subgroup_size))
     s_ = settings.get()
-    tpt = s_.vk_tpt or tpt
-    wg = s_.vk_wg or (512 if subgroup_size >= 32 else 64)
+    tpt = s_.vk_tpt or rule.get("tpt") or tpt
+    wg = s_.vk_wg or rule.get("wg") or (DECODE_WG if subgroup_size >= 32 else 64)
     ng = max(1, min(wg // tpt, 4096 // pool.dp))  # shared memory: ng * dp floats <= 16 KiB
     nl = -(-nv // tpt)
     regs = group * nl * vec  # per-lane q and accumulator floats per token
-    unroll = s_.vk_unroll or (8 if regs <= 32 else 4 if regs <= 64 else 2)
+    unroll = s_.vk_unroll or rule.get("unroll") or (8 if regs <= 32 else 4 if regs <= 64 else 2)
     return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size, "WG": ng * tpt,
             "TPT": tpt, "F16": int(pool.f16), "BF16": int(pool.bf16), "U": unroll,
             "SPLITK": int(splitk), **kv_defines(pool)}

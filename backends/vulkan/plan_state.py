@@ -34,7 +34,7 @@ class _PlanState:
     """plan.device: a step's tables/lengths/slots (host copies and their size-class device
     buffers), its batch size class and split geometry. `token` marks whose tables a buffer holds."""
     __slots__ = ("token", "rows", "rcls", "bcls", "maxb", "path", "window", "scale_bits", "nsplit", "chunk",
-                 "n", "tables_host", "lens_host", "slots_host", "tables", "lens", "slots", "qt",
+                 "rule", "n", "tables_host", "lens_host", "slots_host", "tables", "lens", "slots", "qt",
                  "tcls", "tiles_host", "tiles", "keys", "cap_bits", "slopes", "lse")
 
 
@@ -73,8 +73,11 @@ class PlanTables:
             st.cap_bits = 0 if var.soft_cap is None else \
                 int(np.float32(var.soft_cap).view(np.uint32))
             st.slopes, st.lse = var.alibi_slopes, bool(var.return_lse)
-        st.nsplit, st.chunk = geometry.split_geometry(args, spec, self._backend.compute_units) \
-            if path == "splitk" else (1, 0)
+        # The device's tuning for this batch (memoised): the split geometry and decode.comp's
+        # shape (recording.py) follow it.
+        st.rule = self._backend.tuning_rule(args.batch)
+        st.nsplit, st.chunk = geometry.split_geometry(args, spec, self._backend.compute_units,
+                                                      st.rule) if path == "splitk" else (1, 0)
         st.n = 0 if slots is None else int(slots.shape[0])
         st.tables_host = np.ascontiguousarray(args.block_tables, dtype=np.int32).reshape(-1)
         # [rcls] row lengths, then [rcls] row sequences; rows past N see nothing (zeros out).

@@ -88,7 +88,7 @@ class Recorder:
         if key is None:
             key = st.keys[memo] = (st.path, st.rcls, st.bcls, st.maxb, hq, st.n if writes else 0, st.window,
                                    st.scale_bits, st.nsplit, st.chunk, f16_io, repeat, len(pools),
-                                   st.qt, st.tcls, var.key)
+                                   st.qt, st.tcls, var.key, st.rule)
         full = key if len(pools) == 1 else key + (tuple(p.uid for p in pools),)
         cache = pools[0].recorded if len(pools) == 1 else self._steps
         timed = self._dev.record_timestamps   # a timestamped sequence is recorded for one use
@@ -210,7 +210,7 @@ class Recorder:
                 wgx = st.tcls * spec.num_kv_heads
             else:
                 shader, defines = "decode.comp", geometry.decode_defines(
-                    pool, group, splitk, dev.subgroup_size)
+                    pool, group, splitk, dev.subgroup_size, st.rule)
                 wgx = st.rcls * spec.num_kv_heads
             defines["OUT_F16"] = int(f16_io and not splitk)
             defines["Q_F16"] = int(f16_io)

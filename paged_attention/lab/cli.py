@@ -154,7 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     from .generate import add_generate_parser
     add_generate_parser(sub)
+    t = sub.add_parser("tune", help="measure the fused kernels' candidate configurations on this "
+                                    "device; --write stores the winners in the tuning table")
+    from . import tune
+    tune.add_arguments(t).set_defaults(func=cmd_tune)
     return p
+
+
+def cmd_tune(args) -> int:
+    from . import tune
+    return tune.run(args)
 
 
 def cmd_bench(args) -> int:
@@ -164,7 +173,9 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv   # the command as given (tune records it in the table's provenance)
     return args.func(args)
 
 

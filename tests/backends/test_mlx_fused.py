@@ -926,3 +926,30 @@ def test_kernel_element_decoding_is_exact():
     assert np.array_equal(np.signbit(got[finite]), c[finite] >= 128)   # -0 stays -0
     magic = (np.uint32(0x4B000000) | c).view(np.float32) - np.float32(8388608.0)
     np.testing.assert_array_equal(magic, c.astype(np.float32))
+
+
+# -- per-device tuning: every candidate of `paged-attn tune --backend mlx --candidates full` --------
+@needs_gpu
+@pytest.mark.parametrize("dtype,which", [("float16", "full"), ("bfloat16", "quick")])
+def test_every_tuning_candidate_matches_the_reference(tmp_path, dtype, which):
+    """Each candidate read as a tuning-table row (as tune times it): a ragged batch, once with
+    the candidate's own split-K choice and once forced to 4 partitions, within the bound
+    (bfloat16 on the quick set: every full candidate is two more kernel compiles)."""
+    import json
+
+    from paged_attention import settings
+    from paged_attention.lab.tune import mlx_candidates
+    cands = mlx_candidates(which)
+    table = tmp_path / "candidates.json"
+    table.write_text(json.dumps({"rows": {c.label: {"mlx": {"rules": [
+        {"max_batch": None, "params": c.params}]}} for c in cands}}))
+    q, k, v, tables, lens = make_case(11, [2100, 1, 517], 2, 4, 128, 16, dtype)
+    spec = PoolSpec(*k.shape, dtype=dtype)
+    args = check_decode(q, spec, tables, lens, None, None)
+    want = reference.decode(q, host(k), host(v), tables, lens)
+    for c in cands:
+        with settings.override(tuning_table=str(table), tuning_device=c.label):
+            for partitions in (None, 4):
+                got = host(fused_decode(mx.array(q), k, v, args, api=API, partitions=partitions))
+                err = reference.rms(got, want)
+                assert err < TOL, f"{c.label} partitions={partitions}: RMS {err:.2e}"

@@ -260,3 +260,115 @@ def test_build_script_is_a_no_op_when_kp_is_installed():
     r = subprocess.run(["bash", str(ROOT / "scripts" / "build_kompute.sh"), sys.executable],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
+
+
+# -- per-device tuning (paged_attention/tuning.py, paged-attn tune) -----------------------------------
+def candidate_rows(cands, backend):
+    return {"rows": {c.label: {backend: {"rules": [{"max_batch": None, "params": c.params}]}}
+                     for c in cands}}
+
+
+@pytest.fixture(scope="module")
+def vk64():
+    """A backend that assumes 64 compute units (lavapipe has the CPU count): small batches then
+    split, as on a GPU."""
+    from paged_attention import settings
+    from paged_attention.backends.vulkan import Backend
+    with settings.override(vk_compute_units=64):
+        be = Backend()
+    yield be
+    be.close()
+
+
+def test_every_full_tuning_candidate_matches_the_reference(vk64, tmp_path):
+    """Each candidate of `paged-attn tune --backend vulkan --candidates full` read as a table row:
+    fused and split-K on a ragged batch (lens 1..2000, split counts 2..16) within the bound."""
+    import json
+
+    from paged_attention import settings
+    from paged_attention.lab.tune import vulkan_candidates
+    from paged_attention.validation import check_decode
+    vk = vk64
+    cands = vulkan_candidates("full")
+    table = tmp_path / "candidates.json"
+    table.write_text(json.dumps(candidate_rows(cands, "vulkan")))
+    rng = np.random.default_rng(7)
+    bs, hkv, g, d = 16, 2, 4, 64
+    lens = np.array([2000, 1, 333], dtype=np.int32)
+    nbps = -(-int(lens.max()) // bs)
+    pool = vk.create_pool(3 * nbps + 2, bs, hkv, d, "float16")
+    tables = disjoint_tables(3, nbps, 3 * nbps + 2, rng)
+    k, v = fill(vk, pool, tables, lens, rng)
+    q = rng.standard_normal((3, hkv * g, d)).astype(np.float16)
+    want = reference.decode(q, k, v, tables, lens)
+    splits = set()
+    for c in cands:
+        with settings.override(tuning_table=str(table), tuning_device=c.label):
+            a = check_decode(q, pool.spec, tables, lens, None, None)
+            splits.add(vk.split_geometry(a, pool.spec)[0])
+            for path in ("fused", "splitk"):
+                got = vk.decode(q, pool, tables, lens, path=path)
+                err = reference.rms(got, want)
+                assert err < TOL, f"{c.label} {path}: RMS {err:.2e}"
+    assert max(splits) > 1 and len(splits) > 1   # the split geometry did follow the candidates
+
+
+def test_tune_writes_a_row_the_backend_then_uses(vk, tmp_path, capsys):
+    """`paged-attn tune --backend vulkan --write` on lavapipe (a tiny grid): the row it writes
+    is what the backend's rule lookup, split geometry and decode.comp shape then follow."""
+    import json
+
+    from paged_attention import settings, tuning
+    from paged_attention.backends.vulkan import geometry
+    from paged_attention.lab import cli
+    from paged_attention.validation import check_decode
+    table = tmp_path / "tuning.json"
+    table.write_text((ROOT / "paged_attention" / "tuning.json").read_text())
+    argv = ["tune", "--backend", "vulkan", "--batches", "1,2", "--contexts", "256,1k", "--hq", "4",
+            "--hkv", "2", "--head-dim", "64", "--layers", "2", "--repeats", "2",
+            "--device-key", "H200", "--table", str(table), "--write", "--json",
+            str(tmp_path / "report.json")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "wrote the vulkan row of 'H200'" in out and "B=2 ctx=1024" in out
+    doc = json.loads(table.read_text())
+    row = doc["rows"]["H200"]["vulkan"]
+    assert row["provenance"]["grid"]["batches"] == [1, 2]
+    assert row["provenance"]["chosen"][0]["default_us"]       # the default's times beside
+    shipped = json.loads((ROOT / "paged_attention" / "tuning.json").read_text())
+    assert doc["rows"]["H100"] == shipped["rows"]["H100"]      # only its own row changed
+    pool = vk.create_pool(64, 16, 2, 64, "float16")
+    tables = np.arange(64, dtype=np.int32).reshape(2, 32)
+    lens = np.array([512, 300], np.int32)
+    q = np.zeros((2, 8, 64), np.float16)
+    a = check_decode(q, pool.spec, tables, lens, None, None)
+    with settings.override(tuning_table=str(table), tuning_device="H200"):
+        for batch in (1, 2, 5):
+            want = next(r for r in row["rules"] if r["max_batch"] is None or r["max_batch"] >= batch)
+            assert vk.tuning_rule(batch).as_dict() == want["params"]
+        rule = vk.tuning_rule(2)
+        params = rule.as_dict()
+        forced = {f"vk_{k}": v for k, v in params.items() if k in ("wg", "tpt")}
+        if "unroll" in params:
+            forced["vk_unroll"] = params["unroll"]
+        got = geometry.decode_defines(pool, 4, False, vk.subgroup_size, rule)
+        with settings.override(**forced):   # the same shape, forced through the settings
+            assert got == geometry.decode_defines(pool, 4, False, vk.subgroup_size)
+        assert vk.split_geometry(a, pool.spec) == geometry.split_geometry(
+            a, pool.spec, vk.compute_units, tuning.Rule(None, tuple(sorted(params.items()))))
+    with settings.override(tuning_table=str(table), tuning_device="H200", vk_wg=64):
+        defines = geometry.decode_defines(pool, 4, False, vk.subgroup_size, vk.tuning_rule(2))
+        assert defines["WG"] <= 64                              # a setting wins over the table
+
+
+def test_tune_refuses_to_write_an_unknown_device_and_settings_that_win(tmp_path, capsys):
+    from paged_attention import settings
+    from paged_attention.lab import cli
+    small = ["--batches", "1", "--contexts", "256", "--hq", "4", "--hkv", "2", "--head-dim", "64",
+             "--layers", "1", "--repeats", "1", "--table", str(tmp_path / "t.json")]
+    assert cli.main(["tune", "--backend", "vulkan", "--write", *small]) == 2   # llvmpipe: no key
+    assert "--device-key" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+    with settings.override(vk_wg=256):
+        assert cli.main(["tune", "--backend", "vulkan", *small]) == 2
+    assert "PAGED_ATTENTION_VK_WG" in capsys.readouterr().err

@@ -125,6 +125,8 @@ def skip_reason(argv: list[str]) -> str | None:
     sub = argv[1] if len(argv) > 1 else ""
     if sub == "bench":
         return "a benchmark: minutes, most of them on a GPU (Metal, CUDA or a Vulkan GPU)"
+    if sub == "tune":
+        return "measures every candidate kernel configuration on a GPU: minutes"
     if sub == "calibrate":
         return "the selector calibration sweep takes minutes"
     if sub == "soak":
