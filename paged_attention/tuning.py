@@ -31,7 +31,7 @@ BACKENDS = ("mlx", "vulkan")
 _INT, _NUM, _BOOL = (int,), (int, float), (bool,)
 PARAMETERS: dict[str, dict[str, tuple]] = {
     "mlx": {   # backends/mlx/fused.py: the kernel's variant knobs, then the split-K wave model
-        "prefetch": _BOOL, "iters": _INT, "stream": _INT, "hf": _BOOL, "warps": _INT,
+        "prefetch": _BOOL, "iters": _INT, "stream": _INT, "hf": _BOOL, "ws": _BOOL, "warps": _INT,
         "l2": _INT, "chunk": _INT, "ctas_per_unit": _NUM, "min_part_tokens": _INT,
         "split_tile_cost": _NUM, "split_launch_cost": _NUM, "split_tolerance": _NUM},
     "vulkan": {  # backends/vulkan/geometry.py: decode.comp's shape, then the split geometry

@@ -35,8 +35,8 @@ SPLIT_LAUNCH_COST = 15   # the reduce kernel's launch, in tile iterations (ADR 0
                          # behind the constants")
 SPLIT_TOLERANCE = 1.03   # take the fewest partitions within 3% of the best modelled cost
 KINDS = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
-DEFAULT_VARIANT = {"prefetch": False, "stream": 0, "hf": True}
-VARIANT_KNOBS = ("prefetch", "iters", "stream", "hf", "warps", "l2", "chunk")
+DEFAULT_VARIANT = {"prefetch": False, "stream": 0, "hf": True, "ws": False}
+VARIANT_KNOBS = ("prefetch", "iters", "stream", "hf", "warps", "l2", "chunk", "ws")
 # The values a device without a row in the tuning table runs (paged_attention/tuning.py; ADR
 # 0004, "Per-device tuning"): the constants above, measured on the H100. Its H100 rows hold
 # exactly these (tests/units/test_tuning.py); iters and chunk are left to the register budget.

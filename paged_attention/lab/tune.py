@@ -56,20 +56,23 @@ DEFAULT = candidate()
 
 
 def mlx_candidates(which: str) -> list[Candidate]:
-    """quick: single knobs and a few pairs that ADR 0004's sweeps found close; full: every
-    combination of the kernel's variant knobs (prefetch, iters, stream, warps, l2), then every
-    split-K constant pair (ctas_per_unit, min_part_tokens) with the built-in kernel."""
+    """quick: single knobs and the pairs the H100 sweeps (ADR 0004) and the first H200
+    exploration found close, and the per-warp softmax (ws) alone and with each; full: every
+    combination of the kernel's variant knobs (ws, prefetch, iters, stream, warps, l2), then
+    every split-K constant pair (ctas_per_unit, min_part_tokens) with and without ws."""
     if which == "quick":
         return [DEFAULT] + [candidate(**p) for p in (
-            {"prefetch": True}, {"iters": 4}, {"iters": 2}, {"stream": 1}, {"stream": 2},
-            {"stream": 3}, {"warps": 8}, {"warps": 8, "iters": 4}, {"l2": 1},
-            {"prefetch": True, "stream": 2}, {"ctas_per_unit": 2}, {"ctas_per_unit": 4},
-            {"ctas_per_unit": 6, "min_part_tokens": 128}, {"min_part_tokens": 512})]
-    variants = [candidate(prefetch=bool(pf), iters=it, stream=nc, warps=w, l2=l2)
-                for pf, it, nc, w, l2 in itertools.product((0, 1), (2, 4, 8), (0, 1, 2, 3),
-                                                           (4, 8), (0, 1))]
-    split = [candidate(ctas_per_unit=c, min_part_tokens=m)
-             for c, m in itertools.product((2, 3, 4, 6), (128, 256, 512))]
+            {"prefetch": True}, {"iters": 4}, {"stream": 1}, {"stream": 2},
+            {"warps": 8, "iters": 4}, {"prefetch": True, "iters": 8},
+            {"ctas_per_unit": 2}, {"ctas_per_unit": 4}, {"ctas_per_unit": 6, "min_part_tokens": 128},
+            {"ws": True}, {"ws": True, "prefetch": True}, {"ws": True, "prefetch": True, "iters": 8},
+            {"ws": True, "stream": 1}, {"ws": True, "iters": 4}, {"ws": True, "warps": 8},
+            {"ws": True, "ctas_per_unit": 2}, {"ws": True, "ctas_per_unit": 4})]
+    variants = [candidate(ws=bool(ws), prefetch=bool(pf), iters=it, stream=nc, warps=w, l2=l2)
+                for ws, pf, it, nc, w, l2 in itertools.product((0, 1), (0, 1), (2, 4, 8),
+                                                               (0, 1, 2, 3), (4, 8), (0, 1))]
+    split = [candidate(ws=bool(ws), ctas_per_unit=c, min_part_tokens=m)
+             for ws, c, m in itertools.product((0, 1), (2, 3, 4, 6), (128, 256, 512))]
     return [DEFAULT] + variants + split
 
 
