@@ -245,7 +245,7 @@ class GatherPlan:
             live = count > 0
             dec, first, count, rows = dec[live], first[live], count[live], rows[live]
             lengths = np.unique(count)
-            if lengths.size == 1:
+            if lengths.size <= 1:
                 groups = [np.arange(dec.size)]
             elif has_fused_sdpa(pool_dtype, hq, hkv, 1, int(lengths[-1]), d, "array"):
                 groups = [None]                                   # one masked call
@@ -262,9 +262,8 @@ class GatherPlan:
                 mask = None if g is not None else \
                     mx.array((np.arange(keys)[None, :] < count[sel, None])[:, None, None, :])
                 r = rows[sel]
-                contiguous = bool(r.size and r[-1] - r[0] == r.size - 1 and
-                                  np.all(np.diff(r) == 1))
-                q_rows = slice(int(r[0]), int(r[-1]) + 1) if contiguous else \
+                q_rows = slice(int(r[0]), int(r[0]) + r.size) \
+                    if np.array_equal(r, np.arange(r[0], r[0] + r.size)) else \
                     mx.array(r.astype(np.int32))
                 call(q_rows, dec[sel], 1, first[sel], count[sel], keys, mask)
                 placed.append(r)

@@ -145,3 +145,15 @@ def test_large_logits_need_float32_where_mlx_runs_unfused_ops(be, mode, finite):
     assert np.isfinite(got).all() == finite
     if finite:
         assert reference.rms(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("mode", ["auto", "pool"])
+def test_rows_that_see_nothing_are_zeros(be, mode):
+    """Every decode row at length 0 (no call at all) and a NaN q there: zeros, as the
+    reference."""
+    pool, tables, lens, _, _ = paged(be, "float16", [0, 0, 0], seed=4)
+    q = np.full((3, HQ, D), np.nan, np.float16)
+    with settings.override(mlx_gather_dtype=mode):
+        got, plan = run_step(be, pool, tables, lens, q, None, None)
+    assert plan.device.attend.calls == []
+    assert np.all(got == 0)
