@@ -97,6 +97,12 @@ class QuantizedSource:
         pick = (lambda a: None if a is None else mx.take(a, table, axis=0))
         return self.dequantize(pick(self.data), pick(self.scales), pick(self.biases))
 
+    def take_rows(self, index: mx.array) -> mx.array:
+        """[*index.shape, D] values of the (token, head) rows in `index` (gather.take_rows)."""
+        pick = (lambda a: None if a is None else
+                mx.take(a.reshape(-1, a.shape[-1]), index, axis=0))
+        return self.dequantize(pick(self.data), pick(self.scales), pick(self.biases))
+
 
 class MLXBackend(PagedAttention):
     name = "mlx"
@@ -179,7 +185,7 @@ class MLXBackend(PagedAttention):
                 attend = MixedPlan(args, plan.spec.block_size, decode)
                 fused = attend.decode
         else:
-            attend = GatherPlan(plan.args, plan.spec.block_size)
+            attend = GatherPlan(plan.args, plan.spec.block_size, plan.spec)
         if slots is None:
             write = None
         elif fused is not None:
@@ -256,14 +262,14 @@ class MLXBackend(PagedAttention):
         return out, max(0, mx.get_peak_memory() - base)
 
     def dense_attention(self, q, k, v, scale):
-        # Attends in the gather path's compute dtype (float32: see gather.compute_dtype), so
-        # "x dense" compares like with like; the casts are part of both timings.
-        from .gather import compute_dtype
-        dt = compute_dtype(k.dtype)
+        # Attends in the dtype the gather path picks for an unmasked decode call of this shape
+        # (gather.sdpa_dtype), so "x dense" compares like with like; casts count in both.
+        from .gather import sdpa_dtype
+        dt, fused = sdpa_dtype(k.dtype, q.shape[1], k.shape[1], 1, k.shape[2], k.shape[3], None)
         if k.dtype != dt:
             k, v = k.astype(dt), v.astype(dt)
         out = mx.fast.scaled_dot_product_attention(q.astype(dt)[:, :, None, :], k, v,
-                                                   scale=float(scale))
+                                                   scale=float(scale), force_fused=fused)
         return out[:, :, 0, :].astype(q.dtype)
 
 

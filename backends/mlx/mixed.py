@@ -15,7 +15,7 @@ import numpy as np
 
 from paged_attention.validation import PLAIN, StepArgs, Variant
 
-from .gather import attend_variant, step_mask, take_blocks
+from .gather import attend_variant, sdpa_dtype, step_mask, take_blocks
 
 
 class Chunk:
@@ -34,6 +34,7 @@ class Chunk:
         # (ALiBi needs only differences of positions, the window only the ends).
         self.ends_at = np.arange(context - queries + 1, context + 1) - b0 * block_size
         self._variant_masks = None
+        self._dtype = None                               # (dtype, fused), on the first call
         self.offset = first - b0 * block_size            # keys to drop from the first block
         self.keys = context - first                      # keys kept
         self.table = mx.array(np.ascontiguousarray(table[b0:b1], np.int32))
@@ -47,7 +48,11 @@ class Chunk:
         """q [T, Hq, D] -> [T, Hq, D] in q's dtype. k_pool, v_pool: the pools' arrays or a
         quantized pool's sources (backend.QuantizedSource: dequantized as gather does)."""
         _, _, hkv, d = k_pool.shape
-        dtype = mx.float32 if mx.float32 in (q.dtype, k_pool.dtype) else k_pool.dtype
+        if self._dtype is None:   # once per step: every layer's pools share dtype and shape
+            self._dtype = (mx.float32, False) if q.dtype == mx.float32 else sdpa_dtype(
+                k_pool.dtype, q.shape[1], hkv, self.queries, self.keys, d,
+                self.mask if isinstance(self.mask, str) else "array")
+        dtype, fused = self._dtype
 
         def keys(pool):   # a quantized pool's source dequantizes only the blocks taken
             kv = take_blocks(pool, self.table).reshape(-1, hkv, d)
@@ -55,7 +60,7 @@ class Chunk:
             return kv.transpose(1, 0, 2)[None].astype(dtype)   # [1, Hkv, keys, D]
         out = mx.fast.scaled_dot_product_attention(
             q.transpose(1, 0, 2)[None].astype(dtype), keys(k_pool), keys(v_pool),
-            scale=self.scale, mask=self.mask)
+            scale=self.scale, mask=self.mask, force_fused=fused)
         return out[0].transpose(1, 0, 2).astype(q.dtype)
 
     def with_lse(self, q: mx.array, k_pool: mx.array, v_pool: mx.array,

@@ -12,4 +12,7 @@ declare(
          shown="tuning table, else built-in"),
     Knob("mlx_splitk", "MLX_SPLITK", str, "", "`off` or a partition count for the MLX fused kernel",
          shown="heuristic (tuning table)"),
+    Knob("mlx_gather_dtype", "MLX_GATHER_DTYPE", str, "auto",
+         "dtype of the MLX gather path's copies and SDPA: `auto` (the pool's where MLX runs a "
+         "fused SDPA kernel for the call, else float32), `float32` or `pool` (ADR 0002)"),
 )

@@ -37,9 +37,10 @@ import mlx.core as mx
 import numpy as np
 
 from paged_attention import devices
+from paged_attention.validation import PoolSpec
 from paged_attention.backends.mlx.arrays import gpu_kind
 from paged_attention.backends.mlx.fused import DecodePlan, parse_variant
-from paged_attention.backends.mlx.gather import GatherPlan, gather_decode
+from paged_attention.backends.mlx.gather import GatherPlan, decode_args, gather_decode
 from paged_attention.errors import InvalidInput
 from paged_attention.kv_formats import KVFormat
 from paged_attention.validation import PLAIN, StepArgs, check_variant
@@ -233,14 +234,18 @@ def run_point(a, api, batch, ctx, rng) -> dict:
         free()
 
     if "gather" in a.paths:
-        # take + float32 contiguous copies (gather.compute_dtype): ~3x the K/V bytes of a
-        # 16-bit pool per layer in flight; 4x leaves room for the allocator's cache
+        # take (+ a float32 cast where gather.sdpa_dtype keeps float32): up to ~3x the K/V
+        # bytes of a 16-bit pool per layer in flight; 4x leaves room for the allocator's cache
         per_eval = max(1, min(a.layers, int(a.gather_budget_gb * 2**30) // (4 * kv_bytes)))
         res["gather_layers_per_eval"] = per_eval
+        # One plan per step, as a model's loop builds it: the row index and the calls' dtypes
+        # are made once and every layer runs its takes and SDPA.
+        spec = PoolSpec(nb, bs, hkv, d, a.dtype, kv_format=fmt)
+        gplan = GatherPlan(decode_args(batch, hq, tables, lens, scale, None), bs, spec)
+        res["gather_dtype"] = sorted({str(c.dtype).removeprefix("mlx.core.") for c in gplan.calls})
 
         def gather_layer(i):
-            k, v = paged[i % pools]
-            return gather_decode(qs[i], k, v, tables, lens, scale, None)
+            return gplan(qs[i], *paged[i % pools])
         res["gather_s"] = time_steps({"gather": gather_layer}, per_eval,
                                      max(2, a.repeats // 2), 1)["gather"]
     paged.clear()  # drop the pools (the closures above hold the lists, not copies)
@@ -472,6 +477,7 @@ def records(results: list[dict], device: str) -> list[dict]:
                         "ratio_vs_plain": ratio, "target": bound, "target_ok": ok,
                         "parts": r.get("parts" if path == "fused" else f"{path}_parts"),
                         "layers_per_eval": r.get("gather_layers_per_eval") if path == "gather" else None,
+                        "compute_dtype": ",".join(r["gather_dtype"]) if path == "gather" else None,
                         "rms_vs_gather": r.get("rms_vs_gather" if path == "fused" else f"{path}_rms"),
                         "lse_rms_vs_gather": r.get(f"{path}_lse_rms")})
     return out
