@@ -8,7 +8,9 @@
 # non-DEVICE_LOCAL memory (stock 0.9 picks resizable-BAR memory the host reads at ~45 MB/s), and
 # `kp.OpGlobalBarrier` / `kp.OpAlgoDispatchBare` let a sequence replace the per-tensor barriers of
 # every dispatch with one global barrier, and `Sequence.pa_eval_poll` waits for a submission by
-# polling its fence instead of sleeping in vkWaitForFences. The wheel's version is KP_VERSION+pa<level>.
+# polling its fence instead of sleeping in vkWaitForFences, and a device created with
+# VK_NV_cooperative_matrix gets the features its kernel needs (level 5). The wheel's version is
+# KP_VERSION+pa<level>.
 #
 # KP_TARGET mode (offline device machines without pip build tools): configures the patched source
 # with CMake and writes the `kp` extension straight into KP_TARGET (put it first on PYTHONPATH);
@@ -34,7 +36,7 @@ KP_VERSION=${KP_VERSION:-0.9.0}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/paged-attention/wheels
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
-PA_PATCH_LEVEL=4
+PA_PATCH_LEVEL=5
 KP_BUILD_VERSION="$KP_VERSION+pa$PA_PATCH_LEVEL"
 
 log() { echo "[build_kompute] $*"; }
@@ -163,7 +165,7 @@ PYBIND11_MODULE(kp, m)
 """)
 # Registered after OpBase (pybind11 needs the base type first).
 edit("python/src/main.cpp", """    py::class_<kp::OpMult, kp::OpBase, std::shared_ptr<kp::OpMult>>(""",
-     """    m.attr("pa_patch_level") = 4;
+     """    m.attr("pa_patch_level") = 5;
     py::class_<PaOpGlobalBarrier, kp::OpBase, std::shared_ptr<PaOpGlobalBarrier>>(m, "OpGlobalBarrier")
       .def(py::init<uint32_t, uint32_t, uint32_t, uint32_t>(), py::arg("src_stage"),
            py::arg("dst_stage"), py::arg("src_access"), py::arg("dst_access"));
@@ -283,7 +285,99 @@ edit("python/src/main.cpp", """      .def(
             return self.paEvalPoll(spinNs);
         },
         py::arg("spin_ns"))""")
-print("[build_kompute] applied the paged-attention patches (level 4) to", src)
+# 5. Cooperative matrices (prefill_coop.comp, ADR 0008). A device created with the extensions
+#    VK_NV_cooperative_matrix, VK_KHR_shader_float16_int8 and VK_KHR_vulkan_memory_model (the
+#    backend asks for them in desired_extensions; Kompute drops the ones the device lacks) gets the
+#    features the kernel's SPIR-V declares (CooperativeMatrixNV, Float16, VulkanMemoryModel:
+#    glslang emits the Vulkan memory model for cooperative matrices) chained into its create info,
+#    when the device reports all three. Stock Kompute enables no feature at all. The Manager then
+#    tells Python whether they are on, the device's extensions, and its cooperative-matrix shapes.
+edit("src/include/kompute/Manager.hpp", """    std::shared_ptr<vk::Instance> getVkInstance() const;
+
+  private:""", """    std::shared_ptr<vk::Instance> getVkInstance() const;
+
+    // paged-attention patch: true when the device was created with cooperative matrices, fp16
+    // arithmetic and the Vulkan memory model enabled; the device's extension names; its
+    // VkCooperativeMatrixPropertiesNV as {M, N, K, A, B, C, D type, scope} (empty without it).
+    bool mPaCooperativeMatrix = false;
+    std::vector<std::string> paDeviceExtensions() const
+    {
+        std::vector<std::string> out;
+        for (const vk::ExtensionProperties& e :
+             this->mPhysicalDevice->enumerateDeviceExtensionProperties())
+            out.push_back(std::string(e.extensionName.data()));
+        return out;
+    }
+    std::vector<std::vector<uint32_t>> paCooperativeMatrixProperties() const
+    {
+        std::vector<std::vector<uint32_t>> out;
+        auto fn = reinterpret_cast<PFN_vkGetPhysicalDeviceCooperativeMatrixPropertiesNV>(
+          vkGetInstanceProcAddr(static_cast<VkInstance>(*this->mInstance),
+                                "vkGetPhysicalDeviceCooperativeMatrixPropertiesNV"));
+        if (!fn || !this->mPaCooperativeMatrix)
+            return out;
+        VkPhysicalDevice pd = static_cast<VkPhysicalDevice>(*this->mPhysicalDevice);
+        uint32_t n = 0;
+        if (fn(pd, &n, nullptr) != VK_SUCCESS)
+            return out;
+        VkCooperativeMatrixPropertiesNV proto{};
+        proto.sType = VK_STRUCTURE_TYPE_COOPERATIVE_MATRIX_PROPERTIES_NV;
+        std::vector<VkCooperativeMatrixPropertiesNV> props(n, proto);
+        if (fn(pd, &n, props.data()) != VK_SUCCESS)
+            return out;
+        for (const VkCooperativeMatrixPropertiesNV& p : props)
+            out.push_back({ p.MSize, p.NSize, p.KSize, uint32_t(p.AType), uint32_t(p.BType),
+                            uint32_t(p.CType), uint32_t(p.DType), uint32_t(p.scope) });
+        return out;
+    }
+
+  private:""")
+edit("src/Manager.cpp", """                                          validExtensions.size(),
+                                          validExtensions.data());
+""", """                                          validExtensions.size(),
+                                          validExtensions.data());
+
+    // paged-attention patch: cooperative-matrix features (see kp_patch item 5).
+    auto paEnabled = [&validExtensions](const char* name) {
+        for (const char* e : validExtensions)
+            if (std::string(e) == name)
+                return true;
+        return false;
+    };
+    VkPhysicalDeviceCooperativeMatrixFeaturesNV paCoop{};
+    paCoop.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV;
+    VkPhysicalDeviceShaderFloat16Int8FeaturesKHR paF16{};
+    paF16.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES_KHR;
+    VkPhysicalDeviceVulkanMemoryModelFeaturesKHR paVmm{};
+    paVmm.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES_KHR;
+    if (paEnabled(VK_NV_COOPERATIVE_MATRIX_EXTENSION_NAME) &&
+        paEnabled(VK_KHR_SHADER_FLOAT16_INT8_EXTENSION_NAME) &&
+        paEnabled(VK_KHR_VULKAN_MEMORY_MODEL_EXTENSION_NAME)) {
+        paCoop.pNext = &paF16;
+        paF16.pNext = &paVmm;
+        VkPhysicalDeviceFeatures2 paQuery{};
+        paQuery.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2;
+        paQuery.pNext = &paCoop;
+        vkGetPhysicalDeviceFeatures2(static_cast<VkPhysicalDevice>(physicalDevice), &paQuery);
+        // Only what the kernel needs: no robust-access variant, no int8, no device scope.
+        paCoop.cooperativeMatrixRobustBufferAccess = VK_FALSE;
+        paF16.shaderInt8 = VK_FALSE;
+        paVmm.vulkanMemoryModelDeviceScope = VK_FALSE;
+        paVmm.vulkanMemoryModelAvailabilityVisibilityChains = VK_FALSE;
+        if (paCoop.cooperativeMatrix && paF16.shaderFloat16 && paVmm.vulkanMemoryModel) {
+            deviceCreateInfo.pNext = &paCoop;
+            this->mPaCooperativeMatrix = true;
+        }
+    }
+""")
+edit("python/src/main.cpp", """      .def(
+        "get_device_properties",""", """      .def("pa_cooperative_matrix",
+           [](kp::Manager& self) { return self.mPaCooperativeMatrix; })
+      .def("pa_device_extensions", &kp::Manager::paDeviceExtensions)
+      .def("pa_cooperative_matrix_properties", &kp::Manager::paCooperativeMatrixProperties)
+      .def(
+        "get_device_properties",""")
+print("[build_kompute] applied the paged-attention patches (level 5) to", src)
 PATCH_EOF
 }
 
@@ -325,7 +419,7 @@ if [ -n "${KP_TARGET:-}" ]; then
     echo "error: kp build failed" >&2
     exit 1
   fi
-  PYTHONPATH="$KP_TARGET" "$PY" -c 'import kp; assert kp.pa_patch_level >= 4; print("[build_kompute] patched kp (level", kp.pa_patch_level, ") in", kp.__file__)'
+  PYTHONPATH="$KP_TARGET" "$PY" -c 'import kp; assert kp.pa_patch_level >= 5; print("[build_kompute] patched kp (level", kp.pa_patch_level, ") in", kp.__file__)'
   exit 0
 fi
 

@@ -158,7 +158,16 @@ class VulkanBackend(PagedAttention):
     def query_tile(self, group: int, spec: PoolSpec) -> int:
         return geometry.query_tile(group, spec)
 
+    def prefill_kernel(self, group: int, spec: PoolSpec, plain: bool) -> str:
+        return geometry.prefill_kernel(spec, group, plain, self._dev.coop_missing)
+
+    @property
+    def coop_missing(self) -> str | None:
+        """Why this device cannot run the cooperative-matrix prefill (prefill_coop.comp), or None."""
+        return self._dev.coop_missing
+
     heuristic_path.__doc__ = geometry.heuristic_path.__doc__
+    prefill_kernel.__doc__ = geometry.prefill_kernel.__doc__
     split_geometry.__doc__ = geometry.split_geometry.__doc__
     query_tile.__doc__ = geometry.query_tile.__doc__
 

@@ -13,7 +13,8 @@ about attention.
               submit(seq, labels) (polled fence wait where the Kompute patch has it)
   timestamps  record_timestamps (latch a timestamp after every op), last_timestamps
   counters    submissions, algos_live, staging_bytes(), patched, host_io, spin_ns
-  facts       name, timestamps_supported, subgroup_size, compiler (ShaderCompiler)
+  facts       name, timestamps_supported, subgroup_size, compiler (ShaderCompiler), coop_missing
+              (why prefill_coop.comp cannot run here; None where it can)
   lifetime    close(), closed
 `kp` and `mgr` (the module and the kp.Manager) are there for what this surface lacks (a pool's
 one-off download kernel); `sync` is the 4-byte tensor of stock kp's compute->compute barrier.
@@ -52,6 +53,39 @@ BARRIERS = {
 }
 
 
+# What prefill_coop.comp needs of a device: the extensions (asked for at device creation; Kompute
+# drops those the device lacks, patch level 5 enables their features), one fp16 x fp16 -> fp32
+# 16x16x16 subgroup shape, and 32-lane subgroups (its rows are laid out per 32-lane subgroup).
+COOP_EXTENSIONS = ("VK_NV_cooperative_matrix", "VK_KHR_shader_float16_int8",
+                   "VK_KHR_vulkan_memory_model")
+_FP16, _FP32, _SCOPE_SUBGROUP = 0, 1, 3   # VkComponentTypeNV, VkScopeNV
+COOP_SHAPE = (16, 16, 16, _FP16, _FP16, _FP32, _FP32, _SCOPE_SUBGROUP)
+
+
+def coop_missing(name: str, subgroup_size: int, patch_level: int, extensions, enabled: bool,
+                 shapes) -> str | None:
+    """Why the cooperative-matrix prefill cannot run on a device, or None when it can.
+    extensions: the device's extension names; enabled: patch level 5 enabled the features;
+    shapes: its VkCooperativeMatrixPropertiesNV as (M, N, K, A, B, C, D type, scope)."""
+    label = "lavapipe" if "llvmpipe" in name.lower() or "lavapipe" in name.lower() else name
+    if patch_level < 5:
+        return ("the Kompute build cannot enable cooperative matrices (kp patch level "
+                f"{patch_level} < 5; scripts/build_kompute.sh builds level 5)")
+    if "VK_NV_cooperative_matrix" not in extensions:
+        return f"the device has no VK_NV_cooperative_matrix ({label})"
+    lacking = [e for e in COOP_EXTENSIONS if e not in extensions]
+    if lacking:
+        return f"the device lacks {', '.join(lacking)} ({label})"
+    if not enabled:
+        return (f"the device does not report the cooperativeMatrix, shaderFloat16 and "
+                f"vulkanMemoryModel features together ({label})")
+    if COOP_SHAPE not in {tuple(int(x) for x in sh) for sh in shapes}:
+        return f"the device has no fp16 x fp16 -> fp32 16x16x16 subgroup cooperative matrix ({label})"
+    if subgroup_size != 32:
+        return f"the device's subgroups have {subgroup_size} lanes, the coop kernel needs 32 ({label})"
+    return None
+
+
 class DeviceOutOfMemory(PagedAttentionError):
     """A device buffer could not be allocated (needs the patched Kompute; stock 0.9 crashes)."""
 
@@ -71,7 +105,10 @@ class VulkanDevice:
                  host_io: bool = True):
         import kp
         self.kp = kp
-        self.mgr = kp.Manager(device_index)
+        level = int(getattr(kp, "pa_patch_level", 0))
+        # Patch level 5 enables the cooperative-matrix features of the extensions asked for here.
+        self.mgr = kp.Manager(device_index, [], list(COOP_EXTENSIONS)) if level >= 5 \
+            else kp.Manager(device_index)
         props = self.mgr.get_device_properties()
         self.name = str(props["device_name"])
         self.timestamps_supported = bool(props["timestamps_supported"])
@@ -95,6 +132,11 @@ class VulkanDevice:
         self.closed = False
         self.sync = self.new_tensor(1, np.uint32, "device")  # stock kp's compute->compute barrier
         self.subgroup_size = self._probe_subgroup_size()
+        self.coop_missing = coop_missing(
+            self.name, self.subgroup_size, level,
+            self.mgr.pa_device_extensions() if level >= 5 else [],
+            level >= 5 and bool(self.mgr.pa_cooperative_matrix()),
+            self.mgr.pa_cooperative_matrix_properties() if level >= 5 else [])
 
     def _probe_subgroup_size(self) -> int:
         _, spirv = self.compiler.compile("subgroup_probe.comp")

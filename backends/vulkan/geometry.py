@@ -9,6 +9,10 @@ Kernels
                 QT*G rows share each K/V load (`query_tile`: PREFILL_ROWS rows, within 48 KiB of
                 shared memory). QT 1 (PAGED_ATTENTION_VK_QT=1, or a head too wide) keeps
                 decode.comp.
+  prefill_coop.comp  the same tiles on tensor cores (VK_NV_cooperative_matrix): 64 query rows per
+                workgroup, one 16-row slice per subgroup. `prefill_kernel` picks it where the
+                device and the step allow it (`coop_unsupported` says why not), prefill.comp
+                otherwise; PAGED_ATTENTION_VK_PREFILL forces either.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import os
 import numpy as np
 
 from paged_attention import devices, settings, tuning
+from paged_attention.errors import InvalidInput, PagedAttentionError
 from paged_attention.validation import PoolSpec, StepArgs
 
 MIN_CHUNK = 512             # split-K: fewest tokens per split
@@ -32,6 +37,10 @@ BUILT_IN = {"wg": DECODE_WG, "per_cu": PER_CU, "split_occupancy": SPLIT_OCCUPANC
 PREFILL_WG = 128            # prefill.comp workgroup size
 PREFILL_ROWS = 32           # prefill.comp query rows (queries x heads) per workgroup, the default
 PREFILL_SHARED = 48 * 1024  # shared-memory budget: the most NVIDIA gives a workgroup without opt-in
+COOP_WG = 128               # prefill_coop.comp: 4 subgroups of 32 lanes, 16 query rows each
+COOP_ROWS = 64              # its query rows (queries x heads) per workgroup
+COOP_HEAD_DIMS = (64, 128)
+PREFILL_KERNELS = ("auto", "coop", "flash")
 
 
 def pow2_floor(x: int) -> int:
@@ -168,3 +177,71 @@ def prefill_defines(pool, group: int, qt: int) -> dict:
     return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size,
             "F16": int(pool.f16), "BF16": int(pool.bf16), **prefill_layout(group, pool.dp, qt),
             **kv_defines(pool)}
+
+
+def coop_layout(dp: int) -> dict | None:
+    """prefill_coop.comp's key tile BC for head dim DP: the largest of 64/32 whose shared arrays
+    (the shader's header: fp16 K and V tiles, fp16 P, fp32 S) fit PREFILL_SHARED."""
+    rows, ksv = COOP_ROWS, dp // 8 + 1
+    for bc in (64, 32):
+        shared = 16 * ksv * max(rows, 2 * bc) + 16 * rows * (bc // 8 + 1) + 4 * rows * (bc + 4)
+        if shared <= PREFILL_SHARED:
+            return {"BC": bc, "WG": COOP_WG}
+    return None
+
+
+def coop_unsupported(spec: PoolSpec, group: int, plain: bool, device_missing: str | None) -> str | None:
+    """Why prefill_coop.comp cannot serve a prefill step on this pool, or None when it can.
+    device_missing: the device's reason (VulkanDevice.coop_missing), None on a device with
+    VK_NV_cooperative_matrix. plain: the step has no attention variant (ADR 0010)."""
+    if device_missing:
+        return device_missing
+    if spec.kv_format is not None:
+        return f"the pool is quantized ({spec.kv_format}); the coop kernel reads fp16 pools only"
+    if spec.dtype != "float16":
+        # Tensor-core inputs are fp16: a bfloat16 or float32 pool's values may not fit its range.
+        return f"the pool is {spec.dtype}; the coop kernel reads fp16 pools only"
+    if spec.head_dim not in COOP_HEAD_DIMS or coop_layout(spec.head_dim) is None:
+        return f"head_dim {spec.head_dim}; the coop kernel has head dims {COOP_HEAD_DIMS}"
+    if not 1 <= group <= COOP_ROWS // 2:
+        return f"{group} query heads per KV head; the coop kernel tiles at most {COOP_ROWS // 2}"
+    if not plain:
+        return "the step has an attention variant (soft cap, ALiBi, sinks or LSE); the coop " \
+               "kernel computes plain attention only"
+    return None
+
+
+def prefill_kernel(spec: PoolSpec, group: int, plain: bool, device_missing: str | None) -> str:
+    """"coop" (prefill_coop.comp) or "flash" (prefill.comp) for a ragged step on the fused path,
+    from PAGED_ATTENTION_VK_PREFILL: auto takes coop wherever `coop_unsupported` has no reason
+    against it; coop raises that reason instead of falling back (a bench must not time the
+    fallback unawares). A run whose q is not fp16 still runs prefill.comp (`run_kernel`)."""
+    mode = settings.get().vk_prefill or "auto"
+    if mode not in PREFILL_KERNELS:
+        raise InvalidInput(f"$PAGED_ATTENTION_VK_PREFILL: expected one of {PREFILL_KERNELS}, got {mode!r}")
+    if mode == "flash":
+        return "flash"
+    why = coop_unsupported(spec, group, plain, device_missing)
+    if why is None:
+        return "coop"
+    if mode == "coop":
+        raise PagedAttentionError(f"PAGED_ATTENTION_VK_PREFILL=coop, but {why}")
+    return "flash"
+
+
+def coop_query_tile(group: int) -> int:
+    """Queries per prefill_coop.comp workgroup: as many as fill its COOP_ROWS rows."""
+    return COOP_ROWS // group
+
+
+def run_kernel(kernel: str, f16_io: bool) -> str:
+    """The shader a recording uses for a plan's prefill kernel: the coop kernel takes fp16 q only
+    (a float32 or bfloat16 q may not fit fp16's range), so such a run keeps prefill.comp on
+    the same query tiles."""
+    return "prefill_coop.comp" if kernel == "coop" and f16_io else "prefill.comp"
+
+
+def coop_defines(pool, group: int, qt: int) -> dict:
+    s = pool.spec
+    return {"DP": pool.dp, "G": group, "HKV": s.num_kv_heads, "BS": s.block_size, "QT": qt,
+            **coop_layout(pool.dp)}

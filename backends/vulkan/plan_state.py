@@ -35,7 +35,7 @@ class _PlanState:
     buffers), its batch size class and split geometry. `token` marks whose tables a buffer holds."""
     __slots__ = ("token", "rows", "rcls", "bcls", "maxb", "path", "window", "scale_bits", "nsplit", "chunk",
                  "rule", "n", "tables_host", "lens_host", "slots_host", "tables", "lens", "slots", "qt",
-                 "tcls", "tiles_host", "tiles", "keys", "cap_bits", "slopes", "lse")
+                 "tcls", "tiles_host", "tiles", "keys", "cap_bits", "slopes", "lse", "kernel")
 
 
 class PlanTables:
@@ -93,11 +93,15 @@ class PlanTables:
         st.lens = self._dev.staging("lens", 2 * st.rcls, np.int32)[0]
         st.slots = self._dev.staging("slots", st.n, np.int32)[0] if st.n else None
         # Ragged plans (prefill chunks) on the fused path: tiles of up to QT queries of one
-        # sequence share each K/V load (prefill.comp); qt 1 keeps decode.comp, one query each.
-        st.qt, st.tcls, st.tiles_host, st.tiles = 1, 0, None, None
+        # sequence share each K/V load (prefill.comp, or prefill_coop.comp on tensor cores:
+        # `kernel`); qt 1 keeps decode.comp, one query each.
+        st.qt, st.tcls, st.tiles_host, st.tiles, st.kernel = 1, 0, None, None, "flash"
         query_lens = None if args.decode_only else args.query_lens
         if path == "fused" and query_lens is not None and int(np.max(query_lens, initial=0)) > 1:
-            st.qt = self._backend.query_tile(args.num_q_heads // spec.num_kv_heads, spec)
+            group = args.num_q_heads // spec.num_kv_heads
+            st.kernel = self._backend.prefill_kernel(group, spec, var is PLAIN)
+            st.qt = geometry.coop_query_tile(group) if st.kernel == "coop" else \
+                self._backend.query_tile(group, spec)
         if st.qt > 1:
             tiles = []
             for r0, n in zip(args.qo_indptr[:-1].tolist(), query_lens.tolist()):

@@ -88,7 +88,7 @@ class Recorder:
         if key is None:
             key = st.keys[memo] = (st.path, st.rcls, st.bcls, st.maxb, hq, st.n if writes else 0, st.window,
                                    st.scale_bits, st.nsplit, st.chunk, f16_io, repeat, len(pools),
-                                   st.qt, st.tcls, var.key, st.rule)
+                                   st.qt, st.tcls, st.kernel, var.key, st.rule)
         full = key if len(pools) == 1 else key + (tuple(p.uid for p in pools),)
         cache = pools[0].recorded if len(pools) == 1 else self._steps
         timed = self._dev.record_timestamps   # a timestamped sequence is recorded for one use
@@ -205,7 +205,9 @@ class Recorder:
             tensors = [pool.k, pool.v, io.q, st.tables, st.lens] + \
                 ([io.part_o, io.part_ml] if splitk else [io.out])
             if st.qt > 1:  # ragged plan: one workgroup per (query tile, KV head)
-                shader, defines = "prefill.comp", geometry.prefill_defines(pool, group, st.qt)
+                shader = geometry.run_kernel(st.kernel, f16_io)
+                defines = geometry.coop_defines(pool, group, st.qt) if shader == "prefill_coop.comp" \
+                    else geometry.prefill_defines(pool, group, st.qt)
                 tensors.append(st.tiles)
                 wgx = st.tcls * spec.num_kv_heads
             else:

@@ -24,6 +24,10 @@ declare(
     Knob("vk_query_tile", "VK_QT", int, None,
          "Vulkan prefill queries per workgroup of `prefill.comp`, lowered to fit 48 KiB of shared "
          "memory (1: the per-query decode kernel)", shown="`max(2, 32 // G)`"),
+    Knob("vk_prefill", "VK_PREFILL", str, "auto",
+         "Vulkan prefill kernel: `coop` (`prefill_coop.comp`, tensor cores through "
+         "VK_NV_cooperative_matrix; an error where the device or the step cannot run it), `flash` "
+         "(`prefill.comp`), `auto`: `coop` where it can run (ADR 0008)"),
     Knob("vk_split_occupancy", "VK_SPLIT_OCC", float, None,
          "Vulkan split-K workgroups per compute unit when B x Hkv fills under a quarter of them",
          shown="tuning table, else `2`"),

@@ -401,6 +401,8 @@ def test_kompute_patch_applies_to_the_sdist(tmp_path):
     tensor = (src / "src" / "Tensor.cpp").read_text()
     assert "OpGlobalBarrier" in main and "OpAlgoDispatchBare" in main and "pa_memory_flags" in main
     assert "eHostCached" in tensor and tensor.count("paResult != vk::Result::eSuccess") == 2
+    manager = (src / "src" / "Manager.cpp").read_text()
+    assert "pa_cooperative_matrix" in main and "deviceCreateInfo.pNext = &paCoop" in manager
 
 
 def test_kernel_cache_bound_drops_recordings_with_their_kernels(vk, monkeypatch):

@@ -455,13 +455,29 @@ def bench_prefill(be, a, rng, tokens, baseline=True):
         with settings.override(vk_query_tile=1):
             _, base, base_kernel, _ = timed()
     from paged_attention import reference as ref
-    rms = None
+    from paged_attention.errors import PagedAttentionError
+    want = None
     if tokens <= 4096:
         k, v = pool.to_numpy()
-        rms = ref.rms(out, ref.prefill(q, k, v, table, 0))
+        want = ref.prefill(q, k, v, table, 0)
+    rms = None if want is None else ref.rms(out, want)
+    # The two prefill kernels on the same prompt (PAGED_ATTENTION_VK_PREFILL forces each; a
+    # forced coop that cannot run says why instead of timing the fallback).
+    kernels = {}
+    for name in ("flash", "coop"):
+        try:
+            with settings.override(vk_prefill=name):
+                o, w, kms, _ = timed()
+        except PagedAttentionError as exc:
+            kernels[name] = {"skipped": str(exc)}
+            continue
+        kernels[name] = {"wall_ms": w, "kernel_ms": kms, "rms": None if want is None else ref.rms(o, want)}
+    fl, co = kernels["flash"].get("kernel_ms"), kernels["coop"].get("kernel_ms")
     return {"tokens": tokens, "wall_ms": wall, "kernel_ms": kernel, "host_ms": host_ms, "per_query_ms": base,
             "per_query_kernel_ms": base_kernel, "speedup": base / wall if base else None,
-            "kernel_speedup": base_kernel / kernel if base_kernel and kernel else None, "rms": rms}
+            "kernel_speedup": base_kernel / kernel if base_kernel and kernel else None, "rms": rms,
+            "coop_speedup": fl / co if fl and co else None,
+            **{f"{name}_{key}": val for name, r in kernels.items() for key, val in r.items()}}
 
 
 def fmt(v, spec):
@@ -577,6 +593,12 @@ def measure(a):
           f"(kernel {fmt(pf['per_query_kernel_ms'], '.2f')} ms); speedup wall {fmt(pf['speedup'], '.1f')}x, "
           f"kernel {fmt(pf['kernel_speedup'], '.1f')}x (rms vs ref {fmt(pf['rms'], '.2e')}); host ms: "
           + ", ".join(f"{k} {v:.2f}" for k, v in pf["host_ms"].items()), flush=True)
+    print(f"prefill kernels on that prompt: prefill.comp kernel {fmt(pf.get('flash_kernel_ms'), '.3f')} ms "
+          f"(wall {fmt(pf.get('flash_wall_ms'), '.1f')} ms, rms {fmt(pf.get('flash_rms'), '.2e')}); "
+          + (f"prefill_coop.comp not run: {pf['coop_skipped']}" if "coop_skipped" in pf else
+             f"prefill_coop.comp kernel {fmt(pf['coop_kernel_ms'], '.3f')} ms (wall {pf['coop_wall_ms']:.1f} ms, "
+             f"rms {fmt(pf['coop_rms'], '.2e')}); flash / coop kernel time {fmt(pf['coop_speedup'], '.2f')}x"),
+          flush=True)
     print("counters:", be.counters())
     # Cross-check of the assumed tick period: the GPU time of a submission cannot exceed its wall time.
     if rows:
