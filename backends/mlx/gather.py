@@ -196,6 +196,23 @@ class _Call:
         return out.reshape(self.s * self.t, hq, d)
 
 
+def length_groups(count: np.ndarray, pool_dtype, hq: int, hkv: int, d: int) -> list:
+    """How decode rows attending count[i] keys become SDPA calls: a list of row-index arrays,
+    one unmasked call per length, or [None], one masked call over every row. Rows of one
+    length need no mask; otherwise one masked call where MLX fuses a masked SDPA (Metal), else
+    a call per length (up to MAX_LENGTH_GROUPS, where MLX fuses the unmasked ones: CUDA), else
+    one masked call (unfused, float32)."""
+    lengths = np.unique(count)
+    if lengths.size <= 1:
+        return [np.arange(count.size)]
+    if has_fused_sdpa(pool_dtype, hq, hkv, 1, int(lengths[-1]), d, "array"):
+        return [None]
+    if lengths.size <= MAX_LENGTH_GROUPS and \
+            has_fused_sdpa(pool_dtype, hq, hkv, 1, int(lengths[-1]), d, None):
+        return [np.flatnonzero(count == n) for n in lengths]
+    return [None]
+
+
 class GatherPlan:
     """A step's rows cut into SDPA calls once; every layer reuses the calls' device indices.
 
@@ -244,17 +261,7 @@ class GatherPlan:
             zero_rows.append(rows[count == 0])
             live = count > 0
             dec, first, count, rows = dec[live], first[live], count[live], rows[live]
-            lengths = np.unique(count)
-            if lengths.size <= 1:
-                groups = [np.arange(dec.size)]
-            elif has_fused_sdpa(pool_dtype, hq, hkv, 1, int(lengths[-1]), d, "array"):
-                groups = [None]                                   # one masked call
-            elif (lengths.size <= MAX_LENGTH_GROUPS and
-                  has_fused_sdpa(pool_dtype, hq, hkv, 1, int(lengths[-1]), d, None)):
-                groups = [np.flatnonzero(count == n) for n in lengths]
-            else:
-                groups = [None]
-            for g in groups:
+            for g in length_groups(count, pool_dtype, hq, hkv, d):
                 sel = np.arange(dec.size) if g is None else g
                 if not sel.size:
                     continue

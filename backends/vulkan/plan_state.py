@@ -92,6 +92,11 @@ class PlanTables:
         st.tables = self._dev.staging("tables", st.bcls * max(1, st.maxb), np.int32)[0]
         st.lens = self._dev.staging("lens", 2 * st.rcls, np.int32)[0]
         st.slots = self._dev.staging("slots", st.n, np.int32)[0] if st.n else None
+        self._prefill_tiles(st, args, spec, path, var is PLAIN)
+        return st
+
+    def _prefill_tiles(self, st: _PlanState, args: StepArgs, spec: PoolSpec, path: str,
+                       plain: bool) -> None:
         # Ragged plans (prefill chunks) on the fused path: tiles of up to QT queries of one
         # sequence share each K/V load (prefill.comp, or prefill_coop.comp on tensor cores:
         # `kernel`); qt 1 keeps decode.comp, one query each.
@@ -99,7 +104,7 @@ class PlanTables:
         query_lens = None if args.decode_only else args.query_lens
         if path == "fused" and query_lens is not None and int(np.max(query_lens, initial=0)) > 1:
             group = args.num_q_heads // spec.num_kv_heads
-            st.kernel = self._backend.prefill_kernel(group, spec, var is PLAIN)
+            st.kernel = self._backend.prefill_kernel(group, spec, plain)
             st.qt = geometry.coop_query_tile(group) if st.kernel == "coop" else \
                 self._backend.query_tile(group, spec)
         if st.qt > 1:
@@ -115,7 +120,6 @@ class PlanTables:
             st.tiles_host[:len(tiles)] = tiles
             st.tiles_host = st.tiles_host.reshape(-1)
             st.tiles = self._dev.staging("tiles", 2 * st.tcls, np.int32)[0]
-        return st
 
     @staticmethod
     def table_bufs(st: _PlanState) -> list:
