@@ -197,8 +197,22 @@ class MLXBackend(PagedAttention):
 
     def _run(self, plan: Plan, q, pool, k, v):
         step = plan.device
+        if k is not None and getattr(step.attend, "appends", False):
+            # The fused decode kernel stores the new rows itself (one launch instead of a
+            # scatter per pool before it; ADR 0004, "Append in the kernel"). It writes the
+            # pools in place, unknown to MLX: every later reader of the pools (the next step,
+            # a copy, a read-back) is made to wait for this step's output.
+            out = step.attend.append(as_mx(q), pool.k, pool.v, self._as_pool(k, step.dtype),
+                                     self._as_pool(v, step.dtype))
+            pool.k, pool.v = mx.depends([pool.k, pool.v], [out])
+            return out
         self._write_step(step, pool, k, v)
         return step.attend(as_mx(q), *pool.sources())
+
+    @staticmethod
+    def _as_pool(x, dtype) -> mx.array:
+        x = as_mx(x)
+        return x if x.dtype == dtype else x.astype(dtype)
 
     def _run_variant(self, plan: Plan, q, pool, k, v, sinks):
         # Every attend object has the variant form: GatherPlan (written out in float32),

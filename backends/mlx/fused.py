@@ -300,10 +300,59 @@ def _step_partitions(batch, groups, tiles, tile, units, partitions, rule,
 
 
 # pa_step: [num_blocks, MB, window, part_size, num_parts, scale bits, L, T, soft-cap bits, A,
-# k_scale bits, v_scale bits]: L and T the offsets of the lengths and tables, A of the ALiBi
-# slopes' bits (0: none); a plain kernel never reads the last four, the fp8 form reads the
-# pool's two scales (paged_decode.body). A plan serves pools of one spec, so of one format.
-STEP_HEADER = 12
+# k_scale bits, v_scale bits, WB, WO]: L and T the offsets of the lengths and tables, A of the
+# ALiBi slopes' bits (0: none), WB and WO of the write slots' blocks and offsets (the append
+# form's stores; 0 when the step has none); a plain kernel never reads fields 8-13, the fp8 form
+# reads the pool's two scales (paged_decode.body). A plan serves pools of one spec, so of one
+# format.
+STEP_HEADER = 14
+
+
+def appends(slots, block_tables, context_lens, block_size: int, kv_format) -> bool:
+    """Whether the decode kernel may store the step's new K/V rows itself (PA_APPEND): plain
+    pools, and each row's slot is exactly its sequence's position ctx - 1 through the table (the
+    token the row attends last), so the kernel can read that position from the new rows. Any
+    other step writes with a scatter first (backend.py)."""
+    if kv_format is not None or slots is None or block_tables is None or \
+            slots.shape[0] != context_lens.shape[0] or not context_lens.size or \
+            context_lens.min() < 1:
+        return False
+    pos = context_lens.astype(np.int64) - 1
+    blk = pos // block_size
+    if blk.max() >= block_tables.shape[1]:
+        return False
+    want = block_tables[np.arange(pos.size), blk].astype(np.int64) * block_size + pos % block_size
+    return bool(np.array_equal(want, slots))
+
+
+def step_ints(num_blocks: int, batch: int, block_tables, context_lens, scale: float, window,
+              part_size: int, num_parts: int, slots, block_size: int, attention: Variant,
+              kv_format, num_q_heads: int, append: bool) -> tuple[np.ndarray, int, int]:
+    """The step's one int32 array (layout above; paged_decode.body): (ints, write_at, n)."""
+    mb = 1 if block_tables is None else block_tables.shape[1]
+    n = 0 if slots is None else slots.shape[0]
+    slopes, cap = attention.alibi_slopes, attention.soft_cap
+    tables_at = STEP_HEADER + batch
+    slopes_at = tables_at + batch * mb
+    write_at = slopes_at + (0 if slopes is None else num_q_heads)
+    ints = np.zeros(write_at + 2 * n, np.int32) if block_tables is None else \
+        np.empty(write_at + 2 * n, np.int32)
+    fp8 = kv_format is not None and not kv_format.affine
+    ints[:STEP_HEADER] = (num_blocks, mb, window or 0, part_size, num_parts,
+                          _float_bits(scale), STEP_HEADER, tables_at,
+                          0 if cap is None else _float_bits(cap),
+                          0 if slopes is None else slopes_at,
+                          _float_bits(kv_format.k_scale) if fp8 else 0,
+                          _float_bits(kv_format.v_scale) if fp8 else 0,
+                          write_at if append else 0, write_at + n if append else 0)
+    ints[STEP_HEADER:tables_at] = context_lens
+    if block_tables is not None:
+        ints[tables_at:slopes_at].reshape(batch, mb)[...] = block_tables
+    if slopes is not None:
+        ints[slopes_at:write_at] = np.asarray(slopes, np.float32).view(np.int32)
+    if n:
+        np.divmod(slots, block_size, out=(ints[write_at:write_at + n], ints[write_at + n:]))
+    return ints, write_at, n
 
 
 @functools.lru_cache(maxsize=64)
@@ -342,36 +391,18 @@ class DecodePlan:
         self.num_parts, self.part_size = _step_partitions(
             batch, num_kv_heads * self.cfg.num_chunks, -(-max_tokens // self.cfg.tile),
             self.cfg.tile, compute_units(api), partitions, rule, settings.get())
-        mb = block_tables.shape[1] if block_tables.ndim == 2 else 0
-        if mb == 0:
-            block_tables, mb = None, 1   # an all-empty step: one zero entry per row
+        if block_tables.ndim != 2 or block_tables.shape[1] == 0:
+            block_tables = None   # an all-empty step: one zero entry per row
         # ONE device array per step (pa_step, layout in paged_decode.body), filled in place on
         # the host and read by every kernel of the step without a view per input: on CUDA an
         # mx.array made from host data lives in managed memory and costs the step about the same
         # whatever its size, and every MLX op plan() adds costs host time inside the serial
         # loop (ADR 0007; the figures: ADR 0004, "Figures behind the constants").
-        n = 0 if slots is None else slots.shape[0]
-        slopes = attention.alibi_slopes
-        tables_at = STEP_HEADER + batch
-        slopes_at = tables_at + batch * mb
-        write_at = slopes_at + (0 if slopes is None else num_q_heads)
-        ints = np.zeros(write_at + 2 * n, np.int32) if block_tables is None else \
-            np.empty(write_at + 2 * n, np.int32)
-        cap = attention.soft_cap
-        fp8 = kv_format is not None and not kv_format.affine
-        ints[:STEP_HEADER] = (num_blocks, mb, window or 0, self.part_size, self.num_parts,
-                              _float_bits(scale), STEP_HEADER, tables_at,
-                              0 if cap is None else _float_bits(cap),
-                              0 if slopes is None else slopes_at,
-                              _float_bits(kv_format.k_scale) if fp8 else 0,
-                              _float_bits(kv_format.v_scale) if fp8 else 0)
-        ints[STEP_HEADER:tables_at] = context_lens
-        if block_tables is not None:
-            ints[tables_at:slopes_at].reshape(batch, mb)[...] = block_tables
-        if slopes is not None:
-            ints[slopes_at:write_at] = np.asarray(slopes, np.float32).view(np.int32)
-        if n:
-            np.divmod(slots, block_size, out=(ints[write_at:write_at + n], ints[write_at + n:]))
+        self.appends = settings.get().mlx_fused_append != "off" and \
+            appends(slots, block_tables, context_lens, block_size, kv_format)
+        ints, write_at, n = step_ints(num_blocks, batch, block_tables, context_lens, scale, window,
+                                      self.part_size, self.num_parts, slots, block_size,
+                                      attention, kv_format, num_q_heads, self.appends)
         self.ints = mx.array(ints)
         self.write = (self.ints[write_at:write_at + n], self.ints[write_at + n:]) if n else None
         self._launches: dict = {}
@@ -458,6 +489,42 @@ class DecodePlan:
         def split(q, k, v):
             o_part, ml_part = decode(inputs=[q, *pools(k, v)],
                                      output_shapes=part_shapes,
+                                     output_dtypes=[mx.float32, mx.float32], **common)
+            return reduce(inputs=[o_part, ml_part, ints], **reduce_kw)[0]
+        return split
+
+    def append(self, q: mx.array, k_pool, v_pool, k_new: mx.array, v_new: mx.array) -> mx.array:
+        """The plain step with its new K/V rows stored by the decode kernel itself (PA_APPEND,
+        when `self.appends`): q [B, Hq, D]; k_pool, v_pool the pools' arrays, written in place
+        at the step's slots; k_new, v_new [B, Hkv, D] in the pools' dtype. Returns [B, Hq, D]
+        in q's dtype. MLX does not know the pools were written: the caller makes every later
+        reader of the pools depend on the output (backend.py, mx.depends)."""
+        key = ("append", k_pool.dtype, q.dtype)
+        launch = self._launches.get(key)
+        if launch is None:
+            launch = self._launches[key] = self._launch_append(k_pool, q.dtype)
+        return launch(q, k_pool, v_pool, k_new, v_new)
+
+    def _launch_append(self, k_pool, q_dtype):
+        cfg, batch, hq, d = self.cfg, self.batch, self.num_q_heads, self.cfg.head_dim
+        shape, ints = (batch, hq, d), self.ints
+        common = dict(template=self.cfg.template(k_pool.dtype, q_dtype),
+                      grid=cfg.grid(self.num_parts, batch), threadgroup=(cfg.threads, 1, 1))
+        feats = frozenset({"append"})
+        if self.num_parts == 1:
+            decode = _kernel(self.api, "decode", False, feats)
+            return lambda q, k, v, kn, vn: decode(
+                inputs=[q, k, v, ints, kn, vn], output_shapes=[shape], output_dtypes=[q_dtype],
+                **common)[0]
+        decode = _kernel(self.api, "decode", True, feats)
+        reduce = _kernel(self.api, "reduce", False)
+        part_shapes = [(batch, hq, self.num_parts, d), (batch, hq, self.num_parts, 2)]
+        reduce_kw = dict(template=[("OutT", q_dtype), ("D", d), ("HQ", hq)],
+                         grid=(REDUCE_THREADS, hq, batch), threadgroup=(REDUCE_THREADS, 1, 1),
+                         output_shapes=[shape], output_dtypes=[q_dtype])
+
+        def split(q, k, v, kn, vn):
+            o_part, ml_part = decode(inputs=[q, k, v, ints, kn, vn], output_shapes=part_shapes,
                                      output_dtypes=[mx.float32, mx.float32], **common)
             return reduce(inputs=[o_part, ml_part, ints], **reduce_kw)[0]
         return split

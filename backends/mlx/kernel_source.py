@@ -44,16 +44,19 @@ OUTPUTS[("stream_read", False)] = ["out"]
 # compiles each in. The soft-cap value and the ALiBi slopes ride in the step's int array
 # (pa_step); the sinks are a per-layer input, the LSE an output.
 FEATURE_DEFINES = {"soft_cap": "PA_SOFTCAP", "alibi_slopes": "PA_ALIBI", "sinks": "PA_SINKS",
-                   "return_lse": "PA_LSE"}
+                   "return_lse": "PA_LSE", "append": "PA_APPEND"}
+# Not an attention variant: "append" is the decode kernel's store of the step's new K/V rows
+# (inputs k_new, v_new after pa_step), fused.DecodePlan.append; plain pools only.
 # Which kernel form implements which: with split-K, the decode kernel's partitions see the cap
 # and the bias, and the reduce, which sees each query once, adds the sinks and writes the LSE.
 KERNEL_FEATURES = {
     ("decode", False): frozenset(FEATURE_DEFINES),
-    ("decode", True): frozenset({"soft_cap", "alibi_slopes"}),
+    ("decode", True): frozenset({"soft_cap", "alibi_slopes", "append"}),
     ("reduce", False): frozenset({"sinks", "return_lse"}),
     ("stream_read", False): frozenset(),
 }
-_SHORT = {"soft_cap": "cap", "alibi_slopes": "alibi", "sinks": "sinks", "return_lse": "lse"}
+_SHORT = {"soft_cap": "cap", "alibi_slopes": "alibi", "sinks": "sinks", "return_lse": "lse",
+          "append": "append"}
 
 # Quantized KV formats (create_pool's kv_dtype, paged_attention/kv_formats.py) -> PA_KV of the
 # decode kernel (0: a plain pool) and the short name in the kernel's name. Only the decode
@@ -85,8 +88,11 @@ def _features(kernel: str, split: bool, features) -> tuple[str, ...]:
 def input_names(kernel: str, split: bool = False, features=(), kv: str | None = None) -> list[str]:
     """Input names of a kernel form, in the order they are passed."""
     affine = _kv(kernel, kv) in ("int8", "int4")
-    return INPUTS[kernel] + (AFFINE_INPUTS if affine else []) + \
-        (["pa_sinks"] if "sinks" in _features(kernel, split, features) else [])
+    on = _features(kernel, split, features)
+    if "append" in on and kv is not None:
+        raise ValueError("the append form reads plain pools only")
+    return INPUTS[kernel] + (["k_new", "v_new"] if "append" in on else []) + \
+        (AFFINE_INPUTS if affine else []) + (["pa_sinks"] if "sinks" in on else [])
 
 
 def output_names(kernel: str, split: bool = False, features=()) -> list[str]:

@@ -9,6 +9,9 @@
 // One 16-byte vector load (LDG.128); p must be 16-byte aligned.
 #define PA_LOAD16(p) (*reinterpret_cast<const uint4*>(p))
 #define PA_ZERO16 make_uint4(0u, 0u, 0u, 0u)
+// A kernel input written in place (PA_APPEND's store of the new K/V row into the pools,
+// which MLX passes as const inputs: the kernel owns that row during the step).
+#define PA_WRITABLE(type, p) (const_cast<type*>(p))
 // Streaming variants (LDNC): 1 read-only path without L1 allocation, 2 the same plus a 256-byte
 // L2 fetch (a whole K/V row per miss), 3 a plain load with the 256-byte L2 fetch.
 #define PA_LOAD16_STREAM(p) pa_ld_stream<LDNC>(reinterpret_cast<const uint4*>(p))

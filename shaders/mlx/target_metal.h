@@ -8,6 +8,9 @@
 // One 16-byte vector load; p must be 16-byte aligned and in the device address space.
 #define PA_LOAD16(p) (*reinterpret_cast<const device uint4*>(p))
 #define PA_ZERO16 uint4(0u)
+// A kernel input written in place (PA_APPEND's store of the new K/V row into the pools,
+// which MLX passes as const inputs: the kernel owns that row during the step).
+#define PA_WRITABLE(type, p) (const_cast<device type*>(p))
 // Streaming variant: Metal has no L1-bypass hint here; same as PA_LOAD16.
 #define PA_LOAD16_STREAM(p) PA_LOAD16(p)
 // L2 prefetch hint: Metal exposes none, so it compiles to nothing (the logic is unchanged).

@@ -57,9 +57,11 @@ def _prologue() -> tuple[str, str]:
 
 
 def translation_unit(kernel: str, split: bool, features, kv, inputs: dict, outputs: dict,
-                     template: list, grid: tuple, threads: int, out_bytes: dict) -> str:
+                     template: list, grid: tuple, threads: int, out_bytes: dict,
+                     inout=()) -> str:
     """A program running one kernel form over `grid` threadgroups: it reads each input from
-    DIR/<name>.bin and writes each output to DIR/<name>.out (DIR: its argument)."""
+    DIR/<name>.bin and writes each output to DIR/<name>.out (DIR: its argument), and each input
+    named in `inout` (written in place by the kernel) back to DIR/<name>.out."""
     _, body = ks.kernel_source("cuda", kernel, split, features, kv)
     _, cuda_body = ks.prologue("cuda")
     assert cuda_body in body
@@ -90,17 +92,19 @@ def translation_unit(kernel: str, split: bool, features, kv, inputs: dict, outpu
             + "".join(f"  std::vector<char> out_{n}({out_bytes[n]});\n" for n in outputs)
             + f"  pa_cpu_launch({grid[0]}, {grid[1]}, {grid[2]}, {threads}, [&] {{ {name}({args}); }});\n"
             + "".join(f'  save(argv[1], "{n}", out_{n});\n' for n in outputs)
+            + "".join(f'  save(argv[1], "{n}", in_{n});\n' for n in inout)
             + "  return 0;\n}\n")
 
 
 def run_kernel(workdir: Path, kernel: str, split: bool, features, kv, inputs: dict,
-               outputs: dict, template: list, grid: tuple, threads: int) -> dict:
+               outputs: dict, template: list, grid: tuple, threads: int, inout=()) -> dict:
     """inputs: name -> (numpy array, dtype name); outputs: name -> (shape, dtype name), both in
-    the form's signature order. Returns name -> numpy array (bfloat16 as its bits)."""
+    the form's signature order; inout: inputs the kernel writes in place, returned too (their
+    contents after the launch). Returns name -> numpy array (bfloat16 as its bits)."""
     out_bytes = {n: int(np.prod(s)) * np.dtype(NP_TYPES[t]).itemsize for n, (s, t) in outputs.items()}
     src = translation_unit(kernel, split, features, kv, {n: t for n, (_, t) in inputs.items()},
                            {n: t for n, (_, t) in outputs.items()}, template, grid, threads,
-                           out_bytes)
+                           out_bytes, inout)
     exe = workdir / f"k{hashlib.sha1(src.encode()).hexdigest()[:16]}"
     if not exe.exists():     # forms repeat across tests: one build per source
         exe.with_suffix(".cpp").write_text(src)
@@ -112,8 +116,12 @@ def run_kernel(workdir: Path, kernel: str, split: bool, features, kv, inputs: di
         np.ascontiguousarray(a).astype(NP_TYPES[t], copy=False).tofile(data / f"{n}.bin")
     r = subprocess.run([str(exe), str(data)], capture_output=True, text=True)
     assert r.returncode == 0, f"{kernel}: exit {r.returncode}: {r.stderr[-2000:]}"
-    return {n: np.fromfile(data / f"{n}.out", NP_TYPES[t]).reshape(s)
-            for n, (s, t) in outputs.items()}
+    got = {n: np.fromfile(data / f"{n}.out", NP_TYPES[t]).reshape(s)
+           for n, (s, t) in outputs.items()}
+    for n in inout:   # the program's input buffers carry 16 bytes of slack past the data
+        a, t = inputs[n]
+        got[n] = np.fromfile(data / f"{n}.out", NP_TYPES[t])[:a.size].reshape(a.shape)
+    return got
 
 
 def run_plan(workdir: Path, plan, q: np.ndarray, k, v, sinks=None, features=frozenset()):
@@ -165,3 +173,41 @@ def run_plan(workdir: Path, plan, q: np.ndarray, k, v, sinks=None, features=froz
                    {"out": ((batch, hq, d), qn), **lse}, [("OutT", qn), ("D", d), ("HQ", hq)],
                    (1, hq, batch), REDUCE_THREADS)
     return r["out"].astype(np.float32), r.get("lse")
+
+
+def run_append(workdir: Path, plan, q: np.ndarray, k, v, k_new, v_new):
+    """A DecodePlan's append form (PA_APPEND: the kernel stores the step's new K/V rows, plain
+    pools), emulated: k, v, k_new, v_new mx.arrays in the pool dtype. Returns (out float32
+    [B, Hq, D], k pool after, v pool after) as numpy (bfloat16 as its bits)."""
+    import mlx.core as mx
+
+    from paged_attention.backends.mlx.fused import REDUCE_THREADS
+
+    def host(a):
+        if a.dtype == mx.bfloat16:
+            return np.array(a.view(mx.uint16)), "bfloat16"
+        return np.array(a), dtype_name(a.dtype)
+
+    assert plan.appends
+    cfg, batch, hq, d = plan.cfg, plan.batch, plan.num_q_heads, plan.cfg.head_dim
+    qn = dtype_name(q.dtype)
+    template = [(n, t if isinstance(t, (bool, int)) else dtype_name(t))
+                for n, t in plan.cfg.template(k.dtype, getattr(mx, qn))]
+    ins = {"q": (q, qn), "k_pool": host(k), "v_pool": host(v),
+           "pa_step": (np.array(plan.ints), "int32"), "k_new": host(k_new), "v_new": host(v_new)}
+    split = plan.num_parts > 1
+    gx, gy, gz = cfg.grid(plan.num_parts, batch)
+    grid = (gx // cfg.threads, gy, gz)
+    outs = {"out": ((batch, hq, d), qn)} if not split else \
+        {"o_part": ((batch, hq, plan.num_parts, d), "float32"),
+         "ml_part": ((batch, hq, plan.num_parts, 2), "float32")}
+    r = run_kernel(workdir, "decode", split, frozenset({"append"}), None, ins, outs, template,
+                   grid, cfg.threads, inout=("k_pool", "v_pool"))
+    if split:
+        red = run_kernel(workdir, "reduce", False, frozenset(), None,
+                         {"o_part": (r["o_part"], "float32"), "ml_part": (r["ml_part"], "float32"),
+                          "pa_step": ins["pa_step"]},
+                         {"out": ((batch, hq, d), qn)}, [("OutT", qn), ("D", d), ("HQ", hq)],
+                         (1, hq, batch), REDUCE_THREADS)
+        r["out"] = red["out"]
+    return r["out"].astype(np.float32), r["k_pool"], r["v_pool"]

@@ -21,6 +21,9 @@
 #define PA_UNROLL
 #define PA_LOAD16(p) pa_load16(p)
 #define PA_ZERO16 pa_u32x4{0u, 0u, 0u, 0u}
+// A kernel input written in place (PA_APPEND's store of the new K/V row into the pools,
+// which MLX passes as const inputs: the kernel owns that row during the step).
+#define PA_WRITABLE(type, p) (const_cast<type*>(p))
 #define PA_LOAD16_STREAM(p) pa_load16(p)
 #define PA_PREFETCH_L2(p) ((void)(p))
 

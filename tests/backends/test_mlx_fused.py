@@ -247,7 +247,7 @@ def test_both_targets_share_the_body(kernel, split):
     names = set(re.findall(r"\bPA_\w+|\bpa_\w+", code(shared)))
     local = set(re.findall(r"constexpr int (PA_\w+)", shared)) | \
         set(re.findall(r"PA_SHARED float (pa_\w+)", shared)) | set(re.findall(r"#define (PA_\w+)", shared)) \
-        | set(re.findall(r"(?:const )?(?:float|int) (pa_\w+)", shared))
+        | set(re.findall(r"(?:const )?(?:float|int|pa_i64) (pa_\w+)", shared))
     every = ks.KERNEL_FEATURES.get((kernel, split), ())
     # what the assembled source declares: the form's #defines and the input/output names of
     # the kernel's forms (the body names both forms' arguments, each behind its #if)
@@ -389,7 +389,7 @@ def test_step_array_layout():
 
 
 # ---- attention variants (ADR 0010): soft-cap, ALiBi, sinks, LSE as compiled-in forms -----------
-VARIANT_FEATURES = tuple(ks.FEATURE_DEFINES)          # soft_cap, alibi_slopes, sinks, return_lse
+VARIANT_FEATURES = tuple(f for f in ks.FEATURE_DEFINES if f != "append")  # the attention variants
 
 
 def variant_case(seed, lens, hkv, group, d, bs, dtype, window, cap, alibi, sinks, lse):
@@ -603,7 +603,7 @@ def test_variant_translation_units_have_the_signatures_mlx_builds():
     `bool` parameters instantiated with 1/0)."""
     cfg = kernel_config(64, 16, 2, 2, mx.float16)
     tmpl = [(n, "float16" if n in ("T", "OutT") else v) for n, v in cfg.template(None, None)]
-    feats = tuple(ks.FEATURE_DEFINES)
+    feats = VARIANT_FEATURES
     ins = {"q": "float16", "k_pool": "float16", "v_pool": "float16", "pa_step": "int32",
            "pa_sinks": "float32"}
     outs = {"out": "float16", "lse": "float32"}
@@ -953,3 +953,39 @@ def test_every_tuning_candidate_matches_the_reference(tmp_path, dtype, which):
                 got = host(fused_decode(mx.array(q), k, v, args, api=API, partitions=partitions))
                 err = reference.rms(got, want)
                 assert err < TOL, f"{c.label} partitions={partitions}: RMS {err:.2e}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype,partitions", [("float16", "off"), ("float16", None),
+                                              ("bfloat16", "4")])
+def test_decode_run_stores_the_new_rows_in_the_kernel(dtype, partitions):
+    """run(plan, q, pool, k, v) on a decode plan whose slots are each sequence's next position:
+    the fused kernel stores the new rows itself (the append form, no scatter), the pools then
+    hold exactly what the numpy backend's hold, the output matches the reference over them, and
+    a second step on the written pools (which MLX only sees through mx.depends) reads them."""
+    import paged_attention as pa
+    from paged_attention import settings
+    rng = np.random.default_rng(7)
+    be, ref = pa.get_backend("mlx"), pa.get_backend("numpy")
+    bs, hkv, hq, d, lens = 16, 2, 8, 128, np.array([300, 1, 77], np.int32)
+    tables = rng.permutation(64).astype(np.int32)[:3 * 20].reshape(3, 20)
+    pools = [b.create_pool(64, bs, hkv, d, dtype) for b in (be, ref)]
+    init = rng.standard_normal((2, 64 * bs, hkv, d)).astype(np.float32)
+    for b, p in zip((be, ref), pools):
+        b.write_kv(p, np.arange(64 * bs), *init)
+    for step in range(2):
+        pos = lens.astype(np.int64) - 1
+        slots = tables[np.arange(3), pos // bs].astype(np.int64) * bs + pos % bs
+        q = rng.standard_normal((3, hq, d)).astype(np.float32)
+        k, v = rng.standard_normal((2, 3, hkv, d)).astype(np.float32)
+        with settings.override(mlx_splitk=partitions or ""):
+            plan = be.plan(pools[0], tables, lens, num_q_heads=hq, slot_mapping=slots,
+                           path="fused")
+            assert plan.device.attend.appends
+            got = host(be.run(plan, q, pools[0], k, v))
+        rplan = ref.plan(pools[1], tables, lens, num_q_heads=hq, slot_mapping=slots)
+        want = ref.run(rplan, q, pools[1], k, v)
+        np.testing.assert_array_equal(pools[0].to_numpy()[0], pools[1].to_numpy()[0])
+        np.testing.assert_array_equal(pools[0].to_numpy()[1], pools[1].to_numpy()[1])
+        assert reference.rms(got, want) < TOL
+        lens = lens + 1

@@ -118,3 +118,74 @@ def test_the_cpu_prologue_defines_what_the_cuda_one_does():
     helpers = re.compile(r"PA_FN [\w<> ]+? (pa_\w+)(?:<[^>]*>)?\(")
     assert set(helpers.findall(cuda_head)) - {"pa_ld_stream"} <= set(helpers.findall(cpu_head))
     assert re.findall(r"const int (pa_\w+)", cuda_body) == re.findall(r"const int (pa_\w+)", cpu_body)
+
+
+APPEND_CASES = [  # (dtype, lens, Hkv, G, D, block, window, partitions, tuning)
+    ("float16", [700, 1, 300, 17], 2, 4, 128, 16, None, 1, ""),
+    ("float16", [700, 1, 300, 17], 2, 4, 128, 16, None, 3, "pf0ws1"),
+    ("bfloat16", [900, 37], 1, 8, 64, 32, 300, 2, ""),
+    ("float32", [1200, 3], 2, 16, 96, 16, None, 1, "pf1i4"),     # G 16: two head chunks
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", APPEND_CASES,
+                         ids=[f"{c[0]}-G{c[3]}-D{c[4]}-p{c[7]}-{c[8] or 'default'}" for c in APPEND_CASES])
+def test_emulated_append_stores_the_new_rows_and_attends_them(workdir, case):
+    """The append form (PA_APPEND): each sequence's new K/V row lands at its slot in the pools
+    (exactly; nothing else changes) and the output is attention over the pools as written, as a
+    scatter followed by the plain kernel would give; also with split-K, a window, several head
+    chunks per KV head and the per-warp softmax."""
+    from paged_attention import settings
+    dtype, lens, hkv, group, d, bs, window, parts, tuning = case
+    rng = np.random.default_rng(len(lens) + d)
+    be = MLXBackend()
+    lens = np.asarray(lens, np.int32)
+    need = [-(-int(n) // bs) for n in lens]
+    nb = sum(need) + 3
+    perm = rng.permutation(nb)
+    tables = np.zeros((len(lens), max(need) + 1), np.int32)
+    at = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[at:at + n]
+        at += n
+    pool = be.create_pool(nb, bs, hkv, d, dtype)
+    k, v = rng.standard_normal((2, nb * bs, hkv, d)).astype(np.float32)
+    be.write_kv(pool, np.arange(nb * bs), k, v)
+    pos = lens.astype(np.int64) - 1
+    slots = tables[np.arange(len(lens)), pos // bs].astype(np.int64) * bs + pos % bs
+    hq = hkv * group
+    q = rng.standard_normal((len(lens), hq, d)).astype(np.float16)
+    k_new, v_new = (mx.array(rng.standard_normal((len(lens), hkv, d)).astype(np.float32))
+                    .astype(pool.k.dtype) for _ in range(2))
+    args = check_decode(q, pool.spec, tables, lens, None, window)
+    with settings.override(mlx_variant=tuning):
+        plan = DecodePlan.from_spec("cuda", args, pool.spec, partitions=parts, slots=slots)
+    assert plan.appends and (plan.num_parts > 1) == (parts > 1)
+    out, k_after, v_after = emu.run_append(workdir, plan, q, pool.k, pool.v, k_new, v_new)
+    blocks, offsets = np.divmod(slots, bs)
+    want_k, want_v = mx.array(pool.k), mx.array(pool.v)
+    want_k[mx.array(blocks), mx.array(offsets)] = k_new
+    want_v[mx.array(blocks), mx.array(offsets)] = v_new
+    bits = (lambda a: np.array(a.view(mx.uint16))) if dtype == "bfloat16" else np.array
+    np.testing.assert_array_equal(k_after, bits(want_k))
+    np.testing.assert_array_equal(v_after, bits(want_v))
+    f32 = (lambda a: np.array(a.astype(mx.float32)))
+    want = reference.step(q, f32(want_k), f32(want_v), args)[0]
+    assert reference.rms(out, want) < 3e-4, reference.rms(out, want)
+
+
+def test_append_only_where_each_slot_is_the_last_attended_position():
+    """The host enables the append form only for plain pools whose slots are exactly each
+    sequence's position ctx - 1 through its table; anything else keeps the scatter."""
+    from paged_attention.backends.mlx.fused import appends
+    from paged_attention.kv_formats import KVFormat
+    tables = np.array([[3, 1, 0], [2, 4, 0]], np.int32)
+    lens = np.array([20, 5], np.int32)
+    good = np.array([1 * 16 + 3, 2 * 16 + 4])
+    assert appends(good, tables, lens, 16, None)
+    assert not appends(good + 1, tables, lens, 16, None)            # another slot
+    assert not appends(good[:1], tables, lens, 16, None)             # not one per row
+    assert not appends(good, tables, lens, 16, KVFormat("int8", 64))  # quantized pools
+    assert not appends(None, tables, lens, 16, None)
+    assert not appends(good, tables, np.array([20, 0], np.int32), 16, None)
