@@ -22,7 +22,8 @@ from paged_attention.errors import UnsupportedPath
 from paged_attention.validation import PLAIN, StepArgs, Variant
 
 from .arrays import DTYPES, as_mx
-from .kernel_source import KERNEL_FEATURES, input_names, kernel_name, kernel_source, output_names
+from .kernel_source import (KERNEL_FEATURES, binary_name, input_names, kernel_source,
+                            output_names)
 
 NUM_WARPS = 4            # warps (simdgroups) per decode threadgroup: 128 threads
 REDUCE_THREADS = 128     # threads per reduce threadgroup (fixed in paged_reduce.body)
@@ -270,7 +271,7 @@ def _kernel(api: str, kernel: str, split: bool, features: frozenset = frozenset(
     0010; `kv`: the quantized KV format the decode kernel reads, ADR 0011); MLX compiles (and
     caches) one binary per template-argument set."""
     header, body = kernel_source(api, kernel, split, features, kv)
-    kw = dict(name=kernel_name(kernel, split, features, kv),
+    kw = dict(name=binary_name(api, kernel, split, features, kv),
               input_names=input_names(kernel, split, features, kv),
               output_names=output_names(kernel, split, features), source=body, header=header,
               ensure_row_contiguous=True)

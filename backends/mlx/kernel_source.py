@@ -16,6 +16,7 @@ logic validated on CUDA is the logic Metal compiles.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from importlib import resources
 from pathlib import Path
@@ -150,6 +151,17 @@ def kernel_name(kernel: str, split: bool = False, features=(), kv: str | None = 
     suffix = "".join(f"_{_SHORT[f]}" for f in _features(kernel, split, features))
     fmt = "" if _kv(kernel, kv) is None else f"_{_KV_SHORT[kv]}"
     return f"pa_paged_{kernel}{'_split' if split else ''}{fmt}{suffix}"
+
+
+def binary_name(api: str, kernel: str, split: bool = False, features=(),
+                kv: str | None = None) -> str:
+    """The name the kernel is compiled under: `kernel_name` plus a digest of its assembled
+    source. MLX's CUDA backend caches compiled kernels on disk across processes under their
+    name ($MLX_PTX_CACHE_DIR; ADR 0009, "Cold start"), so a kernel whose source changed (a new
+    release, an edited body) must get a new name, or a process would load the old binary."""
+    header, body = kernel_source(api, kernel, split, features, kv)
+    digest = hashlib.sha1((header + "\0" + body).encode()).hexdigest()[:12]
+    return f"{kernel_name(kernel, split, features, kv)}_{digest}"
 
 
 # ---- whole translation units, assembled the way MLX 0.32 does (for offline checks) ----------

@@ -989,3 +989,15 @@ def test_decode_run_stores_the_new_rows_in_the_kernel(dtype, partitions):
         np.testing.assert_array_equal(pools[0].to_numpy()[1], pools[1].to_numpy()[1])
         assert reference.rms(got, want) < TOL
         lens = lens + 1
+
+
+def test_compiled_names_change_with_the_source(monkeypatch):
+    """MLX's CUDA backend caches compiled kernels on disk by name: the name a form is compiled
+    under carries a digest of its source, so an edited body (or another release) never loads an
+    old binary, while the same source keeps one name across processes."""
+    a = ks.binary_name("cuda", "decode", True, (), None)
+    assert a.startswith(ks.kernel_name("decode", True)) and a == ks.binary_name("cuda", "decode", True)
+    assert a != ks.binary_name("metal", "decode", True)
+    body = ks.shared_body("decode")
+    monkeypatch.setattr(ks, "shared_body", lambda kernel: body + "\n// edited\n")
+    assert ks.binary_name("cuda", "decode", True) != a
