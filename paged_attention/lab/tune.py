@@ -84,7 +84,8 @@ def vulkan_candidates(which: str) -> list[Candidate]:
             {"wg": 256}, {"wg": 1024}, {"unroll": 2}, {"unroll": 4}, {"unroll": 8},
             {"split_occupancy": 1.0}, {"split_occupancy": 3.0}, {"split_occupancy": 4.0},
             {"min_chunk": 256}, {"min_chunk": 1024}, {"wg": 256, "unroll": 4},
-            {"split_occupancy": 4.0, "min_chunk": 256})]
+            {"split_occupancy": 4.0, "min_chunk": 256}, {"wg": 256, "split_occupancy": 3.0},
+            {"wg": 256, "split_occupancy": 4.0, "min_chunk": 256}, {"wg": 256, "unroll": 8})]
     return [DEFAULT] + [candidate(wg=wg, unroll=u, split_occupancy=occ, min_chunk=mc)
                         for wg, u, occ, mc in itertools.product(
                             (256, 512, 1024), (2, 4, 8), (1.0, 1.5, 2.0, 3.0, 4.0),
