@@ -30,13 +30,9 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("kernels")
 
 
-def emulated_step(workdir, kv, kv_group, dtype, lens, hkv, group, d, bs, window, partitions,
-                  features=(), seed=0, q_dtype=np.float16):
-    """Pools written through the MLX backend (quantized as it stores them), a DecodePlan as
-    plan() builds it, its kernels emulated; (out, lse, args, pool, sinks)."""
-    rng = np.random.default_rng(seed)
-    be = MLXBackend()
-    lens = np.asarray(lens, np.int32)
+def fragmented_tables(rng, lens: np.ndarray, bs: int) -> tuple[int, np.ndarray]:
+    """(pool blocks, tables [B, max blocks + 1]): each sequence's blocks a random, disjoint
+    pick of the pool, a spare column and three spare blocks."""
     need = [-(-int(n) // bs) for n in lens]
     nb = sum(need) + 3
     perm = rng.permutation(nb)
@@ -45,6 +41,17 @@ def emulated_step(workdir, kv, kv_group, dtype, lens, hkv, group, d, bs, window,
     for i, n in enumerate(need):
         tables[i, :n] = perm[at:at + n]
         at += n
+    return nb, tables
+
+
+def emulated_step(workdir, kv, kv_group, dtype, lens, hkv, group, d, bs, window, partitions,
+                  features=(), seed=0, q_dtype=np.float16):
+    """Pools written through the MLX backend (quantized as it stores them), a DecodePlan as
+    plan() builds it, its kernels emulated; (out, lse, args, pool, sinks)."""
+    rng = np.random.default_rng(seed)
+    be = MLXBackend()
+    lens = np.asarray(lens, np.int32)
+    nb, tables = fragmented_tables(rng, lens, bs)
     fp8 = {"k_scale": 0.5, "v_scale": 0.25} if kv == "float8_e4m3" else {}
     pool = be.create_pool(nb, bs, hkv, d, dtype, kv_dtype=kv, kv_group_size=kv_group, **fp8)
     k, v = rng.standard_normal((2, nb * bs, hkv, d)).astype(np.float32)
@@ -141,14 +148,7 @@ def test_emulated_append_stores_the_new_rows_and_attends_them(workdir, case):
     rng = np.random.default_rng(len(lens) + d)
     be = MLXBackend()
     lens = np.asarray(lens, np.int32)
-    need = [-(-int(n) // bs) for n in lens]
-    nb = sum(need) + 3
-    perm = rng.permutation(nb)
-    tables = np.zeros((len(lens), max(need) + 1), np.int32)
-    at = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = perm[at:at + n]
-        at += n
+    nb, tables = fragmented_tables(rng, lens, bs)
     pool = be.create_pool(nb, bs, hkv, d, dtype)
     k, v = rng.standard_normal((2, nb * bs, hkv, d)).astype(np.float32)
     be.write_kv(pool, np.arange(nb * bs), k, v)
