@@ -399,7 +399,7 @@ class DecodePlan:
         # mx.array made from host data lives in managed memory and costs the step about the same
         # whatever its size, and every MLX op plan() adds costs host time inside the serial
         # loop (ADR 0007; the figures: ADR 0004, "Figures behind the constants").
-        self.appends = settings.get().mlx_fused_append != "off" and \
+        self.appends = settings.get().mlx_fused_append == "auto" and \
             appends(slots, block_tables, context_lens, block_size, kv_format)
         ints, write_at, n = step_ints(num_blocks, batch, block_tables, context_lens, scale, window,
                                       self.part_size, self.num_parts, slots, block_size,

@@ -15,7 +15,8 @@ declare(
     Knob("mlx_gather_dtype", "MLX_GATHER_DTYPE", str, "auto",
          "dtype of the MLX gather path's copies and SDPA: `auto` (the pool's where MLX runs a "
          "fused SDPA kernel for the call, else float32), `float32` or `pool` (ADR 0002)"),
-    Knob("mlx_fused_append", "MLX_FUSED_APPEND", str, "auto",
-         "`off`: the MLX fused path writes a decode step's new K/V with a scatter before the "
-         "kernel instead of the kernel storing them (ADR 0004, \"Append in the kernel\")"),
+    Knob("mlx_fused_append", "MLX_FUSED_APPEND", str, "off",
+         "`auto`: the MLX fused decode kernel stores a decode step's new K/V itself where each "
+         "slot is the sequence's next position, instead of a scatter before it; off until a GPU "
+         "run has checked it (ADR 0004, \"Append in the kernel\")"),
 )

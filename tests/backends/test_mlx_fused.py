@@ -980,11 +980,14 @@ def test_decode_run_stores_the_new_rows_in_the_kernel(dtype, partitions):
         slots = tables[np.arange(3), pos // bs].astype(np.int64) * bs + pos % bs
         q = rng.standard_normal((3, hq, d)).astype(np.float32)
         k, v = rng.standard_normal((2, 3, hkv, d)).astype(np.float32)
-        with settings.override(mlx_splitk=partitions or ""):
+        with settings.override(mlx_splitk=partitions or "", mlx_fused_append="auto"):
             plan = be.plan(pools[0], tables, lens, num_q_heads=hq, slot_mapping=slots,
                            path="fused")
             assert plan.device.attend.appends
             got = host(be.run(plan, q, pools[0], k, v))
+        with settings.override(mlx_splitk=partitions or ""):    # off by default: the scatter
+            assert not be.plan(pools[0], tables, lens, num_q_heads=hq, slot_mapping=slots,
+                               path="fused").device.attend.appends
         rplan = ref.plan(pools[1], tables, lens, num_q_heads=hq, slot_mapping=slots)
         want = ref.run(rplan, q, pools[1], k, v)
         np.testing.assert_array_equal(pools[0].to_numpy()[0], pools[1].to_numpy()[0])

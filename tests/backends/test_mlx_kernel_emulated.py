@@ -159,7 +159,7 @@ def test_emulated_append_stores_the_new_rows_and_attends_them(workdir, case):
     k_new, v_new = (mx.array(rng.standard_normal((len(lens), hkv, d)).astype(np.float32))
                     .astype(pool.k.dtype) for _ in range(2))
     args = check_decode(q, pool.spec, tables, lens, None, window)
-    with settings.override(mlx_variant=tuning):
+    with settings.override(mlx_variant=tuning, mlx_fused_append="auto"):
         plan = DecodePlan.from_spec("cuda", args, pool.spec, partitions=parts, slots=slots)
     assert plan.appends and (plan.num_parts > 1) == (parts > 1)
     out, k_after, v_after = emu.run_append(workdir, plan, q, pool.k, pool.v, k_new, v_new)
