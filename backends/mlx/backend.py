@@ -246,9 +246,8 @@ class MLXBackend(PagedAttention):
             blocks, offsets = step.write
             if pool.kv_format is not None:
                 return pool.write(blocks, offsets, k, v)
-            k, v = as_mx(k), as_mx(v)
-            pool.k[blocks, offsets] = k if k.dtype == step.dtype else k.astype(step.dtype)
-            pool.v[blocks, offsets] = v if v.dtype == step.dtype else v.astype(step.dtype)
+            pool.k[blocks, offsets] = MLXBackend._as_pool(k, step.dtype)
+            pool.v[blocks, offsets] = MLXBackend._as_pool(v, step.dtype)
 
     # -- lab capabilities (interface.py): lazy arrays, an allocator with a cache ----------------
     def synchronize(self, outs=(), pools=()):

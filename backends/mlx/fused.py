@@ -46,6 +46,15 @@ BUILT_IN = {**DEFAULT_VARIANT, "warps": NUM_WARPS, "l2": 0, "ctas_per_unit": CTA
             "split_launch_cost": SPLIT_LAUNCH_COST, "split_tolerance": SPLIT_TOLERANCE}
 
 @functools.cache
+def device_name(api: str) -> str:
+    """MLX's name of the GPU: the tuning table's row is looked up with it."""
+    try:
+        return str(mx.device_info().get("device_name", api))
+    except Exception:  # noqa: BLE001 - informational only
+        return api
+
+
+@functools.cache
 def compute_units(api: str) -> int:
     """SMs (CUDA) or GPU cores (Metal) used by the split-K heuristic. MLX's device_info() names
     the GPU but does not report its SM count, so it is looked up in paged_attention.devices;
@@ -53,20 +62,7 @@ def compute_units(api: str) -> int:
     PAGED_ATTENTION_MLX_COMPUTE_UNITS)."""
     if settings.get().mlx_compute_units:
         return max(1, settings.get().mlx_compute_units)
-    try:
-        name = str(mx.device_info().get("device_name", ""))
-    except Exception:  # noqa: BLE001 - informational only
-        name = ""
-    return devices.lookup(name).compute_units or devices.FALLBACK_COMPUTE_UNITS[api]
-
-
-@functools.cache
-def device_name(api: str) -> str:
-    """MLX's name of the GPU: the tuning table's row is looked up with it."""
-    try:
-        return str(mx.device_info().get("device_name", api))
-    except Exception:  # noqa: BLE001 - informational only
-        return api
+    return devices.lookup(device_name(api)).compute_units or devices.FALLBACK_COMPUTE_UNITS[api]
 
 
 @dataclass(frozen=True)
@@ -461,8 +457,10 @@ class DecodePlan:
             launch = self._launches[(k_pool.dtype, q.dtype)] = self._launch(k_pool, q.dtype)
         return launch(q, k_pool, v_pool)
 
-    def _launch(self, k_pool, q_dtype):
-        """A closure over everything but the arrays: kernels, template, grid, output shapes."""
+    def _launch(self, k_pool, q_dtype, features: frozenset = frozenset()):
+        """A closure over everything but the arrays: kernels, template, grid, output shapes.
+        features: frozenset({"append"}) for the form that stores the step's new rows (its
+        closure takes k_new, v_new after the pools; plain pools only)."""
         cfg, batch, hq, d = self.cfg, self.batch, self.num_q_heads, self.cfg.head_dim
         if batch == 0:
             return lambda q, k, v: mx.zeros(q.shape, dtype=q.dtype)
@@ -472,23 +470,23 @@ class DecodePlan:
                       grid=cfg.grid(self.num_parts, batch), threadgroup=(cfg.threads, 1, 1))
         pools = self._inputs(ints)
         if self.num_parts == 1:
-            decode = _kernel(self.api, "decode", False, frozenset(), kv)
-            if kv is None:   # the plain launch as it was: no extra call per layer
+            decode = _kernel(self.api, "decode", False, features, kv)
+            if kv is None and not features:   # the plain launch as it was: no extra call
                 return lambda q, k, v: decode(
                     inputs=[q, k, v, ints], output_shapes=[shape],
                     output_dtypes=[q_dtype], **common)[0]
-            return lambda q, k, v: decode(
-                inputs=[q, *pools(k, v)], output_shapes=[shape],
+            return lambda q, k, v, *new: decode(
+                inputs=[q, *pools(k, v), *new], output_shapes=[shape],
                 output_dtypes=[q_dtype], **common)[0]
-        decode = _kernel(self.api, "decode", True, frozenset(), kv)
+        decode = _kernel(self.api, "decode", True, features, kv)
         reduce = _kernel(self.api, "reduce", False)
         part_shapes = [(batch, hq, self.num_parts, d), (batch, hq, self.num_parts, 2)]
         reduce_kw = dict(template=[("OutT", q_dtype), ("D", d), ("HQ", hq)],
                          grid=(REDUCE_THREADS, hq, batch), threadgroup=(REDUCE_THREADS, 1, 1),
                          output_shapes=[shape], output_dtypes=[q_dtype])
 
-        def split(q, k, v):
-            o_part, ml_part = decode(inputs=[q, *pools(k, v)],
+        def split(q, k, v, *new):
+            o_part, ml_part = decode(inputs=[q, *pools(k, v), *new],
                                      output_shapes=part_shapes,
                                      output_dtypes=[mx.float32, mx.float32], **common)
             return reduce(inputs=[o_part, ml_part, ints], **reduce_kw)[0]
@@ -503,32 +501,8 @@ class DecodePlan:
         key = ("append", k_pool.dtype, q.dtype)
         launch = self._launches.get(key)
         if launch is None:
-            launch = self._launches[key] = self._launch_append(k_pool, q.dtype)
+            launch = self._launches[key] = self._launch(k_pool, q.dtype, frozenset({"append"}))
         return launch(q, k_pool, v_pool, k_new, v_new)
-
-    def _launch_append(self, k_pool, q_dtype):
-        cfg, batch, hq, d = self.cfg, self.batch, self.num_q_heads, self.cfg.head_dim
-        shape, ints = (batch, hq, d), self.ints
-        common = dict(template=self.cfg.template(k_pool.dtype, q_dtype),
-                      grid=cfg.grid(self.num_parts, batch), threadgroup=(cfg.threads, 1, 1))
-        feats = frozenset({"append"})
-        if self.num_parts == 1:
-            decode = _kernel(self.api, "decode", False, feats)
-            return lambda q, k, v, kn, vn: decode(
-                inputs=[q, k, v, ints, kn, vn], output_shapes=[shape], output_dtypes=[q_dtype],
-                **common)[0]
-        decode = _kernel(self.api, "decode", True, feats)
-        reduce = _kernel(self.api, "reduce", False)
-        part_shapes = [(batch, hq, self.num_parts, d), (batch, hq, self.num_parts, 2)]
-        reduce_kw = dict(template=[("OutT", q_dtype), ("D", d), ("HQ", hq)],
-                         grid=(REDUCE_THREADS, hq, batch), threadgroup=(REDUCE_THREADS, 1, 1),
-                         output_shapes=[shape], output_dtypes=[q_dtype])
-
-        def split(q, k, v, kn, vn):
-            o_part, ml_part = decode(inputs=[q, k, v, ints, kn, vn], output_shapes=part_shapes,
-                                     output_dtypes=[mx.float32, mx.float32], **common)
-            return reduce(inputs=[o_part, ml_part, ints], **reduce_kw)[0]
-        return split
 
     def with_lse(self, q: mx.array, k_pool, v_pool,
                  sinks: mx.array | None) -> tuple[mx.array, mx.array | None]:
