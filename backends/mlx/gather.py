@@ -22,8 +22,8 @@ from .arrays import DTYPES
 
 DTYPE_MODES = ("auto", "float32", "pool")
 # Ragged decode rows where MLX's fused SDPA takes no array mask (CUDA): at most this many SDPA
-# calls of equal-length rows per layer (2 takes + 1 SDPA launch each, ~15 us per launch on
-# CUDA, ADR 0004), else one masked call in float32. Not yet calibrated on a GPU (ADR 0002).
+# calls of equal-length rows per layer (2 takes + 1 SDPA launch each; launch costs: ADR 0004),
+# else one masked call in float32. Not yet calibrated on a GPU (ADR 0002).
 MAX_LENGTH_GROUPS = 8
 
 
