@@ -9,7 +9,7 @@ from paged_attention.kv_formats import KV_DTYPES
 from paged_attention.validation import PoolSpec
 
 from . import KNOWN_PATHS
-from .arrays import DTYPES, as_mx, gpu_kind
+from .arrays import DTYPES, as_mx, gpu_kind, take_wide
 from .gather import GatherPlan
 from .mixed import MixedPlan
 
@@ -94,13 +94,14 @@ class QuantizedSource:
 
     def take(self, table: mx.array) -> mx.array:
         """[*table.shape, block_size, Hkv, D] values of the blocks in `table`."""
-        pick = (lambda a: None if a is None else mx.take(a, table, axis=0))
+        def pick(a):
+            return None if a is None else \
+                take_wide(a.reshape(a.shape[0], -1), table).reshape(*table.shape, *a.shape[1:])
         return self.dequantize(pick(self.data), pick(self.scales), pick(self.biases))
 
     def take_rows(self, index: mx.array) -> mx.array:
         """[*index.shape, D] values of the (token, head) rows in `index` (gather.take_rows)."""
-        pick = (lambda a: None if a is None else
-                mx.take(a.reshape(-1, a.shape[-1]), index, axis=0))
+        pick = (lambda a: None if a is None else take_wide(a.reshape(-1, a.shape[-1]), index))
         return self.dequantize(pick(self.data), pick(self.scales), pick(self.biases))
 
 

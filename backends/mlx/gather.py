@@ -17,7 +17,7 @@ from paged_attention import settings
 from paged_attention.errors import InvalidInput
 from paged_attention.validation import StepArgs, Variant
 
-from .arrays import DTYPES
+from .arrays import DTYPES, take_wide
 
 
 DTYPE_MODES = ("auto", "float32", "pool")
@@ -83,14 +83,17 @@ def take_blocks(pool, table: mx.array) -> mx.array:
     """pool[table] ([*table.shape, BS, Hkv, D]); a quantized pool's source (backend.py)
     dequantizes only the blocks it takes."""
     take = getattr(pool, "take", None)
-    return mx.take(pool, table, axis=0) if take is None else take(table)
+    if take is not None:
+        return take(table)
+    return take_wide(pool.reshape(pool.shape[0], -1), table).reshape(*table.shape,
+                                                                        *pool.shape[1:])
 
 
 def take_rows(pool, index: mx.array) -> mx.array:
     """[*index.shape, D]: rows of the pool seen as [NB * BS * Hkv, D] (row = token * Hkv +
     head); a quantized pool's source dequantizes only the rows it takes."""
     take = getattr(pool, "take_rows", None)
-    return mx.take(pool.reshape(-1, pool.shape[-1]), index, axis=0) if take is None else take(index)
+    return take_wide(pool.reshape(-1, pool.shape[-1]), index) if take is None else take(index)
 
 
 def row_index(tables: np.ndarray, first: np.ndarray, count: np.ndarray, keys: int,

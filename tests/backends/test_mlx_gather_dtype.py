@@ -157,3 +157,27 @@ def test_rows_that_see_nothing_are_zeros(be, mode):
         got, plan = run_step(be, pool, tables, lens, q, None, None)
     assert plan.device.attend.calls == []
     assert np.all(got == 0)
+
+
+@pytest.mark.parametrize("dtype,width,word", [
+    ("float16", 128, "uint64"), ("bfloat16", 64, "uint64"), ("float32", 128, "uint64"),
+    ("float16", 6, "uint32"), ("float16", 3, "float16"), ("float32", 3, "float32"),
+    ("uint8", 128, "uint64"), ("uint32", 16, "uint64"), ("uint8", 2, "uint16")])
+def test_wide_word_take_is_the_bitwise_take(monkeypatch, dtype, width, word):
+    """take_wide (ADR 0002, "Wide-word takes") moves rows as the widest words their byte size
+    divides into (`word`, the dtype MLX's take is handed) and is bit for bit mx.take, NaN and
+    -0.0 payloads included, over a 3-D index."""
+    from paged_attention.backends.mlx.arrays import take_wide
+    rng = np.random.default_rng(7)
+    itemsize = np.dtype("uint16" if dtype == "bfloat16" else dtype).itemsize
+    a = mx.array(rng.integers(0, 256, (500, width * itemsize), dtype=np.uint8))
+    a = a.view(getattr(mx, dtype))
+    index = mx.array(rng.integers(0, 500, (3, 4, 5)).astype(np.int32))
+    want = mx.take(a, index, axis=0)
+    take, handed = mx.take, []
+    monkeypatch.setattr(mx, "take", lambda x, *args, **kw: handed.append(x.dtype) or
+                        take(x, *args, **kw))
+    got = take_wide(a, index)
+    assert handed == [getattr(mx, word)]
+    assert got.dtype == want.dtype and got.shape == want.shape == (3, 4, 5, width)
+    assert np.array_equal(np.array(got.view(mx.uint8)), np.array(want.view(mx.uint8)))
