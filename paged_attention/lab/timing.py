@@ -46,6 +46,21 @@ def layered(layer_fn: Callable[[int], Any], layers: int, sync: Callable[[list], 
     return step
 
 
+def serial(layer: Callable[[int, Any], Any], first: Callable[[int], Any]) -> Callable[[int], Any]:
+    """A layer_fn for `layered`/`time_steps` whose layer i > 0 takes layer i-1's output as its
+    input, as a model's layers do, so each waits for the one before; layer 0 takes first(0).
+    Nothing is added to the chain. Without it the layers of a step are independent, and MLX on
+    CUDA runs independent kernels of one CUDA graph concurrently, hiding each kernel's ramp and
+    tail behind its neighbours': an overlapped throughput no model sees (ADR 0004, "Serial
+    timing")."""
+    prev: list = [None]
+
+    def layer_fn(i: int):
+        prev[0] = layer(i, first(i) if i == 0 or prev[0] is None else prev[0])
+        return prev[0]
+    return layer_fn
+
+
 def round_robin(steps: dict[str, Step], repeats: int, warmup: int = 0,
                 max_seconds: float | None = None, min_repeats: int = 2) -> dict[str, list[float]]:
     """Seconds per step for each named step, the steps taking turns. Stops early once the timed

@@ -124,7 +124,10 @@ class MLXMeasurer(_Base):
             except Exception as e:  # noqa: BLE001 - a candidate that fails is skipped, not fatal
                 errors[c.label] = _why(e)
         self.check(outs, cands, errors)
-        fns = {n: (lambda i, p=p: p(qs[i], *pools[i % len(pools)]))
+        # Serial layers, as the model's step runs them (timing.serial): timed independent, MLX
+        # on CUDA overlaps their kernels and the table would be chosen for a throughput no
+        # decode step sees (ADR 0004, "Serial timing").
+        fns = {n: timing.serial(lambda i, q, p=p: p(q, *pools[i % len(pools)]), qs.__getitem__)
                for n, p in plans.items() if n in outs}
         secs = self._time(fns, errors)
         del pools, qs, plans

@@ -157,3 +157,33 @@ def test_bench_mlx_refuses_comparisons_without_the_fused_path():
         mlx_decode.resolve(a)
     a = benches.parser("mlx").parse_args(["--kv-dtype", "int8"])   # one format: no comparison
     mlx_decode.resolve(a)
+
+
+@pytest.mark.parametrize("order", ["--serial", "--independent"])
+def test_bench_mlx_times_serial_layers_unless_told(monkeypatch, tmp_path, order):
+    """Serial (the default): each layer's kernel reads the previous layer's output as its q, as
+    a model's step does; --independent: never (each layer its own q). The records say which."""
+    mx = pytest.importorskip("mlx.core")
+    from paged_attention.backends.mlx import fused
+    from paged_attention.lab.bench import mlx_decode
+    fed, made = [], set()
+
+    def stand_in(api, kernel, split, features=frozenset(), kv=None):
+        def launch(inputs, output_shapes, output_dtypes, template, grid, threadgroup):
+            if kernel == "decode":
+                fed.append(id(inputs[0]) in made)
+            outs = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+            made.update(id(o) for o in outs)
+            return outs
+        return launch
+    monkeypatch.setattr(fused, "_kernel", stand_in)
+    monkeypatch.setattr(mlx_decode, "gpu_kind", lambda: "cuda")
+    out = tmp_path / "mlx.json"
+    argv = ["--batches", "1", "--contexts", "64", "--layers", "3", "--repeats", "1",
+            "--warmup", "0", "--hq", "8", "--hkv", "2", "--head-dim", "64", "--paths", "fused",
+            "--partitions", "1", order, "--out", str(tmp_path / "run"), "--json", str(out)]
+    assert bench_cli("mlx", argv) == 0
+    serial = order == "--serial"
+    assert fed and any(fed) == serial and fed.count(True) == (2 * fed.count(False) if serial else 0)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["layer_order"] for r in rows} == {order[2:]}

@@ -185,3 +185,18 @@ def test_generate_kv_bits_list_and_rows_per_format(tmp_path):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r.get("measurement") == "generate"]
     assert {(r["path"], r["kv_bits"]) for r in rows} == {("reference", None), ("reference", 8)}
+
+
+def test_serial_layers_feed_each_output_to_the_next_layer():
+    """timing.serial: layer i > 0 takes layer i-1's output (so a device cannot overlap them),
+    and every step starts again from first(0)."""
+    from paged_attention.lab import timing
+    seen = []
+
+    def layer(i, x):
+        seen.append((i, x))
+        return f"out{i}({x})"
+    fn = timing.serial(layer, lambda i: f"q{i}")
+    assert [fn(i) for i in range(3)][-1] == "out2(out1(out0(q0)))"
+    assert [fn(i) for i in range(2)][-1] == "out1(out0(q0))"
+    assert [x for _, x in seen[:3]] == ["q0", "out0(q0)", "out1(out0(q0))"]

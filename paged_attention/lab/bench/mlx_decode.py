@@ -4,9 +4,10 @@
 
 For each (batch, context) point: Hq=32, Hkv=8, D=128, float16, block 16, every sequence at the
 full context over a fragmented (randomly permuted; --tables contiguous: in order) block table.
-A decode step of --layers layers is built lazily (each layer its own q; K/V pools rotated
-among as many distinct pools as the memory budget allows, each pool's bytes > L2 at the larger
-points, their sum > L2 always) and evaluated with one mx.eval; the median step time over
+A decode step of --layers layers is built lazily (serial: each layer's q is the previous
+layer's output, as in a model; --independent: each layer its own q, which MLX may overlap; K/V
+pools rotated among as many distinct pools as the memory budget allows, each pool's bytes > L2
+at the larger points, their sum > L2 always) and evaluated with one mx.eval; the median step time over
 --repeats steps / layers is the per-layer time, so launch and synchronisation costs are
 amortised. fused (with its --variants) and sdpa take turns step by step, so clock or host-load
 drift hits both sides of their ratio alike. Paths timed:
@@ -45,7 +46,7 @@ from paged_attention.errors import InvalidInput
 from paged_attention.kv_formats import KVFormat
 from paged_attention.validation import PLAIN, StepArgs, check_variant
 
-from ..timing import time_steps as _time_steps
+from ..timing import serial, time_steps as _time_steps
 from . import against_plain
 
 # --preset: device constants from paged_attention.devices, for runs where MLX names the device
@@ -69,18 +70,10 @@ def time_steps(paths: dict, layers: int, repeats: int, warmup: int) -> dict:
     return _time_steps(paths, layers, repeats, warmup, sync=mx.eval)
 
 
-def chained(a, fn):
-    """layer i -> fn(i, q_i). With --serial, q_i depends on layer i-1's output (q_i + 0 * out),
-    as in a real model where layers run one after another; otherwise layers are independent
-    and MLX may overlap their kernels."""
-    prev = [None]
-
-    def layer(i, q):
-        if a.serial and prev[0] is not None:
-            q = q + 0 * prev[0].reshape(q.shape).astype(q.dtype)
-        prev[0] = fn(i, q)
-        return prev[0]
-    return layer
+def chained(a, fn, qs):
+    """Layer i -> fn(i, q): serial (the default, a model's order: layer i's q is layer i-1's
+    output, timing.serial), or with --independent q = qs[i], so MLX may overlap the layers."""
+    return (lambda i: fn(i, qs[i])) if a.independent else serial(fn, lambda i: qs[i])
 
 
 def free():
@@ -159,7 +152,7 @@ def run_point(a, api, batch, ctx, rng) -> dict:
     pools = pool_count(kv_bytes)
     scale = 1.0 / math.sqrt(d)
     res = {"batch": batch, "context": ctx, "kv_bytes": kv_bytes, "pools": pools,
-           "kv_dtype": base}
+           "kv_dtype": base, "layer_order": "independent" if a.independent else "serial"}
     qs = [mx.random.normal((batch, hq, d)).astype(dtype) for _ in range(a.layers)]
     mx.eval(qs)
 
@@ -172,8 +165,7 @@ def run_point(a, api, batch, ctx, rng) -> dict:
         def sdpa_one(i, q):
             k, v = dense[i % pools]
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-        sdpa_chain = chained(a, sdpa_one)
-        timed["sdpa"] = lambda i: sdpa_chain(i, q4[i])
+        timed["sdpa"] = chained(a, sdpa_one, q4)
 
     blocks_per_seq = -(-ctx // bs)
     nb = batch * blocks_per_seq
@@ -209,8 +201,7 @@ def run_point(a, api, batch, ctx, rng) -> dict:
                                    quantized_kv(n, (nb, bs, hkv, d), dtype, f), None)
         for key, (plan, sources, sinks) in cases.items():
             res[f"{key}_parts" if key != "fused" else "parts"] = plan.num_parts
-            chain = chained(a, layer_fn(plan, sources, sinks))
-            timed[key] = lambda i, chain=chain: chain(i, qs[i])
+            timed[key] = chained(a, layer_fn(plan, sources, sinks), qs)
         if a.check:
             for key, (plan, sources, sinks) in cases.items():
                 want, want_lse = gather_reference(qs[0], sources[0], tables, lens, scale, bs,
@@ -244,8 +235,7 @@ def run_point(a, api, batch, ctx, rng) -> dict:
         gplan = GatherPlan(decode_args(batch, hq, tables, lens, scale, None), bs, spec)
         res["gather_dtype"] = sorted({str(c.dtype).removeprefix("mlx.core.") for c in gplan.calls})
 
-        def gather_layer(i):
-            return gplan(qs[i], *paged[i % pools])
+        gather_layer = chained(a, lambda i, q: gplan(q, *paged[i % pools]), qs)
         res["gather_s"] = time_steps({"gather": gather_layer}, per_eval,
                                      max(2, a.repeats // 2), 1)["gather"]
     paged.clear()  # drop the pools (the closures above hold the lists, not copies)
@@ -372,8 +362,12 @@ def add_arguments(p) -> None:
     p.add_argument("--peak-tbs", type=float, default=None, help="HBM peak for the %%peak column")
     p.add_argument("--variants", default="",
                    help="also time these fused kernel variants, e.g. pf1,pf0i4,pf1nc,pf0hf0")
-    p.add_argument("--serial", action="store_true",
-                   help="make each layer's q depend on the previous layer's output (no overlap)")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--serial", dest="independent", action="store_false", default=False,
+                       help="layer i's q is layer i-1's output, as in a model (the default)")
+    order.add_argument("--independent", action="store_true",
+                       help="each layer its own q, so MLX may overlap the layers' kernels: "
+                            "throughput, not a model's step time (ADR 0004, 'Serial timing')")
     p.add_argument("--check", action="store_true", help="also report fused-vs-gather RMS per point")
     p.add_argument("--ceiling", action="store_true",
                    help="first measure the streaming-read ceiling (paged-attn bench mlx-ceiling) and report "
@@ -408,7 +402,7 @@ def measure(a):
           f"HBM peak {peak or '?'} TB/s; layers/step {a.layers}; dtype {a.dtype}; "
           f"Hq {a.hq} Hkv {a.hkv} D {a.head_dim} block {a.block_size}; "
           f"kv {a.kv_dtype or a.dtype}{f' group {a.kv_group_size}' if a.kv_dtype else ''}; "
-          f"layers {'serial' if a.serial else 'independent'}")
+          f"layers {'independent' if a.independent else 'serial'}")
     ceiling = None
     if a.ceiling:
         from .mlx_ceiling import stream_read
@@ -470,6 +464,7 @@ def records(results: list[dict], device: str) -> list[dict]:
             out.append({"measurement": "mlx", "backend": "mlx", "device": device,
                         "path": "fused" if name else path, "attention": attention,
                         "batch": r["batch"], "context": r["context"],
+                        "layer_order": r.get("layer_order"),
                         "pools": r[f"{path}_pools"] if compared else r["pools"],
                         "kv_bytes": kv_bytes, "kv_dtype": compared or r.get("kv_dtype"),
                         "us_per_layer": r[key] * 1e6,
