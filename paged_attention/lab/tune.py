@@ -57,9 +57,9 @@ DEFAULT = candidate()
 
 def mlx_candidates(which: str) -> list[Candidate]:
     """quick: single knobs and the pairs the H100 sweeps (ADR 0004) and the first H200
-    exploration found close, and the per-warp softmax (ws) alone and with each; full: every
-    combination of the kernel's variant knobs (ws, prefetch, iters, stream, warps, l2), then
-    every split-K constant pair (ctas_per_unit, min_part_tokens) with and without ws."""
+    exploration found close, the per-warp softmax (ws) alone and with each, and finer splits;
+    full: every combination of the kernel's variant knobs (ws, prefetch, iters, stream, warps,
+    l2), then every split-K constant pair (ctas_per_unit, min_part_tokens) with and without ws."""
     if which == "quick":
         return [DEFAULT] + [candidate(**p) for p in (
             {"prefetch": True}, {"iters": 4}, {"stream": 1}, {"stream": 2},
@@ -67,12 +67,18 @@ def mlx_candidates(which: str) -> list[Candidate]:
             {"ctas_per_unit": 2}, {"ctas_per_unit": 4}, {"ctas_per_unit": 6, "min_part_tokens": 128},
             {"ws": True}, {"ws": True, "prefetch": True}, {"ws": True, "prefetch": True, "iters": 8},
             {"ws": True, "stream": 1}, {"ws": True, "iters": 4}, {"ws": True, "warps": 8},
-            {"ws": True, "ctas_per_unit": 2}, {"ws": True, "ctas_per_unit": 4})]
+            {"ws": True, "ctas_per_unit": 2}, {"ws": True, "ctas_per_unit": 4},
+            # Finer splits (the wave model then fills 8-12 threadgroups per SM: more, shorter
+            # partitions): what a lone kernel's ragged end should favour in serial timing
+            # (ADR 0004, "Serial timing").
+            {"ctas_per_unit": 8}, {"ws": True, "ctas_per_unit": 8},
+            {"ws": True, "stream": 1, "ctas_per_unit": 8},
+            {"ws": True, "ctas_per_unit": 12, "min_part_tokens": 128})]
     variants = [candidate(ws=bool(ws), prefetch=bool(pf), iters=it, stream=nc, warps=w, l2=l2)
                 for ws, pf, it, nc, w, l2 in itertools.product((0, 1), (0, 1), (2, 4, 8),
                                                                (0, 1, 2, 3), (4, 8), (0, 1))]
     split = [candidate(ws=bool(ws), ctas_per_unit=c, min_part_tokens=m)
-             for ws, c, m in itertools.product((0, 1), (2, 3, 4, 6), (128, 256, 512))]
+             for ws, c, m in itertools.product((0, 1), (2, 3, 4, 6, 8, 12), (128, 256, 512))]
     return [DEFAULT] + variants + split
 
 
