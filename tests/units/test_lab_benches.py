@@ -5,6 +5,7 @@ import csv
 import json
 import time
 
+import numpy as np
 import yaml
 
 from paged_attention.lab import cli, e2e
@@ -200,3 +201,12 @@ def test_serial_layers_feed_each_output_to_the_next_layer():
     assert [fn(i) for i in range(3)][-1] == "out2(out1(out0(q0)))"
     assert [fn(i) for i in range(2)][-1] == "out1(out0(q0))"
     assert [x for _, x in seen[:3]] == ["q0", "out0(q0)", "out1(out0(q0))"]
+
+
+def test_e2e_new_rows_are_a_contiguous_view_of_the_previous_output():
+    """bench e2e's K/V rows depend on the previous layer's output without a copy kernel: a
+    row-contiguous view of it (a strided one is copied by MLX before a custom kernel)."""
+    x = np.arange(3 * e2e.HQ * e2e.D, dtype=np.float16).reshape(3, e2e.HQ, e2e.D)
+    rows = e2e.new_rows(x)
+    assert rows.shape == (3, e2e.HKV, e2e.D) and rows.flags.c_contiguous
+    assert np.shares_memory(rows, x) and rows[2, 1, 0] == x.reshape(-1, e2e.D)[2 * e2e.HKV + 1, 0]
