@@ -68,17 +68,18 @@ def mlx_candidates(which: str) -> list[Candidate]:
             {"ws": True}, {"ws": True, "prefetch": True}, {"ws": True, "prefetch": True, "iters": 8},
             {"ws": True, "stream": 1}, {"ws": True, "iters": 4}, {"ws": True, "warps": 8},
             {"ws": True, "ctas_per_unit": 2}, {"ws": True, "ctas_per_unit": 4},
-            # Finer splits (the wave model then fills 8-12 threadgroups per SM: more, shorter
-            # partitions): what a lone kernel's ragged end should favour in serial timing
-            # (ADR 0004, "Serial timing").
+            # Finer splits (the wave model then fills 8-24 threadgroups per SM: more, shorter
+            # partitions, up to 12 at 32 x 32k): what a lone kernel's ragged end should favour
+            # in serial timing (ADR 0004, "Serial timing").
             {"ctas_per_unit": 8}, {"ws": True, "ctas_per_unit": 8},
             {"ws": True, "stream": 1, "ctas_per_unit": 8},
-            {"ws": True, "ctas_per_unit": 12, "min_part_tokens": 128})]
+            {"ws": True, "ctas_per_unit": 12, "min_part_tokens": 128},
+            {"ws": True, "stream": 1, "ctas_per_unit": 24, "min_part_tokens": 128})]
     variants = [candidate(ws=bool(ws), prefetch=bool(pf), iters=it, stream=nc, warps=w, l2=l2)
                 for ws, pf, it, nc, w, l2 in itertools.product((0, 1), (0, 1), (2, 4, 8),
                                                                (0, 1, 2, 3), (4, 8), (0, 1))]
     split = [candidate(ws=bool(ws), ctas_per_unit=c, min_part_tokens=m)
-             for ws, c, m in itertools.product((0, 1), (2, 3, 4, 6, 8, 12), (128, 256, 512))]
+             for ws, c, m in itertools.product((0, 1), (2, 3, 4, 6, 8, 12, 24), (128, 256, 512))]
     return [DEFAULT] + variants + split
 
 
