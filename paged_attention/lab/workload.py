@@ -30,6 +30,22 @@ def representable(x: np.ndarray, dtype: str) -> np.ndarray:
     return from_bf16_bits(to_bf16_bits(x))
 
 
+def fragmented_tables(rng: np.random.Generator, lens, block_size: int,
+                      spare_blocks: int = 3) -> tuple[int, np.ndarray]:
+    """(num_blocks, tables int32 [B, max blocks + 1]) for sequences of `lens` tokens: each one's
+    blocks a random, disjoint pick of a pool of their total plus `spare_blocks`, in random
+    order; unused entries (and the spare last column) 0. One permutation of the pool is drawn."""
+    need = [-(-int(n) // block_size) for n in lens]
+    num_blocks = sum(need) + spare_blocks
+    perm = rng.permutation(num_blocks)
+    tables = np.zeros((len(need), max(need, default=0) + 1), np.int32)
+    at = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[at:at + n]
+        at += n
+    return num_blocks, tables
+
+
 @dataclass
 class WorkloadConfig:
     batch: int = 4

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import paged_attention as pa
+from paged_attention.lab.workload import fragmented_tables
 
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed")
 
@@ -103,13 +104,7 @@ def test_mixed_plan_chunks_match_the_reference(dtype, window, qlens):
     bs, hkv, group, d = 4, 2, 3, 32
     qlens = np.asarray(qlens)
     lens = qlens + rng.integers(0, 30, qlens.size)            # a cached prefix before each chunk
-    need = -(-lens // bs)
-    nb = int(need.sum()) + 3
-    tables = np.zeros((qlens.size, int(need.max()) + 1), np.int32)
-    perm, at = rng.permutation(nb), 0
-    for i, n in enumerate(need):
-        tables[i, :n] = perm[at:at + n]
-        at += n
+    nb, tables = fragmented_tables(rng, lens, bs)
     mxd = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}[dtype]
     k = rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)
     v = rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)
@@ -147,13 +142,7 @@ def test_mixed_plan_variants_match_the_reference(window, qlens, cap, alibi, sink
     hq = hkv * group
     qlens = np.asarray(qlens)
     lens = qlens + rng.integers(3, 30, qlens.size)
-    need = -(-lens // bs)
-    nb = int(need.sum()) + 2
-    tables = np.zeros((qlens.size, int(need.max()) + 1), np.int32)
-    perm, at = rng.permutation(nb), 0
-    for i, n in enumerate(need):
-        tables[i, :n] = perm[at:at + n]
-        at += n
+    nb, tables = fragmented_tables(rng, lens, bs, spare_blocks=2)
     k = rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)
     v = rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)
     q = rng.standard_normal((int(qlens.sum()), hq, d)).astype(np.float32)

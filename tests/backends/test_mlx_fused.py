@@ -22,6 +22,7 @@ from paged_attention.backends.mlx.fused import (DecodePlan, choose_partitions, f
 from paged_attention.backends.mlx.gather import gather_decode  # noqa: E402
 from paged_attention import reference  # noqa: E402
 from paged_attention.validation import PoolSpec, check_decode  # noqa: E402
+from paged_attention.lab.workload import fragmented_tables  # noqa: E402
 
 API = gpu_kind()
 needs_gpu = pytest.mark.skipif(API is None, reason="no Metal or CUDA device for MLX custom kernels")
@@ -34,15 +35,7 @@ def make_case(seed, lens, hkv, group, d, bs, dtype, window=None, spare=5):
     """Fragmented pools (random block order) holding `lens` tokens per sequence."""
     rng = np.random.default_rng(seed)
     lens = np.asarray(lens, np.int32)
-    need = [-(-int(n) // bs) for n in lens]
-    nb = sum(need) + spare
-    perm = rng.permutation(nb)
-    width = max(need + [1]) + 1
-    tables = np.zeros((len(lens), width), np.int32)
-    at = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = perm[at:at + n]
-        at += n
+    nb, tables = fragmented_tables(rng, lens, bs, spare)
     k = mx.array(rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)).astype(MX[dtype])
     v = mx.array(rng.standard_normal((nb, bs, hkv, d)).astype(np.float32)).astype(MX[dtype])
     qdt = np.float16 if dtype == "float16" else np.float32
@@ -681,14 +674,7 @@ def quantized_case(seed, kv, kv_group, lens, hkv, group, d, bs, dtype, scales=(1
     rng = np.random.default_rng(seed)
     be = MLXBackend()
     lens = np.asarray(lens, np.int32)
-    need = [-(-int(n) // bs) for n in lens]
-    nb = sum(need) + 3
-    perm = rng.permutation(nb)
-    tables = np.zeros((len(lens), max(need + [1]) + 1), np.int32)
-    at = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = perm[at:at + n]
-        at += n
+    nb, tables = fragmented_tables(rng, lens, bs)
     fp8 = {"k_scale": scales[0], "v_scale": scales[1]} if kv == "float8_e4m3" else {}
     pool = be.create_pool(nb, bs, hkv, d, dtype, kv_dtype=kv, kv_group_size=kv_group, **fp8)
     slots = np.arange(nb * bs)

@@ -11,7 +11,7 @@ import pytest
 
 import paged_attention as pa
 from paged_attention import reference, settings
-from paged_attention.lab.workload import representable
+from paged_attention.lab.workload import fragmented_tables, representable
 
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed")
 gather = pytest.importorskip("paged_attention.backends.mlx.gather",
@@ -32,14 +32,7 @@ def be():
 def paged(be, dtype, lens, seed, scale_kv=1.0):
     """A fragmented pool holding sequences of `lens`, its tables and float64 K/V."""
     rng = np.random.default_rng(seed)
-    per = [-(-int(n) // BS) for n in lens]
-    nb = sum(per) + 3
-    ids = rng.permutation(nb)
-    tables = np.zeros((len(lens), max(1, max(per))), np.int32)
-    at = 0
-    for b, n in enumerate(per):
-        tables[b, :n] = ids[at:at + n]
-        at += n
+    nb, tables = fragmented_tables(rng, lens, BS)
     k = representable(scale_kv * rng.standard_normal((nb, BS, HKV, D)), dtype).astype(np.float64)
     v = representable(rng.standard_normal((nb, BS, HKV, D)), dtype).astype(np.float64)
     pool = be.create_pool(nb, BS, HKV, D, dtype)

@@ -19,6 +19,7 @@ from paged_attention.backends.mlx import kernel_source as ks  # noqa: E402
 from paged_attention.backends.mlx.backend import MLXBackend  # noqa: E402
 from paged_attention.backends.mlx.fused import DecodePlan  # noqa: E402
 from paged_attention.validation import check_decode, check_variant  # noqa: E402
+from paged_attention.lab.workload import fragmented_tables  # noqa: E402
 
 needs_cxx = pytest.mark.skipif(emu.unavailable_reason() is not None,
                                reason=str(emu.unavailable_reason()))
@@ -28,20 +29,6 @@ VARIANTS = ("soft_cap", "alibi_slopes", "sinks", "return_lse")
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("kernels")
-
-
-def fragmented_tables(rng, lens: np.ndarray, bs: int) -> tuple[int, np.ndarray]:
-    """(pool blocks, tables [B, max blocks + 1]): each sequence's blocks a random, disjoint
-    pick of the pool, a spare column and three spare blocks."""
-    need = [-(-int(n) // bs) for n in lens]
-    nb = sum(need) + 3
-    perm = rng.permutation(nb)
-    tables = np.zeros((len(lens), max(need) + 1), np.int32)
-    at = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = perm[at:at + n]
-        at += n
-    return nb, tables
 
 
 def emulated_step(workdir, kv, kv_group, dtype, lens, hkv, group, d, bs, window, partitions,
