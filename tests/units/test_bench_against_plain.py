@@ -101,27 +101,37 @@ def test_bench_vulkan_times_variants_and_formats_against_plain_with_parity(tmp_p
                 2 * 80 * KVFormat(name, 64).bytes_per_token(2, 64, "float16") / 1e6
 
 
+def stub_kernels(monkeypatch, seen):
+    """The bench's host side on the CPU: the fused kernels replaced by a stand-in returning
+    zeros, `seen(kernel, split, features, kv, inputs, outputs)` called at each launch."""
+    import mlx.core as mx
+    from paged_attention.backends.mlx import fused
+    from paged_attention.lab.bench import mlx_decode
+
+    def stand_in(api, kernel, split, features=frozenset(), kv=None):
+        def launch(inputs, output_shapes, output_dtypes, template, grid, threadgroup):
+            outs = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+            seen(kernel, split, features, kv, inputs, outs)
+            return outs
+        return launch
+    monkeypatch.setattr(fused, "_kernel", stand_in)
+    monkeypatch.setattr(mlx_decode, "gpu_kind", lambda: "cuda")
+
+
 def test_bench_mlx_compares_variants_and_formats_with_plain_fused(tmp_path, capsys, monkeypatch):
     """The MLX bench's host side on the CPU: the fused kernels replaced by a stand-in that
     checks each launch's inputs against its form's signature and returns zeros. Each variant
     and format is a record of path fused with its ratio to plain fused, a format's bytes are
     its own, --check runs for every case, and each point prints its targets line."""
-    mx = pytest.importorskip("mlx.core")
-    from paged_attention.backends.mlx import fused
+    pytest.importorskip("mlx.core")
     from paged_attention.backends.mlx import kernel_source as ks
-    from paged_attention.lab.bench import mlx_decode
     launched = []
 
-    def stand_in(api, kernel, split, features=frozenset(), kv=None):
+    def seen(kernel, split, features, kv, inputs, outs):
         ins = ks.input_names(kernel, split, features, kv)
-
-        def launch(inputs, output_shapes, output_dtypes, template, grid, threadgroup):
-            assert len(inputs) == len(ins), (kernel, ins)
-            launched.append(ks.kernel_name(kernel, split, features, kv))
-            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
-        return launch
-    monkeypatch.setattr(fused, "_kernel", stand_in)
-    monkeypatch.setattr(mlx_decode, "gpu_kind", lambda: "cuda")
+        assert len(inputs) == len(ins), (kernel, ins)
+        launched.append(ks.kernel_name(kernel, split, features, kv))
+    stub_kernels(monkeypatch, seen)
     out = tmp_path / "mlx.json"
     argv = ["--batches", "1,2", "--contexts", "64", "--layers", "2", "--repeats", "2",
             "--warmup", "0", "--hq", "8", "--hkv", "2", "--head-dim", "64", "--paths", "fused",
@@ -163,21 +173,14 @@ def test_bench_mlx_refuses_comparisons_without_the_fused_path():
 def test_bench_mlx_times_serial_layers_unless_told(monkeypatch, tmp_path, order):
     """Serial (the default): each layer's kernel reads the previous layer's output as its q, as
     a model's step does; --independent: never (each layer its own q). The records say which."""
-    mx = pytest.importorskip("mlx.core")
-    from paged_attention.backends.mlx import fused
-    from paged_attention.lab.bench import mlx_decode
+    pytest.importorskip("mlx.core")
     fed, made = [], set()
 
-    def stand_in(api, kernel, split, features=frozenset(), kv=None):
-        def launch(inputs, output_shapes, output_dtypes, template, grid, threadgroup):
-            if kernel == "decode":
-                fed.append(id(inputs[0]) in made)
-            outs = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
-            made.update(id(o) for o in outs)
-            return outs
-        return launch
-    monkeypatch.setattr(fused, "_kernel", stand_in)
-    monkeypatch.setattr(mlx_decode, "gpu_kind", lambda: "cuda")
+    def seen(kernel, split, features, kv, inputs, outs):
+        if kernel == "decode":
+            fed.append(id(inputs[0]) in made)
+        made.update(id(o) for o in outs)
+    stub_kernels(monkeypatch, seen)
     out = tmp_path / "mlx.json"
     argv = ["--batches", "1", "--contexts", "64", "--layers", "3", "--repeats", "1",
             "--warmup", "0", "--hq", "8", "--hkv", "2", "--head-dim", "64", "--paths", "fused",
