@@ -84,19 +84,23 @@ def mlx_candidates(which: str) -> list[Candidate]:
 
 
 def vulkan_candidates(which: str) -> list[Candidate]:
-    """full: wg x unroll x split occupancy (workgroups per CU at low fill) x min chunk; quick:
-    each knob alone and the pairs ADR 0008's sweeps touched."""
+    """full: wg x unroll x split occupancy (workgroups per CU at low fill) x min chunk x
+    workgroups per CU past it; quick: each knob alone, the pairs ADR 0008's sweeps touched, and
+    finer splits at B=8-32."""
     if which == "quick":
         return [DEFAULT] + [candidate(**p) for p in (
             {"wg": 256}, {"wg": 1024}, {"unroll": 2}, {"unroll": 4}, {"unroll": 8},
             {"split_occupancy": 1.0}, {"split_occupancy": 3.0}, {"split_occupancy": 4.0},
             {"min_chunk": 256}, {"min_chunk": 1024}, {"wg": 256, "unroll": 4},
             {"split_occupancy": 4.0, "min_chunk": 256}, {"wg": 256, "split_occupancy": 3.0},
-            {"wg": 256, "split_occupancy": 4.0, "min_chunk": 256}, {"wg": 256, "unroll": 8})]
-    return [DEFAULT] + [candidate(wg=wg, unroll=u, split_occupancy=occ, min_chunk=mc)
-                        for wg, u, occ, mc in itertools.product(
+            {"wg": 256, "split_occupancy": 4.0, "min_chunk": 256}, {"wg": 256, "unroll": 8},
+            # Split-K past a quarter fill (B=8-32 at Hkv 8): more, shorter workgroups than the
+            # built-in 1.5 per CU, for a lone layer's ragged end (ADR 0004, "Serial timing").
+            {"per_cu": 3.0}, {"per_cu": 6.0}, {"wg": 256, "per_cu": 3.0})]
+    return [DEFAULT] + [candidate(wg=wg, unroll=u, split_occupancy=occ, min_chunk=mc, per_cu=pc)
+                        for wg, u, occ, mc, pc in itertools.product(
                             (256, 512, 1024), (2, 4, 8), (1.0, 1.5, 2.0, 3.0, 4.0),
-                            (256, 512, 1024))]
+                            (256, 512, 1024), (1.5, 3.0))]
 
 
 CANDIDATES = {"mlx": mlx_candidates, "vulkan": vulkan_candidates}

@@ -159,7 +159,7 @@ def test_candidate_sets():
         for c in full + quick:   # every candidate is a valid rule
             tuning.parse_rules(backend, [{"max_batch": None, "params": c.params}])
         assert len({c.label for c in full}) == len(full)
-    assert len(tune.vulkan_candidates("full")) == 1 + 3 * 3 * 5 * 3
+    assert len(tune.vulkan_candidates("full")) == 1 + 3 * 3 * 5 * 3 * 2
 
 
 class FakeMeasurer:
