@@ -179,3 +179,34 @@ def test_failing_path_is_recorded_and_exit_1(tmp_path, capsys, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
     assert {r["path"]: r["status"] for r in rows} == {"reference": "error", "dense": "ok"}
     assert "Errors" in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_experiment_paths_are_timed_over_serial_layers():
+    """measure.time_paths runs a model's order: layer 0 reads its own q, every later layer the
+    previous layer's output (what MLX on CUDA cannot overlap), for the paths and the dense
+    baseline alike."""
+    import numpy as np
+
+    from paged_attention.lab.experiments import measure
+
+    class Stub:
+        def __init__(self):
+            self.fed = []
+
+        def decode(self, q, pool, tables, lens, window=None, path=None):
+            self.fed.append(q)
+            return ("out", len(self.fed))
+
+        def dense_attention(self, q, k, v, scale):
+            return self.decode(q, None, None, None)
+
+    be = Stub()
+    qs = [("q", i) for i in range(3)]
+    s = measure.Setup({"window": None}, np.zeros((1, 1), np.int32), np.ones(1, np.int32),
+                      [None], qs, None, 0, 0)
+    dense = measure.Dense.__new__(measure.Dense)
+    dense.backend, dense.kv, dense.qs, dense.scale = be, [(None, None)], qs, 1.0
+    for one in (measure._one_layer(be, s, "fused", None), measure._one_layer(be, s, "dense", dense)):
+        be.fed.clear()
+        outs = [one(i) for i in range(3)]
+        assert be.fed == [qs[0], outs[0], outs[1]]

@@ -183,9 +183,9 @@ class Dense:
                     backend.from_numpy(self.v_host, p["dtype"])) for _ in s.pools]
         self.qs = s.qs
 
-    def decode(self, layer: int):
+    def decode(self, layer: int, q=None):
         k, v = self.kv[layer % len(self.kv)]
-        return self.backend.dense_attention(self.qs[layer], k, v, self.scale)
+        return self.backend.dense_attention(self.qs[layer] if q is None else q, k, v, self.scale)
 
     def reference(self, q0: np.ndarray, n: int) -> np.ndarray:
         return np.stack([reference.attend(q0[i], self.k_host[i].transpose(1, 0, 2),
@@ -195,15 +195,17 @@ class Dense:
 
 # -- timing ----------------------------------------------------------------------------------------
 def _one_layer(backend, s: Setup, path: str, dense: Dense | None):
-    """layer -> output of one decode call of `path` (or of the dense baseline)."""
+    """layer -> output of one decode call of `path` (or of the dense baseline). Serial, as a
+    model's layers: layer i > 0 reads layer i-1's output as its q (timing.serial; independent
+    layers would be overlapped by MLX on CUDA, ADR 0004 "Serial timing")."""
     if path == "dense":
-        return dense.decode
+        return timing.serial(dense.decode, s.qs.__getitem__)
     npools, window = len(s.pools), s.params["window"]
 
-    def one(layer):
-        return backend.decode(s.qs[layer], s.pools[layer % npools], s.tables, s.lens,
-                              window=window, path=path)
-    return one
+    def one(layer, q):
+        return backend.decode(q, s.pools[layer % npools], s.tables, s.lens, window=window,
+                              path=path)
+    return timing.serial(one, s.qs.__getitem__)
 
 
 def time_paths(backend, s: Setup, paths: list[str], measure: dict, dense: Dense | None = None
