@@ -206,7 +206,8 @@ def test_experiment_paths_are_timed_over_serial_layers():
                       [None], qs, None, 0, 0)
     dense = measure.Dense.__new__(measure.Dense)
     dense.backend, dense.kv, dense.qs, dense.scale = be, [(None, None)], qs, 1.0
-    for one in (measure._one_layer(be, s, "fused", None), measure._one_layer(be, s, "dense", dense)):
+    for one in (measure._one_layer(be, s, "fused", None),
+                measure._one_layer(be, s, "dense", dense)):
         be.fed.clear()
         outs = [one(i) for i in range(3)]
         assert be.fed == [qs[0], outs[0], outs[1]]

@@ -7,9 +7,9 @@ full context over a fragmented (randomly permuted; --tables contiguous: in order
 A decode step of --layers layers is built lazily (serial: each layer's q is the previous
 layer's output, as in a model; --independent: each layer its own q, which MLX may overlap; K/V
 pools rotated among as many distinct pools as the memory budget allows, each pool's bytes > L2
-at the larger points, their sum > L2 always) and evaluated with one mx.eval; the median step time over
---repeats steps / layers is the per-layer time, so launch and synchronisation costs are
-amortised. fused (with its --variants) and sdpa take turns step by step, so clock or host-load
+at the larger points, their sum > L2 always) and evaluated with one mx.eval; the median step
+time over --repeats steps / layers is the per-layer time, so launch and synchronisation costs
+are amortised. fused (with its --variants) and sdpa take turns step by step, so clock or host-load
 drift hits both sides of their ratio alike. Paths timed:
   fused  - paged_attention.backends.mlx.fused (paged kernel, split-K as chosen by its heuristic)
   gather - paged_attention.backends.mlx.gather (take -> contiguous copy -> SDPA); at large points fewer layers
