@@ -10,14 +10,6 @@ from paged_attention.lab.workload import fragmented_tables
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed")
 
 
-@pytest.fixture(scope="module")
-def mlx_backend():
-    reason = pa.registry.unavailable_reason("mlx")
-    if reason:
-        pytest.skip(reason)
-    return pa.get_backend("mlx")
-
-
 def test_write_kv_updates_the_pool_in_place(mlx_backend):
     """A write of a few slots must not copy the 64 MiB pools: MLX donates the pool buffer to
     the scatter when no other reference is alive. On CUDA the previous command's references are
