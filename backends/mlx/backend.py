@@ -201,8 +201,9 @@ class MLXBackend(PagedAttention):
         if k is not None and getattr(step.attend, "appends", False):
             # The fused decode kernel stores the new rows itself (one launch instead of a
             # scatter per pool before it; ADR 0004, "Append in the kernel"). It writes the
-            # pools in place, unknown to MLX: every later reader of the pools (the next step,
-            # a copy, a read-back) is made to wait for this step's output.
+            # pools in place, unknown to MLX: mx.depends makes every later reader of the pools
+            # be built after this step's output, which orders MLX's evaluation but, on CUDA,
+            # not the GPU's (the hazard in that ADR section; why the form is off by default).
             out = step.attend.append(as_mx(q), pool.k, pool.v, self._as_pool(k, step.dtype),
                                      self._as_pool(v, step.dtype))
             pool.k, pool.v = mx.depends([pool.k, pool.v], [out])

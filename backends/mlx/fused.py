@@ -497,7 +497,8 @@ class DecodePlan:
         when `self.appends`): q [B, Hq, D]; k_pool, v_pool the pools' arrays, written in place
         at the step's slots; k_new, v_new [B, Hkv, D] in the pools' dtype. Returns [B, Hq, D]
         in q's dtype. MLX does not know the pools were written: the caller makes every later
-        reader of the pools depend on the output (backend.py, mx.depends)."""
+        reader of the pools depend on the output (backend.py, mx.depends), which on CUDA orders
+        their evaluation, not their execution (ADR 0004, "Append in the kernel")."""
         key = ("append", k_pool.dtype, q.dtype)
         launch = self._launches.get(key)
         if launch is None:

@@ -111,15 +111,15 @@ def row_index(tables: np.ndarray, first: np.ndarray, count: np.ndarray, keys: in
     return token[:, None, :] * num_kv_heads + mx.arange(num_kv_heads)[None, :, None]
 
 
-def step_mask(ends: mx.array, span: int, window: int | None) -> tuple[mx.array, mx.array]:
-    """(valid [S, 1, T, span], seen [S, 1, T, 1]) for queries whose visible positions end at
-    ends int32 [S, T]: made once per step, shared by every layer."""
+def step_mask(ends: mx.array, span: int, window: int | None) -> mx.array:
+    """valid [S, 1, T, span] for queries whose visible positions end at ends int32 [S, T]: made
+    once per step, shared by every layer."""
     pos = mx.arange(span)[None, None, :]
     lim = ends[:, :, None]
     valid = pos < lim
     if window is not None:
         valid = valid & (pos >= lim - window)
-    return valid[:, None], (ends > 0)[:, None, :, None]
+    return valid[:, None]
 
 
 def attend_variant(q: mx.array, k_pool: mx.array, v_pool: mx.array, table: mx.array,
@@ -234,7 +234,6 @@ class GatherPlan:
         self.args, self.block_size = args, block_size
         self.scale = args.scale
         self.variant = args.variant
-        self.num_rows = args.num_rows
         self.calls: list[_Call] | None = None
         self.order = None          # int32 [N]: output row of each q row, when calls reorder
         self._variant_segments = None
@@ -339,7 +338,7 @@ class GatherPlan:
                     ends = lens[:, None] if qlens[b] == 1 else \
                         (lens[0] - qlens[b] + 1 + np.arange(qlens[b]))[None, :].astype(np.int32)
                     ends = mx.array(np.ascontiguousarray(ends))
-                    valid, _ = step_mask(ends, n_blocks * block_size, args.window)
+                    valid = step_mask(ends, n_blocks * block_size, args.window)
                     segments.append((r0, r1, e - b, ends.shape[1], mx.array(
                         np.ascontiguousarray(args.block_tables[b:e, :n_blocks])), valid, ends))
                 else:

@@ -70,7 +70,7 @@ class Chunk:
         D] in q's dtype, lse float32 [T, Hq], natural log)."""
         if self._variant_masks is None:   # made on first use: a plain run never needs them
             ends = mx.array(self.ends_at.astype(np.int32)[None])                    # [1, T]
-            valid, _ = step_mask(ends, self.table.shape[0] * k_pool.shape[1], self.window)
+            valid = step_mask(ends, self.table.shape[0] * k_pool.shape[1], self.window)
             self._variant_masks = (ends, valid)
         ends, valid = self._variant_masks
         out, lse = attend_variant(q.transpose(1, 0, 2)[None], k_pool, v_pool, self.table[None],
