@@ -23,7 +23,7 @@ import argparse
 import importlib
 from dataclasses import dataclass, field
 
-from ..errors import PagedAttentionError
+from ..errors import InvalidInput, PagedAttentionError
 
 
 class BenchUnavailable(PagedAttentionError):
@@ -142,6 +142,22 @@ BENCHES = {b.name: b for b in (
 
 # Options of the front end, not of the measurement: never in a config snapshot.
 FRONT_END = ("out", "json", "no_progress")
+
+
+def parse_sizes(text: str) -> list[int]:
+    """A comma list of positive sizes, a `k` suffix meaning 1024 ("1,8" or "4k,32k"), in the
+    order given: the batch and context options of the benches and of `paged-attn tune`."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        try:
+            out.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
+        except ValueError:
+            raise InvalidInput(f"expected a comma list of sizes such as 1,4 or 4k,16k, got {text!r}") \
+                from None
+        if out[-1] <= 0:
+            raise InvalidInput(f"sizes must be positive, got {text!r}")
+    return out
 
 
 def get(name: str) -> Bench:

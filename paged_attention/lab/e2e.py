@@ -55,6 +55,7 @@ import numpy as np
 
 import paged_attention as pa
 
+from .benches import parse_sizes
 from .timing import round_robin, wall
 
 PRESETS = {
@@ -89,11 +90,6 @@ def has_sdpa_baseline(be) -> bool:
     except ImportError:
         return False
     return be.array_type is mx.array
-
-
-def parse_ints(text: str) -> list[int]:
-    return [int(p.strip().lower().rstrip("k")) * (1024 if p.strip().lower().endswith("k") else 1)
-            for p in text.split(",") if p.strip()]
 
 
 class Point:
@@ -331,8 +327,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backends", default="mlx,vulkan", help="comma-separated registry names")
     ap.add_argument("--paths", default=None, help="comma-separated paths (default: every path "
                                                    "available on each backend)")
-    ap.add_argument("--batches", type=parse_ints)
-    ap.add_argument("--contexts", type=parse_ints)
+    ap.add_argument("--batches", type=parse_sizes)
+    ap.add_argument("--contexts", type=parse_sizes)
     ap.add_argument("--layers", type=int)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--budget-gib", type=float)

@@ -34,6 +34,7 @@ import numpy as np
 
 from .. import devices, settings, tuning
 from ..errors import InvalidInput
+from .benches import parse_sizes
 from .tune_measure import DEFAULT_NAME, TuneUnavailable, measurer
 
 # Settings that win over the table, so over every candidate: tune refuses to run under them.
@@ -163,27 +164,13 @@ def candidate_table(backend: str, cands: list[Candidate]):
 
 # -- the command ------------------------------------------------------------------------------------
 
-def parse_sizes(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        try:
-            out.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
-        except ValueError:
-            raise InvalidInput(f"expected a comma list of sizes such as 1,4 or 4k,16k, got {text!r}") \
-                from None
-        if out[-1] <= 0:
-            raise InvalidInput(f"sizes must be positive, got {text!r}")
-    return sorted(set(out))
-
-
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--backend", required=True, choices=sorted(CANDIDATES))
     p.add_argument("--batches", default="1,4,8,32", help="batch classes (default 1,4,8,32)")
     p.add_argument("--contexts", default="4k,16k,32k", help="contexts per batch (default 4k,16k,32k)")
     p.add_argument("--candidates", choices=("quick", "full"), default="quick",
-                   help="quick: ~12 chosen candidates (the default grid in ~150 s on an H200); "
-                        "full: the whole grid")
+                   help="quick: a chosen set (mlx_candidates / vulkan_candidates); full: the "
+                        "whole grid")
     p.add_argument("--hq", type=int, default=32)
     p.add_argument("--hkv", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -211,7 +198,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(a: argparse.Namespace) -> int:
     """The CLI entry: exit 0 done, 1 no candidate ran somewhere, 2 cannot run here / bad input."""
     try:
-        batches, contexts = parse_sizes(a.batches), parse_sizes(a.contexts)
+        batches, contexts = (sorted(set(parse_sizes(x))) for x in (a.batches, a.contexts))
         m = measurer(a)   # imports the backend, which declares its settings
         set_ = [n for n in OVERRIDES[a.backend] if getattr(settings.get(), n) not in (None, "")]
         if set_:

@@ -210,3 +210,15 @@ def test_e2e_new_rows_are_a_contiguous_view_of_the_previous_output():
     rows = e2e.new_rows(x)
     assert rows.shape == (3, e2e.HKV, e2e.D) and rows.flags.c_contiguous
     assert np.shares_memory(rows, x) and rows[2, 1, 0] == x.reshape(-1, e2e.D)[2 * e2e.HKV + 1, 0]
+
+
+def test_parse_sizes_reads_k_suffixes_in_order_and_names_bad_input():
+    """The one parser of --batches/--contexts (benches, bench e2e, paged-attn tune)."""
+    import pytest
+
+    from paged_attention.errors import InvalidInput
+    from paged_attention.lab.benches import parse_sizes
+    assert parse_sizes(" 32k, 1,4K ") == [32768, 1, 4096]
+    for bad, match in (("1,x", "comma list"), ("0,4", "positive"), ("4k,-1", "positive")):
+        with pytest.raises(InvalidInput, match=match):
+            parse_sizes(bad)

@@ -46,6 +46,7 @@ from paged_attention.errors import InvalidInput
 from paged_attention.kv_formats import KVFormat
 from paged_attention.validation import PLAIN, StepArgs, check_variant
 
+from ..benches import parse_sizes
 from ..timing import serial, time_steps as _time_steps
 from . import against_plain
 
@@ -53,15 +54,6 @@ from . import against_plain
 # differently (or not at all); without it the device's own name is looked up.
 PRESETS = {"h100": "H100"}
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-def parse_ints(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        mult = 1024 if part.endswith("k") else 1
-        out.append(int(part.rstrip("k")) * mult)
-    return out
 
 
 def time_steps(paths: dict, layers: int, repeats: int, warmup: int) -> dict:
@@ -415,8 +407,8 @@ def measure(a):
     rng = np.random.default_rng(a.seed)
     mx.random.seed(a.seed)
     results = []
-    for batch in parse_ints(a.batches):
-        for ctx in parse_ints(a.contexts):
+    for batch in parse_sizes(a.batches):
+        for ctx in parse_sizes(a.contexts):
             r = run_point(a, api, batch, ctx, rng)
             results.append(r)
             line = fmt_point(r, peak, ceiling)
