@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ...errors import PagedAttentionError
+
 TARGET_S = 2.0      # the bound on a later process's first - warm
 
 
@@ -152,12 +154,10 @@ def _spawn(cfg: dict, env: dict | None, timeout: float) -> dict:
         proc = subprocess.run([sys.executable, "-m", __name__, "--child", json.dumps(cfg)],
                               capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        from ...errors import PagedAttentionError
         raise PagedAttentionError(f"bench coldstart: a process ran past --timeout {timeout} s")
     wall = time.perf_counter() - t0
     last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
     if proc.returncode != 0 or not last or not last[0].startswith("{"):
-        from ...errors import PagedAttentionError
         raise PagedAttentionError(f"bench coldstart: a process failed (exit {proc.returncode}):\n"
                                   f"{(proc.stderr or proc.stdout)[-3000:]}")
     return dict(json.loads(last[0]), process_s=wall)
