@@ -31,7 +31,7 @@ import numpy as np
 
 from paged_attention import devices
 from paged_attention.backends.vulkan import bench_hooks as hooks
-from paged_attention.errors import InvalidInput
+from paged_attention.errors import InvalidInput, PagedAttentionError
 from paged_attention.validation import StepArgs
 
 from ..timing import round_robin, wall, warm_up
@@ -165,7 +165,7 @@ class Case:
     kv_dtype: str | None = None
 
 
-def point_cases(be, a, path, q, pool, formats, variants, tables, lens) -> list[Case]:
+def point_cases(be, path, q, pool, formats, variants, tables, lens) -> list[Case]:
     """Plain first (the ratios' denominator), then each attention variant, then each format."""
     tokens = int(lens.sum())
     plain_bytes = tokens * pool.spec.bytes_per_token
@@ -238,7 +238,7 @@ def bench_point(be, a, batch, ctx, rng, reference):
     peak = peak_gbs(be.device)
     rows, refs = [], {}
     for path in a.paths:
-        cases = point_cases(be, a, path, q, pool, formats, variants, tables, lens)
+        cases = point_cases(be, path, q, pool, formats, variants, tables, lens)
         outs = {c.name: c.call() for c in cases}  # compile, record, first submit
         ks = kernel_times(be, a, path, q, cases)
         walls = round_robin({c.name: wall(c.call) for c in cases}, a.iters)
@@ -455,7 +455,6 @@ def bench_prefill(be, a, rng, tokens, baseline=True):
         with settings.override(vk_query_tile=1):
             _, base, base_kernel, _ = timed()
     from paged_attention import reference as ref
-    from paged_attention.errors import PagedAttentionError
     want = None
     if tokens <= 4096:
         k, v = pool.to_numpy()
