@@ -376,6 +376,14 @@ def _bits(a) -> tuple:
     return (kb,) if isinstance(kb, int) else tuple(kb)
 
 
+def split_impl(impl: str) -> tuple[str, str, int | None]:
+    """'mlx:fused@int8' -> ('mlx', 'fused', 8); 'mlx:fused' -> ('mlx', 'fused', None);
+    'mlx-lm' -> ('mlx-lm', '', None): an impl of `measure`, its KV format in its name."""
+    backend, _, path = impl.partition(":")
+    path, _, bits = path.partition("@int")
+    return backend, path, int(bits) if bits else None
+
+
 def follower() -> bool:
     """A rank other than 0 of an `mlx.launch` run: it measures alongside rank 0, which alone
     writes the run (the runner's hook)."""
@@ -421,10 +429,9 @@ def measure(a) -> list[dict]:
         """(tokens generated, seconds, peak KV bytes) of one impl: 'mlx-lm' or backend:path."""
         if impl == "mlx-lm":
             return run_mlx_lm(model, prompts, steps)
-        backend, path = impl.split(":")
-        path, _, fmt = path.partition("@int")
+        backend, path, bits = split_impl(impl)
         return run_paged(model, prompts, steps, backend, path, a.block_size, a.batch_tokens,
-                         int(fmt) if fmt else None, group)
+                         bits, group)
 
     rows = []
     if a.warmup:
@@ -464,18 +471,15 @@ def measure(a) -> list[dict]:
                         qfit = sequences_fitting(prompts, steps, a.block_size, budget, cfg, dtype,
                                                  kv_bits=bits, kv_group_size=group)
                         for r in rows[-len(impls):]:
-                            if r["impl"].endswith(f"@int{bits}"):
-                                r["kv_bits"] = bits
+                            if split_impl(r["impl"])[2] == bits:
                                 r["sequences_per_mib"] = qfit / (budget / 2**20)
                         print(f"{'':16s} {b:3d} int{bits} paged cache admits {qfit} "
                               f"({qfit / (budget / 2**20):.2f}/MiB against "
                               f"{fit / (budget / 2**20):.2f}/MiB unquantized, "
                               f"{qfit / max(fit, 1):.2f}x)", flush=True)
     for r in rows:  # the lab's record fields: backend and path ("mlx-lm": its own cache)
-        backend, _, path = r["impl"].partition(":")
-        path, _, fmt = path.partition("@int")
-        r.update(measurement="generate", backend=backend, path=path or "-",
-                 kv_bits=int(fmt) if fmt else None)
+        backend, path, bits = split_impl(r["impl"])
+        r.update(measurement="generate", backend=backend, path=path or "-", kv_bits=bits)
     return rows
 
 
