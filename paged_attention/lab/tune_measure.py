@@ -16,6 +16,7 @@ import numpy as np
 from .. import devices
 from ..errors import PagedAttentionError
 from . import timing
+from .workload import uniform_tables
 
 DEFAULT_NAME = "default"   # the candidate with no parameters: the built-in configuration
 REL_TOL = 2e-2   # a candidate's output vs the default's: RMS of the difference / RMS of the default
@@ -46,12 +47,6 @@ def versions(**extra) -> dict:
 
 def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-
-
-def _tables(rng, batch: int, ctx: int, bs: int):
-    per = -(-ctx // bs)
-    tables = rng.permutation(batch * per).astype(np.int32).reshape(batch, per)  # fragmented
-    return tables, np.full(batch, ctx, np.int32)
 
 
 class _Base:
@@ -102,7 +97,7 @@ class MLXMeasurer(_Base):
     def point(self, batch, ctx, cands, use):
         mx, a = self.mx, self.a
         dtype = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}[a.dtype]
-        tables, lens = _tables(self.rng, batch, ctx, a.block_size)
+        tables, lens = uniform_tables(self.rng, batch, ctx, a.block_size)
         nb = tables.size
         shape = (nb, a.block_size, a.hkv, a.head_dim)
         pools = [(mx.random.normal(shape, dtype=dtype), mx.random.normal(shape, dtype=dtype))
@@ -166,7 +161,7 @@ class VulkanMeasurer(_Base):
 
     def point(self, batch, ctx, cands, use):
         be, a, dt = self.be, self.a, np.dtype(self.a.dtype)
-        tables, lens = _tables(self.rng, batch, ctx, a.block_size)
+        tables, lens = uniform_tables(self.rng, batch, ctx, a.block_size)
         # Pool 0 holds random K/V (the candidates' outputs are compared on it); the others,
         # rotated across layers so small points are not served from L2, stay zero: contents
         # do not change the traffic (lab/bench/vulkan_decode.py's step does the same).

@@ -46,6 +46,16 @@ def fragmented_tables(rng: np.random.Generator, lens, block_size: int,
     return num_blocks, tables
 
 
+def uniform_tables(rng: np.random.Generator, batch: int, context: int,
+                   block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tables int32 [B, blocks per sequence], lens int32 [B]) for `batch` sequences at the
+    full `context`, over a pool of exactly their blocks in random order (fragmented): the
+    decode benches' and `paged-attn tune`'s points."""
+    per = -(-context // block_size)
+    tables = rng.permutation(batch * per).astype(np.int32).reshape(batch, per)
+    return tables, np.full(batch, context, np.int32)
+
+
 @dataclass
 class WorkloadConfig:
     batch: int = 4

@@ -35,6 +35,7 @@ from paged_attention.errors import InvalidInput, PagedAttentionError
 from paged_attention.validation import StepArgs
 
 from ..timing import round_robin, wall, warm_up
+from ..workload import uniform_tables
 from . import against_plain
 
 
@@ -134,12 +135,6 @@ def fill_pool(be, pool, n_tokens, rng, dtype):
         be.write_kv(pool, np.arange(s0, s0 + n), kt[:n], vt[:n])
 
 
-def make_tables(batch, ctx, block_size, rng):
-    nbps = -(-ctx // block_size)
-    perm = rng.permutation(batch * nbps).astype(np.int32)  # fragmented: blocks scattered over the pool
-    return perm.reshape(batch, nbps), np.full(batch, ctx, dtype=np.int32)
-
-
 def rep_kernel_ns(be) -> list[float]:
     """Per-repetition GPU time of the attention (+ split-K reduce) ops of the last timestamped
     submission recorded by `hooks.decode_repeated`."""
@@ -222,7 +217,7 @@ def parity(case: Case, got, q, tables, lens, plain_kv, refs: dict) -> dict:
 
 def bench_point(be, a, batch, ctx, rng, reference):
     dt = np.dtype(a.dtype)
-    tables, lens = make_tables(batch, ctx, a.block_size, rng)
+    tables, lens = uniform_tables(rng, batch, ctx, a.block_size)
     pool = be.create_pool(tables.size, a.block_size, a.kv_heads, a.head_dim, a.dtype)
     fill_pool(be, pool, tables.size * a.block_size, rng, dt)
     formats = {}
@@ -274,7 +269,7 @@ def bench_step(be, a, rng):
     from paged_attention.interface import LayerStep
     dt = np.dtype(a.dtype)
     batch, ctx = a.step_batch, a.step_context
-    tables, lens = make_tables(batch, ctx, a.block_size, rng)
+    tables, lens = uniform_tables(rng, batch, ctx, a.block_size)
     pools = [be.create_pool(tables.size, a.block_size, a.kv_heads, a.head_dim, a.dtype)
              for _ in range(a.layers)]  # zero-filled: contents do not change the traffic
     slots = (tables[np.arange(batch), (lens - 1) // a.block_size].astype(np.int64) * a.block_size
@@ -327,7 +322,7 @@ def bench_model_loop(be, a, rng, kernel_us):
     output (so nothing overlaps), KV append every layer. Compared with layers x one kernel."""
     dt = np.dtype(a.dtype)
     batch, ctx = a.step_batch, a.step_context
-    tables, lens = make_tables(batch, ctx, a.block_size, rng)
+    tables, lens = uniform_tables(rng, batch, ctx, a.block_size)
     pools = [be.create_pool(tables.size, a.block_size, a.kv_heads, a.head_dim, a.dtype)
              for _ in range(a.layers)]
     slots = (tables[np.arange(batch), (lens - 1) // a.block_size].astype(np.int64) * a.block_size
